@@ -1,0 +1,315 @@
+//! Child processes: starting the migration or the app, making sure they die with the gate,
+//! forwarding signals, reaping, and replacing the gate by the app with `exec`.
+//!
+//! The life of a supervised child, in order: [`spawn`] (own process group, guarded) →
+//! [`Supervisor::wait`] (forward signals, reap) → [`Supervisor::stop`] if the gate must end it →
+//! [`Supervisor::exit_code`] (128+signal when killed, as shells report it).
+//!
+//! # Why a guard process
+//! While the gate holds the lock its child must not outlive it: if the gate is killed, PostgreSQL
+//! frees the lock, and a migration still running would overlap with the next holder's.
+//! `PR_SET_PDEATHSIG` reaches only the direct child, so a shell script that runs `alembic`
+//! without `exec` would leave alembic running. The child therefore starts in its own process
+//! group, and a tiny forked guard (which does nothing but wait) kills that whole group with
+//! SIGKILL when the gate dies.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::process::Command;
+use std::time::Duration;
+
+use tokio::signal::unix::{Signal, SignalKind, signal};
+use tracing::{debug, info, warn};
+
+use crate::error::{Error, Result};
+
+/// Signals the gate passes on to its child, like tini.
+pub const FORWARDED: [libc::c_int; 6] = [
+    libc::SIGTERM,
+    libc::SIGINT,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+];
+
+/// A program and the environment variable it gets.
+#[derive(Debug, Clone)]
+pub struct Program<'a> {
+    /// argv, program first.
+    pub argv: &'a [String],
+    /// `(name, value)` set in the child's environment.
+    pub flag: (&'a str, &'a str),
+}
+
+impl Program<'_> {
+    fn command(&self) -> Result<Command> {
+        let (program, args) = self
+            .argv
+            .split_first()
+            .ok_or_else(|| Error::Usage("no command given after `--`".into()))?;
+        let mut cmd = Command::new(program);
+        cmd.args(args).env(self.flag.0, self.flag.1);
+        Ok(cmd)
+    }
+
+    /// The program name, for messages.
+    pub fn name(&self) -> &str {
+        self.argv.first().map(String::as_str).unwrap_or("")
+    }
+
+    /// The command line, for logs.
+    pub fn display(&self) -> String {
+        shell_words::join(self.argv)
+    }
+}
+
+/// Maps a failure to start `program` to the shell's codes: 127 not found, 126 not executable.
+fn spawn_error(program: &str, e: io::Error) -> Error {
+    match e.kind() {
+        io::ErrorKind::NotFound => Error::CommandNotFound {
+            program: program.to_string(),
+        },
+        _ => Error::CommandNotExecutable {
+            program: program.to_string(),
+            source: e,
+        },
+    }
+}
+
+/// Replaces the gate by `program`: same PID, the program gets our signals and our exit.
+/// Returns only on failure.
+pub fn exec(program: &Program<'_>) -> Error {
+    let mut cmd = match program.command() {
+        Ok(cmd) => cmd,
+        Err(e) => return e,
+    };
+    let e = cmd.exec();
+    spawn_error(program.name(), e)
+}
+
+/// A running child, its guard, and the signal streams the gate listens to while it runs.
+pub struct Supervisor {
+    pid: i32,
+    guard: i32,
+    sigchld: Signal,
+    forwarded: Vec<(libc::c_int, Signal)>,
+    /// Exit statuses reaped for other PIDs (orphans re-parented to us when we are PID 1).
+    reaped: HashMap<i32, i32>,
+    status: Option<i32>,
+}
+
+/// Starts `program` in its own process group, guarded so that the group dies with the gate.
+pub fn spawn(program: &Program<'_>) -> Result<Supervisor> {
+    // Listen before spawning so no SIGCHLD or forwarded signal can slip between.
+    let sigchld = signal(SignalKind::child())
+        .map_err(|e| Error::Internal(format!("cannot listen for SIGCHLD: {e}")))?;
+    let mut forwarded = Vec::with_capacity(FORWARDED.len());
+    for sig in FORWARDED {
+        let stream = signal(SignalKind::from_raw(sig))
+            .map_err(|e| Error::Internal(format!("cannot listen for signal {sig}: {e}")))?;
+        forwarded.push((sig, stream));
+    }
+
+    let mut cmd = program.command()?;
+    cmd.process_group(0);
+    // SAFETY: prctl is async-signal-safe; this only sets a process attribute before exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            // Covers the instant before the guard exists. Also ties the direct child to the
+            // gate's main thread, which lives as long as the gate.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(|e| spawn_error(program.name(), e))?;
+    let pid = child.id() as i32;
+    // The std handle is not needed: we reap by PID ourselves (see `reap`).
+    drop(child);
+    let guard = spawn_guard(pid).map_err(|e| {
+        // Without a guard the child must not run at all.
+        kill_group(pid, libc::SIGKILL);
+        Error::Internal(format!("cannot start the guard process: {e}"))
+    })?;
+    debug!(pid, guard, "started {}", program.display());
+    Ok(Supervisor {
+        pid,
+        guard,
+        sigchld,
+        forwarded,
+        reaped: HashMap::new(),
+        status: None,
+    })
+}
+
+/// Forks the guard: it waits for the gate to die (parent-death signal, or a changed parent PID)
+/// and then SIGKILLs process group `pgid`. The gate stops it with SIGKILL when no longer needed.
+fn spawn_guard(pgid: i32) -> io::Result<i32> {
+    // SAFETY: everything after fork in the child is a raw system call (async-signal-safe); no
+    // allocation, no locks, and the child ends in `_exit`.
+    unsafe {
+        let gate = libc::getpid();
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        let mut term: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut term);
+        libc::sigaddset(&mut term, libc::SIGTERM);
+        let pid = libc::fork();
+        if pid < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if pid == 0 {
+            // Block everything: inherited handlers belong to the gate, and terminal signals
+            // must not end the guard. SIGKILL still reaches it.
+            libc::pthread_sigmask(libc::SIG_SETMASK, &all, std::ptr::null_mut());
+            libc::setpgid(0, 0);
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong);
+            let tick = libc::timespec {
+                tv_sec: 1,
+                tv_nsec: 0,
+            };
+            while libc::getppid() == gate {
+                if libc::sigtimedwait(&term, std::ptr::null_mut(), &tick) == libc::SIGTERM {
+                    break;
+                }
+            }
+            libc::kill(-pgid, libc::SIGKILL);
+            libc::_exit(0);
+        }
+        Ok(pid)
+    }
+}
+
+/// Sends `sig` to every process of group `pgid`.
+fn kill_group(pgid: i32, sig: libc::c_int) {
+    // SAFETY: plain system call.
+    unsafe {
+        libc::kill(-pgid, sig);
+    }
+}
+
+impl Supervisor {
+    /// The child's PID.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// The child's exit code once it has exited.
+    pub fn exit_code(&self) -> Option<i32> {
+        self.status
+    }
+
+    /// Reaps every exited child without blocking; records our child's code.
+    fn reap(&mut self) {
+        loop {
+            let mut status: libc::c_int = 0;
+            // SAFETY: plain system call with a valid pointer.
+            let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+            if pid <= 0 {
+                return;
+            }
+            let code = exit_code_of(status);
+            if pid == self.pid {
+                self.status = Some(code);
+            } else {
+                self.reaped.insert(pid, code);
+            }
+        }
+    }
+
+    /// Waits until the child exits, forwarding signals to it meanwhile. Cancel-safe: use it in
+    /// `select!` beside other work (probes, heartbeats).
+    pub async fn wait(&mut self) -> i32 {
+        loop {
+            self.reap();
+            if let Some(code) = self.status {
+                return code;
+            }
+            let pid = self.pid;
+            let forwarded = &mut self.forwarded;
+            let sigchld = &mut self.sigchld;
+            tokio::select! {
+                _ = sigchld.recv() => {}
+                sig = next_signal(forwarded) => {
+                    debug!(sig, pid, "forwarding signal to the child");
+                    // SAFETY: plain system call.
+                    unsafe { libc::kill(pid, sig); }
+                }
+            }
+        }
+    }
+
+    /// Stops the child's whole process group: SIGTERM, then SIGKILL after `grace`.
+    pub async fn stop(&mut self, grace: Duration) -> i32 {
+        if let Some(code) = self.status {
+            kill_group(self.pid, libc::SIGKILL);
+            return code;
+        }
+        info!(pid = self.pid, grace = %humantime::format_duration(grace), "stopping the child (SIGTERM, then SIGKILL)");
+        kill_group(self.pid, libc::SIGTERM);
+        if let Ok(code) = tokio::time::timeout(grace, self.wait()).await {
+            kill_group(self.pid, libc::SIGKILL);
+            return code;
+        }
+        warn!(
+            pid = self.pid,
+            "the child ignored SIGTERM; sending SIGKILL to its process group"
+        );
+        kill_group(self.pid, libc::SIGKILL);
+        self.wait().await
+    }
+
+    /// Ends the guard (and any process the child left behind in its group) once the child is
+    /// done. Call after the child exited.
+    pub fn finish(&mut self) {
+        // A migration that left background processes behind must not keep running unguarded.
+        kill_group(self.pid, libc::SIGKILL);
+        // SAFETY: plain system calls; the guard is our child.
+        unsafe {
+            libc::kill(self.guard, libc::SIGKILL);
+            let mut status = 0;
+            libc::waitpid(self.guard, &mut status, 0);
+        }
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        if self.status.is_none() {
+            kill_group(self.pid, libc::SIGKILL);
+        }
+        // SAFETY: plain system call. Killing an already reaped PID is harmless here because we
+        // never reap the guard anywhere but in `finish` and `reap` (which records it).
+        unsafe {
+            if !self.reaped.contains_key(&self.guard) {
+                libc::kill(self.guard, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+/// The next forwarded signal that arrives, whichever it is.
+async fn next_signal(streams: &mut [(libc::c_int, Signal)]) -> libc::c_int {
+    std::future::poll_fn(|cx| {
+        for (sig, stream) in streams.iter_mut() {
+            if stream.poll_recv(cx).is_ready() {
+                return std::task::Poll::Ready(*sig);
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
+}
+
+/// A wait status as a shell reports it: the exit code, or 128+N when killed by signal N.
+pub fn exit_code_of(status: libc::c_int) -> i32 {
+    let status = std::process::ExitStatus::from_raw(status);
+    match (status.code(), status.signal()) {
+        (Some(code), _) => code,
+        (None, Some(sig)) => 128 + sig,
+        _ => 1,
+    }
+}

@@ -1,0 +1,419 @@
+//! Command-line flags, their `MIGRATIONS_GATE_*` environment twins, and their validation into a
+//! [`Settings`] the rest of the crate can trust.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+use crate::lock::LockKey;
+
+const AFTER_HELP: &str = "\
+Exit codes: 0 ok, 64 usage, 69 database unavailable, 70 internal, 75 timed out, 77 authentication
+refused, 126 command not executable, 127 command not found; a failed migration passes on its own
+exit code (128+N if killed by signal N).
+
+Log level: MIGRATIONS_GATE_LOG (e.g. info, debug, migrations_gate=trace). Default: info.";
+
+/// migrations-gate: run database migrations exactly once when many replicas start at once.
+///
+/// Before the app starts, the gate takes a PostgreSQL advisory lock. Exactly one replica runs the
+/// migrations with the flag on (ENABLE_DB_MIGRATIONS=True); every other replica waits until the
+/// release is recorded done, then starts the app with the flag off.
+#[derive(Debug, Parser)]
+#[command(name = "migrations-gate", version, about, long_about, after_help = AFTER_HELP)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The gate's modes.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run CMD once per release with the flag on, then exit 0 on every replica (init container, job).
+    ///
+    /// The lock holder runs CMD to completion with the flag on. Exit 0 marks the release done and
+    /// every replica exits 0; a failing CMD is recorded and its exit code passed on.
+    Migrate(MigrateArgs),
+
+    /// Gate the start of APP (Docker entrypoint, Swarm, Compose): followers exec APP with the flag off.
+    ///
+    /// The lock holder runs --migrate with the flag on and then execs APP with the flag off; or,
+    /// with a --ready-* probe, starts APP itself (flag on, or off after --migrate), keeps the lock
+    /// until APP is ready, records the release and stays as APP's parent, forwarding signals.
+    Run(RunArgs),
+}
+
+/// Flags shared by every gating mode.
+#[derive(Debug, Clone, Args)]
+pub struct GateArgs {
+    /// PostgreSQL URL (postgres://user:pass@host:port/db?sslmode=...). Falls back to DATABASE_URL.
+    #[arg(long, env = "MIGRATIONS_GATE_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// Read the database URL from this file (e.g. a mounted secret).
+    #[arg(
+        long,
+        env = "MIGRATIONS_GATE_DATABASE_URL_FILE",
+        value_name = "PATH",
+        conflicts_with = "database_url"
+    )]
+    pub database_url_file: Option<PathBuf>,
+
+    /// Name of the lock; different names never block each other.
+    #[arg(
+        long,
+        env = "MIGRATIONS_GATE_LOCK",
+        value_name = "NAME",
+        default_value = "migrations-gate"
+    )]
+    pub lock: String,
+
+    /// Use this 64-bit advisory lock key directly instead of deriving it from --lock.
+    #[arg(
+        long,
+        env = "MIGRATIONS_GATE_LOCK_ID",
+        value_name = "N",
+        allow_negative_numbers = true
+    )]
+    pub lock_id: Option<i64>,
+
+    /// What this deployment migrates to (app version, image tag). Done releases are skipped.
+    #[arg(
+        long,
+        env = "MIGRATIONS_GATE_RELEASE",
+        value_name = "ID",
+        conflicts_with = "release_from"
+    )]
+    pub release: Option<String>,
+
+    /// Use a content hash of the files under PATH (e.g. the migrations folder) as the release ID.
+    #[arg(long, env = "MIGRATIONS_GATE_RELEASE_FROM", value_name = "PATH")]
+    pub release_from: Option<PathBuf>,
+
+    /// Schema of the gate's ledger table (created on first use).
+    #[arg(
+        long,
+        env = "MIGRATIONS_GATE_SCHEMA",
+        value_name = "NAME",
+        default_value = "migrations_gate"
+    )]
+    pub schema: String,
+
+    /// Environment variable that switches the app's migrations.
+    #[arg(
+        long,
+        env = "MIGRATIONS_GATE_FLAG",
+        value_name = "NAME",
+        default_value = "ENABLE_DB_MIGRATIONS"
+    )]
+    pub flag: String,
+
+    /// Value of --flag for the replica that migrates.
+    #[arg(
+        long,
+        env = "MIGRATIONS_GATE_ON",
+        value_name = "VALUE",
+        default_value = "True"
+    )]
+    pub on: String,
+
+    /// Value of --flag for every other start.
+    #[arg(
+        long,
+        env = "MIGRATIONS_GATE_OFF",
+        value_name = "VALUE",
+        default_value = "False"
+    )]
+    pub off: String,
+
+    /// Give up waiting for the release after this long (e.g. 90s, 30m).
+    #[arg(long, env = "MIGRATIONS_GATE_WAIT_TIMEOUT", value_name = "DURATION", default_value = "30m", value_parser = parse_duration)]
+    pub wait_timeout: Duration,
+
+    /// Keep retrying a database that is not up yet for this long.
+    #[arg(long, env = "MIGRATIONS_GATE_CONNECT_TIMEOUT", value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// After SIGTERM, wait this long before SIGKILL when the gate must stop its child.
+    #[arg(long, env = "MIGRATIONS_GATE_KILL_GRACE", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub kill_grace: Duration,
+
+    /// application_name of the gate's connections, shown to waiting replicas [default: migrations-gate/<hostname>].
+    #[arg(long, env = "MIGRATIONS_GATE_APPLICATION_NAME", value_name = "NAME")]
+    pub application_name: Option<String>,
+
+    /// Log format on stderr.
+    #[arg(long, env = "MIGRATIONS_GATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// `migrate` mode.
+#[derive(Debug, Clone, Args)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub gate: GateArgs,
+
+    /// The migration command, run with the flag on by the lock holder only.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+/// `run` mode.
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub gate: GateArgs,
+
+    /// Migration command the holder runs first (flag on); split like a POSIX shell, run without one.
+    #[arg(long, env = "MIGRATIONS_GATE_MIGRATE", value_name = "CMD")]
+    pub migrate: Option<String>,
+
+    /// Holder keeps the lock until this URL answers 2xx (plain http).
+    #[arg(
+        long,
+        env = "MIGRATIONS_GATE_READY_HTTP",
+        value_name = "URL",
+        group = "ready"
+    )]
+    pub ready_http: Option<String>,
+
+    /// Holder keeps the lock until HOST:PORT accepts a TCP connection.
+    #[arg(
+        long,
+        env = "MIGRATIONS_GATE_READY_TCP",
+        value_name = "HOST:PORT",
+        group = "ready"
+    )]
+    pub ready_tcp: Option<String>,
+
+    /// Holder keeps the lock until this SQL returns a row whose first column is not false/NULL.
+    #[arg(
+        long,
+        env = "MIGRATIONS_GATE_READY_SQL",
+        value_name = "SQL",
+        group = "ready"
+    )]
+    pub ready_sql: Option<String>,
+
+    /// Give up (stop APP, record the failure) if APP is not ready after this long.
+    #[arg(long, env = "MIGRATIONS_GATE_READY_TIMEOUT", value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
+    pub ready_timeout: Duration,
+
+    /// The app to start.
+    #[arg(last = true, required = true, value_name = "APP")]
+    pub command: Vec<String>,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 30s, 5m, 1h)"))
+}
+
+/// Validated settings shared by every mode.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The database URL, exactly as given (never logged; see [`crate::db::redact_url`]).
+    pub database_url: String,
+    /// The advisory lock.
+    pub lock: LockKey,
+    /// The release to migrate to, if any.
+    pub release: Option<String>,
+    /// Schema of the ledger.
+    pub schema: String,
+    /// The switch handed to the app.
+    pub flag: Flag,
+    /// See [`GateArgs::wait_timeout`].
+    pub wait_timeout: Duration,
+    /// See [`GateArgs::connect_timeout`].
+    pub connect_timeout: Duration,
+    /// See [`GateArgs::kill_grace`].
+    pub kill_grace: Duration,
+    /// application_name of our connections.
+    pub application_name: String,
+}
+
+/// The environment variable that turns the app's migrations on or off.
+#[derive(Debug, Clone)]
+pub struct Flag {
+    /// Variable name.
+    pub name: String,
+    /// Value for the migrating start.
+    pub on: String,
+    /// Value for every other start.
+    pub off: String,
+}
+
+impl GateArgs {
+    /// Checks the flags and resolves the URL, lock key and release.
+    pub fn settings(&self) -> Result<Settings> {
+        let database_url = self.resolve_database_url()?;
+        let lock = match self.lock_id {
+            Some(id) => LockKey::from_id(id),
+            None => {
+                if self.lock.is_empty() {
+                    return Err(Error::Usage("--lock must not be empty".into()));
+                }
+                LockKey::from_name(&self.lock)
+            }
+        };
+        let release = match (&self.release, &self.release_from) {
+            (Some(r), _) if r.trim().is_empty() => {
+                return Err(Error::Usage(
+                    "--release is empty: give the app version or image tag, or leave it unset"
+                        .into(),
+                ));
+            }
+            (Some(r), _) => Some(r.clone()),
+            (None, Some(path)) => Some(release_from_path(path)?),
+            (None, None) => None,
+        };
+        if self.schema.is_empty() {
+            return Err(Error::Usage("--schema must not be empty".into()));
+        }
+        if self.flag.is_empty() || self.flag.contains('=') || self.flag.contains('\0') {
+            return Err(Error::Usage(format!(
+                "--flag {:?} is not a valid environment variable name",
+                self.flag
+            )));
+        }
+        Ok(Settings {
+            database_url,
+            lock,
+            release,
+            schema: self.schema.clone(),
+            flag: Flag {
+                name: self.flag.clone(),
+                on: self.on.clone(),
+                off: self.off.clone(),
+            },
+            wait_timeout: self.wait_timeout,
+            connect_timeout: self.connect_timeout,
+            kill_grace: self.kill_grace,
+            application_name: self
+                .application_name
+                .clone()
+                .unwrap_or_else(|| format!("migrations-gate/{}", hostname())),
+        })
+    }
+
+    fn resolve_database_url(&self) -> Result<String> {
+        if let Some(path) = &self.database_url_file {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                Error::Usage(format!(
+                    "cannot read --database-url-file {}: {e}",
+                    path.display()
+                ))
+            })?;
+            let url = text.trim();
+            if url.is_empty() {
+                return Err(Error::Usage(format!(
+                    "--database-url-file {} is empty",
+                    path.display()
+                )));
+            }
+            return Ok(url.to_string());
+        }
+        if let Some(url) = self.database_url.as_deref().filter(|u| !u.is_empty()) {
+            return Ok(url.to_string());
+        }
+        match std::env::var("DATABASE_URL") {
+            Ok(url) if !url.is_empty() => Ok(url),
+            _ => Err(Error::Usage(
+                "no database URL: set --database-url, MIGRATIONS_GATE_DATABASE_URL, DATABASE_URL or --database-url-file"
+                    .into(),
+            )),
+        }
+    }
+}
+
+/// Splits a `--migrate` string into words as a POSIX shell would, without running a shell.
+pub fn split_command(s: &str) -> Result<Vec<String>> {
+    let words = shell_words::split(s)
+        .map_err(|e| Error::Usage(format!("--migrate {s:?} cannot be split into words: {e}")))?;
+    if words.is_empty() {
+        return Err(Error::Usage("--migrate is empty".into()));
+    }
+    Ok(words)
+}
+
+/// The release ID for `--release-from PATH`: `sha256:` and the first 32 hex digits of a hash over
+/// every regular file under PATH (relative path and contents, in sorted path order), so the ID
+/// changes exactly when a file is added, removed, renamed or edited.
+pub fn release_from_path(root: &Path) -> Result<String> {
+    let mut files = Vec::new();
+    collect_files(root, root, &mut files)?;
+    if files.is_empty() {
+        return Err(Error::Usage(format!(
+            "--release-from {}: no files found",
+            root.display()
+        )));
+    }
+    files.sort();
+    let mut hasher = Sha256::new();
+    for (rel, full) in &files {
+        let bytes = std::fs::read(full).map_err(|e| {
+            Error::Usage(format!(
+                "--release-from: cannot read {}: {e}",
+                full.display()
+            ))
+        })?;
+        hasher.update(rel.to_string_lossy().as_bytes());
+        hasher.update([0u8]);
+        hasher.update((bytes.len() as u64).to_be_bytes());
+        hasher.update(&bytes);
+    }
+    let digest = hasher.finalize();
+    let hex: String = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
+    Ok(format!("sha256:{hex}"))
+}
+
+fn collect_files(root: &Path, dir: &Path, out: &mut Vec<(PathBuf, PathBuf)>) -> Result<()> {
+    let meta = std::fs::metadata(dir)
+        .map_err(|e| Error::Usage(format!("--release-from {}: {e}", dir.display())))?;
+    if meta.is_file() {
+        // A single file: hash it under its own name.
+        let name = dir.file_name().map(PathBuf::from).unwrap_or_default();
+        out.push((name, dir.to_path_buf()));
+        return Ok(());
+    }
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| Error::Usage(format!("--release-from {}: {e}", dir.display())))?;
+    for entry in entries {
+        let entry =
+            entry.map_err(|e| Error::Usage(format!("--release-from {}: {e}", dir.display())))?;
+        let path = entry.path();
+        let meta = std::fs::metadata(&path)
+            .map_err(|e| Error::Usage(format!("--release-from {}: {e}", path.display())))?;
+        if meta.is_dir() {
+            collect_files(root, &path, out)?;
+        } else if meta.is_file() {
+            let rel = path.strip_prefix(root).unwrap_or(&path).to_path_buf();
+            out.push((rel, path));
+        }
+    }
+    Ok(())
+}
+
+/// This machine's host name (the pod name in Kubernetes), for `application_name` and the ledger.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "unknown".into())
+}

@@ -1,0 +1,110 @@
+//! Every way the gate can fail, and the one place that turns a failure into an exit code.
+//!
+//! The exit codes follow sysexits(3) where one fits and the shell's conventions for commands
+//! (126 not executable, 127 not found). They are part of the public contract and documented in
+//! the README: change them only with a major version.
+
+use std::time::Duration;
+
+/// Exit code: success.
+pub const EXIT_OK: i32 = 0;
+/// Exit code: command-line usage error, malformed URL, bad configuration (`EX_USAGE`).
+pub const EXIT_USAGE: i32 = 64;
+/// Exit code: the database could not be reached, or was lost (`EX_UNAVAILABLE`).
+pub const EXIT_UNAVAILABLE: i32 = 69;
+/// Exit code: an internal error (`EX_SOFTWARE`).
+pub const EXIT_INTERNAL: i32 = 70;
+/// Exit code: timed out waiting for the lock, the release, or readiness (`EX_TEMPFAIL`).
+pub const EXIT_TIMEOUT: i32 = 75;
+/// Exit code: the database refused our credentials or permissions (`EX_NOPERM`).
+pub const EXIT_AUTH: i32 = 77;
+/// Exit code: the command exists but could not be executed (as shells do).
+pub const EXIT_NOT_EXECUTABLE: i32 = 126;
+/// Exit code: the command was not found (as shells do).
+pub const EXIT_NOT_FOUND: i32 = 127;
+
+/// A failure of the gate. Each variant's message is one line a human can act on; none ever
+/// contains a password.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Wrong flags or configuration.
+    #[error("{0}")]
+    Usage(String),
+
+    /// The database did not answer in time, or the connection was lost.
+    #[error("{0}")]
+    Unavailable(String),
+
+    /// The database refused the credentials or a permission.
+    #[error("{0}")]
+    Auth(String),
+
+    /// Waited longer than the configured timeout.
+    #[error("{what} after {}; {hint}", humantime::format_duration(*waited))]
+    Timeout {
+        /// What we were waiting for.
+        what: String,
+        /// How long we waited.
+        waited: Duration,
+        /// What the operator can do about it.
+        hint: String,
+    },
+
+    /// The command to run does not exist.
+    #[error(
+        "command not found: {program}: check the command after `--` (or in --migrate) and the PATH"
+    )]
+    CommandNotFound {
+        /// The program name as given.
+        program: String,
+    },
+
+    /// The command exists but could not be started.
+    #[error("cannot execute {program}: {source}")]
+    CommandNotExecutable {
+        /// The program name as given.
+        program: String,
+        /// Why the kernel refused.
+        source: std::io::Error,
+    },
+
+    /// The migration (or the app started to migrate) failed; the gate exits with its code.
+    #[error("{what} failed with exit code {code}; the release was not marked done")]
+    MigrationFailed {
+        /// The failing step, e.g. "migration command `alembic upgrade head`".
+        what: String,
+        /// The exit code to pass on (128+signal if it was killed).
+        code: i32,
+    },
+
+    /// Something that should not happen.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// The process exit code for this failure. This is the only mapping from errors to codes.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Usage(_) => EXIT_USAGE,
+            Error::Unavailable(_) => EXIT_UNAVAILABLE,
+            Error::Auth(_) => EXIT_AUTH,
+            Error::Timeout { .. } => EXIT_TIMEOUT,
+            Error::CommandNotFound { .. } => EXIT_NOT_FOUND,
+            Error::CommandNotExecutable { .. } => EXIT_NOT_EXECUTABLE,
+            // A command that reports success but failed (killed by a signal maps to 128+n, so
+            // 0 only appears if the app exited cleanly before it was ready): still a failure.
+            Error::MigrationFailed { code, .. } => {
+                if *code == 0 {
+                    1
+                } else {
+                    *code
+                }
+            }
+            Error::Internal(_) => EXIT_INTERNAL,
+        }
+    }
+}
+
+/// Shorthand used throughout the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,200 @@
+//! The release ledger: one row per migration attempt, in `<schema>.ledger`, created by the gate.
+//!
+//! A release is done when a row with outcome `done` exists for its lock key and release ID. Only
+//! the lock holder writes rows, and it commits the `done` row before it frees the lock, so a
+//! replica that reads `done` knows the migration it depends on has committed. A unique index
+//! makes a second `done` row for the same release impossible.
+//!
+//! Outcomes: `running` (the holder is at it), `done`, `failed` (the command exited non-zero, or
+//! the holder fenced itself), `abandoned` (the holder vanished; marked by the next holder).
+
+use sqlx::Row;
+use sqlx::postgres::PgConnection;
+
+use crate::db::{ident, lit, query, query_scalar};
+use crate::lock::LockKey;
+
+/// The ledger of one lock in one schema.
+#[derive(Debug, Clone)]
+pub struct Ledger {
+    schema: String,
+    lock: LockKey,
+}
+
+/// Who is making an attempt, for the record.
+#[derive(Debug, Clone)]
+pub struct Attempt<'a> {
+    /// The release being migrated to (`None` in serial mode).
+    pub release: Option<&'a str>,
+    /// The gate's `application_name`.
+    pub holder: &'a str,
+    /// The gate's host name.
+    pub host: &'a str,
+    /// The gate's process ID.
+    pub pid: u32,
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Migrated; the release is done.
+    Done,
+    /// The command failed or the holder stopped it.
+    Failed,
+}
+
+impl Outcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Done => "done",
+            Outcome::Failed => "failed",
+        }
+    }
+}
+
+/// `SQLSTATE`s that mean "the ledger does not exist yet".
+fn is_missing_relation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("42P01") | Some("3F000")))
+}
+
+impl Ledger {
+    /// The ledger for `lock` in `schema`.
+    pub fn new(schema: &str, lock: &LockKey) -> Ledger {
+        Ledger {
+            schema: schema.to_string(),
+            lock: lock.clone(),
+        }
+    }
+
+    fn table(&self) -> String {
+        format!("{}.ledger", ident(&self.schema))
+    }
+
+    /// Whether `release` is recorded done. A ledger that does not exist yet means "no".
+    pub async fn is_done(
+        &self,
+        conn: &mut PgConnection,
+        release: &str,
+    ) -> Result<bool, sqlx::Error> {
+        let sql = format!(
+            "SELECT EXISTS (SELECT 1 FROM {} WHERE lock_key = {} AND release = {} AND outcome = 'done')::text",
+            self.table(),
+            self.lock.key,
+            lit(release)
+        );
+        match query_scalar(conn, sql).await {
+            Ok(v) => Ok(v.as_deref() == Some("true")),
+            Err(e) if is_missing_relation(&e) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Creates the schema, table and index if missing. Concurrent gates with different lock
+    /// names may race here, so the DDL runs under a transaction-scoped advisory lock of its own.
+    pub async fn ensure(&self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+        let exists = query_scalar(
+            conn,
+            format!(
+                "SELECT (to_regclass({}) IS NOT NULL)::text",
+                lit(&self.table())
+            ),
+        )
+        .await?;
+        if exists.as_deref() == Some("true") {
+            return Ok(());
+        }
+        let ddl_key =
+            LockKey::from_name(&format!("migrations-gate ledger ddl {}", self.schema)).key;
+        let schema = ident(&self.schema);
+        let table = self.table();
+        let sql = format!(
+            "BEGIN;
+             SELECT pg_advisory_xact_lock({ddl_key});
+             CREATE SCHEMA IF NOT EXISTS {schema};
+             CREATE TABLE IF NOT EXISTS {table} (
+                 id          bigserial PRIMARY KEY,
+                 lock_key    bigint NOT NULL,
+                 lock_name   text NOT NULL,
+                 release     text,
+                 outcome     text NOT NULL CHECK (outcome IN ('running', 'done', 'failed', 'abandoned')),
+                 holder      text NOT NULL,
+                 host        text NOT NULL,
+                 pid         integer NOT NULL,
+                 started_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
+                 finished_at timestamptz,
+                 exit_code   integer,
+                 detail      text
+             );
+             CREATE UNIQUE INDEX IF NOT EXISTS ledger_one_done_per_release
+                 ON {table} (lock_key, release) WHERE outcome = 'done';
+             COMMIT;"
+        );
+        query(conn, sql).await.map(|_| ())
+    }
+
+    /// Marks attempts left `running` by a holder that vanished. Only the lock holder may call
+    /// this: holding the lock proves no other attempt of this lock is alive.
+    pub async fn abandon_stale(&self, conn: &mut PgConnection) -> Result<u64, sqlx::Error> {
+        let sql = format!(
+            "UPDATE {} SET outcome = 'abandoned', finished_at = clock_timestamp(), \
+                 detail = 'the holder vanished (crash, kill or lost connection); taken over' \
+             WHERE lock_key = {} AND outcome = 'running'",
+            self.table(),
+            self.lock.key
+        );
+        let rows = query(
+            conn,
+            format!("WITH u AS ({sql} RETURNING 1) SELECT count(*)::text FROM u"),
+        )
+        .await?;
+        Ok(rows
+            .first()
+            .and_then(|r| r.try_get::<String, _>(0).ok())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0))
+    }
+
+    /// Records the start of an attempt and returns its row ID.
+    pub async fn begin(
+        &self,
+        conn: &mut PgConnection,
+        attempt: &Attempt<'_>,
+    ) -> Result<i64, sqlx::Error> {
+        let release = attempt.release.map(lit).unwrap_or_else(|| "NULL".into());
+        let sql = format!(
+            "INSERT INTO {} (lock_key, lock_name, release, outcome, holder, host, pid) \
+             VALUES ({}, {}, {release}, 'running', {}, {}, {}) RETURNING id::text",
+            self.table(),
+            self.lock.key,
+            lit(&self.lock.name),
+            lit(attempt.holder),
+            lit(attempt.host),
+            attempt.pid
+        );
+        let id = query_scalar(conn, sql).await?;
+        id.and_then(|s| s.parse().ok())
+            .ok_or_else(|| sqlx::Error::Protocol("INSERT ... RETURNING id gave no row".into()))
+    }
+
+    /// Records how attempt `id` ended. Committed before the lock is freed.
+    pub async fn finish(
+        &self,
+        conn: &mut PgConnection,
+        id: i64,
+        outcome: Outcome,
+        exit_code: Option<i32>,
+        detail: &str,
+    ) -> Result<(), sqlx::Error> {
+        let code = exit_code
+            .map(|c| c.to_string())
+            .unwrap_or_else(|| "NULL".into());
+        let sql = format!(
+            "UPDATE {} SET outcome = '{}', finished_at = clock_timestamp(), exit_code = {code}, detail = {} \
+             WHERE id = {id}",
+            self.table(),
+            outcome.as_str(),
+            lit(detail)
+        );
+        query(conn, sql).await.map(|_| ())
+    }
+}

@@ -1,0 +1,84 @@
+//! migrations-gate: run database migrations exactly once when many replicas start at once.
+//!
+//! A reader looking for a rule finds it in one module:
+//! - [`config`]: flags, environment twins, validation;
+//! - [`db`]: connecting, retrying, classifying errors, pooler-safe queries;
+//! - [`lock`]: the advisory lock key and who holds it;
+//! - [`ledger`]: which releases are done, and every attempt;
+//! - [`gate`]: the protocol (who migrates, who waits, when is it done) and the modes;
+//! - [`child`]: spawning, guarding, signal forwarding, reaping, `exec`;
+//! - [`probe`]: readiness checks;
+//! - [`error`]: failures and their exit codes.
+
+#![warn(missing_docs)]
+
+pub mod child;
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod gate;
+pub mod ledger;
+pub mod lock;
+pub mod probe;
+
+use clap::Parser;
+use tracing::error;
+
+use config::{Cli, Command, LogFormat};
+use error::{EXIT_INTERNAL, EXIT_OK, EXIT_USAGE};
+
+/// Parses the command line, runs the chosen mode and returns the process exit code. Errors are
+/// logged as one line and mapped to exit codes here and nowhere else.
+pub fn main_entry() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { EXIT_USAGE } else { EXIT_OK };
+        }
+    };
+    let log_format = match &cli.command {
+        Command::Migrate(a) => a.gate.log_format,
+        Command::Run(a) => a.gate.log_format,
+    };
+    init_logging(log_format);
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!("cannot start the async runtime: {e}");
+            return EXIT_INTERNAL;
+        }
+    };
+    // The current-thread runtime matters: children get PR_SET_PDEATHSIG, which fires when the
+    // *thread* that spawned them exits, and the main thread lives as long as the gate.
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Migrate(args) => gate::migrate(args).await,
+            Command::Run(args) => gate::run(args).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            error!(exit_code = e.exit_code(), "{e}");
+            e.exit_code()
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MIGRATIONS_GATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}

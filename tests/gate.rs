@@ -1,0 +1,686 @@
+//! The gate's contract, tested with real processes against a real PostgreSQL.
+
+mod support;
+
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use support::*;
+
+const HANG_GUARD: Duration = Duration::from_secs(120);
+
+fn code(out: &Output) -> i32 {
+    out.status.code().unwrap_or(-1)
+}
+
+fn migrate_cmd(db: &TestDb, release: Option<&str>) -> Command {
+    migrate_with(db, release, &[])
+}
+
+fn migrate_with(db: &TestDb, release: Option<&str>, flags: &[&str]) -> Command {
+    let mut c = db.gate();
+    c.arg("migrate");
+    if let Some(r) = release {
+        c.args(["--release", r]);
+    }
+    c.args(flags).args(["--", standin(), "migrate"]);
+    c
+}
+
+fn run_all(mut cmds: Vec<Command>) -> Vec<Output> {
+    let children: Vec<_> = cmds.iter_mut().map(spawn).collect();
+    children
+        .into_iter()
+        .map(|c| wait_output(c, HANG_GUARD))
+        .collect()
+}
+
+fn assert_all_ok(outs: &[Output]) {
+    for out in outs {
+        assert_eq!(code(out), 0, "a gate failed:\n{}", stderr(out));
+    }
+}
+
+#[test]
+fn eight_migrate_gates_at_once_migrate_exactly_once() {
+    let db = cluster().new_db("race_migrate");
+    let outs = run_all((0..8).map(|_| migrate_cmd(&db, Some("r1"))).collect());
+    assert_all_ok(&outs);
+    assert_eq!(
+        db.one("SELECT count(*) FROM mg_runs"),
+        "1",
+        "the migration ran more than once"
+    );
+    assert_eq!(db.one("SELECT count(*) FROM app_seed"), "1");
+    assert_no_overlap(&db);
+    assert_eq!(
+        db.one(
+            "SELECT count(*) FROM migrations_gate.ledger WHERE release = 'r1' AND outcome = 'done'"
+        ),
+        "1"
+    );
+    db.assert_no_gate_locks();
+    let waited = outs
+        .iter()
+        .filter(|o| stderr(o).contains("release is done"))
+        .count();
+    assert_eq!(waited, 7, "seven replicas should have gone on as followers");
+}
+
+#[test]
+fn without_the_gate_the_standin_migration_really_races() {
+    // Proves the race tests exercise a real race: eight bare migrations at once break.
+    let db = cluster().new_db("race_bare");
+    let mut cmds: Vec<Command> = (0..8)
+        .map(|_| {
+            let mut c = Command::new(standin());
+            c.arg("migrate")
+                .env("DATABASE_URL", &db.url)
+                .env("STANDIN_STEP_MS", "150");
+            c
+        })
+        .collect();
+    let children: Vec<_> = cmds.iter_mut().map(spawn).collect();
+    let outs: Vec<_> = children
+        .into_iter()
+        .map(|c| wait_output(c, HANG_GUARD))
+        .collect();
+    let failed = outs.iter().filter(|o| !o.status.success()).count();
+    let overlapped = db.one("SELECT count(*) FROM mg_runs WHERE overlapped");
+    let seeds = db.one("SELECT count(*) FROM app_seed");
+    assert!(
+        failed > 0 || overlapped != "0" || seeds != "1",
+        "bare migrations did not visibly race (failed {failed}, overlapped {overlapped}, seeds {seeds})"
+    );
+}
+
+#[test]
+fn eight_run_gates_with_migrate_start_every_app_with_the_flag_off_after_the_migration() {
+    let db = cluster().new_db("race_run");
+    let migrate = format!("{} migrate", standin());
+    let cmds = (0..8)
+        .map(|_| {
+            let mut c = db.gate();
+            c.args([
+                "run",
+                "--release",
+                "r1",
+                "--migrate",
+                &migrate,
+                "--",
+                standin(),
+                "start",
+            ]);
+            c
+        })
+        .collect();
+    let outs = run_all(cmds);
+    assert_all_ok(&outs);
+    assert_eq!(db.one("SELECT count(*) FROM mg_runs"), "1");
+    assert_eq!(db.one("SELECT count(*) FROM app_seed"), "1");
+    assert_no_overlap(&db);
+    assert_eq!(db.one("SELECT count(*) FROM app_starts"), "8");
+    assert_eq!(
+        db.one("SELECT count(*) FROM app_starts WHERE flag = 'False' AND schema_ready"),
+        "8",
+        "every app start must see the flag off and a finished schema"
+    );
+    db.assert_no_gate_locks();
+}
+
+#[test]
+fn ready_http_holder_starts_app_with_flag_on_and_signals_reach_every_app() {
+    let db = cluster().new_db("race_ready");
+    let n = 6;
+    let mut children = Vec::new();
+    for _ in 0..n {
+        let port = free_port();
+        let mut c = db.gate();
+        c.args(["run", "--release", "r1", "--ready-http"])
+            .arg(format!("http://127.0.0.1:{port}/health"))
+            .args(["--", standin(), "serve"])
+            .env("STANDIN_PORT", port.to_string());
+        children.push(spawn(&mut c));
+    }
+    eventually(HANG_GUARD, "every app started", || {
+        db.one("SELECT count(*) FROM app_starts") == n.to_string()
+    });
+    // Every app is up: the holder's app under the gate, the others exec'd in place of theirs.
+    for child in &children {
+        // SAFETY: plain system call on a PID we spawned.
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
+    }
+    let outs: Vec<_> = children
+        .into_iter()
+        .map(|c| wait_output(c, HANG_GUARD))
+        .collect();
+    for out in &outs {
+        assert_eq!(
+            code(out),
+            42,
+            "the app's own exit code must come back:\n{}",
+            stderr(out)
+        );
+    }
+    assert_eq!(db.one("SELECT count(*) FROM mg_runs"), "1");
+    assert_no_overlap(&db);
+    assert_eq!(
+        db.one("SELECT count(*) FROM app_starts WHERE flag = 'True'"),
+        "1"
+    );
+    assert_eq!(
+        db.one("SELECT count(*) FROM app_starts WHERE flag = 'False' AND schema_ready"),
+        (n - 1).to_string()
+    );
+    assert_eq!(
+        db.one("SELECT count(*) FROM app_signals WHERE signal = 'SIGTERM'"),
+        n.to_string()
+    );
+    assert_eq!(
+        db.one("SELECT count(*) FROM migrations_gate.ledger WHERE outcome = 'done'"),
+        "1"
+    );
+    db.assert_no_gate_locks();
+}
+
+#[test]
+fn follower_execs_app_in_place_with_the_same_pid() {
+    let db = cluster().new_db("exec_pid");
+    let out = wait_output(spawn(&mut migrate_cmd(&db, Some("r1"))), HANG_GUARD);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let mut c = db.gate();
+    c.args([
+        "run",
+        "--release",
+        "r1",
+        "--migrate",
+        "false",
+        "--",
+        standin(),
+        "start",
+    ]);
+    let child = spawn(&mut c);
+    let pid = child.id();
+    let out = wait_output(child, HANG_GUARD);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(
+        db.one("SELECT pid FROM app_starts"),
+        pid.to_string(),
+        "APP must replace the gate"
+    );
+    assert_eq!(db.one("SELECT flag FROM app_starts"), "False");
+}
+
+#[test]
+fn done_release_is_skipped_and_a_new_release_migrates_again() {
+    let db = cluster().new_db("skip");
+    for release in ["r1", "r1", "r1"] {
+        let out = wait_output(spawn(&mut migrate_cmd(&db, Some(release))), HANG_GUARD);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+    }
+    assert_eq!(db.one("SELECT count(*) FROM mg_runs"), "1");
+    let out = wait_output(spawn(&mut migrate_cmd(&db, Some("r2"))), HANG_GUARD);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(db.one("SELECT count(*) FROM mg_runs"), "2");
+    assert_eq!(
+        db.one("SELECT string_agg(release, ',' ORDER BY release) FROM migrations_gate.ledger WHERE outcome = 'done'"),
+        "r1,r2"
+    );
+}
+
+#[test]
+fn without_release_replicas_migrate_one_after_another() {
+    let db = cluster().new_db("serial");
+    let outs = run_all((0..4).map(|_| migrate_cmd(&db, None)).collect());
+    assert_all_ok(&outs);
+    assert_eq!(
+        db.one("SELECT count(*) FROM mg_runs WHERE finished_at IS NOT NULL"),
+        "4"
+    );
+    assert_no_overlap(&db);
+    assert_eq!(db.one("SELECT count(*) FROM app_seed"), "1");
+    assert!(
+        stderr(&outs[0]).contains("no --release given"),
+        "{}",
+        stderr(&outs[0])
+    );
+    db.assert_no_gate_locks();
+}
+
+#[test]
+fn failed_migration_is_recorded_frees_the_lock_and_passes_its_exit_code() {
+    let db = cluster().new_db("failed");
+    let mut c = migrate_cmd(&db, Some("r1"));
+    c.env("STANDIN_FAIL", "1");
+    let out = wait_output(spawn(&mut c), HANG_GUARD);
+    assert_eq!(code(&out), 3, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("failed with exit code 3"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        db.rows("SELECT outcome, exit_code::text FROM migrations_gate.ledger"),
+        vec![vec!["failed".to_string(), "3".to_string()]]
+    );
+    db.assert_no_gate_locks();
+    // The next try succeeds and the release ends done.
+    let out = wait_output(spawn(&mut migrate_cmd(&db, Some("r1"))), HANG_GUARD);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(
+        db.one("SELECT string_agg(outcome, ',' ORDER BY id) FROM migrations_gate.ledger"),
+        "failed,done"
+    );
+}
+
+#[test]
+fn holder_killed_mid_migration_is_taken_over_once() {
+    let db = cluster().new_db("takeover");
+    let mut first = migrate_cmd(&db, Some("r1"));
+    first.env("STANDIN_STEP_MS", "1500");
+    let first = spawn(&mut first);
+    eventually(HANG_GUARD, "the first holder started migrating", || {
+        db.one("SELECT count(*) FROM mg_runs") == "1"
+    });
+    let first_migrator: i32 = db.one("SELECT pid FROM mg_runs").parse().unwrap();
+    let waiters: Vec<_> = (0..4)
+        .map(|_| spawn(&mut migrate_cmd(&db, Some("r1"))))
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: plain system call on a PID we spawned.
+    unsafe {
+        libc::kill(first.id() as i32, libc::SIGKILL);
+    }
+    let killed = wait_output(first, HANG_GUARD);
+    assert_eq!(killed.status.code(), None);
+    let outs: Vec<_> = waiters
+        .into_iter()
+        .map(|c| wait_output(c, HANG_GUARD))
+        .collect();
+    assert_all_ok(&outs);
+    eventually(
+        Duration::from_secs(10),
+        "the killed holder's migration died with it",
+        || !alive(first_migrator),
+    );
+    assert_eq!(
+        db.one("SELECT count(*) FROM mg_runs"),
+        "2",
+        "exactly one waiter took over"
+    );
+    assert_eq!(
+        db.one("SELECT count(*) FROM mg_runs WHERE finished_at IS NOT NULL"),
+        "1"
+    );
+    assert_no_overlap(&db);
+    assert_eq!(db.one("SELECT count(*) FROM app_seed"), "1");
+    assert_eq!(
+        db.one("SELECT string_agg(outcome, ',' ORDER BY id) FROM migrations_gate.ledger"),
+        "abandoned,done"
+    );
+    db.assert_no_gate_locks();
+}
+
+#[test]
+fn killing_the_gate_kills_a_shell_scripts_grandchild_too() {
+    let db = cluster().new_db("orphan");
+    // `; true` keeps sh from exec'ing: standin-app is sh's child, the gate's grandchild.
+    let script = format!("{} migrate; true", standin());
+    let mut c = db.gate();
+    c.args(["migrate", "--release", "r1", "--", "sh", "-c", &script])
+        .env("STANDIN_STEP_MS", "3000");
+    let gate = spawn(&mut c);
+    eventually(HANG_GUARD, "the grandchild started migrating", || {
+        db.one("SELECT count(*) FROM mg_runs") == "1"
+    });
+    let grandchild: i32 = db.one("SELECT pid FROM mg_runs").parse().unwrap();
+    assert!(alive(grandchild));
+    // SAFETY: plain system call on a PID we spawned.
+    unsafe {
+        libc::kill(gate.id() as i32, libc::SIGKILL);
+    }
+    let _ = wait_output(gate, HANG_GUARD);
+    eventually(
+        Duration::from_secs(5),
+        "the grandchild died with the gate",
+        || !alive(grandchild),
+    );
+    // The next holder migrates alone.
+    let out = wait_output(spawn(&mut migrate_cmd(&db, Some("r1"))), HANG_GUARD);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_no_overlap(&db);
+    assert_eq!(db.one("SELECT count(*) FROM app_seed"), "1");
+}
+
+#[test]
+fn waiter_gives_up_after_wait_timeout_naming_the_holder() {
+    let db = cluster().new_db("timeout");
+    let mut holder = Session::open(&format!("{}?application_name=stuck-holder", db.url));
+    let key = holder.one("SELECT ('x' || left(encode(sha256(convert_to('migrations-gate', 'UTF8')), 'hex'), 16))::bit(64)::bigint");
+    assert_eq!(
+        holder.one(&format!("SELECT pg_try_advisory_lock({key})")),
+        "t"
+    );
+    let mut c = migrate_with(&db, Some("r1"), &["--wait-timeout", "2s"]);
+    let out = wait_output(spawn(&mut c), HANG_GUARD);
+    assert_eq!(code(&out), 75, "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("timed out waiting for release \"r1\""),
+        "{err}"
+    );
+    assert!(
+        err.contains("stuck-holder"),
+        "the message must name the holder: {err}"
+    );
+    assert_eq!(db.one("SELECT count(*) FROM mg_runs"), "0");
+    drop(holder);
+}
+
+#[test]
+fn a_free_lock_alone_never_lets_a_waiter_skip_the_migration() {
+    // The lock is free but the release is not done: the waiter migrates; it does not just go on.
+    let db = cluster().new_db("positive");
+    let mut c = db.gate();
+    c.args([
+        "run",
+        "--release",
+        "r1",
+        "--migrate",
+        &format!("{} migrate", standin()),
+        "--",
+        standin(),
+        "start",
+    ]);
+    let out = wait_output(spawn(&mut c), HANG_GUARD);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(
+        db.one("SELECT count(*) FROM mg_runs WHERE finished_at IS NOT NULL"),
+        "1"
+    );
+    assert_eq!(db.one("SELECT schema_ready::text FROM app_starts"), "true");
+}
+
+#[test]
+fn different_lock_names_never_block_each_other() {
+    let db = cluster().new_db("locknames");
+    let mut holder = Session::open(&db.url);
+    let key = holder.one("SELECT ('x' || left(encode(sha256(convert_to('app-a', 'UTF8')), 'hex'), 16))::bit(64)::bigint");
+    assert_eq!(
+        holder.one(&format!("SELECT pg_try_advisory_lock({key})")),
+        "t"
+    );
+    let mut c = migrate_with(
+        &db,
+        Some("r1"),
+        &["--lock", "app-b", "--wait-timeout", "20s"],
+    );
+    let out = wait_output(spawn(&mut c), HANG_GUARD);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    // The same name is blocked: proves the SQL derivation in the README matches the gate's.
+    let mut c = migrate_with(
+        &db,
+        Some("r9"),
+        &["--lock", "app-a", "--wait-timeout", "1s"],
+    );
+    let out = wait_output(spawn(&mut c), HANG_GUARD);
+    assert_eq!(code(&out), 75, "{}", stderr(&out));
+    // --lock-id sets the key directly.
+    let mut c = migrate_with(
+        &db,
+        Some("r9"),
+        &["--lock-id", &key, "--wait-timeout", "1s"],
+    );
+    let out = wait_output(spawn(&mut c), HANG_GUARD);
+    assert_eq!(code(&out), 75, "{}", stderr(&out));
+}
+
+#[test]
+fn app_that_exits_before_ready_fails_the_attempt() {
+    let db = cluster().new_db("notready");
+    let port = free_port();
+    let mut c = db.gate();
+    c.args(["run", "--release", "r1", "--ready-tcp"])
+        .arg(format!("127.0.0.1:{port}"))
+        .args(["--", standin(), "serve"])
+        .env("STANDIN_EXIT_BEFORE_READY", "1");
+    let out = wait_output(spawn(&mut c), HANG_GUARD);
+    assert_eq!(code(&out), 5, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("exited before it was ready"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        db.one("SELECT outcome FROM migrations_gate.ledger"),
+        "failed"
+    );
+    db.assert_no_gate_locks();
+}
+
+#[test]
+fn ready_sql_probe_and_quoted_migrate_string() {
+    let db = cluster().new_db("readysql");
+    let port = free_port();
+    let mut c = db.gate();
+    // The --migrate string is split like a shell would, quotes kept together, and run without one.
+    c.args([
+        "run",
+        "--release",
+        "r1",
+        "--migrate",
+        "sh -c 'exit 0'",
+        "--ready-sql",
+        "SELECT count(*) > 0 FROM app_seed",
+    ])
+    .args(["--", standin(), "serve"])
+    .env("STANDIN_PORT", port.to_string());
+    let child = spawn(&mut c);
+    // With --migrate and a probe the app starts with the flag off; nothing seeds, so it is never
+    // ready. Seed from outside and watch the gate release.
+    eventually(HANG_GUARD, "the app started", || {
+        db.one("SELECT count(*) FROM app_starts") == "1"
+    });
+    assert_eq!(db.one("SELECT flag FROM app_starts"), "False");
+    assert_eq!(
+        db.one("SELECT count(*) FROM migrations_gate.ledger WHERE outcome = 'running'"),
+        "1"
+    );
+    db.rows("CREATE TABLE IF NOT EXISTS app_seed (name text); INSERT INTO app_seed VALUES ('x')");
+    eventually(HANG_GUARD, "the release is done", || {
+        db.one("SELECT count(*) FROM migrations_gate.ledger WHERE outcome = 'done'") == "1"
+    });
+    db.assert_no_gate_locks();
+    // SAFETY: plain system call on a PID we spawned.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    let out = wait_output(child, HANG_GUARD);
+    assert_eq!(code(&out), 42, "{}", stderr(&out));
+    assert_eq!(db.one("SELECT signal FROM app_signals"), "SIGINT");
+}
+
+#[test]
+fn unreachable_database_exits_69_after_connect_timeout() {
+    let port = free_port();
+    let out = Command::new(gate_bin())
+        .args([
+            "migrate",
+            "--connect-timeout",
+            "1s",
+            "--release",
+            "r1",
+            "--database-url",
+        ])
+        .arg(format!("postgres://u:hunter2pw@127.0.0.1:{port}/db"))
+        .args(["--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 69, "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("database unavailable"), "{err}");
+    assert!(!err.contains("hunter2pw"), "password leaked: {err}");
+}
+
+#[test]
+fn wrong_password_exits_77_without_printing_it() {
+    let c = cluster();
+    let out = Command::new(gate_bin())
+        .args([
+            "migrate",
+            "--release",
+            "r1",
+            "--log-format",
+            "json",
+            "--database-url",
+        ])
+        .arg(format!(
+            "postgres://postgres:wrong-pw-xyz@127.0.0.1:{}/postgres",
+            c.port
+        ))
+        .args(["--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 77, "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("authentication refused"), "{err}");
+    assert!(!err.contains("wrong-pw-xyz"), "password leaked: {err}");
+    for line in err.lines() {
+        assert!(
+            serde_json::from_str::<serde_json::Value>(line).is_ok(),
+            "not JSON: {line}"
+        );
+    }
+}
+
+#[test]
+fn malformed_url_exits_64_without_printing_the_password() {
+    for url in [
+        "postgres://user:pw-leak-1@host:notaport/db",
+        "mysql://user:pw-leak-1@host/db",
+        "::::",
+    ] {
+        let out = Command::new(gate_bin())
+            .args([
+                "migrate",
+                "--release",
+                "r1",
+                "--database-url",
+                url,
+                "--",
+                "true",
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(code(&out), 64, "{url}: {}", stderr(&out));
+        assert!(
+            !stderr(&out).contains("pw-leak-1"),
+            "password leaked: {}",
+            stderr(&out)
+        );
+    }
+}
+
+#[test]
+fn missing_or_unexecutable_command_exits_127_or_126_before_locking() {
+    let db = cluster().new_db("missing");
+    let mut c = db.gate();
+    c.args(["migrate", "--release", "r1", "--", "no-such-command-xyz"]);
+    let out = c.output().unwrap();
+    assert_eq!(code(&out), 127, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("command not found: no-such-command-xyz"),
+        "{}",
+        stderr(&out)
+    );
+    let mut c = db.gate();
+    c.args([
+        "run",
+        "--release",
+        "r1",
+        "--migrate",
+        "true",
+        "--",
+        "/etc/passwd",
+    ]);
+    let out = c.output().unwrap();
+    assert_eq!(code(&out), 126, "{}", stderr(&out));
+    db.assert_no_gate_locks();
+}
+
+#[test]
+fn usage_errors_exit_64() {
+    let out = Command::new(gate_bin())
+        .args(["migrate", "--no-such-flag"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 64);
+    let out = Command::new(gate_bin())
+        .args([
+            "run",
+            "--database-url",
+            "postgres://x@127.0.0.1/db",
+            "--",
+            "true",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 64, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("run needs --migrate"),
+        "{}",
+        stderr(&out)
+    );
+    let out = Command::new(gate_bin())
+        .env_remove("DATABASE_URL")
+        .env_remove("MIGRATIONS_GATE_DATABASE_URL")
+        .args(["migrate", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 64);
+    assert!(stderr(&out).contains("no database URL"), "{}", stderr(&out));
+    let out = Command::new(gate_bin())
+        .args(["migrate", "--wait-timeout", "soon", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 64);
+}
+
+#[test]
+fn env_twins_and_release_from_a_folder() {
+    let db = cluster().new_db("envtwins");
+    let dir = std::env::temp_dir().join(format!("mg-release-from-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("versions")).unwrap();
+    std::fs::write(dir.join("versions/001.sql"), "create table a();").unwrap();
+    let mut c = db.gate();
+    c.env("MIGRATIONS_GATE_RELEASE_FROM", &dir)
+        .env("MIGRATIONS_GATE_FLAG", "MY_FLAG")
+        .env("MIGRATIONS_GATE_ON", "yes")
+        .args(["migrate", "--", "sh", "-c", "test \"$MY_FLAG\" = yes"]);
+    let out = c.output().unwrap();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let release = db.one("SELECT release FROM migrations_gate.ledger WHERE outcome = 'done'");
+    assert!(
+        release.starts_with("sha256:") && release.len() == 39,
+        "{release}"
+    );
+    // Same content, same ID: skipped. A changed file is a new release.
+    let out = db
+        .gate()
+        .env("MIGRATIONS_GATE_RELEASE_FROM", &dir)
+        .args(["migrate", "--", "false"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    std::fs::write(dir.join("versions/002.sql"), "create table b();").unwrap();
+    let out = db
+        .gate()
+        .env("MIGRATIONS_GATE_RELEASE_FROM", &dir)
+        .args(["migrate", "--", "false"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,414 @@
+//! Test support: one private PostgreSQL per test binary (initdb + pg_ctl on a free port in a
+//! temp dir, stopped when the binary exits), a fresh database per test, and helpers to start
+//! gates as real processes.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use sqlx::postgres::PgConnection;
+use sqlx::{AssertSqlSafe, Connection, Row};
+
+/// Password of the cluster's superuser `postgres` (password auth on TCP, so tests can refuse it).
+pub const PASSWORD: &str = "s3cret-test-pw";
+
+/// A PostgreSQL server private to this test binary.
+pub struct Cluster {
+    pub dir: PathBuf,
+    pub port: u16,
+    pub bindir: PathBuf,
+}
+
+static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+static DB_COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// Where the PostgreSQL server binaries are.
+pub fn pg_bindir() -> PathBuf {
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
+        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if dir.join("initdb").exists() {
+            return dir;
+        }
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.path().join("bin"))
+                .collect()
+        })
+        .unwrap_or_default();
+    found.retain(|p| p.join("initdb").exists());
+    found.sort_by_key(|p| {
+        p.parent()
+            .and_then(|v| v.file_name())
+            .and_then(|v| v.to_str())
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(0)
+    });
+    found
+        .pop()
+        .expect("PostgreSQL server binaries not found: install `postgresql` (see .ci/run)")
+}
+
+fn is_root() -> bool {
+    // SAFETY: plain system call.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Runs a PostgreSQL server binary, as the `postgres` user when we are root (initdb, pg_ctl and
+/// pgbouncer refuse to run as root).
+pub fn as_postgres(program: &Path) -> Command {
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+/// A fresh temp directory owned by the user that runs the servers.
+pub fn server_dir(prefix: &str) -> PathBuf {
+    let base = std::env::temp_dir();
+    let dir = base.join(format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        DB_COUNTER.fetch_add(1, Ordering::SeqCst)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create temp dir");
+    if is_root() {
+        let st = Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(&dir)
+            .status()
+            .expect("chown");
+        assert!(st.success());
+    }
+    dir
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+extern "C" fn stop_cluster_at_exit() {
+    if let Some(c) = CLUSTER.get() {
+        let _ = as_postgres(&c.bindir.join("pg_ctl"))
+            .arg("-D")
+            .arg(c.dir.join("data"))
+            .args(["-m", "immediate", "-w", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&c.dir);
+    }
+}
+
+/// The shared cluster, started on first use.
+pub fn cluster() -> &'static Cluster {
+    CLUSTER.get_or_init(|| {
+        let c = Cluster::start(&[]);
+        // SAFETY: registering a plain extern "C" function.
+        unsafe {
+            libc::atexit(stop_cluster_at_exit);
+        }
+        c
+    })
+}
+
+impl Cluster {
+    /// initdb + pg_ctl start on a free port; `extra` are `-c name=value` settings.
+    pub fn start(extra: &[&str]) -> Cluster {
+        let bindir = pg_bindir();
+        let dir = server_dir("mg-pg");
+        let data = dir.join("data");
+        let pwfile = dir.join("pw");
+        std::fs::write(&pwfile, PASSWORD).expect("write pwfile");
+        if is_root() {
+            Command::new("chown")
+                .args(["postgres:postgres"])
+                .arg(&pwfile)
+                .status()
+                .expect("chown");
+        }
+        let out = as_postgres(&bindir.join("initdb"))
+            .arg("-D")
+            .arg(&data)
+            .args([
+                "-U",
+                "postgres",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ])
+            .arg(format!("--pwfile={}", pwfile.display()))
+            .output()
+            .expect("run initdb");
+        assert!(
+            out.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let port = free_port();
+        let mut opts = format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300",
+            dir.display()
+        );
+        for e in extra {
+            opts.push_str(" -c ");
+            opts.push_str(e);
+        }
+        let out = as_postgres(&bindir.join("pg_ctl"))
+            .arg("-D")
+            .arg(&data)
+            .arg("-o")
+            .arg(&opts)
+            .arg("-l")
+            .arg(dir.join("log"))
+            .args(["-w", "-t", "60", "start"])
+            .output()
+            .expect("run pg_ctl");
+        assert!(
+            out.status.success(),
+            "pg_ctl start failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(dir.join("log")).unwrap_or_default()
+        );
+        Cluster { dir, port, bindir }
+    }
+
+    /// Stops the server at once (like a crash).
+    pub fn stop_immediate(&self) {
+        let _ = as_postgres(&self.bindir.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-m", "immediate", "-w", "stop"])
+            .output();
+    }
+
+    pub fn url(&self, db: &str) -> String {
+        format!(
+            "postgres://postgres:{PASSWORD}@127.0.0.1:{}/{db}",
+            self.port
+        )
+    }
+
+    /// A fresh database for one test, with the stand-in app's bookkeeping tables.
+    pub fn new_db(&self, name: &str) -> TestDb {
+        let db = format!("{name}_{}", DB_COUNTER.fetch_add(1, Ordering::SeqCst));
+        sql(&self.url("postgres"), &format!("CREATE DATABASE {db}"));
+        let url = self.url(&db);
+        let out = Command::new(standin())
+            .arg("setup")
+            .env("DATABASE_URL", &url)
+            .output()
+            .expect("run standin-app setup");
+        assert!(
+            out.status.success(),
+            "setup failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        TestDb { url, name: db }
+    }
+}
+
+/// One test's database.
+pub struct TestDb {
+    pub url: String,
+    pub name: String,
+}
+
+impl TestDb {
+    /// Runs SQL and returns every row as text.
+    pub fn rows(&self, query: &str) -> Vec<Vec<String>> {
+        sql(&self.url, query)
+    }
+
+    /// The first column of the first row.
+    pub fn one(&self, query: &str) -> String {
+        self.rows(query)
+            .first()
+            .and_then(|r| r.first().cloned())
+            .unwrap_or_default()
+    }
+
+    /// A `migrations-gate` command aimed at this database.
+    pub fn gate(&self) -> Command {
+        let mut c = Command::new(gate_bin());
+        c.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("MIGRATIONS_GATE_DATABASE_URL", &self.url)
+            .env("DATABASE_URL", &self.url)
+            .env("STANDIN_STEP_MS", "150")
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// Asserts that no advisory lock of the gate's is left behind.
+    pub fn assert_no_gate_locks(&self) {
+        let n = self.one(
+            "SELECT count(*) FROM pg_locks l WHERE l.locktype = 'advisory' AND l.objid <> 4242 \
+             AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        );
+        assert_eq!(n, "0", "advisory locks left behind");
+    }
+}
+
+/// Runs `query` on `url` (simple protocol) and returns every row as text.
+pub fn sql(url: &str, query: &str) -> Vec<Vec<String>> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let mut conn = PgConnection::connect(url)
+            .await
+            .expect("connect to test database");
+        let rows = sqlx::raw_sql(AssertSqlSafe(query.to_string()))
+            .fetch_all(&mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("query failed: {query}: {e}"));
+        let out = rows
+            .iter()
+            .map(|r| {
+                (0..r.len())
+                    .map(|i| {
+                        r.try_get_unchecked::<Option<String>, _>(i)
+                            .ok()
+                            .flatten()
+                            .unwrap_or_default()
+                    })
+                    .collect()
+            })
+            .collect();
+        let _ = conn.close().await;
+        out
+    })
+}
+
+/// A connection held by the test itself (e.g. to hold a lock), on its own runtime.
+pub struct Session {
+    rt: tokio::runtime::Runtime,
+    conn: Option<PgConnection>,
+}
+
+impl Session {
+    pub fn open(url: &str) -> Session {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let conn = rt.block_on(PgConnection::connect(url)).expect("connect");
+        Session {
+            rt,
+            conn: Some(conn),
+        }
+    }
+
+    pub fn one(&mut self, query: &str) -> String {
+        let conn = self.conn.as_mut().expect("open session");
+        self.rt.block_on(async {
+            let rows = sqlx::raw_sql(AssertSqlSafe(query.to_string()))
+                .fetch_all(conn)
+                .await
+                .unwrap_or_else(|e| panic!("query failed: {query}: {e}"));
+            rows.first()
+                .and_then(|r| r.try_get_unchecked::<Option<String>, _>(0).ok().flatten())
+                .unwrap_or_default()
+        })
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let Some(c) = self.conn.take() {
+            let _ = self.rt.block_on(c.close());
+        }
+    }
+}
+
+pub fn gate_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_migrations-gate")
+}
+
+pub fn standin() -> &'static str {
+    env!("CARGO_BIN_EXE_standin-app")
+}
+
+/// Waits for a child with a hang guard; kills it and panics if it does not finish.
+pub fn wait_output(mut child: Child, limit: Duration) -> Output {
+    let start = Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => return child.wait_with_output().expect("collect output"),
+            Ok(None) if start.elapsed() < limit => std::thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = child.kill();
+                let out = child.wait_with_output().expect("collect output");
+                panic!(
+                    "process did not finish within {limit:?}; stderr:\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+    }
+}
+
+/// Spawns `cmd` with captured output.
+pub fn spawn(cmd: &mut Command) -> Child {
+    cmd.stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn")
+}
+
+/// Polls `cond` until it holds or `limit` passes (a hang guard, not a timing assertion).
+pub fn eventually(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < limit, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// Whether process `pid` exists (and is not a zombie).
+pub fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .map(|rest| rest.trim_start().starts_with('Z'))
+            .unwrap_or(false),
+        Err(_) => false,
+    }
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Asserts that no two finished migration runs overlapped in time and none saw another running.
+pub fn assert_no_overlap(db: &TestDb) {
+    assert_eq!(
+        db.one("SELECT count(*) FROM mg_runs WHERE overlapped"),
+        "0",
+        "two migrators ran at once"
+    );
+    let overlaps = db.one(
+        "SELECT count(*) FROM mg_runs a JOIN mg_runs b ON a.id < b.id \
+         WHERE a.finished_at IS NOT NULL AND b.finished_at IS NOT NULL \
+         AND tstzrange(a.started_at, a.finished_at) && tstzrange(b.started_at, b.finished_at)",
+    );
+    assert_eq!(overlaps, "0", "migration intervals intersect");
+}

@@ -1,0 +1,217 @@
+//! A stand-in application for tests, the demo and the benchmark. Its migration is deliberately
+//! racy (check, sleep, act; several steps that each commit), so two copies that migrate at once
+//! visibly break it: a "relation already exists" crash or a seed row inserted twice.
+//!
+//! Usage: `standin-app setup|migrate|start|serve` with `DATABASE_URL` set.
+//! - `setup`: creates the bookkeeping tables (`mg_runs`, `app_starts`, `app_signals`); run once.
+//! - `migrate`: runs the migration (a migration command for `migrate --` / `--migrate`).
+//! - `start`: records its start (PID, flag value), migrates if the flag is on, exits 0.
+//! - `serve`: like `start`, then answers HTTP on `STANDIN_PORT` until SIGTERM/SIGINT, which it
+//!   records and answers by exiting with `STANDIN_TERM_CODE` (default 42).
+//!
+//! Knobs: `STANDIN_FLAG` (default `ENABLE_DB_MIGRATIONS`), `STANDIN_STEP_MS` (default 200),
+//! `STANDIN_FAIL` (exit 3 after the first step), `STANDIN_EXIT_BEFORE_READY` (serve: exit 5
+//! before listening).
+
+use std::time::Duration;
+
+use sqlx::postgres::PgConnection;
+use sqlx::{AssertSqlSafe, Connection, Row};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+async fn exec(conn: &mut PgConnection, sql: &str) -> Res<()> {
+    sqlx::raw_sql(AssertSqlSafe(sql.to_string()))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+async fn scalar(conn: &mut PgConnection, sql: &str) -> Res<String> {
+    let rows = sqlx::raw_sql(AssertSqlSafe(sql.to_string()))
+        .fetch_all(conn)
+        .await?;
+    let row = rows.first().ok_or("no row")?;
+    Ok(row
+        .try_get_unchecked::<Option<String>, _>(0)?
+        .unwrap_or_default())
+}
+
+async fn step_sleep() {
+    let ms = env("STANDIN_STEP_MS")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+}
+
+async fn setup(conn: &mut PgConnection) -> Res<()> {
+    exec(
+        conn,
+        "CREATE TABLE IF NOT EXISTS mg_runs (id serial PRIMARY KEY, pid int NOT NULL, \
+           started_at timestamptz NOT NULL DEFAULT clock_timestamp(), finished_at timestamptz, \
+           overlapped bool NOT NULL DEFAULT false);
+         CREATE TABLE IF NOT EXISTS app_starts (id serial PRIMARY KEY, pid int NOT NULL, flag text, \
+           schema_ready bool NOT NULL, at timestamptz NOT NULL DEFAULT clock_timestamp());
+         CREATE TABLE IF NOT EXISTS app_signals (id serial PRIMARY KEY, pid int NOT NULL, signal text NOT NULL);",
+    )
+    .await
+}
+
+/// The racy migration. Each step commits on its own, like a real multi-step migration.
+async fn migrate(conn: &mut PgConnection) -> Res<()> {
+    let pid = std::process::id();
+    // A second migrator running at the same moment cannot take this lock: that is an overlap,
+    // recorded on the database where the tests look.
+    let alone = scalar(conn, "SELECT pg_try_advisory_lock(4242)::text").await? == "true";
+    let run_id = scalar(
+        conn,
+        &format!(
+            "INSERT INTO mg_runs (pid, overlapped) VALUES ({pid}, {}) RETURNING id::text",
+            !alone
+        ),
+    )
+    .await?;
+    eprintln!("standin-app[{pid}]: migrating (run {run_id})");
+
+    if scalar(conn, "SELECT (to_regclass('app_users') IS NULL)::text").await? == "true" {
+        step_sleep().await;
+        exec(
+            conn,
+            "CREATE TABLE app_users (id serial PRIMARY KEY, name text NOT NULL)",
+        )
+        .await?;
+    }
+    if env("STANDIN_FAIL").is_some() {
+        eprintln!("standin-app[{pid}]: failing on purpose");
+        std::process::exit(3);
+    }
+    step_sleep().await;
+    let has_email = scalar(
+        conn,
+        "SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_name = 'app_users' AND column_name = 'email')::text",
+    )
+    .await?;
+    if has_email == "false" {
+        step_sleep().await;
+        exec(conn, "ALTER TABLE app_users ADD COLUMN email text").await?;
+    }
+    step_sleep().await;
+    if scalar(conn, "SELECT (to_regclass('app_seed') IS NULL)::text").await? == "true" {
+        exec(conn, "CREATE TABLE app_seed (name text NOT NULL)").await?;
+    }
+    if scalar(conn, "SELECT count(*)::text FROM app_seed").await? == "0" {
+        step_sleep().await;
+        exec(conn, "INSERT INTO app_seed (name) VALUES ('admin')").await?;
+    }
+    exec(
+        conn,
+        &format!("UPDATE mg_runs SET finished_at = clock_timestamp() WHERE id = {run_id}"),
+    )
+    .await?;
+    eprintln!("standin-app[{pid}]: migration finished");
+    Ok(())
+}
+
+async fn record_start(conn: &mut PgConnection) -> Res<bool> {
+    let flag_name = env("STANDIN_FLAG").unwrap_or_else(|| "ENABLE_DB_MIGRATIONS".into());
+    let flag = env(&flag_name);
+    let ready = scalar(
+        conn,
+        "SELECT (to_regclass('app_seed') IS NOT NULL AND EXISTS (SELECT 1 FROM pg_attribute \
+           WHERE attrelid = to_regclass('app_users') AND attname = 'email'))::text",
+    )
+    .await?
+        == "true"
+        && scalar(conn, "SELECT count(*)::text FROM app_seed").await? != "0";
+    let flag_sql = flag
+        .as_deref()
+        .map(|f| format!("'{}'", f.replace('\'', "''")))
+        .unwrap_or_else(|| "NULL".into());
+    exec(
+        conn,
+        &format!(
+            "INSERT INTO app_starts (pid, flag, schema_ready) VALUES ({}, {flag_sql}, {ready})",
+            std::process::id()
+        ),
+    )
+    .await?;
+    Ok(matches!(
+        flag.as_deref(),
+        Some("True") | Some("true") | Some("1")
+    ))
+}
+
+async fn serve(conn: &mut PgConnection) -> Res<()> {
+    if env("STANDIN_EXIT_BEFORE_READY").is_some() {
+        eprintln!("standin-app: exiting before ready on purpose");
+        std::process::exit(5);
+    }
+    let port = env("STANDIN_PORT").ok_or("STANDIN_PORT is required for serve")?;
+    let listener = tokio::net::TcpListener::bind(format!("127.0.0.1:{port}")).await?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    loop {
+        let name = tokio::select! {
+            accepted = listener.accept() => {
+                if let Ok((mut sock, _)) = accepted {
+                    let mut buf = [0u8; 1024];
+                    let _ = sock.read(&mut buf).await;
+                    let _ = sock.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+                }
+                continue;
+            }
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        exec(
+            conn,
+            &format!(
+                "INSERT INTO app_signals (pid, signal) VALUES ({}, '{name}')",
+                std::process::id()
+            ),
+        )
+        .await?;
+        let code = env("STANDIN_TERM_CODE")
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(42);
+        std::process::exit(code);
+    }
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let mode = std::env::args().nth(1).unwrap_or_default();
+    let result: Res<()> = async {
+        let url = env("DATABASE_URL").ok_or("DATABASE_URL is not set")?;
+        let mut conn = PgConnection::connect(&url).await?;
+        match mode.as_str() {
+            "setup" => setup(&mut conn).await,
+            "migrate" => migrate(&mut conn).await,
+            "start" => {
+                if record_start(&mut conn).await? {
+                    migrate(&mut conn).await?;
+                }
+                Ok(())
+            }
+            "serve" => {
+                if record_start(&mut conn).await? {
+                    migrate(&mut conn).await?;
+                }
+                serve(&mut conn).await
+            }
+            other => {
+                Err(format!("unknown mode {other:?}; use setup, migrate, start or serve").into())
+            }
+        }
+    }
+    .await;
+    if let Err(e) = result {
+        eprintln!("standin-app[{}]: {e}", std::process::id());
+        std::process::exit(1);
+    }
+}
