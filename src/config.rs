@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
-use crate::lock::LockKey;
+use crate::lock::{LockKey, Scope};
 
 const AFTER_HELP: &str = "\
 Exit codes: 0 ok, 64 usage, 69 database unavailable, 70 internal, 75 timed out, 77 authentication
@@ -146,6 +146,19 @@ pub struct GateArgs {
     #[arg(long, env = "MIGRATIONS_GATE_APPLICATION_NAME", value_name = "NAME")]
     pub application_name: Option<String>,
 
+    /// How the lock is held: session, transaction (for transaction-pooling PgBouncer), or auto-detect.
+    #[arg(long, env = "MIGRATIONS_GATE_LOCK_SCOPE", value_enum, default_value_t = Scope::Auto)]
+    pub lock_scope: Scope,
+
+    /// At most this many waiters keep a database connection open (and hand over fastest); the rest reconnect per poll.
+    #[arg(
+        long,
+        env = "MIGRATIONS_GATE_WAITING_CONNECTIONS",
+        value_name = "N",
+        default_value_t = 10
+    )]
+    pub waiting_connections: u32,
+
     /// Log format on stderr.
     #[arg(long, env = "MIGRATIONS_GATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -244,6 +257,10 @@ pub struct Settings {
     pub kill_grace: Duration,
     /// application_name of our connections.
     pub application_name: String,
+    /// See [`GateArgs::lock_scope`].
+    pub lock_scope: Scope,
+    /// See [`GateArgs::waiting_connections`].
+    pub waiting_connections: u32,
 }
 
 /// The environment variable that turns the app's migrations on or off.
@@ -307,6 +324,8 @@ impl GateArgs {
                 .application_name
                 .clone()
                 .unwrap_or_else(|| format!("migrations-gate/{}", hostname())),
+            lock_scope: self.lock_scope,
+            waiting_connections: self.waiting_connections,
         })
     }
 

@@ -75,6 +75,14 @@ impl Db {
         })
     }
 
+    /// The TCP port we dial (`None` for a Unix socket), to spot a pooler or proxy in between.
+    pub fn dialled_port(&self) -> Option<u16> {
+        match self.options.get_socket() {
+            Some(_) => None,
+            None => Some(self.options.get_port()),
+        }
+    }
+
     /// Connects, retrying transient failures with jittered exponential backoff until
     /// `--connect-timeout` has passed. Authentication and configuration errors fail at once.
     pub async fn connect(&self) -> Result<PgConnection> {
@@ -246,11 +254,13 @@ fn scrub(message: &str, secret: &str) -> String {
     }
 }
 
-/// Jittered exponential backoff delays between `min` and `max`, forever.
+/// Jittered exponential backoff delays, forever: the first near `min`, each later one up to
+/// twice the one before, never more than `max`. backon's jitter adds up to 100% to each delay,
+/// so the base delays are halved to keep the jittered ones under `max`.
 pub fn backoff(min: Duration, max: Duration) -> impl Iterator<Item = Duration> {
     backon::ExponentialBuilder::default()
-        .with_min_delay(min)
-        .with_max_delay(max)
+        .with_min_delay(min / 2)
+        .with_max_delay(max / 2)
         .with_factor(2.0)
         .with_jitter()
         .without_max_times()

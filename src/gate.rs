@@ -12,6 +12,7 @@
 //!    migration at once (fencing) and fails.
 //! 4. It records the outcome on the lock session, commits, and only then frees the lock.
 
+use std::cell::Cell;
 use std::time::{Duration, Instant};
 
 use sqlx::postgres::PgConnection;
@@ -22,7 +23,7 @@ use crate::config::{self, MigrateArgs, RunArgs, Settings};
 use crate::db::{self, Db, Failure, backoff, close, query_scalar};
 use crate::error::{Error, Result};
 use crate::ledger::{Attempt, Ledger, Outcome};
-use crate::lock::{self, LockKey};
+use crate::lock::{self, LockKey, Scope};
 use crate::probe::Probe;
 
 /// How often the holder checks that its lock session is alive while a child runs.
@@ -33,9 +34,14 @@ const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(5);
 const REPORT_EVERY: Duration = Duration::from_secs(10);
 /// How often the holder probes the app for readiness.
 const PROBE_EVERY: Duration = Duration::from_millis(250);
-/// Bounds of the waiter's polling delay.
+/// Shortest polling delay.
 const POLL_MIN: Duration = Duration::from_millis(20);
-const POLL_MAX: Duration = Duration::from_millis(500);
+/// Longest polling delay of a waiter that keeps its connection: a query on an open connection
+/// is cheap, and hand-off latency is this delay.
+const POLL_FAST_MAX: Duration = Duration::from_millis(100);
+/// Longest polling delay of a waiter that reconnects for each poll: a new connection costs the
+/// server a process and an authentication, so hundreds of these must poll gently.
+const POLL_SLOW_MAX: Duration = Duration::from_millis(750);
 
 /// One replica's view of the lock and ledger.
 pub struct Gate {
@@ -43,6 +49,8 @@ pub struct Gate {
     db: Db,
     ledger: Ledger,
     host: String,
+    scope: Cell<Option<Scope>>,
+    ensured: Cell<bool>,
 }
 
 /// What a replica turned out to be.
@@ -74,7 +82,12 @@ enum StepEnd {
 
 enum Poll {
     Done,
-    Busy,
+    /// Someone else holds the lock. `keep`: hold on to the connection; `holder`: who holds the
+    /// lock, when a report was asked for.
+    Busy {
+        keep: bool,
+        holder: Option<String>,
+    },
     Holder(i64),
 }
 
@@ -92,6 +105,8 @@ impl Gate {
             db,
             ledger,
             host: config::hostname(),
+            scope: Cell::new(None),
+            ensured: Cell::new(false),
         })
     }
 
@@ -106,8 +121,10 @@ impl Gate {
     /// Waits until the release is done (follower) or this replica holds the lock (holder).
     pub async fn acquire(&self) -> Result<Role> {
         let started = Instant::now();
-        let mut delays = backoff(POLL_MIN, POLL_MAX);
+        let mut fast = backoff(POLL_MIN, POLL_FAST_MAX);
+        let mut slow = backoff(POLL_MIN, POLL_SLOW_MAX);
         let mut conn: Option<PgConnection> = None;
+        let mut watching = false;
         let mut next_report = started;
         if self.release().is_none() {
             info!(lock = %self.lock(), "no --release given: every replica runs the migration in turn under the lock (correct for idempotent migrators, slower)");
@@ -117,7 +134,9 @@ impl Gate {
                 Some(c) => c,
                 None => conn.insert(self.db.connect().await?),
             };
-            match self.poll(c).await {
+            let waited = started.elapsed();
+            let report = Instant::now() >= next_report || waited >= self.settings.wait_timeout;
+            match self.poll(c, &mut watching, report).await {
                 Ok(Poll::Done) => {
                     if let Some(c) = conn.take() {
                         close(c).await;
@@ -140,43 +159,46 @@ impl Gate {
                         since: Instant::now(),
                     }));
                 }
-                Ok(Poll::Busy) => {}
+                Ok(Poll::Busy { keep, holder }) => {
+                    if let Some(holder) = holder {
+                        if waited >= self.settings.wait_timeout {
+                            return Err(Error::Timeout {
+                                what: format!("timed out waiting for {}", self.waiting_for()),
+                                waited,
+                                hint: format!(
+                                    "the lock is held by {holder}: check that replica's logs, or raise --wait-timeout"
+                                ),
+                            });
+                        }
+                        info!(
+                            release = self.release(),
+                            waited_s = waited.as_secs(),
+                            holder,
+                            "waiting for {}",
+                            self.waiting_for()
+                        );
+                        next_report = Instant::now() + REPORT_EVERY;
+                    }
+                    if !keep && let Some(c) = conn.take() {
+                        close(c).await;
+                    }
+                }
                 Err(e) => match self.db.classify(&e) {
                     Failure::Retry(reason) => {
                         db::log_retry("lost the database connection while waiting", &reason);
                         conn = None;
+                        watching = false;
                     }
                     Failure::Fatal(err) => return Err(err),
                 },
             }
             let waited = started.elapsed();
-            if waited >= self.settings.wait_timeout {
-                let holder = match conn.as_mut() {
-                    Some(c) => self.describe_holder(c).await,
-                    None => "unknown (no connection)".into(),
-                };
-                return Err(Error::Timeout {
-                    what: format!("timed out waiting for {}", self.waiting_for()),
-                    waited,
-                    hint: format!(
-                        "the lock is held by {holder}: check that replica's logs, or raise --wait-timeout"
-                    ),
-                });
-            }
-            if Instant::now() >= next_report {
-                if let Some(c) = conn.as_mut() {
-                    let holder = self.describe_holder(c).await;
-                    info!(
-                        release = self.release(),
-                        waited_s = waited.as_secs(),
-                        holder,
-                        "waiting for {}",
-                        self.waiting_for()
-                    );
-                }
-                next_report = Instant::now() + REPORT_EVERY;
-            }
-            let delay = delays.next().unwrap_or(POLL_MAX);
+            let delay = if conn.is_some() {
+                fast.next()
+            } else {
+                slow.next()
+            };
+            let delay = delay.unwrap_or(POLL_SLOW_MAX);
             tokio::time::sleep(delay.min(self.settings.wait_timeout.saturating_sub(waited))).await;
         }
     }
@@ -211,23 +233,77 @@ impl Gate {
         }
     }
 
-    /// One round of the protocol (steps 1 to 3 of the module documentation).
-    async fn poll(&self, conn: &mut PgConnection) -> Result<Poll, sqlx::Error> {
-        if let Some(release) = self.release()
-            && self.ledger.is_done(conn, release).await?
-        {
-            return Ok(Poll::Done);
+    /// The lock scope, decided on the first connection that needs it.
+    async fn scope(&self, conn: &mut PgConnection) -> Result<Scope, sqlx::Error> {
+        if let Some(scope) = self.scope.get() {
+            return Ok(scope);
         }
-        if !lock::try_acquire(conn, self.lock()).await? {
-            return Ok(Poll::Busy);
-        }
-        self.ledger.ensure(conn).await?;
-        if let Some(release) = self.release() {
-            // The previous holder may have finished between our read and our lock.
-            if self.ledger.is_done(conn, release).await? {
-                lock::release(conn, self.lock()).await?;
-                return Ok(Poll::Done);
+        let scope = match self.settings.lock_scope {
+            Scope::Auto => {
+                let (scope, why) = lock::detect_scope(conn, self.db.dialled_port()).await?;
+                info!(scope = ?scope, why, "lock scope chosen (--lock-scope auto)");
+                scope
             }
+            fixed => fixed,
+        };
+        self.scope.set(Some(scope));
+        Ok(scope)
+    }
+
+    /// One round of the protocol (steps 1 to 3 of the module documentation).
+    async fn poll(
+        &self,
+        conn: &mut PgConnection,
+        watching: &mut bool,
+        report: bool,
+    ) -> Result<Poll, sqlx::Error> {
+        match self.release() {
+            Some(release) => match self.ledger.is_done(conn, release).await? {
+                Some(true) => return Ok(Poll::Done),
+                Some(false) => {}
+                // First run against this database: create the ledger before anyone locks, so
+                // that no DDL ever runs inside a lock transaction.
+                None => self.ledger.ensure(conn).await?,
+            },
+            None => {
+                if !self.ensured.get() {
+                    self.ledger.ensure(conn).await?;
+                    self.ensured.set(true);
+                }
+            }
+        }
+        let scope = self.scope(conn).await?;
+        if !lock::try_acquire(conn, self.lock(), scope).await? {
+            let holder = if report {
+                Some(self.describe_holder(conn).await)
+            } else {
+                None
+            };
+            // Behind a transaction pooler a client connection costs no server connection; a
+            // direct one does, so only a few waiters (those with a slot) keep theirs.
+            let keep = match scope {
+                Scope::Transaction => true,
+                _ => {
+                    if !*watching {
+                        *watching = lock::try_take_wait_slot(
+                            conn,
+                            self.lock(),
+                            self.settings.waiting_connections,
+                        )
+                        .await?;
+                    }
+                    *watching
+                }
+            };
+            return Ok(Poll::Busy { keep, holder });
+        }
+        lock::configure_keepalives(conn, scope).await?;
+        if let Some(release) = self.release()
+            && self.ledger.is_done(conn, release).await? == Some(true)
+        {
+            // The previous holder finished between our read and our lock.
+            lock::release(conn, self.lock(), scope).await?;
+            return Ok(Poll::Done);
         }
         let stale = self.ledger.abandon_stale(conn).await?;
         if stale > 0 {
@@ -236,19 +312,17 @@ impl Gate {
                 "the previous holder vanished mid-migration; taking over"
             );
         }
-        let id = self
-            .ledger
-            .begin(
-                conn,
-                &Attempt {
-                    release: self.release(),
-                    holder: &self.settings.application_name,
-                    host: &self.host,
-                    pid: std::process::id(),
-                },
-            )
-            .await?;
+        let id = self.ledger.begin(conn, &self.attempt()).await?;
         Ok(Poll::Holder(id))
+    }
+
+    fn attempt(&self) -> Attempt<'_> {
+        Attempt {
+            release: self.release(),
+            holder: &self.settings.application_name,
+            host: &self.host,
+            pid: std::process::id(),
+        }
     }
 
     /// Records the outcome on the lock session, commits, then frees the lock (step 4).
@@ -270,7 +344,12 @@ impl Gate {
                 )
                 .await?;
             info!(attempt = holding.attempt, outcome = ?outcome, "ledger written");
-            lock::release(&mut holding.conn, self.lock()).await
+            lock::release(
+                &mut holding.conn,
+                self.lock(),
+                self.scope.get().unwrap_or(Scope::Session),
+            )
+            .await
         }
         .await;
         close(holding.conn).await;
@@ -297,7 +376,7 @@ impl Gate {
                 let detail = format!("fenced: lost the lock session ({reason}); child stopped");
                 if let Err(e) = self
                     .ledger
-                    .finish(&mut c, attempt, Outcome::Failed, Some(code), &detail)
+                    .record_fenced(&mut c, attempt, &self.attempt(), code, &detail)
                     .await
                 {
                     warn!(error = %e, "could not record the failed attempt");

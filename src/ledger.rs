@@ -70,12 +70,12 @@ impl Ledger {
         format!("{}.ledger", ident(&self.schema))
     }
 
-    /// Whether `release` is recorded done. A ledger that does not exist yet means "no".
+    /// Whether `release` is recorded done; `None` when the ledger does not exist yet.
     pub async fn is_done(
         &self,
         conn: &mut PgConnection,
         release: &str,
-    ) -> Result<bool, sqlx::Error> {
+    ) -> Result<Option<bool>, sqlx::Error> {
         let sql = format!(
             "SELECT EXISTS (SELECT 1 FROM {} WHERE lock_key = {} AND release = {} AND outcome = 'done')::text",
             self.table(),
@@ -83,8 +83,8 @@ impl Ledger {
             lit(release)
         );
         match query_scalar(conn, sql).await {
-            Ok(v) => Ok(v.as_deref() == Some("true")),
-            Err(e) if is_missing_relation(&e) => Ok(false),
+            Ok(v) => Ok(Some(v.as_deref() == Some("true"))),
+            Err(e) if is_missing_relation(&e) => Ok(None),
             Err(e) => Err(e),
         }
     }
@@ -194,6 +194,37 @@ impl Ledger {
             self.table(),
             outcome.as_str(),
             lit(detail)
+        );
+        query(conn, sql).await.map(|_| ())
+    }
+
+    /// Records attempt `id` as failed after its holder fenced itself, from a new connection.
+    /// In session scope the row exists (`running`, or `abandoned` if a new holder already
+    /// took over); in transaction scope it was rolled back with the lost transaction, so it is
+    /// written anew.
+    pub async fn record_fenced(
+        &self,
+        conn: &mut PgConnection,
+        id: i64,
+        attempt: &Attempt<'_>,
+        exit_code: i32,
+        detail: &str,
+    ) -> Result<(), sqlx::Error> {
+        let table = self.table();
+        let release = attempt.release.map(lit).unwrap_or_else(|| "NULL".into());
+        let detail = lit(detail);
+        let sql = format!(
+            "WITH u AS (UPDATE {table} SET outcome = 'failed', finished_at = clock_timestamp(), \
+                 exit_code = {exit_code}, detail = {detail} \
+                 WHERE id = {id} AND outcome IN ('running', 'abandoned') RETURNING 1) \
+             INSERT INTO {table} (lock_key, lock_name, release, outcome, holder, host, pid, finished_at, exit_code, detail) \
+             SELECT {}, {}, {release}, 'failed', {}, {}, {}, clock_timestamp(), {exit_code}, {detail} \
+             WHERE NOT EXISTS (SELECT 1 FROM {table} WHERE id = {id}) AND NOT EXISTS (SELECT 1 FROM u)",
+            self.lock.key,
+            lit(&self.lock.name),
+            lit(attempt.holder),
+            lit(attempt.host),
+            attempt.pid
         );
         query(conn, sql).await.map(|_| ())
     }

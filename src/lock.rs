@@ -60,6 +60,12 @@ impl LockKey {
         (self.key as u64 & 0xffff_ffff) as u32
     }
 
+    /// The first key of the two-int advisory locks that count waiting connections: the two
+    /// halves of the key folded together (two-int locks never collide with bigint ones).
+    pub fn slot_space(&self) -> i32 {
+        (self.classid() ^ self.objid()) as i32
+    }
+
     /// SQL condition selecting this lock's rows in `pg_locks` aliased `l`.
     pub fn pg_locks_filter(&self) -> String {
         format!(
@@ -77,9 +83,45 @@ impl fmt::Display for LockKey {
     }
 }
 
-/// Tries to take the session-level lock; never waits. A blocked `pg_advisory_lock` would hold a
-/// snapshot that `CREATE INDEX CONCURRENTLY` in the holder's migration waits for: a deadlock.
-pub async fn try_acquire(conn: &mut PgConnection, lock: &LockKey) -> Result<bool, sqlx::Error> {
+/// How the lock is held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// Decide per connection: transaction when a pooler or proxy is detected, else session.
+    Auto,
+    /// `pg_try_advisory_lock`, held by the session: no open transaction while migrating, so
+    /// `CREATE INDEX CONCURRENTLY` in the migration never waits for us. Needs a direct
+    /// connection or session pooling.
+    Session,
+    /// `pg_try_advisory_xact_lock` inside a transaction kept open (with heartbeats) until the
+    /// ledger row commits: correct behind transaction pooling, where a session lock would leak
+    /// onto a pooled server connection and never be released.
+    Transaction,
+}
+
+/// Tries to take the lock; never waits. A blocked `pg_advisory_lock` would hold a snapshot
+/// that `CREATE INDEX CONCURRENTLY` in the holder's migration waits for: a deadlock. In
+/// transaction scope a successful try leaves the transaction open.
+pub async fn try_acquire(
+    conn: &mut PgConnection,
+    lock: &LockKey,
+    scope: Scope,
+) -> Result<bool, sqlx::Error> {
+    if scope == Scope::Transaction {
+        let got = query_scalar(
+            conn,
+            format!(
+                "BEGIN; SELECT pg_try_advisory_xact_lock({})::text",
+                lock.key
+            ),
+        )
+        .await?;
+        if got.as_deref() == Some("true") {
+            return Ok(true);
+        }
+        query(conn, "ROLLBACK".into()).await?;
+        return Ok(false);
+    }
     let got = query_scalar(
         conn,
         format!("SELECT pg_try_advisory_lock({})::text", lock.key),
@@ -88,14 +130,112 @@ pub async fn try_acquire(conn: &mut PgConnection, lock: &LockKey) -> Result<bool
     Ok(got.as_deref() == Some("true"))
 }
 
-/// Frees the lock taken on this session.
-pub async fn release(conn: &mut PgConnection, lock: &LockKey) -> Result<bool, sqlx::Error> {
-    let freed = query_scalar(
+/// Frees the lock: unlock in session scope, COMMIT (of everything written meanwhile, the
+/// ledger row included) in transaction scope.
+pub async fn release(
+    conn: &mut PgConnection,
+    lock: &LockKey,
+    scope: Scope,
+) -> Result<(), sqlx::Error> {
+    if scope == Scope::Transaction {
+        query(conn, "COMMIT".into()).await?;
+    } else {
+        query(conn, format!("SELECT pg_advisory_unlock({})", lock.key)).await?;
+    }
+    Ok(())
+}
+
+/// Decides the scope for `auto`: transaction when the backend PID changes between two
+/// transactions (transaction pooling), or when the server's port is not the one we dialled (a
+/// pooler or proxy sits between, and it might pool by transaction); session otherwise.
+pub async fn detect_scope(
+    conn: &mut PgConnection,
+    dialled_port: Option<u16>,
+) -> Result<(Scope, String), sqlx::Error> {
+    let rows = query(
         conn,
-        format!("SELECT pg_advisory_unlock({})::text", lock.key),
+        "SELECT pg_backend_pid()::text, coalesce(inet_server_port()::text, '')".into(),
     )
     .await?;
-    Ok(freed.as_deref() == Some("true"))
+    let text = |i: usize| -> Result<String, sqlx::Error> {
+        match rows.first() {
+            Some(r) => Ok(r.try_get::<Option<String>, _>(i)?.unwrap_or_default()),
+            None => Ok(String::new()),
+        }
+    };
+    let (pid, server_port) = (text(0)?, text(1)?);
+    let again = query_scalar(conn, "SELECT pg_backend_pid()::text".into())
+        .await?
+        .unwrap_or_default();
+    if pid != again {
+        return Ok((
+            Scope::Transaction,
+            format!(
+                "backend PID changed between transactions ({pid} then {again}): transaction pooling"
+            ),
+        ));
+    }
+    if let Some(port) = dialled_port
+        && server_port != port.to_string()
+    {
+        return Ok((
+            Scope::Transaction,
+            format!(
+                "the server listens on port {server_port:?} but we dialled {port}: a pooler or proxy sits between"
+            ),
+        ));
+    }
+    Ok((Scope::Session, "direct connection".into()))
+}
+
+/// Sets keepalives on the lock session so that PostgreSQL frees the lock within about 25 s
+/// when the holder's host vanishes without closing its socket (TCP's default is two hours).
+/// Settings the server does not know (older versions) are skipped.
+pub async fn configure_keepalives(
+    conn: &mut PgConnection,
+    scope: Scope,
+) -> Result<(), sqlx::Error> {
+    let local = scope == Scope::Transaction;
+    let settings = [
+        ("tcp_keepalives_idle", "10"),
+        ("tcp_keepalives_interval", "5"),
+        ("tcp_keepalives_count", "3"),
+        ("tcp_user_timeout", "25000"),
+        ("client_connection_check_interval", "5000"),
+    ];
+    let mut sql = String::new();
+    for (name, value) in settings {
+        sql.push_str(&format!(
+            "DO $$ BEGIN PERFORM set_config('{name}', '{value}', {local}); \
+             EXCEPTION WHEN OTHERS THEN NULL; END $$;"
+        ));
+    }
+    query(conn, sql).await.map(|_| ())
+}
+
+/// Tries to take one of `slots` "waiting connection" slots of this lock. Waiters that get one
+/// keep their connection and poll often; the others reconnect for every poll, so a fleet of
+/// hundreds never holds more than `slots` connections while it waits. Session-level: only
+/// used in session scope.
+pub async fn try_take_wait_slot(
+    conn: &mut PgConnection,
+    lock: &LockKey,
+    slots: u32,
+) -> Result<bool, sqlx::Error> {
+    if slots == 0 {
+        return Ok(false);
+    }
+    let got = query_scalar(
+        conn,
+        format!(
+            "SELECT count(*)::text FROM (SELECT s FROM generate_series(0, {}) s \
+             WHERE pg_try_advisory_lock({}, s) LIMIT 1) t",
+            slots - 1,
+            lock.slot_space()
+        ),
+    )
+    .await?;
+    Ok(got.as_deref() == Some("1"))
 }
 
 /// The session that holds a lock, as PostgreSQL sees it.
