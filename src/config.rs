@@ -45,6 +45,16 @@ pub enum Command {
     /// with a --ready-* probe, starts APP itself (flag on, or off after --migrate), keeps the lock
     /// until APP is ready, records the release and stays as APP's parent, forwarding signals.
     Run(RunArgs),
+
+    /// Copy this binary to DIR/migrations-gate (for a shared volume or another image).
+    ///
+    /// The entrypoint-wrapper mode runs inside the app's container: copy the gate there from
+    /// an init container into an emptyDir, or use `COPY --from` in the app's Dockerfile.
+    Install {
+        /// Target directory (created if missing).
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
 }
 
 /// Flags shared by every gating mode.

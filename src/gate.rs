@@ -305,12 +305,15 @@ impl Gate {
             lock::release(conn, self.lock(), scope).await?;
             return Ok(Poll::Done);
         }
-        let stale = self.ledger.abandon_stale(conn).await?;
+        let (stale, wait) = self.ledger.abandon_stale(conn).await?;
         if stale > 0 {
             warn!(
                 stale,
-                "the previous holder vanished mid-migration; taking over"
+                fence_wait_s = format!("{wait:.1}"),
+                "the previous holder vanished mid-migration; taking over once it has surely stopped its migration"
             );
+            // Holding the lock, so nobody else starts meanwhile.
+            tokio::time::sleep(Duration::from_secs_f64(wait.min(3600.0))).await;
         }
         let id = self.ledger.begin(conn, &self.attempt()).await?;
         Ok(Poll::Holder(id))
@@ -322,6 +325,13 @@ impl Gate {
             holder: &self.settings.application_name,
             host: &self.host,
             pid: std::process::id(),
+            fence_secs: (HEARTBEAT
+                + HEARTBEAT_TIMEOUT
+                + self.settings.kill_grace
+                + Duration::from_secs(1))
+            .as_secs()
+            .try_into()
+            .unwrap_or(u32::MAX),
         }
     }
 
@@ -387,13 +397,23 @@ impl Gate {
         }
     }
 
-    /// Checks that the lock session is alive and still holds the lock.
+    /// Checks that the lock session is alive and still holds the lock, and (in session scope,
+    /// where others can see it) stamps the ledger row's heartbeat.
     async fn heartbeat(&self, holding: &mut Holding) -> Result<(), String> {
         let sql = format!(
             "SELECT count(*)::text FROM pg_locks l WHERE {} AND l.granted AND l.pid = pg_backend_pid()",
             self.lock().pg_locks_filter()
         );
-        match tokio::time::timeout(HEARTBEAT_TIMEOUT, query_scalar(&mut holding.conn, sql)).await {
+        let check = async {
+            let held = query_scalar(&mut holding.conn, sql).await?;
+            if self.scope.get() != Some(Scope::Transaction) {
+                self.ledger
+                    .heartbeat(&mut holding.conn, holding.attempt)
+                    .await?;
+            }
+            Ok::<_, sqlx::Error>(held)
+        };
+        match tokio::time::timeout(HEARTBEAT_TIMEOUT, check).await {
             Ok(Ok(Some(n))) if n != "0" => Ok(()),
             Ok(Ok(_)) => Err("the lock is no longer held by our session".into()),
             Ok(Err(e)) => Err(e.to_string()),

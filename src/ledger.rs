@@ -32,6 +32,9 @@ pub struct Attempt<'a> {
     pub host: &'a str,
     /// The gate's process ID.
     pub pid: u32,
+    /// Seconds this holder needs, after its last heartbeat, to notice a lost session and stop
+    /// its migration: a taker-over waits that long after a vanished holder.
+    pub fence_secs: u32,
 }
 
 /// How an attempt ended.
@@ -123,7 +126,9 @@ impl Ledger {
                  started_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
                  finished_at timestamptz,
                  exit_code   integer,
-                 detail      text
+                 detail      text,
+                 heartbeat_at timestamptz,
+                 fence_secs  integer NOT NULL DEFAULT 0
              );
              CREATE UNIQUE INDEX IF NOT EXISTS ledger_one_done_per_release
                  ON {table} (lock_key, release) WHERE outcome = 'done';
@@ -132,26 +137,46 @@ impl Ledger {
         query(conn, sql).await.map(|_| ())
     }
 
-    /// Marks attempts left `running` by a holder that vanished. Only the lock holder may call
-    /// this: holding the lock proves no other attempt of this lock is alive.
-    pub async fn abandon_stale(&self, conn: &mut PgConnection) -> Result<u64, sqlx::Error> {
+    /// Marks attempts left `running` by a holder that vanished as `abandoned`, and returns how
+    /// many there were and how long to wait before migrating: until the vanished holder's last
+    /// heartbeat plus its fencing time (heartbeat timeout + kill grace), by which point a holder
+    /// that merely lost its session has surely stopped its migration. A holder killed outright
+    /// took its migration with it (the guard), but we cannot tell the two apart from here.
+    /// Only the lock holder may call this: holding the lock proves no other holder is alive.
+    pub async fn abandon_stale(&self, conn: &mut PgConnection) -> Result<(u64, f64), sqlx::Error> {
         let sql = format!(
-            "UPDATE {} SET outcome = 'abandoned', finished_at = clock_timestamp(), \
+            "WITH u AS (UPDATE {} SET outcome = 'abandoned', finished_at = clock_timestamp(), \
                  detail = 'the holder vanished (crash, kill or lost connection); taken over' \
-             WHERE lock_key = {} AND outcome = 'running'",
+             WHERE lock_key = {} AND outcome = 'running' \
+             RETURNING coalesce(heartbeat_at, started_at) + make_interval(secs => fence_secs) AS safe_at) \
+             SELECT count(*)::text, \
+                    coalesce(greatest(0, extract(epoch FROM max(safe_at) - clock_timestamp())), 0)::float8::text \
+             FROM u",
             self.table(),
             self.lock.key
         );
-        let rows = query(
+        let rows = query(conn, sql).await?;
+        let text = |i: usize| -> Option<String> {
+            rows.first().and_then(|r| r.try_get::<String, _>(i).ok())
+        };
+        let count = text(0).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let wait = text(1).and_then(|s| s.parse().ok()).unwrap_or(0.0);
+        Ok((count, wait))
+    }
+
+    /// Proves the holder alive to a future taker-over: stamps `heartbeat_at`. Returns whether
+    /// the row was there to stamp.
+    pub async fn heartbeat(&self, conn: &mut PgConnection, id: i64) -> Result<bool, sqlx::Error> {
+        let n = query_scalar(
             conn,
-            format!("WITH u AS ({sql} RETURNING 1) SELECT count(*)::text FROM u"),
+            format!(
+                "WITH u AS (UPDATE {} SET heartbeat_at = clock_timestamp() WHERE id = {id} RETURNING 1) \
+                 SELECT count(*)::text FROM u",
+                self.table()
+            ),
         )
         .await?;
-        Ok(rows
-            .first()
-            .and_then(|r| r.try_get::<String, _>(0).ok())
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0))
+        Ok(n.as_deref() == Some("1"))
     }
 
     /// Records the start of an attempt and returns its row ID.
@@ -162,14 +187,15 @@ impl Ledger {
     ) -> Result<i64, sqlx::Error> {
         let release = attempt.release.map(lit).unwrap_or_else(|| "NULL".into());
         let sql = format!(
-            "INSERT INTO {} (lock_key, lock_name, release, outcome, holder, host, pid) \
-             VALUES ({}, {}, {release}, 'running', {}, {}, {}) RETURNING id::text",
+            "INSERT INTO {} (lock_key, lock_name, release, outcome, holder, host, pid, fence_secs) \
+             VALUES ({}, {}, {release}, 'running', {}, {}, {}, {}) RETURNING id::text",
             self.table(),
             self.lock.key,
             lit(&self.lock.name),
             lit(attempt.holder),
             lit(attempt.host),
-            attempt.pid
+            attempt.pid,
+            attempt.fence_secs
         );
         let id = query_scalar(conn, sql).await?;
         id.and_then(|s| s.parse().ok())

@@ -8,6 +8,7 @@
 //! - [`gate`]: the protocol (who migrates, who waits, when is it done) and the modes;
 //! - [`child`]: spawning, guarding, signal forwarding, reaping, `exec`;
 //! - [`probe`]: readiness checks;
+//! - [`install`]: copying the binary for the wrapper pattern;
 //! - [`error`]: failures and their exit codes.
 
 #![warn(missing_docs)]
@@ -17,6 +18,7 @@ pub mod config;
 pub mod db;
 pub mod error;
 pub mod gate;
+pub mod install;
 pub mod ledger;
 pub mod lock;
 pub mod probe;
@@ -40,6 +42,7 @@ pub fn main_entry() -> i32 {
     let log_format = match &cli.command {
         Command::Migrate(a) => a.gate.log_format,
         Command::Run(a) => a.gate.log_format,
+        Command::Install { .. } => LogFormat::Text,
     };
     init_logging(log_format);
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -58,6 +61,7 @@ pub fn main_entry() -> i32 {
         match cli.command {
             Command::Migrate(args) => gate::migrate(args).await,
             Command::Run(args) => gate::run(args).await,
+            Command::Install { dir } => install::install(&dir).map(|_| EXIT_OK),
         }
     });
     match result {
