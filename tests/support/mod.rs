@@ -22,6 +22,9 @@ pub struct Cluster {
     pub dir: PathBuf,
     pub port: u16,
     pub bindir: PathBuf,
+    opts: String,
+    /// Stop and remove the cluster on drop (dedicated clusters; the shared one stops at exit).
+    owned: bool,
 }
 
 static CLUSTER: OnceLock<Cluster> = OnceLock::new();
@@ -116,7 +119,8 @@ extern "C" fn stop_cluster_at_exit() {
 /// The shared cluster, started on first use.
 pub fn cluster() -> &'static Cluster {
     CLUSTER.get_or_init(|| {
-        let c = Cluster::start(&[]);
+        let mut c = Cluster::start(&[]);
+        c.owned = false;
         // SAFETY: registering a plain extern "C" function.
         unsafe {
             libc::atexit(stop_cluster_at_exit);
@@ -185,7 +189,38 @@ impl Cluster {
             String::from_utf8_lossy(&out.stderr),
             std::fs::read_to_string(dir.join("log")).unwrap_or_default()
         );
-        Cluster { dir, port, bindir }
+        Cluster {
+            dir,
+            port,
+            bindir,
+            opts,
+            owned: true,
+        }
+    }
+
+    fn pg_ctl(&self, args: &[&str]) -> Output {
+        as_postgres(&self.bindir.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .arg("-o")
+            .arg(&self.opts)
+            .arg("-l")
+            .arg(self.dir.join("log"))
+            .args(args)
+            .output()
+            .expect("run pg_ctl")
+    }
+
+    /// Stops the server (fast shutdown: every session is terminated, as in a restart).
+    pub fn stop_fast(&self) {
+        let out = self.pg_ctl(&["-m", "fast", "-w", "stop"]);
+        assert!(out.status.success(), "pg_ctl stop: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Starts the server again after [`Cluster::stop_fast`].
+    pub fn start_again(&self) {
+        let out = self.pg_ctl(&["-w", "-t", "60", "start"]);
+        assert!(out.status.success(), "pg_ctl start: {}", String::from_utf8_lossy(&out.stderr));
     }
 
     /// Stops the server at once (like a crash).
@@ -195,6 +230,11 @@ impl Cluster {
             .arg(self.dir.join("data"))
             .args(["-m", "immediate", "-w", "stop"])
             .output();
+    }
+
+    /// The server's log so far (for failure messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
     }
 
     pub fn url(&self, db: &str) -> String {
@@ -220,6 +260,15 @@ impl Cluster {
             String::from_utf8_lossy(&out.stderr)
         );
         TestDb { url, name: db }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if self.owned {
+            self.stop_immediate();
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
@@ -411,4 +460,48 @@ pub fn assert_no_overlap(db: &TestDb) {
          AND tstzrange(a.started_at, a.finished_at) && tstzrange(b.started_at, b.finished_at)",
     );
     assert_eq!(overlaps, "0", "migration intervals intersect");
+}
+
+/// Whether this process runs as root (needed for iptables).
+pub fn running_as_root() -> bool {
+    is_root()
+}
+
+/// iptables rules that silently drop the packets of one loopback TCP connection, removed on
+/// drop (also when the test fails). Traffic never leaves loopback: the rules only match `lo`.
+pub struct Partition {
+    rules: Vec<Vec<String>>,
+}
+
+impl Partition {
+    /// Drops both directions of the connection between `client_port` and `server_port`.
+    pub fn cut(client_port: u16, server_port: u16) -> Partition {
+        let tag = format!("mg-test-{}", std::process::id());
+        let rules: Vec<Vec<String>> = [(client_port, server_port), (server_port, client_port)]
+            .iter()
+            .map(|(sport, dport)| {
+                vec![
+                    "INPUT".into(), "-i".into(), "lo".into(), "-p".into(), "tcp".into(),
+                    "--sport".into(), sport.to_string(), "--dport".into(), dport.to_string(),
+                    "-m".into(), "comment".into(), "--comment".into(), tag.clone(),
+                    "-j".into(), "DROP".into(),
+                ]
+            })
+            .collect();
+        let mut p = Partition { rules: Vec::new() };
+        for rule in rules {
+            let st = Command::new("iptables").arg("-w").arg("-I").args(&rule).status().expect("run iptables");
+            assert!(st.success(), "iptables -I failed");
+            p.rules.push(rule);
+        }
+        p
+    }
+}
+
+impl Drop for Partition {
+    fn drop(&mut self) {
+        for rule in self.rules.drain(..) {
+            let _ = Command::new("iptables").arg("-w").arg("-D").args(&rule).status();
+        }
+    }
 }

@@ -1,0 +1,439 @@
+//! Real migration tools behind the gate: Alembic (SQLAlchemy + psycopg2) and Django's `migrate`,
+//! run as many replicas at once against a real PostgreSQL.
+//!
+//! The projects are in `tests/python/`; the tools come from a venv at `$MG_PY_VENV` (default
+//! `<repo>/target/py-venv`), which `tests/python/setup-venv` makes on first use (a fast no-op
+//! once it is there). A venv that cannot be made fails these tests; they are never skipped.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use support::*;
+
+const HANG_GUARD: Duration = Duration::from_secs(180);
+const REPLICAS: usize = 8;
+/// Alembic's last revision (release R2 in the rolling upgrade) and the one before it (R1).
+const HEAD: &str = "0004_color";
+const R1_REV: &str = "0003_seed";
+
+fn py_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python")
+}
+
+/// The venv with Alembic and Django, made by `tests/python/setup-venv` when missing or stale.
+fn venv() -> &'static Path {
+    static VENV: OnceLock<PathBuf> = OnceLock::new();
+    VENV.get_or_init(|| {
+        let dir = std::env::var_os("MG_PY_VENV")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/py-venv"));
+        let script = py_dir().join("setup-venv");
+        let out = Command::new("bash")
+            .arg(&script)
+            .env("MG_PY_VENV", &dir)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+        assert!(
+            out.status.success(),
+            "{} failed ({}); these tests need Python 3.10+ with venv and pip, and PyPI:\n{}\n{}",
+            script.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for tool in ["bin/python", "bin/alembic"] {
+            assert!(
+                dir.join(tool).exists(),
+                "{} has no {tool} after setup",
+                dir.display()
+            );
+        }
+        dir
+    })
+}
+
+fn python() -> String {
+    path_str(&venv().join("bin/python"))
+}
+
+fn path_str(p: &Path) -> String {
+    p.to_str().expect("UTF-8 path").to_string()
+}
+
+/// `alembic -c <ini> upgrade <target>` as argv.
+fn alembic_upgrade(target: &str) -> Vec<String> {
+    vec![
+        path_str(&venv().join("bin/alembic")),
+        "-c".into(),
+        path_str(&py_dir().join("alembic_app/alembic.ini")),
+        "upgrade".into(),
+        target.into(),
+    ]
+}
+
+/// `python manage.py migrate --noinput` as argv.
+fn django_migrate() -> Vec<String> {
+    vec![
+        python(),
+        path_str(&py_dir().join("django_app/manage.py")),
+        "migrate".into(),
+        "--noinput".into(),
+    ]
+}
+
+/// Quotes argv for `--migrate` (split shell-style by the gate; no shell runs it).
+fn shell_join(argv: &[String]) -> String {
+    argv.iter()
+        .map(|a| format!("'{}'", a.replace('\'', r"'\''")))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// A file each run of Alembic or Django appends one line to (env.py / manage.py write it).
+struct RunLog(PathBuf);
+
+impl RunLog {
+    fn new(test: &str) -> RunLog {
+        let p = std::env::temp_dir().join(format!("mg-pytools-{}-{test}.log", std::process::id()));
+        let _ = std::fs::remove_file(&p);
+        RunLog(p)
+    }
+
+    fn lines(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.0)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl Drop for RunLog {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Environment for the Python tools, on top of what `TestDb::gate` sets (DATABASE_URL).
+fn py_env(c: &mut Command, log: &RunLog) {
+    c.env("PYTHONDONTWRITEBYTECODE", "1")
+        .env("PYTHONUNBUFFERED", "1")
+        .env("MG_TOOL_RUN_LOG", &log.0);
+}
+
+/// `migrations-gate migrate --release R -- CMD...` for one replica.
+fn gate_migrate(db: &TestDb, log: &RunLog, release: &str, cmd: &[String]) -> Command {
+    let mut c = db.gate();
+    py_env(&mut c, log);
+    c.args(["migrate", "--release", release, "--"]).args(cmd);
+    c
+}
+
+fn run_all(mut cmds: Vec<Command>) -> Vec<Output> {
+    let children: Vec<_> = cmds.iter_mut().map(spawn).collect();
+    children
+        .into_iter()
+        .map(|c| wait_output(c, HANG_GUARD))
+        .collect()
+}
+
+fn assert_all_ok(outs: &[Output]) {
+    for (i, out) in outs.iter().enumerate() {
+        assert!(
+            out.status.success(),
+            "replica {i} failed ({}):\n{}",
+            out.status,
+            stderr(out)
+        );
+    }
+}
+
+fn followers(outs: &[Output]) -> usize {
+    outs.iter()
+        .filter(|o| stderr(o).contains("release is done"))
+        .count()
+}
+
+fn ledger(db: &TestDb, release: &str) -> String {
+    db.one(&format!(
+        "SELECT coalesce(string_agg(outcome, ',' ORDER BY id), '') FROM migrations_gate.ledger \
+         WHERE release = '{release}'"
+    ))
+}
+
+fn alembic_version(db: &TestDb) -> String {
+    db.one("SELECT coalesce(string_agg(version_num, ','), '') FROM alembic_version")
+}
+
+fn widgets_named(db: &TestDb, name: &str) -> String {
+    db.one(&format!(
+        "SELECT count(*) FROM widgets WHERE name = '{name}'"
+    ))
+}
+
+#[test]
+fn eight_gated_alembic_upgrades_migrate_exactly_once() {
+    let db = cluster().new_db("py_alembic");
+    let log = RunLog::new("alembic");
+    let cmd = alembic_upgrade("head");
+    let outs = run_all(
+        (0..REPLICAS)
+            .map(|_| gate_migrate(&db, &log, "R", &cmd))
+            .collect(),
+    );
+    assert_all_ok(&outs);
+    assert_eq!(log.lines().len(), 1, "alembic ran more than once: {:?}", log.lines());
+    assert_eq!(followers(&outs), REPLICAS - 1);
+    assert_eq!(alembic_version(&db), HEAD);
+    assert_eq!(widgets_named(&db, "seed"), "1", "the seed revision ran twice");
+    assert_eq!(widgets_named(&db, "r2-seed"), "1");
+    assert_eq!(ledger(&db, "R"), "done");
+    db.assert_no_gate_locks();
+}
+
+#[test]
+fn eight_run_gates_with_alembic_start_every_app_with_the_flag_off_after_one_migration() {
+    let db = cluster().new_db("py_alembic_run");
+    db.one(
+        "CREATE TABLE py_app_starts (id serial PRIMARY KEY, pid int NOT NULL, flag text, \
+         alembic_version text, at timestamptz NOT NULL DEFAULT clock_timestamp())",
+    );
+    let log = RunLog::new("alembic_run");
+    let migrate = shell_join(&alembic_upgrade("head"));
+    let app = path_str(&py_dir().join("record_start.py"));
+    let cmds = (0..REPLICAS)
+        .map(|_| {
+            let mut c = db.gate();
+            py_env(&mut c, &log);
+            c.args(["run", "--release", "R", "--migrate", &migrate, "--"])
+                .arg(python())
+                .arg(&app);
+            c
+        })
+        .collect();
+    let outs = run_all(cmds);
+    assert_all_ok(&outs);
+    assert_eq!(log.lines().len(), 1, "alembic ran more than once: {:?}", log.lines());
+    assert_eq!(followers(&outs), REPLICAS - 1);
+    assert_eq!(alembic_version(&db), HEAD);
+    assert_eq!(widgets_named(&db, "seed"), "1", "the seed revision ran twice");
+    assert_eq!(ledger(&db, "R"), "done");
+    assert_eq!(
+        db.one("SELECT count(*) FROM py_app_starts"),
+        REPLICAS.to_string(),
+        "every replica's app must start"
+    );
+    assert_eq!(
+        db.one(&format!(
+            "SELECT count(*) FROM py_app_starts WHERE flag = 'False' AND alembic_version = '{HEAD}'"
+        )),
+        REPLICAS.to_string(),
+        "every app must start with the flag off on the migrated schema: {:?}",
+        db.rows("SELECT pid::text, flag, alembic_version FROM py_app_starts")
+    );
+    db.assert_no_gate_locks();
+}
+
+#[test]
+fn without_the_gate_concurrent_alembic_upgrades_really_race() {
+    // Proves the tests above exercise a real race: eight bare `alembic upgrade head` at once on
+    // a fresh database break (a crash on a table, index or version row another run made, or a
+    // seed row inserted twice).
+    let db = cluster().new_db("py_alembic_bare");
+    let log = RunLog::new("alembic_bare");
+    let cmd = alembic_upgrade("head");
+    let cmds = (0..REPLICAS)
+        .map(|_| {
+            let mut c = Command::new(&cmd[0]);
+            c.args(&cmd[1..])
+                .env_clear()
+                .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+                .env("DATABASE_URL", &db.url)
+                // A longer slow revision: every run is past its start-up while the first is in it.
+                .env("ALEMBIC_SLOW_SECONDS", "3");
+            py_env(&mut c, &log);
+            c
+        })
+        .collect();
+    let outs = run_all(cmds);
+    let failed = outs.iter().filter(|o| !o.status.success()).count();
+    let seeds = db.one(
+        "SELECT CASE WHEN to_regclass('widgets') IS NULL THEN 'no table' \
+         ELSE (SELECT count(*) FROM widgets WHERE name = 'seed')::text END",
+    );
+    let why: Vec<String> = outs
+        .iter()
+        .filter(|o| !o.status.success())
+        .filter_map(|o| {
+            stderr(o)
+                .lines()
+                .rev()
+                .find(|l| l.contains("Error"))
+                .map(str::to_string)
+        })
+        .collect();
+    eprintln!("bare alembic: {failed} of {REPLICAS} failed, seed rows {seeds}; errors: {why:#?}");
+    assert_eq!(log.lines().len(), REPLICAS, "every bare run should have started");
+    assert!(
+        failed > 0 || seeds != "1",
+        "bare concurrent alembic upgrades did not visibly race (failed {failed}, seed rows {seeds})"
+    );
+}
+
+#[test]
+fn eight_gated_django_migrates_apply_each_migration_once() {
+    let db = cluster().new_db("py_django");
+    let log = RunLog::new("django");
+    let cmd = django_migrate();
+    let outs = run_all(
+        (0..REPLICAS)
+            .map(|_| gate_migrate(&db, &log, "R", &cmd))
+            .collect(),
+    );
+    assert_all_ok(&outs);
+    assert_eq!(log.lines().len(), 1, "manage.py migrate ran more than once: {:?}", log.lines());
+    assert_eq!(followers(&outs), REPLICAS - 1);
+    assert_eq!(
+        db.rows(
+            "SELECT app, name, count(*)::text FROM django_migrations GROUP BY app, name \
+             HAVING count(*) > 1"
+        ),
+        Vec::<Vec<String>>::new(),
+        "a migration was recorded more than once"
+    );
+    assert_eq!(
+        db.one(
+            "SELECT string_agg(name, ',' ORDER BY name) FROM django_migrations WHERE app = 'inventory'"
+        ),
+        "0001_initial,0002_seed"
+    );
+    assert_ne!(
+        db.one("SELECT count(*) FROM django_migrations WHERE app IN ('auth', 'contenttypes')"),
+        "0",
+        "Django's own apps should be migrated too"
+    );
+    assert_eq!(
+        db.one("SELECT count(*) FROM inventory_item WHERE name = 'seed'"),
+        "1",
+        "the data migration ran twice"
+    );
+    assert_eq!(ledger(&db, "R"), "done");
+    db.assert_no_gate_locks();
+}
+
+#[test]
+fn rolling_upgrade_r2_migrates_once_while_r1_restarts_skip() {
+    let db = cluster().new_db("py_rolling");
+    let log = RunLog::new("rolling");
+    let r1 = alembic_upgrade(R1_REV);
+    let r2 = alembic_upgrade("head");
+
+    // Release R1 is deployed: migrated up to the revision before R2's.
+    let outs = run_all((0..4).map(|_| gate_migrate(&db, &log, "R1", &r1)).collect());
+    assert_all_ok(&outs);
+    assert_eq!(log.lines().len(), 1, "R1 migrated more than once: {:?}", log.lines());
+    assert_eq!(alembic_version(&db), R1_REV);
+    assert_eq!(ledger(&db, "R1"), "done");
+    assert_eq!(widgets_named(&db, "seed"), "1");
+    assert_eq!(
+        db.one(
+            "SELECT count(*) FROM information_schema.columns \
+             WHERE table_name = 'widgets' AND column_name = 'color'"
+        ),
+        "0",
+        "R2's column must not exist yet"
+    );
+
+    // Rolling upgrade: four R2 replicas start while four R1 replicas restart, interleaved.
+    let log2 = RunLog::new("rolling_r2");
+    let mut cmds = Vec::new();
+    for _ in 0..4 {
+        cmds.push(gate_migrate(&db, &log2, "R2", &r2));
+        cmds.push(gate_migrate(&db, &log2, "R1", &r1));
+    }
+    let outs = run_all(cmds);
+    assert_all_ok(&outs);
+    let runs = log2.lines();
+    assert_eq!(runs.len(), 1, "exactly one migration should run: {runs:?}");
+    assert!(
+        runs[0].ends_with("upgrade head"),
+        "the one migration must be R2's: {runs:?}"
+    );
+    for (i, out) in outs.iter().enumerate().filter(|(i, _)| i % 2 == 1) {
+        assert!(
+            stderr(out).contains("release is done"),
+            "R1 restart {i} should have skipped:\n{}",
+            stderr(out)
+        );
+    }
+    assert_eq!(followers(&outs), 7, "all but R2's one holder go on as followers");
+    assert_eq!(ledger(&db, "R1"), "done", "R1 restarts must not make new attempts");
+    assert_eq!(ledger(&db, "R2"), "done");
+    assert_eq!(alembic_version(&db), HEAD);
+    assert_eq!(widgets_named(&db, "seed"), "1");
+    assert_eq!(widgets_named(&db, "r2-seed"), "1", "R2's revision ran twice");
+    db.assert_no_gate_locks();
+}
+
+#[test]
+fn without_the_gate_concurrent_django_migrates_really_race() {
+    // The same proof for Django: eight bare `manage.py migrate` at once on a fresh database
+    // break (a crash on a table another run made, or a migration recorded or applied twice).
+    let db = cluster().new_db("py_django_bare");
+    let log = RunLog::new("django_bare");
+    let cmd = django_migrate();
+    let cmds = (0..REPLICAS)
+        .map(|_| {
+            let mut c = Command::new(&cmd[0]);
+            c.args(&cmd[1..])
+                .env_clear()
+                .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+                .env("DATABASE_URL", &db.url)
+                .env("DJANGO_SEED_SLEEP_SECONDS", "2");
+            py_env(&mut c, &log);
+            c
+        })
+        .collect();
+    let outs = run_all(cmds);
+    let failed = outs.iter().filter(|o| !o.status.success()).count();
+    let exists = |t: &str| db.one(&format!("SELECT (to_regclass('{t}') IS NOT NULL)::text")) == "true";
+    let twice = if exists("django_migrations") {
+        db.one(
+            "SELECT count(*) FROM (SELECT 1 FROM django_migrations GROUP BY app, name \
+             HAVING count(*) > 1) d",
+        )
+    } else {
+        "no table".into()
+    };
+    let seeds = if exists("inventory_item") {
+        db.one("SELECT count(*) FROM inventory_item WHERE name = 'seed'")
+    } else {
+        "no table".into()
+    };
+    let why: Vec<String> = outs
+        .iter()
+        .filter(|o| !o.status.success())
+        .filter_map(|o| {
+            stderr(o)
+                .lines()
+                .rev()
+                .find(|l| l.contains("Error"))
+                .map(str::to_string)
+        })
+        .collect();
+    eprintln!(
+        "bare django: {failed} of {REPLICAS} failed, migrations recorded twice {twice}, \
+         seed rows {seeds}; errors: {why:#?}"
+    );
+    assert_eq!(log.lines().len(), REPLICAS, "every bare run should have started");
+    assert!(
+        failed > 0 || twice != "0" || seeds != "1",
+        "bare concurrent Django migrates did not visibly race (failed {failed}, \
+         recorded twice {twice}, seed rows {seeds})"
+    );
+}
