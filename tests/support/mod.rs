@@ -214,13 +214,21 @@ impl Cluster {
     /// Stops the server (fast shutdown: every session is terminated, as in a restart).
     pub fn stop_fast(&self) {
         let out = self.pg_ctl(&["-m", "fast", "-w", "stop"]);
-        assert!(out.status.success(), "pg_ctl stop: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "pg_ctl stop: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// Starts the server again after [`Cluster::stop_fast`].
     pub fn start_again(&self) {
         let out = self.pg_ctl(&["-w", "-t", "60", "start"]);
-        assert!(out.status.success(), "pg_ctl start: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "pg_ctl start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// Stops the server at once (like a crash).
@@ -481,16 +489,32 @@ impl Partition {
             .iter()
             .map(|(sport, dport)| {
                 vec![
-                    "INPUT".into(), "-i".into(), "lo".into(), "-p".into(), "tcp".into(),
-                    "--sport".into(), sport.to_string(), "--dport".into(), dport.to_string(),
-                    "-m".into(), "comment".into(), "--comment".into(), tag.clone(),
-                    "-j".into(), "DROP".into(),
+                    "INPUT".into(),
+                    "-i".into(),
+                    "lo".into(),
+                    "-p".into(),
+                    "tcp".into(),
+                    "--sport".into(),
+                    sport.to_string(),
+                    "--dport".into(),
+                    dport.to_string(),
+                    "-m".into(),
+                    "comment".into(),
+                    "--comment".into(),
+                    tag.clone(),
+                    "-j".into(),
+                    "DROP".into(),
                 ]
             })
             .collect();
         let mut p = Partition { rules: Vec::new() };
         for rule in rules {
-            let st = Command::new("iptables").arg("-w").arg("-I").args(&rule).status().expect("run iptables");
+            let st = Command::new("iptables")
+                .arg("-w")
+                .arg("-I")
+                .args(&rule)
+                .status()
+                .expect("run iptables");
             assert!(st.success(), "iptables -I failed");
             p.rules.push(rule);
         }
@@ -501,7 +525,92 @@ impl Partition {
 impl Drop for Partition {
     fn drop(&mut self) {
         for rule in self.rules.drain(..) {
-            let _ = Command::new("iptables").arg("-w").arg("-D").args(&rule).status();
+            let _ = Command::new("iptables")
+                .arg("-w")
+                .arg("-D")
+                .args(&rule)
+                .status();
         }
+    }
+}
+
+/// A PgBouncer in front of a cluster, stopped on drop.
+pub struct PgBouncer {
+    pub port: u16,
+    dir: PathBuf,
+    child: Child,
+}
+
+impl PgBouncer {
+    /// Starts PgBouncer with `pool_mode` (`session` or `transaction`) in front of `cluster`.
+    pub fn start(cluster: &Cluster, pool_mode: &str) -> PgBouncer {
+        let dir = server_dir("mg-bouncer");
+        let port = free_port();
+        let ini = format!(
+            "[databases]\n* = host=127.0.0.1 port={pg}\n\n[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\n\
+             unix_socket_dir =\nauth_type = scram-sha-256\nauth_file = {dir}/userlist.txt\npool_mode = {pool_mode}\n\
+             max_client_conn = 2000\ndefault_pool_size = 20\nignore_startup_parameters = extra_float_digits\n\
+             logfile = {dir}/pgbouncer.log\nserver_reset_query = DISCARD ALL\n",
+            pg = cluster.port,
+            dir = dir.display()
+        );
+        std::fs::write(dir.join("pgbouncer.ini"), ini).expect("write pgbouncer.ini");
+        std::fs::write(
+            dir.join("userlist.txt"),
+            format!("\"postgres\" \"{PASSWORD}\"\n"),
+        )
+        .expect("write userlist");
+        if is_root() {
+            Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&dir)
+                .status()
+                .expect("chown");
+        }
+        let program = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+            .expect("pgbouncer not found: install `pgbouncer` (see .ci/run)");
+        let child = as_postgres(&program)
+            .arg(dir.join("pgbouncer.ini"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start pgbouncer");
+        let bouncer = PgBouncer { port, dir, child };
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "pgbouncer did not start: {}",
+                bouncer.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bouncer
+    }
+
+    pub fn url(&self, db: &str) -> String {
+        format!(
+            "postgres://postgres:{PASSWORD}@127.0.0.1:{}/{db}",
+            self.port
+        )
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("pgbouncer.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for PgBouncer {
+    fn drop(&mut self) {
+        // runuser forwards SIGTERM to pgbouncer and waits for it.
+        // SAFETY: plain system call on a PID we started.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

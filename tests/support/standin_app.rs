@@ -2,7 +2,8 @@
 //! racy (check, sleep, act; several steps that each commit), so two copies that migrate at once
 //! visibly break it: a "relation already exists" crash or a seed row inserted twice.
 //!
-//! Usage: `standin-app setup|migrate|start|serve` with `DATABASE_URL` set.
+//! Usage: `standin-app setup|migrate|start|serve` with `DATABASE_URL` set, or `standin-app stamp
+//! FILE` (no database: appends "PID NANOS_SINCE_EPOCH FLAG" to FILE and exits, for timing hand-offs).
 //! - `setup`: creates the bookkeeping tables (`mg_runs`, `app_starts`, `app_signals`); run once.
 //! - `migrate`: runs the migration (a migration command for `migrate --` / `--migrate`).
 //! - `start`: records its start (PID, flag value), migrates if the flag is on, exits 0.
@@ -183,9 +184,34 @@ async fn serve(conn: &mut PgConnection) -> Res<()> {
     }
 }
 
+fn stamp(path: &str) -> Res<()> {
+    use std::io::Write;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_nanos();
+    let flag = env(&env("STANDIN_FLAG").unwrap_or_else(|| "ENABLE_DB_MIGRATIONS".into()))
+        .unwrap_or_default();
+    let line = format!("{} {nanos} {flag}\n", std::process::id());
+    // One write with O_APPEND: lines from hundreds of processes never interleave.
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?
+        .write_all(line.as_bytes())?;
+    Ok(())
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let mode = std::env::args().nth(1).unwrap_or_default();
+    if mode == "stamp" {
+        let path = std::env::args().nth(2).unwrap_or_default();
+        if let Err(e) = stamp(&path) {
+            eprintln!("standin-app stamp {path}: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let result: Res<()> = async {
         let url = env("DATABASE_URL").ok_or("DATABASE_URL is not set")?;
         let mut conn = PgConnection::connect(&url).await?;
