@@ -33,9 +33,15 @@ fn kill(child_pid: i32, sig: i32) {
 
 fn assert_done_once(db: &TestDb) {
     assert_no_overlap(db);
-    assert_eq!(db.one("SELECT count(*) FROM app_seed"), "1", "seed row must exist once");
     assert_eq!(
-        db.one("SELECT count(*) FROM migrations_gate.ledger WHERE release = 'r1' AND outcome = 'done'"),
+        db.one("SELECT count(*) FROM app_seed"),
+        "1",
+        "seed row must exist once"
+    );
+    assert_eq!(
+        db.one(
+            "SELECT count(*) FROM migrations_gate.ledger WHERE release = 'r1' AND outcome = 'done'"
+        ),
         "1"
     );
     assert_eq!(
@@ -52,13 +58,19 @@ struct Lcg(u64);
 
 impl Lcg {
     fn new() -> Lcg {
-        let seed = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(7);
+        let seed = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(7);
         eprintln!("random seed: {seed}");
         Lcg(seed)
     }
 
     fn below(&mut self, n: u64) -> u64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (self.0 >> 33) % n
     }
 }
@@ -67,7 +79,9 @@ impl Lcg {
 fn holders_killed_at_random_points_repeatedly_still_migrate_once() {
     let db = cluster().new_db("kill_repeat");
     let mut rng = Lcg::new();
-    let gates: Vec<Child> = (0..5).map(|_| spawn(&mut migrate(&db, &["--kill-grace", "1s"], 300))).collect();
+    let gates: Vec<Child> = (0..5)
+        .map(|_| spawn(&mut migrate(&db, &["--kill-grace", "1s"], 300)))
+        .collect();
     let mut killed: Vec<String> = Vec::new();
     for _ in 0..3 {
         let mut holder = String::new();
@@ -87,10 +101,23 @@ fn holders_killed_at_random_points_repeatedly_still_migrate_once() {
             break;
         }
     }
-    let outs: Vec<Output> = gates.into_iter().map(|g| wait_output(g, HANG_GUARD)).collect();
-    let failed: Vec<_> = outs.iter().filter(|o| code(o) != Some(0) && code(o).is_some()).collect();
-    assert!(failed.is_empty(), "a surviving gate failed:\n{}", stderr(failed[0]));
-    assert_eq!(outs.iter().filter(|o| code(o).is_none()).count(), killed.len());
+    let outs: Vec<Output> = gates
+        .into_iter()
+        .map(|g| wait_output(g, HANG_GUARD))
+        .collect();
+    let failed: Vec<_> = outs
+        .iter()
+        .filter(|o| code(o) != Some(0) && code(o).is_some())
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "a surviving gate failed:\n{}",
+        stderr(failed[0])
+    );
+    assert_eq!(
+        outs.iter().filter(|o| code(o).is_none()).count(),
+        killed.len()
+    );
     assert_done_once(&db);
     assert_eq!(
         db.one("SELECT count(*) FROM migrations_gate.ledger WHERE outcome = 'abandoned'"),
@@ -99,7 +126,11 @@ fn holders_killed_at_random_points_repeatedly_still_migrate_once() {
     // Every killed holder's migration died with it.
     for pid in db.rows("SELECT pid FROM mg_runs WHERE finished_at IS NULL") {
         let pid: i32 = pid[0].parse().unwrap();
-        eventually(Duration::from_secs(10), "killed holder's migration is gone", || !alive(pid));
+        eventually(
+            Duration::from_secs(10),
+            "killed holder's migration is gone",
+            || !alive(pid),
+        );
     }
 }
 
@@ -109,10 +140,22 @@ fn holder_whose_lock_session_is_terminated_fences_itself_and_one_waiter_takes_ov
     // The migration ignores SIGTERM (inherited through exec), so fencing must escalate to SIGKILL.
     let script = format!("trap '' TERM; exec {} migrate", standin());
     let mut a = db.gate();
-    a.args(["migrate", "--release", "r1", "--kill-grace", "2s", "--", "sh", "-c", &script])
-        .env("STANDIN_STEP_MS", "1500");
+    a.args([
+        "migrate",
+        "--release",
+        "r1",
+        "--kill-grace",
+        "2s",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ])
+    .env("STANDIN_STEP_MS", "1500");
     let a = spawn(&mut a);
-    eventually(HANG_GUARD, "the holder's migration started", || db.one("SELECT count(*) FROM mg_runs") == "1");
+    eventually(HANG_GUARD, "the holder's migration started", || {
+        db.one("SELECT count(*) FROM mg_runs") == "1"
+    });
     let first_migration: i32 = db.one("SELECT pid FROM mg_runs").parse().unwrap();
     let b = spawn(&mut migrate(&db, &[], 100));
     std::thread::sleep(Duration::from_millis(300));
@@ -125,8 +168,14 @@ fn holder_whose_lock_session_is_terminated_fences_itself_and_one_waiter_takes_ov
     let a = wait_output(a, HANG_GUARD);
     assert_eq!(code(&a), Some(69), "{}", stderr(&a));
     let err = stderr(&a);
-    assert!(err.contains("lost the database session holding the lock"), "{err}");
-    assert!(err.contains("ignored SIGTERM"), "fencing must escalate to SIGKILL: {err}");
+    assert!(
+        err.contains("lost the database session holding the lock"),
+        "{err}"
+    );
+    assert!(
+        err.contains("ignored SIGTERM"),
+        "fencing must escalate to SIGKILL: {err}"
+    );
     assert!(!alive(first_migration), "the fenced migration must be dead");
     let b = wait_output(b, HANG_GUARD);
     assert_eq!(code(&b), Some(0), "{}", stderr(&b));
@@ -140,12 +189,24 @@ fn holder_whose_lock_session_is_terminated_fences_itself_and_one_waiter_takes_ov
 
 #[test]
 fn holder_host_vanishing_without_a_goodbye_frees_the_lock_within_30_seconds() {
-    if !running_as_root() || Command::new("iptables").arg("-w").arg("-L").arg("-n").output().map(|o| !o.status.success()).unwrap_or(true) {
-        panic!("this test needs root and a working iptables (CI runs as root; .ci/run installs iptables)");
+    if !running_as_root()
+        || Command::new("iptables")
+            .arg("-w")
+            .arg("-L")
+            .arg("-n")
+            .output()
+            .map(|o| !o.status.success())
+            .unwrap_or(true)
+    {
+        panic!(
+            "this test needs root and a working iptables (CI runs as root; .ci/run installs iptables)"
+        );
     }
     let db = cluster().new_db("partition");
     let a = spawn(&mut migrate(&db, &["--kill-grace", "2s"], 3000));
-    eventually(HANG_GUARD, "the holder's migration started", || db.one("SELECT count(*) FROM mg_runs") == "1");
+    eventually(HANG_GUARD, "the holder's migration started", || {
+        db.one("SELECT count(*) FROM mg_runs") == "1"
+    });
     let first_migration: i32 = db.one("SELECT pid FROM mg_runs").parse().unwrap();
     let b = spawn(&mut migrate(&db, &[], 100));
     let lock_session = db.rows(
@@ -154,16 +215,28 @@ fn holder_host_vanishing_without_a_goodbye_frees_the_lock_within_30_seconds() {
          AND s.datname = current_database()",
     );
     assert_eq!(lock_session.len(), 1);
-    let (backend, client_port) = (lock_session[0][0].clone(), lock_session[0][1].parse::<u16>().unwrap());
-    let cut_at = db.one("SELECT extract(epoch FROM clock_timestamp())::float8").parse::<f64>().unwrap();
+    let (backend, client_port) = (
+        lock_session[0][0].clone(),
+        lock_session[0][1].parse::<u16>().unwrap(),
+    );
+    let cut_at = db
+        .one("SELECT extract(epoch FROM clock_timestamp())::float8")
+        .parse::<f64>()
+        .unwrap();
     let cut = Instant::now();
     let partition = Partition::cut(client_port, cluster().port);
 
     // The holder notices first (heartbeat timeout) and stops its migration...
     let a = wait_output(a, HANG_GUARD);
     assert_eq!(code(&a), Some(69), "{}", stderr(&a));
-    assert!(!alive(first_migration), "the cut-off holder's migration must be dead");
-    eprintln!("holder fenced itself {:.1}s after the cut", cut.elapsed().as_secs_f64());
+    assert!(
+        !alive(first_migration),
+        "the cut-off holder's migration must be dead"
+    );
+    eprintln!(
+        "holder fenced itself {:.1}s after the cut",
+        cut.elapsed().as_secs_f64()
+    );
     // ...then PostgreSQL's keepalives drop the dead session and a waiter takes over.
     let b = wait_output(b, HANG_GUARD);
     assert_eq!(code(&b), Some(0), "{}", stderr(&b));
@@ -173,8 +246,16 @@ fn holder_host_vanishing_without_a_goodbye_frees_the_lock_within_30_seconds() {
         .unwrap();
     let takeover = taken - cut_at;
     eprintln!("a waiter took over {takeover:.1}s after the holder's packets started vanishing");
-    assert!(takeover < 45.0, "keepalives must free the lock within ~30 s, took {takeover:.1}s");
-    assert_eq!(db.one(&format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {backend}")), "0");
+    assert!(
+        takeover < 45.0,
+        "keepalives must free the lock within ~30 s, took {takeover:.1}s"
+    );
+    assert_eq!(
+        db.one(&format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = {backend}"
+        )),
+        "0"
+    );
     drop(partition);
     assert_done_once(&db);
 }
@@ -188,22 +269,41 @@ fn postgres_restart_while_replicas_wait_is_survived_and_migrates_once() {
     let key = holder.one(
         "SELECT ('x' || left(encode(sha256(convert_to('migrations-gate', 'UTF8')), 'hex'), 16))::bit(64)::bigint",
     );
-    assert_eq!(holder.one(&format!("SELECT pg_try_advisory_lock({key})")), "t");
+    assert_eq!(
+        holder.one(&format!("SELECT pg_try_advisory_lock({key})")),
+        "t"
+    );
     let waiters: Vec<Child> = (0..4).map(|_| spawn(&mut migrate(&db, &[], 100))).collect();
     std::thread::sleep(Duration::from_millis(1500));
-    assert_eq!(db.one("SELECT count(*) FROM mg_runs"), "0", "nobody may migrate while the lock is held");
+    assert_eq!(
+        db.one("SELECT count(*) FROM mg_runs"),
+        "0",
+        "nobody may migrate while the lock is held"
+    );
     own.stop_fast();
     std::mem::forget(holder); // its connection died with the server
     std::thread::sleep(Duration::from_secs(2));
     own.start_again();
-    let outs: Vec<Output> = waiters.into_iter().map(|w| wait_output(w, HANG_GUARD)).collect();
+    let outs: Vec<Output> = waiters
+        .into_iter()
+        .map(|w| wait_output(w, HANG_GUARD))
+        .collect();
     for out in &outs {
-        assert_eq!(code(out), Some(0), "a waiter failed across the restart:\n{}", stderr(out));
+        assert_eq!(
+            code(out),
+            Some(0),
+            "a waiter failed across the restart:\n{}",
+            stderr(out)
+        );
     }
     assert!(
         outs.iter().any(|o| stderr(o).contains("retrying")),
         "the waiters should have seen the restart"
     );
-    assert_eq!(db.one("SELECT count(*) FROM mg_runs"), "1", "the migration happens once after the restart");
+    assert_eq!(
+        db.one("SELECT count(*) FROM mg_runs"),
+        "1",
+        "the migration happens once after the restart"
+    );
     assert_done_once(&db);
 }

@@ -187,10 +187,19 @@ fn eight_gated_alembic_upgrades_migrate_exactly_once() {
             .collect(),
     );
     assert_all_ok(&outs);
-    assert_eq!(log.lines().len(), 1, "alembic ran more than once: {:?}", log.lines());
+    assert_eq!(
+        log.lines().len(),
+        1,
+        "alembic ran more than once: {:?}",
+        log.lines()
+    );
     assert_eq!(followers(&outs), REPLICAS - 1);
     assert_eq!(alembic_version(&db), HEAD);
-    assert_eq!(widgets_named(&db, "seed"), "1", "the seed revision ran twice");
+    assert_eq!(
+        widgets_named(&db, "seed"),
+        "1",
+        "the seed revision ran twice"
+    );
     assert_eq!(widgets_named(&db, "r2-seed"), "1");
     assert_eq!(ledger(&db, "R"), "done");
     db.assert_no_gate_locks();
@@ -218,10 +227,19 @@ fn eight_run_gates_with_alembic_start_every_app_with_the_flag_off_after_one_migr
         .collect();
     let outs = run_all(cmds);
     assert_all_ok(&outs);
-    assert_eq!(log.lines().len(), 1, "alembic ran more than once: {:?}", log.lines());
+    assert_eq!(
+        log.lines().len(),
+        1,
+        "alembic ran more than once: {:?}",
+        log.lines()
+    );
     assert_eq!(followers(&outs), REPLICAS - 1);
     assert_eq!(alembic_version(&db), HEAD);
-    assert_eq!(widgets_named(&db, "seed"), "1", "the seed revision ran twice");
+    assert_eq!(
+        widgets_named(&db, "seed"),
+        "1",
+        "the seed revision ran twice"
+    );
     assert_eq!(ledger(&db, "R"), "done");
     assert_eq!(
         db.one("SELECT count(*) FROM py_app_starts"),
@@ -278,7 +296,11 @@ fn without_the_gate_concurrent_alembic_upgrades_really_race() {
         })
         .collect();
     eprintln!("bare alembic: {failed} of {REPLICAS} failed, seed rows {seeds}; errors: {why:#?}");
-    assert_eq!(log.lines().len(), REPLICAS, "every bare run should have started");
+    assert_eq!(
+        log.lines().len(),
+        REPLICAS,
+        "every bare run should have started"
+    );
     assert!(
         failed > 0 || seeds != "1",
         "bare concurrent alembic upgrades did not visibly race (failed {failed}, seed rows {seeds})"
@@ -296,7 +318,12 @@ fn eight_gated_django_migrates_apply_each_migration_once() {
             .collect(),
     );
     assert_all_ok(&outs);
-    assert_eq!(log.lines().len(), 1, "manage.py migrate ran more than once: {:?}", log.lines());
+    assert_eq!(
+        log.lines().len(),
+        1,
+        "manage.py migrate ran more than once: {:?}",
+        log.lines()
+    );
     assert_eq!(followers(&outs), REPLICAS - 1);
     assert_eq!(
         db.rows(
@@ -336,7 +363,12 @@ fn rolling_upgrade_r2_migrates_once_while_r1_restarts_skip() {
     // Release R1 is deployed: migrated up to the revision before R2's.
     let outs = run_all((0..4).map(|_| gate_migrate(&db, &log, "R1", &r1)).collect());
     assert_all_ok(&outs);
-    assert_eq!(log.lines().len(), 1, "R1 migrated more than once: {:?}", log.lines());
+    assert_eq!(
+        log.lines().len(),
+        1,
+        "R1 migrated more than once: {:?}",
+        log.lines()
+    );
     assert_eq!(alembic_version(&db), R1_REV);
     assert_eq!(ledger(&db, "R1"), "done");
     assert_eq!(widgets_named(&db, "seed"), "1");
@@ -371,12 +403,24 @@ fn rolling_upgrade_r2_migrates_once_while_r1_restarts_skip() {
             stderr(out)
         );
     }
-    assert_eq!(followers(&outs), 7, "all but R2's one holder go on as followers");
-    assert_eq!(ledger(&db, "R1"), "done", "R1 restarts must not make new attempts");
+    assert_eq!(
+        followers(&outs),
+        7,
+        "all but R2's one holder go on as followers"
+    );
+    assert_eq!(
+        ledger(&db, "R1"),
+        "done",
+        "R1 restarts must not make new attempts"
+    );
     assert_eq!(ledger(&db, "R2"), "done");
     assert_eq!(alembic_version(&db), HEAD);
     assert_eq!(widgets_named(&db, "seed"), "1");
-    assert_eq!(widgets_named(&db, "r2-seed"), "1", "R2's revision ran twice");
+    assert_eq!(
+        widgets_named(&db, "r2-seed"),
+        "1",
+        "R2's revision ran twice"
+    );
     db.assert_no_gate_locks();
 }
 
@@ -401,7 +445,8 @@ fn without_the_gate_concurrent_django_migrates_really_race() {
         .collect();
     let outs = run_all(cmds);
     let failed = outs.iter().filter(|o| !o.status.success()).count();
-    let exists = |t: &str| db.one(&format!("SELECT (to_regclass('{t}') IS NOT NULL)::text")) == "true";
+    let exists =
+        |t: &str| db.one(&format!("SELECT (to_regclass('{t}') IS NOT NULL)::text")) == "true";
     let twice = if exists("django_migrations") {
         db.one(
             "SELECT count(*) FROM (SELECT 1 FROM django_migrations GROUP BY app, name \
@@ -430,7 +475,11 @@ fn without_the_gate_concurrent_django_migrates_really_race() {
         "bare django: {failed} of {REPLICAS} failed, migrations recorded twice {twice}, \
          seed rows {seeds}; errors: {why:#?}"
     );
-    assert_eq!(log.lines().len(), REPLICAS, "every bare run should have started");
+    assert_eq!(
+        log.lines().len(),
+        REPLICAS,
+        "every bare run should have started"
+    );
     assert!(
         failed > 0 || twice != "0" || seeds != "1",
         "bare concurrent Django migrates did not visibly race (failed {failed}, \

@@ -395,12 +395,37 @@ impl Drop for Session {
     }
 }
 
+/// The `migrations-gate` binary: Cargo tells integration tests where it is; examples (demo,
+/// benchmark) look beside their own directory (`target/<profile>/examples/..`).
 pub fn gate_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_migrations-gate")
+    static PATH: OnceLock<String> = OnceLock::new();
+    PATH.get_or_init(|| {
+        option_env!("CARGO_BIN_EXE_migrations-gate")
+            .map(String::from)
+            .unwrap_or_else(|| sibling("migrations-gate"))
+    })
 }
 
+/// The stand-in app binary (see `tests/support/standin_app.rs`).
 pub fn standin() -> &'static str {
-    env!("CARGO_BIN_EXE_standin-app")
+    static PATH: OnceLock<String> = OnceLock::new();
+    PATH.get_or_init(|| {
+        option_env!("CARGO_BIN_EXE_standin-app")
+            .map(String::from)
+            .unwrap_or_else(|| sibling("standin-app"))
+    })
+}
+
+fn sibling(name: &str) -> String {
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not found: build the binaries first (cargo build --release --bins)",
+        path.display()
+    );
+    path.to_string_lossy().into_owned()
 }
 
 /// Waits for a child with a hang guard; kills it and panics if it does not finish.

@@ -3,7 +3,10 @@
 //! visibly break it: a "relation already exists" crash or a seed row inserted twice.
 //!
 //! Usage: `standin-app setup|migrate|start|serve` with `DATABASE_URL` set, or `standin-app stamp
-//! FILE` (no database: appends "PID NANOS_SINCE_EPOCH FLAG" to FILE and exits, for timing hand-offs).
+//! FILE` (no database: appends "PID NANOS_SINCE_EPOCH FLAG" to FILE and exits, for timing hand-offs),
+//! or `standin-app blocking-gate STAMPFILE GOFILE`: the common alternative to the gate, for the
+//! benchmark: block in `pg_advisory_lock`, migrate (wait for GOFILE to exist) if nobody has, unlock,
+//! stamp.
 //! - `setup`: creates the bookkeeping tables (`mg_runs`, `app_starts`, `app_signals`); run once.
 //! - `migrate`: runs the migration (a migration command for `migrate --` / `--migrate`).
 //! - `start`: records its start (PID, flag value), migrates if the flag is on, exits 0.
@@ -223,6 +226,29 @@ async fn main() {
                     migrate(&mut conn).await?;
                 }
                 Ok(())
+            }
+            "blocking-gate" => {
+                let stamp_file = std::env::args().nth(2).unwrap_or_default();
+                let go = std::env::args().nth(3).unwrap_or_default();
+                exec(&mut conn, "SELECT pg_advisory_lock(777)").await?;
+                if scalar(
+                    &mut conn,
+                    "SELECT (to_regclass('bench_done') IS NULL)::text",
+                )
+                .await?
+                    == "true"
+                {
+                    while !std::path::Path::new(&go).exists() {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    exec(
+                        &mut conn,
+                        "CREATE TABLE bench_done AS SELECT clock_timestamp() AS at",
+                    )
+                    .await?;
+                }
+                exec(&mut conn, "SELECT pg_advisory_unlock(777)").await?;
+                stamp(&stamp_file)
             }
             "serve" => {
                 if record_start(&mut conn).await? {

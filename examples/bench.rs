@@ -1,0 +1,281 @@
+//! Benchmark: fast path, hand-off and the cost of waiting, against the common alternative.
+//!
+//! ```text
+//! cargo build --release --bins && cargo run --release --example bench [-- --quick]
+//! ```
+//!
+//! Starts its own PostgreSQL (needs the server binaries, like the tests) and prints tables. Not
+//! a test: numbers depend on the machine; rerun it to compare.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let sizes: &[usize] = if quick { &[10, 50] } else { &[10, 100, 300] };
+    let cluster = Cluster::start(&["max_connections=350"]);
+    println!(
+        "migrations-gate benchmark (PostgreSQL on loopback, {} cores)\n",
+        cores()
+    );
+
+    fast_path(&cluster, if quick { 20 } else { 50 });
+
+    println!("\n## Hand-off: from the release's ledger commit until each waiter execs its app\n");
+    println!(
+        "| waiters | approach | p50 ms | p99 ms | max ms | peak connections | peak RSS of a waiter |"
+    );
+    println!("|---:|---|---:|---:|---:|---:|---:|");
+    for &n in sizes {
+        let gate = hand_off(&cluster, n, Approach::Gate);
+        print_row(n, "migrations-gate", &gate);
+        let blocking = hand_off(&cluster, n, Approach::BlockingLock);
+        print_row(n, "blocking pg_advisory_lock", &blocking);
+    }
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn time_runs(runs: usize, mut cmd: impl FnMut() -> Command) -> Vec<f64> {
+    (0..runs)
+        .map(|_| {
+            let t = Instant::now();
+            let st = cmd()
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .expect("run");
+            assert!(st.success());
+            t.elapsed().as_secs_f64() * 1000.0
+        })
+        .collect()
+}
+
+fn fast_path(cluster: &Cluster, runs: usize) {
+    let db = cluster.new_db("bench_fast");
+    let st = db
+        .gate()
+        .args(["migrate", "--release", "r1", "--", "true"])
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let follower = time_runs(runs, || {
+        let mut c = db.gate();
+        c.args([
+            "run",
+            "--release",
+            "r1",
+            "--migrate",
+            "false",
+            "--",
+            "/bin/true",
+        ]);
+        c
+    });
+    let bare = time_runs(runs, || Command::new("/bin/true"));
+    let (f, b) = (median(follower), median(bare));
+    println!("## Fast path: a follower whose release is already done (median of {runs} runs)\n");
+    println!("| command | median ms |");
+    println!("|---|---:|");
+    println!("| `/bin/true` | {b:.2} |");
+    println!("| `migrations-gate run --release r1 ... -- /bin/true` | {f:.2} |");
+    println!("| **added by the gate** | **{:.2}** |", f - b);
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Approach {
+    Gate,
+    BlockingLock,
+}
+
+struct Result {
+    lags_ms: Vec<f64>,
+    peak_connections: usize,
+    peak_rss_kb: usize,
+}
+
+fn print_row(n: usize, name: &str, r: &Result) {
+    let mut l = r.lags_ms.clone();
+    l.sort_by(|a, b| a.total_cmp(b));
+    println!(
+        "| {n} | {name} | {:.0} | {:.0} | {:.0} | {} | {} |",
+        percentile(&l, 0.5),
+        percentile(&l, 0.99),
+        l[l.len() - 1],
+        r.peak_connections,
+        if r.peak_rss_kb > 0 {
+            format!("{:.1} MB", r.peak_rss_kb as f64 / 1024.0)
+        } else {
+            "-".into()
+        }
+    );
+}
+
+fn now_ns() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+fn vm_hwm_kb(pid: u32) -> usize {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+/// One holder migrates until told to stop; `n` waiters start meanwhile. Returns each waiter's
+/// delay from the release's commit to its app's start.
+fn hand_off(cluster: &Cluster, n: usize, approach: Approach) -> Result {
+    let db = cluster.new_db("bench_handoff");
+    let dir = server_dir("mg-bench");
+    let stamps = dir.join("stamps");
+    let go = dir.join("go");
+    let migration = format!(
+        "sh -c 'while [ ! -e {} ]; do sleep 0.02; done'",
+        go.display()
+    );
+    let command = |first: bool| -> Command {
+        match approach {
+            Approach::Gate => {
+                let mut c = db.gate();
+                c.args(["run", "--release", "r1", "--migrate"])
+                    .arg(if first { migration.as_str() } else { "false" })
+                    .args(["--", standin(), "stamp"])
+                    .arg(&stamps);
+                c
+            }
+            Approach::BlockingLock => {
+                let mut c = Command::new(standin());
+                c.arg("blocking-gate")
+                    .arg(&stamps)
+                    .arg(&go)
+                    .env("DATABASE_URL", &db.url);
+                c
+            }
+        }
+    };
+    let mut monitor = Session::open(&db.url);
+    let stop = Arc::new(AtomicBool::new(false));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let sampler = {
+        let (stop, peak, name) = (stop.clone(), peak.clone(), db.name.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                let n: usize = monitor
+                    .one(&format!(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = '{name}' AND pid <> pg_backend_pid()"
+                    ))
+                    .parse()
+                    .unwrap_or(0);
+                peak.fetch_max(n, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    let mut children: Vec<Child> = Vec::new();
+    let mut first = command(true);
+    children.push(
+        first
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // Let the first one take the lock before the others arrive.
+    eventually(
+        Duration::from_secs(30),
+        "the holder is migrating",
+        || match approach {
+            Approach::Gate => {
+                db.one("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'") != "0"
+            }
+            Approach::BlockingLock => {
+                db.one("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted")
+                    != "0"
+            }
+        },
+    );
+    let mut spawned_at = HashMap::new();
+    for _ in 0..n {
+        let child = command(false)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        spawned_at.insert(child.id(), now_ns());
+        children.push(child);
+    }
+    // Every waiter is waiting (not still starting) before the release completes.
+    std::thread::sleep(Duration::from_millis(1000 + 5 * n as u64));
+    let waiter_rss = children[1..]
+        .iter()
+        .map(|c| vm_hwm_kb(c.id()))
+        .max()
+        .unwrap_or(0);
+    std::fs::write(&go, "").unwrap();
+    for mut c in children {
+        let st = c.wait().unwrap();
+        assert!(st.success(), "a replica failed");
+    }
+    stop.store(true, Ordering::SeqCst);
+    sampler.join().unwrap();
+    let done_ns = match approach {
+        Approach::Gate => db.one(
+            "SELECT (extract(epoch FROM finished_at)::numeric * 1e9)::text FROM migrations_gate.ledger WHERE outcome = 'done'",
+        ),
+        Approach::BlockingLock => db.one("SELECT (extract(epoch FROM at)::numeric * 1e9)::text FROM bench_done"),
+    };
+    let done_ns = done_ns.parse::<f64>().unwrap() as u128;
+    let lags_ms = std::fs::read_to_string(&stamps)
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let pid: u32 = f[0].parse().ok()?;
+            let t: u128 = f[1].parse().ok()?;
+            // Waiters only; the blocking approach stamps from its own (non-exec) process.
+            spawned_at.get(&pid)?;
+            Some(t.saturating_sub(done_ns) as f64 / 1e6)
+        })
+        .collect::<Vec<_>>();
+    assert_eq!(lags_ms.len(), n, "every waiter started");
+    let _ = std::fs::remove_dir_all(&dir);
+    Result {
+        lags_ms,
+        peak_connections: peak.load(Ordering::SeqCst),
+        peak_rss_kb: if approach == Approach::Gate {
+            waiter_rss
+        } else {
+            0
+        },
+    }
+}
