@@ -11,11 +11,13 @@ use crate::error::{Error, Result};
 use crate::lock::{LockKey, Scope};
 
 const AFTER_HELP: &str = "\
-Exit codes: 0 ok, 64 usage, 69 database unavailable, 70 internal, 75 timed out, 77 authentication
-refused, 126 command not executable, 127 command not found; a failed migration passes on its own
-exit code (128+N if killed by signal N).
+Exit codes: 0 ok, 1 release not done (status --release), 64 usage, 69 database unavailable,
+70 internal, 75 timed out, 77 authentication or permission refused, 126 command not executable,
+127 command not found; a failed migration passes on its own exit code (128+N if killed by
+signal N).
 
-Log level: MIGRATIONS_GATE_LOG (e.g. info, debug, migrations_gate=trace). Default: info.";
+Every flag has an environment twin (shown as [env: ...]). Log level: MIGRATIONS_GATE_LOG
+(e.g. info, debug, migrations_gate=trace). Default: info.";
 
 /// migrations-gate: run database migrations exactly once when many replicas start at once.
 ///
@@ -46,6 +48,18 @@ pub enum Command {
     /// until APP is ready, records the release and stays as APP's parent, forwarding signals.
     Run(RunArgs),
 
+    /// Block until a release is done (workers, cron jobs, sidecars), then exit 0 or exec CMD.
+    ///
+    /// Never takes the lock and never migrates: it only waits for the positive signal. CMD runs
+    /// with the flag off.
+    Wait(WaitArgs),
+
+    /// Show who holds the lock and every recorded attempt; with --release, exit 0 only if it is done.
+    Status(StatusArgs),
+
+    /// Forget a release so that it migrates again. Refuses while the lock is held.
+    Reset(ResetArgs),
+
     /// Copy this binary to DIR/migrations-gate (for a shared volume or another image).
     ///
     /// The entrypoint-wrapper mode runs inside the app's container: copy the gate there from
@@ -55,11 +69,35 @@ pub enum Command {
         #[arg(value_name = "DIR")]
         dir: PathBuf,
     },
+
+    /// Print shell completions (generated from the same definitions as --help).
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+
+    /// Print the man page (roff, generated from the same definitions as --help).
+    Man,
 }
 
-/// Flags shared by every gating mode.
+impl Command {
+    /// The log format the command asked for.
+    pub fn log_format(&self) -> LogFormat {
+        match self {
+            Command::Migrate(a) => a.gate.db.log_format,
+            Command::Run(a) => a.gate.db.log_format,
+            Command::Wait(a) => a.db.log_format,
+            Command::Status(a) => a.db.log_format,
+            Command::Reset(a) => a.db.log_format,
+            Command::Install { .. } | Command::Completions { .. } | Command::Man => LogFormat::Text,
+        }
+    }
+}
+
+/// Where the database and the lock are: flags shared by every command that connects.
 #[derive(Debug, Clone, Args)]
-pub struct GateArgs {
+pub struct DbArgs {
     /// PostgreSQL URL (postgres://user:pass@host:port/db?sslmode=...). Falls back to DATABASE_URL.
     #[arg(long, env = "MIGRATIONS_GATE_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
@@ -91,6 +129,35 @@ pub struct GateArgs {
     )]
     pub lock_id: Option<i64>,
 
+    /// Schema of the gate's ledger table (created on first use).
+    #[arg(
+        long,
+        env = "MIGRATIONS_GATE_SCHEMA",
+        value_name = "NAME",
+        default_value = "migrations_gate"
+    )]
+    pub schema: String,
+
+    /// How the lock is held: session, transaction (for transaction-pooling PgBouncer), or auto-detect.
+    #[arg(long, env = "MIGRATIONS_GATE_LOCK_SCOPE", value_enum, default_value_t = Scope::Auto)]
+    pub lock_scope: Scope,
+
+    /// Keep retrying a database that is not up yet for this long.
+    #[arg(long, env = "MIGRATIONS_GATE_CONNECT_TIMEOUT", value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// application_name of the gate's connections, shown to waiting replicas [default: migrations-gate/<hostname>].
+    #[arg(long, env = "MIGRATIONS_GATE_APPLICATION_NAME", value_name = "NAME")]
+    pub application_name: Option<String>,
+
+    /// Log format on stderr.
+    #[arg(long, env = "MIGRATIONS_GATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// Which release: `--release` or `--release-from`.
+#[derive(Debug, Clone, Args)]
+pub struct ReleaseArgs {
     /// What this deployment migrates to (app version, image tag). Done releases are skipped.
     #[arg(
         long,
@@ -103,16 +170,44 @@ pub struct GateArgs {
     /// Use a content hash of the files under PATH (e.g. the migrations folder) as the release ID.
     #[arg(long, env = "MIGRATIONS_GATE_RELEASE_FROM", value_name = "PATH")]
     pub release_from: Option<PathBuf>,
+}
 
-    /// Schema of the gate's ledger table (created on first use).
+/// Flags of the gating modes (`migrate`, `run`).
+#[derive(Debug, Clone, Args)]
+pub struct GateArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub db: DbArgs,
+
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub release: ReleaseArgs,
+
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub flag: FlagArgs,
+
+    /// Give up waiting for the release after this long (e.g. 90s, 30m).
+    #[arg(long, env = "MIGRATIONS_GATE_WAIT_TIMEOUT", value_name = "DURATION", default_value = "30m", value_parser = parse_duration)]
+    pub wait_timeout: Duration,
+
+    /// After SIGTERM, wait this long before SIGKILL when the gate must stop its child.
+    #[arg(long, env = "MIGRATIONS_GATE_KILL_GRACE", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub kill_grace: Duration,
+
+    /// At most this many waiters keep a database connection open (and hand over fastest); the rest reconnect per poll.
     #[arg(
         long,
-        env = "MIGRATIONS_GATE_SCHEMA",
-        value_name = "NAME",
-        default_value = "migrations_gate"
+        env = "MIGRATIONS_GATE_WAITING_CONNECTIONS",
+        value_name = "N",
+        default_value_t = 10
     )]
-    pub schema: String,
+    pub waiting_connections: u32,
+}
 
+/// The environment variable handed to the app.
+#[derive(Debug, Clone, Args)]
+pub struct FlagArgs {
     /// Environment variable that switches the app's migrations.
     #[arg(
         long,
@@ -139,39 +234,6 @@ pub struct GateArgs {
         default_value = "False"
     )]
     pub off: String,
-
-    /// Give up waiting for the release after this long (e.g. 90s, 30m).
-    #[arg(long, env = "MIGRATIONS_GATE_WAIT_TIMEOUT", value_name = "DURATION", default_value = "30m", value_parser = parse_duration)]
-    pub wait_timeout: Duration,
-
-    /// Keep retrying a database that is not up yet for this long.
-    #[arg(long, env = "MIGRATIONS_GATE_CONNECT_TIMEOUT", value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
-    pub connect_timeout: Duration,
-
-    /// After SIGTERM, wait this long before SIGKILL when the gate must stop its child.
-    #[arg(long, env = "MIGRATIONS_GATE_KILL_GRACE", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
-    pub kill_grace: Duration,
-
-    /// application_name of the gate's connections, shown to waiting replicas [default: migrations-gate/<hostname>].
-    #[arg(long, env = "MIGRATIONS_GATE_APPLICATION_NAME", value_name = "NAME")]
-    pub application_name: Option<String>,
-
-    /// How the lock is held: session, transaction (for transaction-pooling PgBouncer), or auto-detect.
-    #[arg(long, env = "MIGRATIONS_GATE_LOCK_SCOPE", value_enum, default_value_t = Scope::Auto)]
-    pub lock_scope: Scope,
-
-    /// At most this many waiters keep a database connection open (and hand over fastest); the rest reconnect per poll.
-    #[arg(
-        long,
-        env = "MIGRATIONS_GATE_WAITING_CONNECTIONS",
-        value_name = "N",
-        default_value_t = 10
-    )]
-    pub waiting_connections: u32,
-
-    /// Log format on stderr.
-    #[arg(long, env = "MIGRATIONS_GATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
 }
 
 /// `migrate` mode.
@@ -233,6 +295,72 @@ pub struct RunArgs {
     pub command: Vec<String>,
 }
 
+/// `wait` mode.
+#[derive(Debug, Clone, Args)]
+pub struct WaitArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub db: DbArgs,
+
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub release: ReleaseArgs,
+
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub flag: FlagArgs,
+
+    /// Give up waiting for the release after this long.
+    #[arg(long, env = "MIGRATIONS_GATE_WAIT_TIMEOUT", value_name = "DURATION", default_value = "30m", value_parser = parse_duration)]
+    pub wait_timeout: Duration,
+
+    /// Command to exec once the release is done (with the flag off); without one, exit 0.
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+/// `status`.
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub db: DbArgs,
+
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub release: ReleaseArgs,
+
+    /// Print stable JSON instead of a table.
+    #[arg(long, env = "MIGRATIONS_GATE_STATUS_JSON")]
+    pub json: bool,
+
+    /// Show at most this many attempts, newest first.
+    #[arg(
+        long,
+        env = "MIGRATIONS_GATE_STATUS_LIMIT",
+        value_name = "N",
+        default_value_t = 20
+    )]
+    pub limit: u32,
+}
+
+/// `reset`.
+#[derive(Debug, Clone, Args)]
+pub struct ResetArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub db: DbArgs,
+
+    /// The release to forget.
+    #[arg(
+        long,
+        env = "MIGRATIONS_GATE_RELEASE",
+        value_name = "ID",
+        required = true
+    )]
+    pub release: String,
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -261,13 +389,13 @@ pub struct Settings {
     pub flag: Flag,
     /// See [`GateArgs::wait_timeout`].
     pub wait_timeout: Duration,
-    /// See [`GateArgs::connect_timeout`].
+    /// See [`DbArgs::connect_timeout`].
     pub connect_timeout: Duration,
     /// See [`GateArgs::kill_grace`].
     pub kill_grace: Duration,
     /// application_name of our connections.
     pub application_name: String,
-    /// See [`GateArgs::lock_scope`].
+    /// See [`DbArgs::lock_scope`].
     pub lock_scope: Scope,
     /// See [`GateArgs::waiting_connections`].
     pub waiting_connections: u32,
@@ -284,8 +412,8 @@ pub struct Flag {
     pub off: String,
 }
 
-impl GateArgs {
-    /// Checks the flags and resolves the URL, lock key and release.
+impl DbArgs {
+    /// Checks the connection and lock flags; every other setting gets its default.
     pub fn settings(&self) -> Result<Settings> {
         let database_url = self.resolve_database_url()?;
         let lock = match self.lock_id {
@@ -297,45 +425,28 @@ impl GateArgs {
                 LockKey::from_name(&self.lock)
             }
         };
-        let release = match (&self.release, &self.release_from) {
-            (Some(r), _) if r.trim().is_empty() => {
-                return Err(Error::Usage(
-                    "--release is empty: give the app version or image tag, or leave it unset"
-                        .into(),
-                ));
-            }
-            (Some(r), _) => Some(r.clone()),
-            (None, Some(path)) => Some(release_from_path(path)?),
-            (None, None) => None,
-        };
         if self.schema.is_empty() {
             return Err(Error::Usage("--schema must not be empty".into()));
-        }
-        if self.flag.is_empty() || self.flag.contains('=') || self.flag.contains('\0') {
-            return Err(Error::Usage(format!(
-                "--flag {:?} is not a valid environment variable name",
-                self.flag
-            )));
         }
         Ok(Settings {
             database_url,
             lock,
-            release,
+            release: None,
             schema: self.schema.clone(),
             flag: Flag {
-                name: self.flag.clone(),
-                on: self.on.clone(),
-                off: self.off.clone(),
+                name: "ENABLE_DB_MIGRATIONS".into(),
+                on: "True".into(),
+                off: "False".into(),
             },
-            wait_timeout: self.wait_timeout,
+            wait_timeout: Duration::from_secs(30 * 60),
             connect_timeout: self.connect_timeout,
-            kill_grace: self.kill_grace,
+            kill_grace: Duration::from_secs(10),
             application_name: self
                 .application_name
                 .clone()
                 .unwrap_or_else(|| format!("migrations-gate/{}", hostname())),
             lock_scope: self.lock_scope,
-            waiting_connections: self.waiting_connections,
+            waiting_connections: 10,
         })
     }
 
@@ -366,6 +477,64 @@ impl GateArgs {
                     .into(),
             )),
         }
+    }
+}
+
+impl ReleaseArgs {
+    /// The release ID, if one was given.
+    pub fn resolve(&self) -> Result<Option<String>> {
+        match (&self.release, &self.release_from) {
+            (Some(r), _) if r.trim().is_empty() => Err(Error::Usage(
+                "--release is empty: give the app version or image tag, or leave it unset".into(),
+            )),
+            (Some(r), _) => Ok(Some(r.clone())),
+            (None, Some(path)) => Ok(Some(release_from_path(path)?)),
+            (None, None) => Ok(None),
+        }
+    }
+}
+
+impl FlagArgs {
+    fn flag(&self) -> Result<Flag> {
+        if self.flag.is_empty() || self.flag.contains('=') || self.flag.contains('\0') {
+            return Err(Error::Usage(format!(
+                "--flag {:?} is not a valid environment variable name",
+                self.flag
+            )));
+        }
+        Ok(Flag {
+            name: self.flag.clone(),
+            on: self.on.clone(),
+            off: self.off.clone(),
+        })
+    }
+}
+
+impl GateArgs {
+    /// Checks the flags and resolves the URL, lock key and release.
+    pub fn settings(&self) -> Result<Settings> {
+        let mut s = self.db.settings()?;
+        s.release = self.release.resolve()?;
+        s.flag = self.flag.flag()?;
+        s.wait_timeout = self.wait_timeout;
+        s.kill_grace = self.kill_grace;
+        s.waiting_connections = self.waiting_connections;
+        Ok(s)
+    }
+}
+
+impl WaitArgs {
+    /// Checks the flags; a release is required.
+    pub fn settings(&self) -> Result<Settings> {
+        let mut s = self.db.settings()?;
+        s.release = Some(self.release.resolve()?.ok_or_else(|| {
+            Error::Usage(
+                "wait needs --release ID or --release-from PATH: the release to wait for".into(),
+            )
+        })?);
+        s.flag = self.flag.flag()?;
+        s.wait_timeout = self.wait_timeout;
+        Ok(s)
     }
 }
 

@@ -19,7 +19,7 @@ use sqlx::postgres::PgConnection;
 use tracing::{error, info, warn};
 
 use crate::child::{self, Program, Supervisor};
-use crate::config::{self, MigrateArgs, RunArgs, Settings};
+use crate::config::{self, MigrateArgs, ResetArgs, RunArgs, Settings, WaitArgs};
 use crate::db::{self, Db, Failure, backoff, close, query_scalar};
 use crate::error::{Error, Result};
 use crate::ledger::{Attempt, Ledger, Outcome};
@@ -498,6 +498,122 @@ impl Gate {
     }
 }
 
+impl Gate {
+    /// Waits until the release is done, never taking the lock (`wait` mode).
+    pub async fn wait_for_release(&self) -> Result<()> {
+        let Some(release) = self.release() else {
+            return Err(Error::Usage("wait needs a release".into()));
+        };
+        let started = Instant::now();
+        let mut delays = backoff(POLL_MIN, POLL_SLOW_MAX);
+        let mut conn: Option<PgConnection> = None;
+        let mut next_report = started;
+        info!(release, "waiting for the release to be done");
+        loop {
+            let c = match conn.as_mut() {
+                Some(c) => c,
+                None => conn.insert(self.db.connect().await?),
+            };
+            let waited = started.elapsed();
+            let report = Instant::now() >= next_report || waited >= self.settings.wait_timeout;
+            let polled = async {
+                let done = self.ledger.is_done(c, release).await? == Some(true);
+                let holder = if !done && report {
+                    Some(self.describe_holder(c).await)
+                } else {
+                    None
+                };
+                Ok::<_, sqlx::Error>((done, holder))
+            }
+            .await;
+            match polled {
+                Ok((true, _)) => {
+                    if let Some(c) = conn.take() {
+                        close(c).await;
+                    }
+                    info!(
+                        release,
+                        waited_ms = started.elapsed().as_millis() as u64,
+                        "release is done"
+                    );
+                    return Ok(());
+                }
+                Ok((false, Some(holder))) => {
+                    if waited >= self.settings.wait_timeout {
+                        return Err(Error::Timeout {
+                            what: format!("timed out waiting for {}", self.waiting_for()),
+                            waited,
+                            hint: format!(
+                                "the lock is held by {holder}; raise --wait-timeout or check the migrating replica"
+                            ),
+                        });
+                    }
+                    info!(
+                        release,
+                        waited_s = waited.as_secs(),
+                        holder,
+                        "waiting for {}",
+                        self.waiting_for()
+                    );
+                    next_report = Instant::now() + REPORT_EVERY;
+                }
+                Ok((false, None)) => {}
+                Err(e) => match self.db.classify(&e) {
+                    Failure::Retry(reason) => {
+                        db::log_retry("lost the database connection while waiting", &reason);
+                        conn = None;
+                    }
+                    Failure::Fatal(err) => return Err(err),
+                },
+            }
+            let delay = delays.next().unwrap_or(POLL_SLOW_MAX);
+            tokio::time::sleep(delay.min(self.settings.wait_timeout.saturating_sub(waited))).await;
+        }
+    }
+
+    /// Forgets a release (`reset`): takes the lock (refusing if anyone holds it), deletes the
+    /// release's rows, logs them, frees the lock.
+    pub async fn reset(&self, release: &str) -> Result<usize> {
+        let mut conn = self.db.connect().await?;
+        let result = async {
+            let scope = self.scope(&mut conn).await?;
+            if !lock::try_acquire(&mut conn, self.lock(), scope).await? {
+                return Ok(Err(self.describe_holder(&mut conn).await));
+            }
+            let removed = self.ledger.forget(&mut conn, release).await?;
+            lock::release(&mut conn, self.lock(), scope).await?;
+            Ok(Ok(removed))
+        }
+        .await;
+        close(conn).await;
+        match result {
+            Ok(Ok(removed)) => {
+                if removed.is_empty() {
+                    info!(
+                        release,
+                        "nothing recorded for this release; nothing to reset"
+                    );
+                }
+                for a in &removed {
+                    info!(id = a.id, release, outcome = %a.outcome, holder = %a.holder, started_at = %a.started_at, "removed");
+                }
+                Ok(removed.len())
+            }
+            Ok(Err(holder)) => Err(Error::Timeout {
+                what: format!("reset refused: lock {} is held by {holder}", self.lock()),
+                waited: Duration::ZERO,
+                hint: "a migration may be running; try again when it has finished".into(),
+            }),
+            Err(e) => Err(match self.db.classify(&e) {
+                Failure::Fatal(err) => err,
+                Failure::Retry(reason) => Error::Unavailable(format!(
+                    "lost the database connection during reset: {reason}"
+                )),
+            }),
+        }
+    }
+}
+
 /// Stops with 127/126 before taking any lock if `argv[0]` cannot be found or executed.
 fn check_program(argv: &[String]) -> Result<()> {
     let Some(program) = argv.first() else {
@@ -587,6 +703,31 @@ pub async fn migrate(args: MigrateArgs) -> Result<i32> {
             }
         }
     }
+}
+
+/// `wait --release R [-- CMD]`: block until R is done, then exit 0 or exec CMD (flag off).
+pub async fn wait(args: WaitArgs) -> Result<i32> {
+    let settings = args.settings()?;
+    if !args.command.is_empty() {
+        check_program(&args.command)?;
+    }
+    let gate = Gate::new(settings)?;
+    gate.wait_for_release().await?;
+    if args.command.is_empty() {
+        return Ok(0);
+    }
+    let flag = &gate.settings.flag;
+    Err(child::exec(&Program {
+        argv: &args.command,
+        flag: (&flag.name, &flag.off),
+    }))
+}
+
+/// `reset --release R`: forget R so that it migrates again.
+pub async fn reset(args: ResetArgs) -> Result<i32> {
+    let gate = Gate::new(args.db.settings()?)?;
+    gate.reset(&args.release).await?;
+    Ok(0)
 }
 
 /// `run [--migrate CMD] [--ready-*] -- APP`: gate the start of APP.

@@ -254,4 +254,100 @@ impl Ledger {
         );
         query(conn, sql).await.map(|_| ())
     }
+
+    /// The newest `limit` attempts (of `release` only, if given), newest first. An absent
+    /// ledger has none.
+    pub async fn attempts(
+        &self,
+        conn: &mut PgConnection,
+        release: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<AttemptRow>, sqlx::Error> {
+        let filter = release
+            .map(|r| format!(" AND release = {}", lit(r)))
+            .unwrap_or_default();
+        let sql = format!(
+            "SELECT id::text, coalesce(release, ''), outcome, holder, host, pid::text, \
+                    to_char(started_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), \
+                    coalesce(to_char(finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), ''), \
+                    coalesce(extract(epoch FROM coalesce(finished_at, clock_timestamp()) - started_at)::float8::text, ''), \
+                    coalesce(exit_code::text, ''), coalesce(detail, '') \
+             FROM {} WHERE lock_key = {}{filter} ORDER BY id DESC LIMIT {limit}",
+            self.table(),
+            self.lock.key
+        );
+        let rows = match query(conn, sql).await {
+            Ok(rows) => rows,
+            Err(e) if is_missing_relation(&e) => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        rows.iter()
+            .map(|r| {
+                let t = |i: usize| r.try_get::<String, _>(i);
+                Ok(AttemptRow {
+                    id: t(0)?.parse().unwrap_or(0),
+                    release: Some(t(1)?).filter(|s| !s.is_empty()),
+                    outcome: t(2)?,
+                    holder: t(3)?,
+                    host: t(4)?,
+                    pid: t(5)?.parse().unwrap_or(0),
+                    started_at: t(6)?,
+                    finished_at: Some(t(7)?).filter(|s| !s.is_empty()),
+                    duration_secs: t(8)?.parse().ok(),
+                    exit_code: t(9)?.parse().ok(),
+                    detail: t(10)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Deletes every row of `release` and returns what was removed.
+    pub async fn forget(
+        &self,
+        conn: &mut PgConnection,
+        release: &str,
+    ) -> Result<Vec<AttemptRow>, sqlx::Error> {
+        let before = self.attempts(conn, Some(release), u32::MAX).await?;
+        if before.is_empty() {
+            return Ok(before);
+        }
+        query(
+            conn,
+            format!(
+                "DELETE FROM {} WHERE lock_key = {} AND release = {}",
+                self.table(),
+                self.lock.key,
+                lit(release)
+            ),
+        )
+        .await?;
+        Ok(before)
+    }
+}
+
+/// One attempt as `status` shows it. The JSON field names are a stable interface.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AttemptRow {
+    /// Row ID (grows with each attempt).
+    pub id: i64,
+    /// Release ID (`null` in serial mode).
+    pub release: Option<String>,
+    /// `running`, `done`, `failed` or `abandoned`.
+    pub outcome: String,
+    /// The holder's `application_name`.
+    pub holder: String,
+    /// The holder's host name.
+    pub host: String,
+    /// The holder gate's process ID.
+    pub pid: i64,
+    /// Start, RFC 3339 UTC.
+    pub started_at: String,
+    /// End, RFC 3339 UTC (`null` while running).
+    pub finished_at: Option<String>,
+    /// Seconds from start to end (or to now while running).
+    pub duration_secs: Option<f64>,
+    /// Exit code of the migration (or app), if known.
+    pub exit_code: Option<i32>,
+    /// Why it ended this way.
+    pub detail: String,
 }

@@ -9,6 +9,7 @@
 //! - [`child`]: spawning, guarding, signal forwarding, reaping, `exec`;
 //! - [`probe`]: readiness checks;
 //! - [`install`]: copying the binary for the wrapper pattern;
+//! - [`status`]: what the lock and the ledger say, for people and scripts;
 //! - [`error`]: failures and their exit codes.
 
 #![warn(missing_docs)]
@@ -22,6 +23,7 @@ pub mod install;
 pub mod ledger;
 pub mod lock;
 pub mod probe;
+pub mod status;
 
 use clap::Parser;
 use tracing::error;
@@ -39,11 +41,26 @@ pub fn main_entry() -> i32 {
             return if e.use_stderr() { EXIT_USAGE } else { EXIT_OK };
         }
     };
-    let log_format = match &cli.command {
-        Command::Migrate(a) => a.gate.log_format,
-        Command::Run(a) => a.gate.log_format,
-        Command::Install { .. } => LogFormat::Text,
-    };
+    // Generated from the same clap definitions as --help, so they never drift apart.
+    match &cli.command {
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(*shell, &mut cmd, "migrations-gate", &mut std::io::stdout());
+            return EXIT_OK;
+        }
+        Command::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            return match clap_mangen::Man::new(cmd).render(&mut std::io::stdout()) {
+                Ok(()) => EXIT_OK,
+                Err(e) => {
+                    eprintln!("cannot write the man page: {e}");
+                    EXIT_INTERNAL
+                }
+            };
+        }
+        _ => {}
+    }
+    let log_format = cli.command.log_format();
     init_logging(log_format);
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -61,7 +78,11 @@ pub fn main_entry() -> i32 {
         match cli.command {
             Command::Migrate(args) => gate::migrate(args).await,
             Command::Run(args) => gate::run(args).await,
+            Command::Wait(args) => gate::wait(args).await,
+            Command::Status(args) => status::status(args).await,
+            Command::Reset(args) => gate::reset(args).await,
             Command::Install { dir } => install::install(&dir).map(|_| EXIT_OK),
+            Command::Completions { .. } | Command::Man => Ok(EXIT_OK),
         }
     });
     match result {

@@ -1,0 +1,171 @@
+//! `migrations-gate status`: who holds the lock now, and the ledger, for people (a table) and for
+//! scripts (stable JSON). With `--release R` it doubles as a readiness check: exit 0 only when R
+//! is done.
+
+use std::io::Write;
+
+use serde::Serialize;
+
+use crate::config::StatusArgs;
+use crate::db::{Db, close};
+use crate::error::{EXIT_OK, Error, Result};
+use crate::ledger::{AttemptRow, Ledger};
+use crate::lock::{self, Holder};
+
+/// Exit code of `status --release R` when R is not done.
+pub const EXIT_NOT_DONE: i32 = 1;
+
+/// The JSON document `status --json` prints. Field names are a stable interface.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// The lock's name (`id:N` for `--lock-id`).
+    pub lock: String,
+    /// The 64-bit advisory lock key.
+    pub lock_key: i64,
+    /// The session holding the lock now, if any.
+    pub holder: Option<Holder>,
+    /// With `--release`: whether it is done.
+    pub release_done: Option<bool>,
+    /// Attempts, newest first.
+    pub attempts: Vec<AttemptRow>,
+}
+
+/// Prints the status and returns the exit code.
+pub async fn status(args: StatusArgs) -> Result<i32> {
+    let settings = args.db.settings()?;
+    let release = args.release.resolve()?;
+    let db = Db::new(
+        &settings.database_url,
+        &settings.application_name,
+        settings.connect_timeout,
+    )?;
+    let ledger = Ledger::new(&settings.schema, &settings.lock);
+    let mut conn = db.connect().await?;
+    let gathered = async {
+        let holder = lock::holder(&mut conn, &settings.lock).await?;
+        let attempts = ledger
+            .attempts(&mut conn, release.as_deref(), args.limit)
+            .await?;
+        let release_done = match &release {
+            Some(r) => Some(ledger.is_done(&mut conn, r).await?.unwrap_or(false)),
+            None => None,
+        };
+        Ok::<_, sqlx::Error>((holder, attempts, release_done))
+    }
+    .await;
+    close(conn).await;
+    let (holder, attempts, release_done) = gathered.map_err(|e| match db.classify(&e) {
+        crate::db::Failure::Fatal(err) => err,
+        crate::db::Failure::Retry(reason) => Error::Unavailable(format!(
+            "lost the database connection while reading the status: {reason}"
+        )),
+    })?;
+    let report = Report {
+        lock: settings.lock.name.clone(),
+        lock_key: settings.lock.key,
+        holder,
+        release_done,
+        attempts,
+    };
+    let text = if args.json {
+        serde_json::to_string_pretty(&report)
+            .map_err(|e| Error::Internal(format!("cannot encode the status as JSON: {e}")))?
+    } else {
+        render(&report, release.as_deref())
+    };
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{text}");
+    Ok(match report.release_done {
+        Some(false) => EXIT_NOT_DONE,
+        _ => EXIT_OK,
+    })
+}
+
+/// The human-readable table.
+pub fn render(report: &Report, release: Option<&str>) -> String {
+    let mut s = format!("lock {} (key {})\n", report.lock, report.lock_key);
+    match &report.holder {
+        Some(h) => s.push_str(&format!(
+            "  held by {} (backend pid {}, client {}, connected since {}, {})\n",
+            if h.application_name.is_empty() {
+                "?"
+            } else {
+                &h.application_name
+            },
+            h.pid,
+            if h.client_addr.is_empty() {
+                "local"
+            } else {
+                &h.client_addr
+            },
+            h.backend_start,
+            h.state
+        )),
+        None => s.push_str("  free\n"),
+    }
+    if let (Some(r), Some(done)) = (release, report.release_done) {
+        s.push_str(&format!(
+            "release {r}: {}\n",
+            if done { "done" } else { "NOT done" }
+        ));
+    }
+    if report.attempts.is_empty() {
+        s.push_str("\nno attempts recorded\n");
+        return s;
+    }
+    let header = [
+        "ID",
+        "RELEASE",
+        "OUTCOME",
+        "HOLDER",
+        "STARTED (UTC)",
+        "DURATION",
+        "EXIT",
+    ];
+    let rows: Vec<[String; 7]> = report
+        .attempts
+        .iter()
+        .map(|a| {
+            [
+                a.id.to_string(),
+                a.release.clone().unwrap_or_else(|| "-".into()),
+                a.outcome.clone(),
+                format!("{} (pid {})", a.holder, a.pid),
+                a.started_at
+                    .replace('T', " ")
+                    .trim_end_matches('Z')
+                    .to_string(),
+                a.duration_secs
+                    .map(|d| format!("{d:.1}s"))
+                    .unwrap_or_else(|| "-".into()),
+                a.exit_code
+                    .map(|c| c.to_string())
+                    .unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    s.push('\n');
+    let line = |cells: &[String]| -> String {
+        cells
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    s.push_str(&line(&header.map(String::from)));
+    s.push('\n');
+    for row in &rows {
+        s.push_str(&line(row));
+        s.push('\n');
+    }
+    s
+}
