@@ -25,7 +25,6 @@ pub mod lock;
 pub mod probe;
 pub mod status;
 
-use clap::Parser;
 use tracing::error;
 
 use config::{Cli, Command, LogFormat};
@@ -34,7 +33,10 @@ use error::{EXIT_INTERNAL, EXIT_OK, EXIT_USAGE};
 /// Parses the command line, runs the chosen mode and returns the process exit code. Errors are
 /// logged as one line and mapped to exit codes here and nowhere else.
 pub fn main_entry() -> i32 {
-    let cli = match Cli::try_parse() {
+    let parsed = cli_command()
+        .try_get_matches()
+        .and_then(|m| <Cli as clap::FromArgMatches>::from_arg_matches(&m));
+    let cli = match parsed {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
@@ -44,12 +46,12 @@ pub fn main_entry() -> i32 {
     // Generated from the same clap definitions as --help, so they never drift apart.
     match &cli.command {
         Command::Completions { shell } => {
-            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut cmd = cli_command();
             clap_complete::generate(*shell, &mut cmd, "migrations-gate", &mut std::io::stdout());
             return EXIT_OK;
         }
         Command::Man => {
-            let cmd = <Cli as clap::CommandFactory>::command();
+            let cmd = cli_command();
             return match clap_mangen::Man::new(cmd).render(&mut std::io::stdout()) {
                 Ok(()) => EXIT_OK,
                 Err(e) => {
@@ -92,6 +94,16 @@ pub fn main_entry() -> i32 {
             e.exit_code()
         }
     }
+}
+
+/// The clap definition behind parsing, `--help`, completions and the man page. Environment
+/// values are never shown: `--help` must not print a password taken from the environment.
+pub fn cli_command() -> clap::Command {
+    fn hide(cmd: clap::Command) -> clap::Command {
+        cmd.mut_args(|a| a.hide_env_values(true))
+            .mut_subcommands(hide)
+    }
+    hide(<Cli as clap::CommandFactory>::command())
 }
 
 fn init_logging(format: LogFormat) {

@@ -178,6 +178,23 @@ fn make_pki(ca_name: &str, cn: &str, san: &str) -> Pki {
     }
 }
 
+/// A temp directory removed on drop (also when the test fails).
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(prefix: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("{prefix}-{}", unique("d")));
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 fn chmod_600(path: &Path) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod 600");
@@ -238,19 +255,14 @@ fn wrong_host_pki() -> Pki {
 // Running the gate
 // ---------------------------------------------------------------------------------------------
 
-/// A gate with a clean environment (only PATH, and HOME pointing at an empty directory so that
-/// no `~/.pgpass` of the machine takes part) plus `env`.
+/// A gate with a clean environment (only PATH, and a HOME that does not exist, so that no
+/// `~/.pgpass` of the machine takes part) plus `env`.
 fn gate(env: &[(&str, &str)], args: &[&str]) -> Command {
-    static HOME: OnceLock<PathBuf> = OnceLock::new();
-    let home = HOME.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("mg-tls-home-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("create empty HOME");
-        dir
-    });
     let mut c = Command::new(gate_bin());
     c.env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("HOME", home)
+        // A home without a `.pgpass` (it does not exist at all).
+        .env("HOME", "/nonexistent/mg-tls-empty-home")
         .stdin(Stdio::null());
     for (k, v) in env {
         c.env(k, v);
@@ -573,8 +585,8 @@ fn password_from_database_url_file_pgpassword_and_pgpassfile() {
     const WRONG: &str = "not-the-pw-8d1f3a";
     let wrong_pw = with_pw.replace(PASSWORD, WRONG);
 
-    let files = std::env::temp_dir().join(format!("mg-tls-secrets-{}", std::process::id()));
-    std::fs::create_dir_all(&files).expect("create temp dir");
+    let tmp = TempDir::new("mg-tls-secrets");
+    let files = &tmp.0;
     let pgpass = files.join("pgpass");
     std::fs::write(&pgpass, format!("127.0.0.1:{port}:*:postgres:{PASSWORD}\n")).expect("pgpass");
     chmod_600(&pgpass);
@@ -695,8 +707,9 @@ fn password_from_database_url_file_pgpassword_and_pgpassfile() {
                     );
                 }
             }
-            if *level == Some("debug") {
-                // Debug output really was on, so the check above covered it.
+            if case.code == 0 && *level == Some("debug") {
+                // Debug output really was on (the gate logs the child's start at debug), so the
+                // check above covered it.
                 assert!(
                     stderr(&out).contains("DEBUG")
                         || stderr(&out).contains("\"debug\"")
@@ -707,5 +720,4 @@ fn password_from_database_url_file_pgpassword_and_pgpassfile() {
             }
         }
     }
-    let _ = std::fs::remove_dir_all(&files);
 }
