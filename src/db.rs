@@ -56,6 +56,7 @@ impl Db {
                 )));
             }
         }
+        check_tls_files(url)?;
         let options = PgConnectOptions::from_str(url)
             .map_err(|e| {
                 Error::Usage(format!(
@@ -153,6 +154,11 @@ impl Db {
                     ))),
                 }
             }
+            // rustls reports a rejected certificate (and every other handshake failure) as an
+            // io::Error of kind InvalidData wrapping a rustls::Error: retrying cannot fix it.
+            sqlx::Error::Io(io) if is_tls_failure(io) => Failure::Fatal(Error::Unavailable(
+                format!("TLS connection to {at} failed: {io}; check sslmode and sslrootcert"),
+            )),
             sqlx::Error::Io(io) => Failure::Retry(io.to_string()),
             sqlx::Error::Tls(t) => Failure::Fatal(Error::Unavailable(format!(
                 "TLS connection to {at} failed: {t}; check sslmode and sslrootcert"
@@ -165,6 +171,42 @@ impl Db {
             other => Failure::Retry(other.to_string()),
         }
     }
+}
+
+/// Fails with a usage error naming the path when a TLS file named in the URL (or
+/// `PGSSLROOTCERT`) cannot be read: sqlx would report a bare "No such file or directory", and
+/// retrying cannot create the file.
+fn check_tls_files(url: &str) -> Result<()> {
+    let Ok(parsed) = url::Url::parse(url) else {
+        return Ok(());
+    };
+    let mut files: Vec<(String, String)> = parsed
+        .query_pairs()
+        .filter(|(k, _)| matches!(k.as_ref(), "sslrootcert" | "sslcert" | "sslkey"))
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    if !files.iter().any(|(k, _)| k == "sslrootcert")
+        && let Ok(path) = std::env::var("PGSSLROOTCERT")
+    {
+        files.push(("PGSSLROOTCERT".into(), path));
+    }
+    for (name, path) in files {
+        if let Err(e) = std::fs::File::open(&path) {
+            return Err(Error::Usage(format!(
+                "cannot read {name} file {path:?}: {e}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Whether an I/O error is a TLS handshake failure (bad certificate, wrong host, no common
+/// protocol) rather than a network problem.
+fn is_tls_failure(io: &std::io::Error) -> bool {
+    io.kind() == std::io::ErrorKind::InvalidData
+        && io
+            .get_ref()
+            .is_some_and(|e| e.downcast_ref::<rustls::Error>().is_some())
 }
 
 /// Runs `sql` with the simple query protocol and returns its rows.

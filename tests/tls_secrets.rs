@@ -543,19 +543,14 @@ fn verify_ca_with_an_unknown_ca_fails() {
 /// A certificate problem: reported at once (not retried until --connect-timeout) with the
 /// documented message, which names the URL without its password.
 ///
-/// KNOWN BUG (fails as of this writing; src/ left untouched on purpose): rustls reports a
-/// certificate it rejects during the handshake as an `io::Error` (kind InvalidData wrapping a
-/// `rustls::Error`), which sqlx returns as `sqlx::Error::Io`, not `sqlx::Error::Tls`. So
-/// `Db::classify` in src/db.rs sends it to the `sqlx::Error::Io(io) => Failure::Retry(..)` arm:
-/// the gate retries until --connect-timeout and then says "database unavailable ... check that
-/// PostgreSQL is running", never "TLS connection to ... failed; check sslmode and sslrootcert".
+/// A TLS failure is final: rustls reports a rejected certificate as an `io::Error` wrapping a
+/// `rustls::Error`, and the gate must not mistake it for a network problem and retry it.
 fn assert_tls_failure(out: &Output, took: Duration, what: &str) {
     let e = stderr(out);
     assert!(
         took < FAIL_FAST,
         "{what}: a certificate problem must fail at once, not be retried until --connect-timeout \
-         {CONNECT_TIMEOUT} (KNOWN BUG: src/db.rs Db::classify retries sqlx::Error::Io that wraps a \
-         rustls certificate error): {}",
+         {CONNECT_TIMEOUT}: {}",
         describe(out, took)
     );
     assert!(
@@ -720,4 +715,21 @@ fn password_from_database_url_file_pgpassword_and_pgpassfile() {
             }
         }
     }
+}
+
+#[test]
+fn a_missing_sslrootcert_file_is_a_usage_error_naming_the_path() {
+    let out = std::process::Command::new(gate_bin())
+        .args(["migrate", "--release", "r1", "--database-url"])
+        .arg("postgres://u:pw-leak-2@127.0.0.1:1/db?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem")
+        .args(["--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("/nonexistent/ca.pem"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!stderr(&out).contains("pw-leak-2"));
 }
