@@ -18,13 +18,11 @@ fn stdout(out: &Output) -> String {
 }
 
 fn migrate(db: &TestDb, release: &str, cmd: &[&str]) -> Output {
-    let out = db
-        .gate()
+    db.gate()
         .args(["migrate", "--release", release, "--"])
         .args(cmd)
         .output()
-        .unwrap();
-    out
+        .unwrap()
 }
 
 #[test]
