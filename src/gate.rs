@@ -212,22 +212,7 @@ impl Gate {
 
     async fn describe_holder(&self, conn: &mut PgConnection) -> String {
         match lock::holder(conn, self.lock()).await {
-            Ok(Some(h)) => format!(
-                "{} (backend pid {}, client {}, connected {}s ago, {})",
-                if h.application_name.is_empty() {
-                    "?"
-                } else {
-                    &h.application_name
-                },
-                h.pid,
-                if h.client_addr.is_empty() {
-                    "local"
-                } else {
-                    &h.client_addr
-                },
-                h.connected_secs.round(),
-                h.state
-            ),
+            Ok(Some(h)) => h.to_string(),
             Ok(None) => "nobody (about to be taken)".into(),
             Err(e) => format!("unknown ({e})"),
         }
@@ -484,6 +469,48 @@ impl Gate {
         }
     }
 
+    /// Runs a migration command as the holder. Success hands the lock back for the next step;
+    /// failure is recorded, frees the lock, and becomes the error (with the command's code).
+    async fn migration_step(
+        &self,
+        mut holding: Holding,
+        program: &Program<'_>,
+        what: &str,
+    ) -> Result<Holding> {
+        let code = match self.run_to_completion(&mut holding, program).await {
+            Ok(code) => code,
+            Err(e) => {
+                // A fenced holder has no session left and recorded its attempt already; any
+                // other error (the command could not start) is recorded here.
+                if !matches!(e, Error::Unavailable(_) | Error::Internal(_)) {
+                    let _ = self
+                        .complete(
+                            holding,
+                            Outcome::Failed,
+                            Some(e.exit_code()),
+                            &e.to_string(),
+                        )
+                        .await;
+                }
+                return Err(e);
+            }
+        };
+        if code != 0 {
+            self.complete(
+                holding,
+                Outcome::Failed,
+                Some(code),
+                &format!("{what} failed"),
+            )
+            .await?;
+            return Err(Error::MigrationFailed {
+                what: format!("{what} `{}`", program.display()),
+                code,
+            });
+        }
+        Ok(holding)
+    }
+
     async fn fence(&self, holding: &Holding, child: &mut Supervisor, reason: &str) -> Error {
         error!(
             reason,
@@ -658,49 +685,22 @@ pub async fn migrate(args: MigrateArgs) -> Result<i32> {
     let flag = &gate.settings.flag;
     match gate.acquire().await? {
         Role::Follower => Ok(0),
-        Role::Holder(mut holding) => {
+        Role::Holder(holding) => {
             let program = Program {
                 argv: &args.command,
                 flag: (&flag.name, &flag.on),
             };
-            let code = match gate.run_to_completion(&mut holding, &program).await {
-                Ok(code) => code,
-                Err(e) => {
-                    if !matches!(e, Error::Unavailable(_) | Error::Internal(_)) {
-                        let _ = gate
-                            .complete(
-                                holding,
-                                Outcome::Failed,
-                                Some(e.exit_code()),
-                                &e.to_string(),
-                            )
-                            .await;
-                    }
-                    return Err(e);
-                }
-            };
-            if code == 0 {
-                gate.complete(
-                    holding,
-                    Outcome::Done,
-                    Some(0),
-                    "migration command exited 0",
-                )
+            let holding = gate
+                .migration_step(holding, &program, "migration command")
                 .await?;
-                Ok(0)
-            } else {
-                gate.complete(
-                    holding,
-                    Outcome::Failed,
-                    Some(code),
-                    "migration command failed",
-                )
-                .await?;
-                Err(Error::MigrationFailed {
-                    what: format!("migration command `{}`", program.display()),
-                    code,
-                })
-            }
+            gate.complete(
+                holding,
+                Outcome::Done,
+                Some(0),
+                "migration command exited 0",
+            )
+            .await?;
+            Ok(0)
         }
     }
 }
@@ -766,35 +766,9 @@ pub async fn run(args: RunArgs) -> Result<i32> {
             argv,
             flag: (&flag.name, &flag.on),
         };
-        let code = match gate.run_to_completion(&mut holding, &program).await {
-            Ok(code) => code,
-            Err(e) => {
-                if !matches!(e, Error::Unavailable(_) | Error::Internal(_)) {
-                    let _ = gate
-                        .complete(
-                            holding,
-                            Outcome::Failed,
-                            Some(e.exit_code()),
-                            &e.to_string(),
-                        )
-                        .await;
-                }
-                return Err(e);
-            }
-        };
-        if code != 0 {
-            gate.complete(
-                holding,
-                Outcome::Failed,
-                Some(code),
-                "--migrate command failed",
-            )
+        holding = gate
+            .migration_step(holding, &program, "--migrate command")
             .await?;
-            return Err(Error::MigrationFailed {
-                what: format!("--migrate command `{}`", program.display()),
-                code,
-            });
-        }
     }
 
     let Some(probe) = probe else {

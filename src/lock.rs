@@ -255,6 +255,22 @@ pub struct Holder {
     pub state: String,
 }
 
+impl fmt::Display for Holder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let or =
+            |s: &str, default: &'static str| if s.is_empty() { default } else { s }.to_string();
+        write!(
+            f,
+            "{} (backend pid {}, client {}, connected {}s ago, {})",
+            or(&self.application_name, "?"),
+            self.pid,
+            or(&self.client_addr, "local"),
+            self.connected_secs.round(),
+            self.state
+        )
+    }
+}
+
 /// Who holds `lock` now, if anyone.
 pub async fn holder(
     conn: &mut PgConnection,

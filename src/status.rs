@@ -86,20 +86,8 @@ pub fn render(report: &Report, release: Option<&str>) -> String {
     let mut s = format!("lock {} (key {})\n", report.lock, report.lock_key);
     match &report.holder {
         Some(h) => s.push_str(&format!(
-            "  held by {} (backend pid {}, client {}, connected since {}, {})\n",
-            if h.application_name.is_empty() {
-                "?"
-            } else {
-                &h.application_name
-            },
-            h.pid,
-            if h.client_addr.is_empty() {
-                "local"
-            } else {
-                &h.client_addr
-            },
-            h.backend_start,
-            h.state
+            "  held by {h}, connected since {}\n",
+            h.backend_start
         )),
         None => s.push_str("  free\n"),
     }
