@@ -20,6 +20,10 @@ use support::*;
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
+    let only: Option<usize> = std::env::args()
+        .skip_while(|a| a != "--only")
+        .nth(1)
+        .and_then(|v| v.parse().ok());
     let sizes: &[usize] = if quick { &[10, 50] } else { &[10, 100, 300] };
     let cluster = Cluster::start(&["max_connections=350"]);
     println!(
@@ -27,14 +31,16 @@ fn main() {
         cores()
     );
 
-    fast_path(&cluster, if quick { 20 } else { 50 });
+    if only.is_none() {
+        fast_path(&cluster, if quick { 20 } else { 50 });
+    }
 
     println!("\n## Hand-off: from the release's ledger commit until each waiter execs its app\n");
     println!(
         "| waiters | approach | p50 ms | p99 ms | max ms | peak connections | peak RSS of a waiter |"
     );
     println!("|---:|---|---:|---:|---:|---:|---:|");
-    for &n in sizes {
+    for &n in sizes.iter().filter(|&&n| only.is_none_or(|o| o == n)) {
         let gate = hand_off(&cluster, n, Approach::Gate);
         print_row(n, "migrations-gate", &gate);
         let blocking = hand_off(&cluster, n, Approach::BlockingLock);

@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
-use crate::lock::{LockKey, Scope};
+use crate::lock::{LockKey, Scope, WaitSlots};
 
 const AFTER_HELP: &str = "\
 Exit codes: 0 ok, 1 release not done (status --release), 64 usage, 69 database unavailable,
@@ -195,14 +195,14 @@ pub struct GateArgs {
     #[arg(long, env = "MIGRATIONS_GATE_KILL_GRACE", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub kill_grace: Duration,
 
-    /// At most this many waiters keep a database connection open (and hand over fastest); the rest reconnect per poll.
+    /// How many waiters keep a connection open (and hand over fastest): a number, or auto (half the server's free connections, at least 10); the rest reconnect per poll.
     #[arg(
         long,
         env = "MIGRATIONS_GATE_WAITING_CONNECTIONS",
-        value_name = "N",
-        default_value_t = 10
+        value_name = "N|auto",
+        default_value = "auto"
     )]
-    pub waiting_connections: u32,
+    pub waiting_connections: WaitSlots,
 }
 
 /// The environment variable handed to the app.
@@ -398,7 +398,7 @@ pub struct Settings {
     /// See [`DbArgs::lock_scope`].
     pub lock_scope: Scope,
     /// See [`GateArgs::waiting_connections`].
-    pub waiting_connections: u32,
+    pub waiting_connections: WaitSlots,
 }
 
 /// The environment variable that turns the app's migrations on or off.
@@ -446,7 +446,7 @@ impl DbArgs {
                 .clone()
                 .unwrap_or_else(|| format!("migrations-gate/{}", hostname())),
             lock_scope: self.lock_scope,
-            waiting_connections: 10,
+            waiting_connections: WaitSlots::Auto,
         })
     }
 

@@ -41,7 +41,15 @@ const POLL_MIN: Duration = Duration::from_millis(20);
 const POLL_FAST_MAX: Duration = Duration::from_millis(100);
 /// Longest polling delay of a waiter that reconnects for each poll: a new connection costs the
 /// server a process and an authentication, so hundreds of these must poll gently.
-const POLL_SLOW_MAX: Duration = Duration::from_millis(750);
+const POLL_SLOW_MAX: Duration = Duration::from_millis(500);
+/// Longest polling delay of a reconnecting waiter when nearly all of the server's connections
+/// are in use: the migration and the apps need them more than we do.
+const POLL_CROWDED_MAX: Duration = Duration::from_millis(8000);
+/// Share of `max_connections` in use above which reconnecting waiters slow down, linearly up to
+/// [`POLL_CROWDED_MAX`] at [`PACKED`].
+const CROWDED: f64 = 0.5;
+/// Share of `max_connections` in use at which reconnecting waiters poll most gently.
+const PACKED: f64 = 0.9;
 
 /// One replica's view of the lock and ledger.
 pub struct Gate {
@@ -86,6 +94,7 @@ enum Poll {
     /// lock, when a report was asked for.
     Busy {
         keep: bool,
+        pressure: f64,
         holder: Option<String>,
     },
     Holder(i64),
@@ -125,6 +134,7 @@ impl Gate {
         let mut slow = backoff(POLL_MIN, POLL_SLOW_MAX);
         let mut conn: Option<PgConnection> = None;
         let mut watching = false;
+        let mut pressure = 0.0;
         let mut next_report = started;
         if self.release().is_none() {
             info!(lock = %self.lock(), "no --release given: every replica runs the migration in turn under the lock (correct for idempotent migrators, slower)");
@@ -159,7 +169,12 @@ impl Gate {
                         since: Instant::now(),
                     }));
                 }
-                Ok(Poll::Busy { keep, holder }) => {
+                Ok(Poll::Busy {
+                    keep,
+                    pressure: seen,
+                    holder,
+                }) => {
+                    pressure = seen;
                     if let Some(holder) = holder {
                         if waited >= self.settings.wait_timeout {
                             return Err(Error::Timeout {
@@ -195,6 +210,8 @@ impl Gate {
             let waited = started.elapsed();
             let delay = if conn.is_some() {
                 fast.next()
+            } else if pressure > CROWDED {
+                Some(crowded_delay(pressure))
             } else {
                 slow.next()
             };
@@ -266,21 +283,25 @@ impl Gate {
             };
             // Behind a transaction pooler a client connection costs no server connection; a
             // direct one does, so only a few waiters (those with a slot) keep theirs.
-            let keep = match scope {
-                Scope::Transaction => true,
+            let (keep, pressure) = match scope {
+                Scope::Transaction => (true, 0.0),
+                _ if *watching => (true, 0.0),
                 _ => {
-                    if !*watching {
-                        *watching = lock::try_take_wait_slot(
-                            conn,
-                            self.lock(),
-                            self.settings.waiting_connections,
-                        )
-                        .await?;
-                    }
-                    *watching
+                    let slot = lock::try_take_wait_slot(
+                        conn,
+                        self.lock(),
+                        self.settings.waiting_connections,
+                    )
+                    .await?;
+                    *watching = slot.taken;
+                    (slot.taken, slot.pressure)
                 }
             };
-            return Ok(Poll::Busy { keep, holder });
+            return Ok(Poll::Busy {
+                keep,
+                pressure,
+                holder,
+            });
         }
         lock::configure_keepalives(conn, scope).await?;
         if let Some(release) = self.release()
@@ -639,6 +660,15 @@ impl Gate {
             }),
         }
     }
+}
+
+/// The polling delay of a reconnecting waiter on a crowded server: from [`POLL_SLOW_MAX`] when
+/// [`CROWDED`] to [`POLL_CROWDED_MAX`] when [`PACKED`], jittered over its upper half so that a
+/// fleet spreads its reconnections.
+fn crowded_delay(pressure: f64) -> Duration {
+    let f = ((pressure - CROWDED) / (PACKED - CROWDED)).clamp(0.0, 1.0);
+    let cap = POLL_SLOW_MAX.as_secs_f64() + f * (POLL_CROWDED_MAX - POLL_SLOW_MAX).as_secs_f64();
+    Duration::from_secs_f64(cap * (0.5 + 0.5 * fastrand::f64()))
 }
 
 /// Stops with 127/126 before taking any lock if `argv[0]` cannot be found or executed.

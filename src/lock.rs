@@ -213,29 +213,72 @@ pub async fn configure_keepalives(
     query(conn, sql).await.map(|_| ())
 }
 
-/// Tries to take one of `slots` "waiting connection" slots of this lock. Waiters that get one
-/// keep their connection and poll often; the others reconnect for every poll, so a fleet of
-/// hundreds never holds more than `slots` connections while it waits. Session-level: only
+/// How many waiters may keep a connection open while they wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitSlots {
+    /// A third of the server's free connections at the moment a waiter asks (at least 5, at
+    /// most 100). As waiters take slots the free count shrinks, so they settle near a quarter
+    /// of what was free, leaving the rest to the migration and the apps.
+    Auto,
+    /// A fixed number (0: every waiter reconnects for each poll).
+    Fixed(u32),
+}
+
+impl std::str::FromStr for WaitSlots {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "auto" {
+            return Ok(WaitSlots::Auto);
+        }
+        s.parse()
+            .map(WaitSlots::Fixed)
+            .map_err(|_| format!("{s:?} is neither `auto` nor a number of connections"))
+    }
+}
+
+/// Tries to take a "waiting connection" slot of this lock. Waiters that get one keep their
+/// connection and poll often (a query on an open connection is cheap); the others reconnect for
+/// every poll (a new connection costs the server a process and an authentication), so a fleet of
+/// hundreds never holds more connections than the slots while it waits. Session-level: only
 /// used in session scope.
 pub async fn try_take_wait_slot(
     conn: &mut PgConnection,
     lock: &LockKey,
-    slots: u32,
-) -> Result<bool, sqlx::Error> {
-    if slots == 0 {
-        return Ok(false);
-    }
-    let got = query_scalar(
+    slots: WaitSlots,
+) -> Result<Slot, sqlx::Error> {
+    let used = "(SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')::int";
+    let max = "current_setting('max_connections')::int";
+    let count = match slots {
+        WaitSlots::Fixed(n) => n.to_string(),
+        WaitSlots::Auto => format!("least(100, greatest(5, ({max} - {used}) / 3))"),
+    };
+    let rows = query(
         conn,
         format!(
-            "SELECT count(*)::text FROM (SELECT s FROM generate_series(0, {}) s \
-             WHERE pg_try_advisory_lock({}, s) LIMIT 1) t",
-            slots - 1,
+            "SELECT (SELECT count(*) FROM (SELECT s FROM generate_series(0, {count} - 1) s \
+                     WHERE pg_try_advisory_lock({}, s) LIMIT 1) t)::text, \
+                    ({used}::float8 / {max})::text",
             lock.slot_space()
         ),
     )
     .await?;
-    Ok(got.as_deref() == Some("1"))
+    let text =
+        |i: usize| -> Option<String> { rows.first().and_then(|r| r.try_get::<String, _>(i).ok()) };
+    Ok(Slot {
+        taken: text(0).as_deref() == Some("1"),
+        pressure: text(1).and_then(|v| v.parse().ok()).unwrap_or(0.0),
+    })
+}
+
+/// The answer of [`try_take_wait_slot`].
+#[derive(Debug, Clone, Copy)]
+pub struct Slot {
+    /// Whether this waiter got a slot (and keeps its connection).
+    pub taken: bool,
+    /// Share of `max_connections` in use, 0 to 1: waiters without a slot poll more gently when
+    /// the server is crowded.
+    pub pressure: f64,
 }
 
 /// The session that holds a lock, as PostgreSQL sees it.

@@ -83,6 +83,9 @@ fn holders_killed_at_random_points_repeatedly_still_migrate_once() {
         .map(|_| spawn(&mut migrate(&db, &["--kill-grace", "1s"], 300)))
         .collect();
     let mut killed: Vec<String> = Vec::new();
+    eventually(HANG_GUARD, "the first gate created the ledger", || {
+        db.one("SELECT (to_regclass('migrations_gate.ledger') IS NOT NULL)::text") == "true"
+    });
     for _ in 0..3 {
         let mut holder = String::new();
         eventually(HANG_GUARD, "a live holder is migrating", || {

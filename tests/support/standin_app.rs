@@ -14,7 +14,8 @@
 //!   records and answers by exiting with `STANDIN_TERM_CODE` (default 42).
 //!
 //! Knobs: `STANDIN_FLAG` (default `ENABLE_DB_MIGRATIONS`), `STANDIN_STEP_MS` (default 200),
-//! `STANDIN_FAIL` (exit 3 after the first step), `STANDIN_EXIT_BEFORE_READY` (serve: exit 5
+//! `STANDIN_FAIL` (exit 3 after the first step), `STANDIN_STEP_CONNECT` (open a fresh
+//! connection at every step; exit 4 if the server has none left), `STANDIN_EXIT_BEFORE_READY` (serve: exit 5
 //! before listening).
 
 use std::time::Duration;
@@ -51,6 +52,24 @@ async fn step_sleep() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(200);
     tokio::time::sleep(Duration::from_millis(ms)).await;
+    // Like a migration tool that opens connections as it goes: fails (and so fails the
+    // migration) if waiting gates have left it no connection.
+    if env("STANDIN_STEP_CONNECT").is_some()
+        && let Some(url) = env("DATABASE_URL")
+    {
+        match PgConnection::connect(&url).await {
+            Ok(c) => {
+                let _ = c.close().await;
+            }
+            Err(e) => {
+                eprintln!(
+                    "standin-app[{}]: no connection for the next step: {e}",
+                    std::process::id()
+                );
+                std::process::exit(4);
+            }
+        }
+    }
 }
 
 async fn setup(conn: &mut PgConnection) -> Res<()> {
