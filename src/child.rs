@@ -3,7 +3,7 @@
 //!
 //! The life of a supervised child, in order: [`spawn`] (own process group, guarded) →
 //! [`Supervisor::wait`] (forward signals, reap) → [`Supervisor::stop`] if the gate must end it →
-//! [`Supervisor::exit_code`] (128+signal when killed, as shells report it).
+//! [`Supervisor::finish`]; exit codes are 128+signal when killed, as shells report them.
 //!
 //! # Why a guard process
 //! While the gate holds the lock its child must not outlive it: if the gate is killed, PostgreSQL
@@ -13,7 +13,6 @@
 //! group, and a tiny forked guard (which does nothing but wait) kills that whole group with
 //! SIGKILL when the gate dies.
 
-use std::collections::HashMap;
 use std::io;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::Command;
@@ -25,7 +24,7 @@ use tracing::{debug, info, warn};
 use crate::error::{Error, Result};
 
 /// Signals the gate passes on to its child, like tini.
-pub const FORWARDED: [libc::c_int; 6] = [
+pub(crate) const FORWARDED: [libc::c_int; 6] = [
     libc::SIGTERM,
     libc::SIGINT,
     libc::SIGHUP,
@@ -36,7 +35,7 @@ pub const FORWARDED: [libc::c_int; 6] = [
 
 /// A program and the environment variable it gets.
 #[derive(Debug, Clone)]
-pub struct Program<'a> {
+pub(crate) struct Program<'a> {
     /// argv, program first.
     pub argv: &'a [String],
     /// `(name, value)` set in the child's environment.
@@ -55,12 +54,12 @@ impl Program<'_> {
     }
 
     /// The program name, for messages.
-    pub fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         self.argv.first().map(String::as_str).unwrap_or("")
     }
 
     /// The command line, for logs.
-    pub fn display(&self) -> String {
+    pub(crate) fn display(&self) -> String {
         shell_words::join(self.argv)
     }
 }
@@ -80,7 +79,7 @@ fn spawn_error(program: &str, e: io::Error) -> Error {
 
 /// Replaces the gate by `program`: same PID, the program gets our signals and our exit.
 /// Returns only on failure.
-pub fn exec(program: &Program<'_>) -> Error {
+pub(crate) fn exec(program: &Program<'_>) -> Error {
     let mut cmd = match program.command() {
         Ok(cmd) => cmd,
         Err(e) => return e,
@@ -90,18 +89,19 @@ pub fn exec(program: &Program<'_>) -> Error {
 }
 
 /// A running child, its guard, and the signal streams the gate listens to while it runs.
-pub struct Supervisor {
+pub(crate) struct Supervisor {
     pid: i32,
     guard: i32,
     sigchld: Signal,
     forwarded: Vec<(libc::c_int, Signal)>,
-    /// Exit statuses reaped for other PIDs (orphans re-parented to us when we are PID 1).
-    reaped: HashMap<i32, i32>,
+    /// Whether `reap` collected the guard (orphans re-parented to us when we are PID 1 are
+    /// reaped and forgotten).
+    guard_reaped: bool,
     status: Option<i32>,
 }
 
 /// Starts `program` in its own process group, guarded so that the group dies with the gate.
-pub fn spawn(program: &Program<'_>) -> Result<Supervisor> {
+pub(crate) fn spawn(program: &Program<'_>) -> Result<Supervisor> {
     // Listen before spawning so no SIGCHLD or forwarded signal can slip between.
     let sigchld = signal(SignalKind::child())
         .map_err(|e| Error::Internal(format!("cannot listen for SIGCHLD: {e}")))?;
@@ -140,7 +140,7 @@ pub fn spawn(program: &Program<'_>) -> Result<Supervisor> {
         guard,
         sigchld,
         forwarded,
-        reaped: HashMap::new(),
+        guard_reaped: false,
         status: None,
     })
 }
@@ -192,16 +192,6 @@ fn kill_group(pgid: i32, sig: libc::c_int) {
 }
 
 impl Supervisor {
-    /// The child's PID.
-    pub fn pid(&self) -> i32 {
-        self.pid
-    }
-
-    /// The child's exit code once it has exited.
-    pub fn exit_code(&self) -> Option<i32> {
-        self.status
-    }
-
     /// Reaps every exited child without blocking; records our child's code.
     fn reap(&mut self) {
         loop {
@@ -214,15 +204,15 @@ impl Supervisor {
             let code = exit_code_of(status);
             if pid == self.pid {
                 self.status = Some(code);
-            } else {
-                self.reaped.insert(pid, code);
+            } else if pid == self.guard {
+                self.guard_reaped = true;
             }
         }
     }
 
     /// Waits until the child exits, forwarding signals to it meanwhile. Cancel-safe: use it in
     /// `select!` beside other work (probes, heartbeats).
-    pub async fn wait(&mut self) -> i32 {
+    pub(crate) async fn wait(&mut self) -> i32 {
         loop {
             self.reap();
             if let Some(code) = self.status {
@@ -243,7 +233,7 @@ impl Supervisor {
     }
 
     /// Stops the child's whole process group: SIGTERM, then SIGKILL after `grace`.
-    pub async fn stop(&mut self, grace: Duration) -> i32 {
+    pub(crate) async fn stop(&mut self, grace: Duration) -> i32 {
         if let Some(code) = self.status {
             kill_group(self.pid, libc::SIGKILL);
             return code;
@@ -264,7 +254,7 @@ impl Supervisor {
 
     /// Ends the guard (and any process the child left behind in its group) once the child is
     /// done. Call after the child exited.
-    pub fn finish(&mut self) {
+    pub(crate) fn finish(&mut self) {
         // A migration that left background processes behind must not keep running unguarded.
         kill_group(self.pid, libc::SIGKILL);
         // SAFETY: plain system calls; the guard is our child.
@@ -284,7 +274,7 @@ impl Drop for Supervisor {
         // SAFETY: plain system call. Killing an already reaped PID is harmless here because we
         // never reap the guard anywhere but in `finish` and `reap` (which records it).
         unsafe {
-            if !self.reaped.contains_key(&self.guard) {
+            if !self.guard_reaped {
                 libc::kill(self.guard, libc::SIGKILL);
             }
         }
@@ -305,7 +295,7 @@ async fn next_signal(streams: &mut [(libc::c_int, Signal)]) -> libc::c_int {
 }
 
 /// A wait status as a shell reports it: the exit code, or 128+N when killed by signal N.
-pub fn exit_code_of(status: libc::c_int) -> i32 {
+pub(crate) fn exit_code_of(status: libc::c_int) -> i32 {
     let status = std::process::ExitStatus::from_raw(status);
     match (status.code(), status.signal()) {
         (Some(code), _) => code,

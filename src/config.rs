@@ -1,5 +1,5 @@
-//! Command-line flags, their `MIGRATIONS_GATE_*` environment twins, and their validation into a
-//! [`Settings`] the rest of the crate can trust.
+//! Command-line flags, their `MIGRATIONS_GATE_*` environment twins, and their validation into
+//! values the rest of the crate can trust. Every default lives in a clap attribute here.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -187,15 +187,23 @@ pub struct GateArgs {
     #[allow(missing_docs)]
     pub flag: FlagArgs,
 
-    /// Give up waiting for the release after this long (e.g. 90s, 30m).
-    #[arg(long, env = "MIGRATIONS_GATE_WAIT_TIMEOUT", value_name = "DURATION", default_value = "30m", value_parser = parse_duration)]
-    pub wait_timeout: Duration,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub waiting: WaitingArgs,
 
     /// After SIGTERM, wait this long before SIGKILL when the gate must stop its child.
     #[arg(long, env = "MIGRATIONS_GATE_KILL_GRACE", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub kill_grace: Duration,
+}
 
-    /// How many waiters keep a connection open (and hand over fastest): a number, or auto (half the server's free connections, at least 10); the rest reconnect per poll.
+/// How a replica waits: shared by the gating modes and `wait`.
+#[derive(Debug, Clone, Args)]
+pub struct WaitingArgs {
+    /// Give up waiting for the release after this long (e.g. 90s, 30m): a hard bound, whatever the network does.
+    #[arg(long, env = "MIGRATIONS_GATE_WAIT_TIMEOUT", value_name = "DURATION", default_value = "30m", value_parser = parse_duration)]
+    pub wait_timeout: Duration,
+
+    /// How many waiters keep their connection open on a direct connection (they hear "done" at once by LISTEN): a number, or auto (a third of the server's free connections, at least 5, at most 100). The others reconnect per poll; behind a proxy or a session pooler every waiter does.
     #[arg(
         long,
         env = "MIGRATIONS_GATE_WAITING_CONNECTIONS",
@@ -310,9 +318,9 @@ pub struct WaitArgs {
     #[allow(missing_docs)]
     pub flag: FlagArgs,
 
-    /// Give up waiting for the release after this long.
-    #[arg(long, env = "MIGRATIONS_GATE_WAIT_TIMEOUT", value_name = "DURATION", default_value = "30m", value_parser = parse_duration)]
-    pub wait_timeout: Duration,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub waiting: WaitingArgs,
 
     /// Command to exec once the release is done (with the flag off); without one, exit 0.
     #[arg(last = true, value_name = "CMD")]
@@ -374,31 +382,21 @@ fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 30s, 5m, 1h)"))
 }
 
-/// Validated settings shared by every mode.
+/// Where the database and the lock are: validated [`DbArgs`], shared by every command.
 #[derive(Debug, Clone)]
-pub struct Settings {
+pub struct Target {
     /// The database URL, exactly as given (never logged; see [`crate::db::redact_url`]).
     pub database_url: String,
     /// The advisory lock.
     pub lock: LockKey,
-    /// The release to migrate to, if any.
-    pub release: Option<String>,
     /// Schema of the ledger.
     pub schema: String,
-    /// The switch handed to the app.
-    pub flag: Flag,
-    /// See [`GateArgs::wait_timeout`].
-    pub wait_timeout: Duration,
     /// See [`DbArgs::connect_timeout`].
     pub connect_timeout: Duration,
-    /// See [`GateArgs::kill_grace`].
-    pub kill_grace: Duration,
     /// application_name of our connections.
     pub application_name: String,
     /// See [`DbArgs::lock_scope`].
     pub lock_scope: Scope,
-    /// See [`GateArgs::waiting_connections`].
-    pub waiting_connections: WaitSlots,
 }
 
 /// The environment variable that turns the app's migrations on or off.
@@ -413,8 +411,8 @@ pub struct Flag {
 }
 
 impl DbArgs {
-    /// Checks the connection and lock flags; every other setting gets its default.
-    pub fn settings(&self) -> Result<Settings> {
+    /// Checks the connection and lock flags.
+    pub fn target(&self) -> Result<Target> {
         let database_url = self.resolve_database_url()?;
         let lock = match self.lock_id {
             Some(id) => LockKey::from_id(id),
@@ -428,25 +426,16 @@ impl DbArgs {
         if self.schema.is_empty() {
             return Err(Error::Usage("--schema must not be empty".into()));
         }
-        Ok(Settings {
+        Ok(Target {
             database_url,
             lock,
-            release: None,
             schema: self.schema.clone(),
-            flag: Flag {
-                name: "ENABLE_DB_MIGRATIONS".into(),
-                on: "True".into(),
-                off: "False".into(),
-            },
-            wait_timeout: Duration::from_secs(30 * 60),
             connect_timeout: self.connect_timeout,
-            kill_grace: Duration::from_secs(10),
             application_name: self
                 .application_name
                 .clone()
                 .unwrap_or_else(|| format!("migrations-gate/{}", hostname())),
             lock_scope: self.lock_scope,
-            waiting_connections: WaitSlots::Auto,
         })
     }
 
@@ -495,7 +484,8 @@ impl ReleaseArgs {
 }
 
 impl FlagArgs {
-    fn flag(&self) -> Result<Flag> {
+    /// The validated flag.
+    pub fn flag(&self) -> Result<Flag> {
         if self.flag.is_empty() || self.flag.contains('=') || self.flag.contains('\0') {
             return Err(Error::Usage(format!(
                 "--flag {:?} is not a valid environment variable name",
@@ -510,31 +500,14 @@ impl FlagArgs {
     }
 }
 
-impl GateArgs {
-    /// Checks the flags and resolves the URL, lock key and release.
-    pub fn settings(&self) -> Result<Settings> {
-        let mut s = self.db.settings()?;
-        s.release = self.release.resolve()?;
-        s.flag = self.flag.flag()?;
-        s.wait_timeout = self.wait_timeout;
-        s.kill_grace = self.kill_grace;
-        s.waiting_connections = self.waiting_connections;
-        Ok(s)
-    }
-}
-
 impl WaitArgs {
-    /// Checks the flags; a release is required.
-    pub fn settings(&self) -> Result<Settings> {
-        let mut s = self.db.settings()?;
-        s.release = Some(self.release.resolve()?.ok_or_else(|| {
+    /// The release to wait for: required.
+    pub fn release(&self) -> Result<String> {
+        self.release.resolve()?.ok_or_else(|| {
             Error::Usage(
                 "wait needs --release ID or --release-from PATH: the release to wait for".into(),
             )
-        })?);
-        s.flag = self.flag.flag()?;
-        s.wait_timeout = self.wait_timeout;
-        Ok(s)
+        })
     }
 }
 

@@ -11,8 +11,8 @@ use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use backon::BackoffBuilder;
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgRow};
-use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Row};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPoolOptions, PgRow};
+use sqlx::{Acquire, AssertSqlSafe, ConnectOptions, Row};
 use tracing::{debug, warn};
 
 use crate::error::{Error, Result};
@@ -20,27 +20,74 @@ use crate::error::{Error, Result};
 /// Longest single connection attempt: a host that drops SYNs would otherwise hang for minutes.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Longest round trip of any query of the gate's. Its queries are tiny; one that takes longer
+/// rides on a dead socket (a node's network blip, a blackholed address after a failover), and
+/// without a deadline it would hang until TCP gives up, about 15 minutes later.
+pub(crate) const ROUND_TRIP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Client-side TCP settings of every connection: a peer that vanished without a reset is
+/// noticed within about 30 s even by a socket that waits for nothing.
+const KEEPALIVE_IDLE_S: libc::c_int = 10;
+const KEEPALIVE_INTERVAL_S: libc::c_int = 5;
+const KEEPALIVE_COUNT: libc::c_int = 3;
+const USER_TIMEOUT_MS: libc::c_int = 30_000;
+
 /// How to reach the database.
 #[derive(Debug, Clone)]
-pub struct Db {
+pub(crate) struct Db {
     options: PgConnectOptions,
     connect_timeout: Duration,
     /// The URL with its password replaced, safe to print.
-    pub redacted_url: String,
+    pub(crate) redacted_url: String,
 }
 
 /// What to do about a failed database call.
 #[derive(Debug)]
-pub enum Failure {
+pub(crate) enum Failure {
     /// Transient (refused, restarting, too many connections, lost connection): retry.
     Retry(String),
     /// Retrying cannot help (bad password, missing database, bad TLS setup).
     Fatal(Error),
 }
 
+/// One connection of the gate's. It can `LISTEN`: sqlx only delivers notifications to a
+/// `PgListener`, which needs a pool, so each connection is a pool of exactly one that never
+/// reconnects by itself (a lost connection is the caller's decision).
+pub(crate) struct Conn {
+    listener: PgListener,
+}
+
+impl Conn {
+    /// The session, for queries.
+    pub(crate) async fn pg(&mut self) -> Result<&mut PgConnection, sqlx::Error> {
+        self.listener.acquire().await
+    }
+
+    /// Subscribes to `channel` (a session-level command: only on a connection that is its own
+    /// server session, never behind transaction pooling).
+    pub(crate) async fn listen(&mut self, channel: &str) -> Result<(), sqlx::Error> {
+        deadline(ROUND_TRIP_TIMEOUT, self.listener.listen(channel)).await
+    }
+
+    /// Waits up to `limit` for a notification. `Ok(true)`: one arrived; `Ok(false)`: none in
+    /// time; an error: the connection is lost.
+    pub(crate) async fn notified(&mut self, limit: Duration) -> Result<bool, sqlx::Error> {
+        match tokio::time::timeout(limit, self.listener.try_recv()).await {
+            Ok(Ok(Some(_))) => {
+                // One wake-up is enough however many arrived.
+                while self.listener.next_buffered().is_some() {}
+                Ok(true)
+            }
+            Ok(Ok(None)) => Err(sqlx::Error::Io(std::io::ErrorKind::ConnectionReset.into())),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Ok(false),
+        }
+    }
+}
+
 impl Db {
     /// Parses `url` and prepares connection options; a malformed URL is a usage error.
-    pub fn new(url: &str, application_name: &str, connect_timeout: Duration) -> Result<Db> {
+    pub(crate) fn new(url: &str, application_name: &str, connect_timeout: Duration) -> Result<Db> {
         let redacted_url = redact_url(url);
         match url::Url::parse(url) {
             Ok(u) if matches!(u.scheme(), "postgres" | "postgresql") => {}
@@ -77,7 +124,7 @@ impl Db {
     }
 
     /// The TCP port we dial (`None` for a Unix socket), to spot a pooler or proxy in between.
-    pub fn dialled_port(&self) -> Option<u16> {
+    pub(crate) fn dialled_port(&self) -> Option<u16> {
         match self.options.get_socket() {
             Some(_) => None,
             None => Some(self.options.get_port()),
@@ -86,22 +133,18 @@ impl Db {
 
     /// Connects, retrying transient failures with jittered exponential backoff until
     /// `--connect-timeout` has passed. Authentication and configuration errors fail at once.
-    pub async fn connect(&self) -> Result<PgConnection> {
+    pub(crate) async fn connect(&self) -> Result<Conn> {
         let started = Instant::now();
         let mut delays = backoff(Duration::from_millis(50), Duration::from_secs(2));
         loop {
             let remaining = self.connect_timeout.saturating_sub(started.elapsed());
-            match self.connect_once(remaining.min(ATTEMPT_TIMEOUT)).await {
+            match self.connect_once(remaining).await {
                 Ok(conn) => return Ok(conn),
                 Err(Failure::Fatal(e)) => return Err(e),
                 Err(Failure::Retry(reason)) => {
                     let remaining = self.connect_timeout.saturating_sub(started.elapsed());
                     if remaining.is_zero() {
-                        return Err(Error::Unavailable(format!(
-                            "database unavailable at {} after {}: {reason}; check that PostgreSQL is running and reachable, or raise --connect-timeout",
-                            self.redacted_url,
-                            humantime::format_duration(round(self.connect_timeout)),
-                        )));
+                        return Err(self.gave_up(&reason));
                     }
                     let delay = delays
                         .next()
@@ -114,21 +157,69 @@ impl Db {
         }
     }
 
-    /// One connection attempt, bounded by `limit`.
-    pub async fn connect_once(&self, limit: Duration) -> Result<PgConnection, Failure> {
-        let limit = limit.max(Duration::from_millis(100));
-        match tokio::time::timeout(limit, self.options.connect()).await {
-            Ok(Ok(conn)) => Ok(conn),
-            Ok(Err(e)) => Err(self.classify(&e)),
-            Err(_) => Err(Failure::Retry(format!(
-                "no answer within {}",
-                humantime::format_duration(round(limit))
+    /// The error after `--connect-timeout` of transient failures, the last one being `reason`.
+    pub(crate) fn gave_up(&self, reason: &str) -> Error {
+        Error::Unavailable(format!(
+            "database unavailable at {} after {}: {reason}; check that PostgreSQL is running and reachable, or raise --connect-timeout",
+            self.redacted_url,
+            short(self.connect_timeout),
+        ))
+    }
+
+    /// The user name we log in as.
+    pub(crate) fn username(&self) -> &str {
+        self.options.get_username()
+    }
+
+    /// One connection attempt, bounded by `limit` (and by [`ATTEMPT_TIMEOUT`]).
+    pub(crate) async fn connect_once(&self, limit: Duration) -> Result<Conn, Failure> {
+        let limit = limit.clamp(Duration::from_millis(100), ATTEMPT_TIMEOUT);
+        // The pool retries a refused connection and "too many connections" by itself until
+        // `limit`; everything else comes back to be classified here.
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .min_connections(0)
+            .max_lifetime(None)
+            .idle_timeout(None)
+            .test_before_acquire(false)
+            .acquire_timeout(limit)
+            .connect_lazy_with(self.options.clone());
+        let attempt = tokio::time::timeout(limit, PgListener::connect_with(&pool)).await;
+        match attempt {
+            Ok(Ok(mut listener)) => {
+                listener.eager_reconnect(false);
+                listener.ignore_pool_close_event(true);
+                set_client_keepalives();
+                Ok(Conn { listener })
+            }
+            Ok(Err(sqlx::Error::PoolTimedOut)) | Err(_) => Err(Failure::Retry(format!(
+                "{} within {}",
+                self.why_unreachable().await,
+                short(limit)
             ))),
+            Ok(Err(e)) => Err(self.classify(&e)),
+        }
+    }
+
+    /// Why no connection came: a refused TCP connection says more than a timeout.
+    async fn why_unreachable(&self) -> &'static str {
+        if self.options.get_socket().is_some() {
+            return "no connection";
+        }
+        let addr = (self.options.get_host().to_string(), self.options.get_port());
+        match tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr))
+            .await
+        {
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => "connection refused",
+            Ok(Ok(_)) => {
+                "no session (the server accepts TCP but is full, starting up or not answering)"
+            }
+            _ => "no answer",
         }
     }
 
     /// Sorts an error into retry or give up, with a message that names the URL safely.
-    pub fn classify(&self, e: &sqlx::Error) -> Failure {
+    pub(crate) fn classify(&self, e: &sqlx::Error) -> Failure {
         let at = &self.redacted_url;
         match e {
             sqlx::Error::Database(db) => {
@@ -139,10 +230,13 @@ impl Db {
                         "authentication refused by {at}: {msg}; check the user name and password"
                     ))),
                     "42501" => Failure::Fatal(Error::Auth(format!(
-                        "permission denied at {at}: {msg}; the gate's user needs CONNECT on the database and CREATE on it (or an existing ledger schema)"
+                        "permission denied at {at}: {msg}; see \"Privileges\" in the README for the grants the gate's role needs"
                     ))),
                     "3D000" => Failure::Fatal(Error::Unavailable(format!(
                         "{msg} at {at}; create the database or fix the URL"
+                    ))),
+                    "25006" => Failure::Fatal(Error::Unavailable(format!(
+                        "the server at {at} is read-only ({msg}): a hot standby, or default_transaction_read_only is on; point the gate at the primary"
                     ))),
                     // Too many connections, server starting or shutting down, connection
                     // failures, crash recovery: all pass.
@@ -170,6 +264,85 @@ impl Db {
             sqlx::Error::Protocol(p) => Failure::Retry(format!("protocol error: {p}")),
             other => Failure::Retry(other.to_string()),
         }
+    }
+
+    /// The error for a database call that failed after retries were no longer an option.
+    pub(crate) fn fail(&self, e: &sqlx::Error, doing: &str) -> Error {
+        match self.classify(e) {
+            Failure::Fatal(err) => err,
+            Failure::Retry(reason) => Error::Unavailable(format!(
+                "lost the database connection {doing} at {}: {reason}",
+                self.redacted_url
+            )),
+        }
+    }
+}
+
+/// Sets client-side keepalives and `TCP_USER_TIMEOUT` on the gate's TCP sockets. sqlx opens
+/// the socket itself and does not expose it, so this walks the process's few descriptors
+/// (allocated lowest first) and sets them on every TCP socket: all of them are the gate's own
+/// database connections or short-lived probes, for which the settings are right too.
+fn set_client_keepalives() {
+    let set = |fd: libc::c_int, level: libc::c_int, name: libc::c_int, value: libc::c_int| {
+        // SAFETY: setsockopt with a pointer to a live c_int and its size.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    };
+    let get = |fd: libc::c_int, name: libc::c_int| -> Option<libc::c_int> {
+        let mut value: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt with a pointer to a live c_int and its size.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                name,
+                (&mut value as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        (rc == 0).then_some(value)
+    };
+    let mut misses = 0;
+    for fd in 3..1024 {
+        let Some(kind) = get(fd, libc::SO_TYPE) else {
+            misses += 1;
+            if misses > 32 {
+                break;
+            }
+            continue;
+        };
+        misses = 0;
+        let tcp = kind == libc::SOCK_STREAM
+            && matches!(
+                get(fd, libc::SO_DOMAIN),
+                Some(libc::AF_INET | libc::AF_INET6)
+            );
+        if !tcp {
+            continue;
+        }
+        set(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+        set(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, KEEPALIVE_IDLE_S);
+        set(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_KEEPINTVL,
+            KEEPALIVE_INTERVAL_S,
+        );
+        set(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, KEEPALIVE_COUNT);
+        set(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_USER_TIMEOUT,
+            USER_TIMEOUT_MS,
+        );
     }
 }
 
@@ -209,14 +382,19 @@ fn is_tls_failure(io: &std::io::Error) -> bool {
             .is_some_and(|e| e.downcast_ref::<rustls::Error>().is_some())
 }
 
-/// Runs `sql` with the simple query protocol and returns its rows.
-pub async fn query(conn: &mut PgConnection, sql: String) -> Result<Vec<PgRow>, sqlx::Error> {
-    sqlx::raw_sql(AssertSqlSafe(sql)).fetch_all(conn).await
+/// Runs `sql` with the simple query protocol and returns its rows, within
+/// [`ROUND_TRIP_TIMEOUT`]. After a timeout the connection is unusable: drop it.
+pub(crate) async fn query(conn: &mut PgConnection, sql: String) -> Result<Vec<PgRow>, sqlx::Error> {
+    deadline(
+        ROUND_TRIP_TIMEOUT,
+        sqlx::raw_sql(AssertSqlSafe(sql)).fetch_all(conn),
+    )
+    .await
 }
 
 /// Runs `sql` and returns the first column of the first row as text (NULL and no row: `None`).
 /// Any column type works: the simple query protocol sends every value as text.
-pub async fn query_scalar(
+pub(crate) async fn query_scalar(
     conn: &mut PgConnection,
     sql: String,
 ) -> Result<Option<String>, sqlx::Error> {
@@ -227,16 +405,33 @@ pub async fn query_scalar(
     }
 }
 
-/// Closes a connection politely, so the server frees its session (and locks) at once.
-pub async fn close(conn: PgConnection) {
-    if let Err(e) = conn.close().await {
-        debug!(error = %e, "closing the database connection failed");
+/// `fut`, or a timed-out I/O error after `limit`.
+pub(crate) async fn deadline<T>(
+    limit: Duration,
+    fut: impl Future<Output = Result<T, sqlx::Error>>,
+) -> Result<T, sqlx::Error> {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(result) => result,
+        Err(_) => Err(sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no answer within {}", short(limit)),
+        ))),
     }
+}
+
+/// Closes a connection: the server frees its session (and session locks) at once. Bounded: a
+/// connection on a dead socket is simply dropped.
+pub(crate) async fn close(conn: Conn) {
+    let Conn { listener } = conn;
+    drop(listener);
+    // The listener hands its connection back to its one-connection pool on a task; yielding
+    // lets that run, and dropping the pool then closes the socket.
+    tokio::task::yield_now().await;
 }
 
 /// A SQL string literal: `E'...'` with `\` and `'` escaped, correct whatever
 /// `standard_conforming_strings` says.
-pub fn lit(s: &str) -> String {
+pub(crate) fn lit(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 3);
     out.push_str("E'");
     for ch in s.chars() {
@@ -252,12 +447,12 @@ pub fn lit(s: &str) -> String {
 }
 
 /// A SQL identifier, always double-quoted.
-pub fn ident(s: &str) -> String {
+pub(crate) fn ident(s: &str) -> String {
     format!("\"{}\"", s.replace('\0', "").replace('"', "\"\""))
 }
 
 /// The URL with any password replaced by `***`, for messages and logs.
-pub fn redact_url(url: &str) -> String {
+pub(crate) fn redact_url(url: &str) -> String {
     match url::Url::parse(url) {
         Ok(mut parsed) => {
             if parsed.password().is_some() {
@@ -299,7 +494,7 @@ fn scrub(message: &str, secret: &str) -> String {
 /// Jittered exponential backoff delays, forever: the first near `min`, each later one up to
 /// twice the one before, never more than `max`. backon's jitter adds up to 100% to each delay,
 /// so the base delays are halved to keep the jittered ones under `max`.
-pub fn backoff(min: Duration, max: Duration) -> impl Iterator<Item = Duration> {
+pub(crate) fn backoff(min: Duration, max: Duration) -> impl Iterator<Item = Duration> {
     backon::ExponentialBuilder::default()
         .with_min_delay(min / 2)
         .with_max_delay(max / 2)
@@ -309,12 +504,21 @@ pub fn backoff(min: Duration, max: Duration) -> impl Iterator<Item = Duration> {
         .build()
 }
 
-/// Rounds to whole milliseconds so durations print as `60s`, not `60s 3us 12ns`.
-pub fn round(d: Duration) -> Duration {
-    Duration::from_millis(d.as_millis() as u64)
+/// A duration for people: `250ms`, `2.0s`, `90s`, `5m 3s`. Exact values belong in JSON fields.
+pub(crate) fn short(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 {
+        format!("{ms}ms")
+    } else if ms < 10_000 {
+        format!("{:.1}s", d.as_secs_f64())
+    } else if d.as_secs() < 120 {
+        format!("{}s", d.as_secs_f64().round() as u64)
+    } else {
+        humantime::format_duration(Duration::from_secs(d.as_secs())).to_string()
+    }
 }
 
 /// Logs a transient failure in one place so every retry loop reports the same way.
-pub fn log_retry(context: &str, reason: &str) {
+pub(crate) fn log_retry(context: &str, reason: &str) {
     warn!(reason, "{context}; retrying");
 }

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 /// Exit code: success.
 pub const EXIT_OK: i32 = 0;
+/// Exit code of `status --release R` when R is not done (a check, not a failure).
+pub const EXIT_NOT_DONE: i32 = 1;
 /// Exit code: command-line usage error, malformed URL, bad configuration (`EX_USAGE`).
 pub const EXIT_USAGE: i32 = 64;
 /// Exit code: the database could not be reached, or was lost (`EX_UNAVAILABLE`).
@@ -40,7 +42,7 @@ pub enum Error {
     Auth(String),
 
     /// Waited longer than the configured timeout.
-    #[error("{what} after {}; {hint}", humantime::format_duration(*waited))]
+    #[error("{what} after {}; {hint}", crate::db::short(*waited))]
     Timeout {
         /// What we were waiting for.
         what: String,

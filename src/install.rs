@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 /// Copies the running executable to `DIR/migrations-gate`, atomically (temp file + rename), so
 /// replicas already running a previous copy from the same volume are never disturbed (writing
 /// over a running binary fails with ETXTBSY).
-pub fn install(dir: &Path) -> Result<PathBuf> {
+pub(crate) fn install(dir: &Path) -> Result<PathBuf> {
     let source = std::env::current_exe()
         .or_else(|_| std::env::args().next().map(PathBuf::from).ok_or(()))
         .map_err(|_| Error::Internal("cannot find our own executable".into()))?;

@@ -16,14 +16,14 @@ use crate::lock::LockKey;
 
 /// The ledger of one lock in one schema.
 #[derive(Debug, Clone)]
-pub struct Ledger {
+pub(crate) struct Ledger {
     schema: String,
     lock: LockKey,
 }
 
 /// Who is making an attempt, for the record.
 #[derive(Debug, Clone)]
-pub struct Attempt<'a> {
+pub(crate) struct Attempt<'a> {
     /// The release being migrated to (`None` in serial mode).
     pub release: Option<&'a str>,
     /// The gate's `application_name`.
@@ -39,7 +39,7 @@ pub struct Attempt<'a> {
 
 /// How an attempt ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// Migrated; the release is done.
     Done,
     /// The command failed or the holder stopped it.
@@ -62,7 +62,7 @@ fn is_missing_relation(e: &sqlx::Error) -> bool {
 
 impl Ledger {
     /// The ledger for `lock` in `schema`.
-    pub fn new(schema: &str, lock: &LockKey) -> Ledger {
+    pub(crate) fn new(schema: &str, lock: &LockKey) -> Ledger {
         Ledger {
             schema: schema.to_string(),
             lock: lock.clone(),
@@ -73,48 +73,60 @@ impl Ledger {
         format!("{}.ledger", ident(&self.schema))
     }
 
-    /// Whether `release` is recorded done; `None` when the ledger does not exist yet.
-    pub async fn is_done(
+    /// Whether `release` is recorded done (`None` when the ledger does not exist yet), and
+    /// whether the server is a read-only standby: one round trip, the whole fast path.
+    pub(crate) async fn is_done(
         &self,
         conn: &mut PgConnection,
         release: &str,
-    ) -> Result<Option<bool>, sqlx::Error> {
+    ) -> Result<Seen, sqlx::Error> {
         let sql = format!(
-            "SELECT EXISTS (SELECT 1 FROM {} WHERE lock_key = {} AND release = {} AND outcome = 'done')::text",
+            "SELECT EXISTS (SELECT 1 FROM {} WHERE lock_key = {} AND release = {} AND outcome = 'done')::text, \
+                    pg_is_in_recovery()::text",
             self.table(),
             self.lock.key,
             lit(release)
         );
-        match query_scalar(conn, sql).await {
-            Ok(v) => Ok(Some(v.as_deref() == Some("true"))),
-            Err(e) if is_missing_relation(&e) => Ok(None),
+        match query(conn, sql).await {
+            Ok(rows) => {
+                let text = |i: usize| rows.first().and_then(|r| r.try_get::<String, _>(i).ok());
+                Ok(Seen {
+                    done: Some(text(0).as_deref() == Some("true")),
+                    standby: text(1).as_deref() == Some("true"),
+                })
+            }
+            Err(e) if is_missing_relation(&e) => Ok(Seen {
+                done: None,
+                standby: query_scalar(conn, "SELECT pg_is_in_recovery()::text".into())
+                    .await?
+                    .as_deref()
+                    == Some("true"),
+            }),
             Err(e) => Err(e),
         }
     }
 
-    /// Creates the schema, table and index if missing. Concurrent gates with different lock
-    /// names may race here, so the DDL runs under a transaction-scoped advisory lock of its own.
-    pub async fn ensure(&self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
-        let exists = query_scalar(
-            conn,
-            format!(
-                "SELECT (to_regclass({}) IS NOT NULL)::text",
-                lit(&self.table())
-            ),
-        )
-        .await?;
-        if exists.as_deref() == Some("true") {
+    /// Creates what is missing of the schema, the table and its index, and nothing else: a
+    /// role without `CREATE` on the database can use a schema a DBA made for it, and
+    /// `CREATE SCHEMA IF NOT EXISTS` would check that privilege even when the schema exists.
+    /// Concurrent gates with different lock names may race here, so the DDL runs under a
+    /// transaction-scoped advisory lock of its own.
+    pub(crate) async fn ensure(&self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+        let missing = self.missing(conn).await?;
+        if missing.is_empty() {
             return Ok(());
         }
         let ddl_key =
             LockKey::from_name(&format!("migrations-gate ledger ddl {}", self.schema)).key;
         let schema = ident(&self.schema);
         let table = self.table();
-        let sql = format!(
-            "BEGIN;
-             SELECT pg_advisory_xact_lock({ddl_key});
-             CREATE SCHEMA IF NOT EXISTS {schema};
-             CREATE TABLE IF NOT EXISTS {table} (
+        let mut sql = format!("BEGIN; SELECT pg_advisory_xact_lock({ddl_key});");
+        if missing.contains(&"schema") {
+            sql.push_str(&format!("CREATE SCHEMA IF NOT EXISTS {schema};"));
+        }
+        if missing.contains(&"table") {
+            sql.push_str(&format!(
+                "CREATE TABLE IF NOT EXISTS {table} (
                  id          bigserial PRIMARY KEY,
                  lock_key    bigint NOT NULL,
                  lock_name   text NOT NULL,
@@ -129,12 +141,57 @@ impl Ledger {
                  detail      text,
                  heartbeat_at timestamptz,
                  fence_secs  integer NOT NULL DEFAULT 0
-             );
-             CREATE UNIQUE INDEX IF NOT EXISTS ledger_one_done_per_release
-                 ON {table} (lock_key, release) WHERE outcome = 'done';
-             COMMIT;"
-        );
+             );"
+            ));
+        }
+        if missing.contains(&"index") {
+            sql.push_str(&format!(
+                "CREATE UNIQUE INDEX IF NOT EXISTS ledger_one_done_per_release \
+                 ON {table} (lock_key, release) WHERE outcome = 'done';"
+            ));
+        }
+        sql.push_str("COMMIT;");
         query(conn, sql).await.map(|_| ())
+    }
+
+    /// Which of "schema", "table" and "index" do not exist yet.
+    async fn missing(&self, conn: &mut PgConnection) -> Result<Vec<&'static str>, sqlx::Error> {
+        let index = format!("{}.ledger_one_done_per_release", ident(&self.schema));
+        let rows = query(
+            conn,
+            format!(
+                "SELECT (to_regnamespace({})::text IS NULL)::text, (to_regclass({}) IS NULL)::text, \
+                        (to_regclass({}) IS NULL)::text",
+                lit(&ident(&self.schema)),
+                lit(&self.table()),
+                lit(&index)
+            ),
+        )
+        .await?;
+        let missing = |i: usize| {
+            rows.first()
+                .and_then(|r| r.try_get::<String, _>(i).ok())
+                .as_deref()
+                == Some("true")
+        };
+        Ok([(0, "schema"), (1, "table"), (2, "index")]
+            .into_iter()
+            .filter(|(i, _)| missing(*i))
+            .map(|(_, what)| what)
+            .collect())
+    }
+
+    /// What to tell an operator whose role may not create the ledger: the grants, as SQL a DBA
+    /// can run once (README "Privileges").
+    pub(crate) fn grants_needed(&self, role: &str, at: &str, denied: &str) -> String {
+        let schema = ident(&self.schema);
+        let role = ident(role);
+        format!(
+            "the role {role} may not create the gate's ledger {} at {at} ({denied}): ask a DBA to run once \
+             `CREATE SCHEMA {schema} AUTHORIZATION {role};` (or, if the schema exists, \
+             `GRANT USAGE, CREATE ON SCHEMA {schema} TO {role};`), or pass --schema naming a schema where it may create tables; see \"Privileges\" in the README",
+            self.table()
+        )
     }
 
     /// Marks attempts left `running` by a holder that vanished as `abandoned`, and returns how
@@ -143,7 +200,10 @@ impl Ledger {
     /// that merely lost its session has surely stopped its migration. A holder killed outright
     /// took its migration with it (the guard), but we cannot tell the two apart from here.
     /// Only the lock holder may call this: holding the lock proves no other holder is alive.
-    pub async fn abandon_stale(&self, conn: &mut PgConnection) -> Result<(u64, f64), sqlx::Error> {
+    pub(crate) async fn abandon_stale(
+        &self,
+        conn: &mut PgConnection,
+    ) -> Result<(u64, f64), sqlx::Error> {
         let sql = format!(
             "WITH u AS (UPDATE {} SET outcome = 'abandoned', finished_at = clock_timestamp(), \
                  detail = 'the holder vanished (crash, kill or lost connection); taken over' \
@@ -166,7 +226,11 @@ impl Ledger {
 
     /// Proves the holder alive to a future taker-over: stamps `heartbeat_at`. Returns whether
     /// the row was there to stamp.
-    pub async fn heartbeat(&self, conn: &mut PgConnection, id: i64) -> Result<bool, sqlx::Error> {
+    pub(crate) async fn heartbeat(
+        &self,
+        conn: &mut PgConnection,
+        id: i64,
+    ) -> Result<bool, sqlx::Error> {
         let n = query_scalar(
             conn,
             format!(
@@ -180,7 +244,7 @@ impl Ledger {
     }
 
     /// Records the start of an attempt and returns its row ID.
-    pub async fn begin(
+    pub(crate) async fn begin(
         &self,
         conn: &mut PgConnection,
         attempt: &Attempt<'_>,
@@ -203,7 +267,7 @@ impl Ledger {
     }
 
     /// Records how attempt `id` ended. Committed before the lock is freed.
-    pub async fn finish(
+    pub(crate) async fn finish(
         &self,
         conn: &mut PgConnection,
         id: i64,
@@ -214,12 +278,17 @@ impl Ledger {
         let code = exit_code
             .map(|c| c.to_string())
             .unwrap_or_else(|| "NULL".into());
+        // The notification is delivered when this commits (with the row in session scope, with
+        // the lock's transaction in transaction scope): waiters that LISTEN wake at once and
+        // read the row themselves; the payload is only a hint.
         let sql = format!(
             "UPDATE {} SET outcome = '{}', finished_at = clock_timestamp(), exit_code = {code}, detail = {} \
-             WHERE id = {id}",
+             WHERE id = {id}; SELECT pg_notify({}, {})",
             self.table(),
             outcome.as_str(),
-            lit(detail)
+            lit(detail),
+            lit(&self.lock.channel()),
+            lit(outcome.as_str()),
         );
         query(conn, sql).await.map(|_| ())
     }
@@ -228,7 +297,7 @@ impl Ledger {
     /// In session scope the row exists (`running`, or `abandoned` if a new holder already
     /// took over); in transaction scope it was rolled back with the lost transaction, so it is
     /// written anew.
-    pub async fn record_fenced(
+    pub(crate) async fn record_fenced(
         &self,
         conn: &mut PgConnection,
         id: i64,
@@ -257,7 +326,7 @@ impl Ledger {
 
     /// The newest `limit` attempts (of `release` only, if given), newest first. An absent
     /// ledger has none.
-    pub async fn attempts(
+    pub(crate) async fn attempts(
         &self,
         conn: &mut PgConnection,
         release: Option<&str>,
@@ -302,7 +371,7 @@ impl Ledger {
     }
 
     /// Deletes every row of `release` and returns what was removed.
-    pub async fn forget(
+    pub(crate) async fn forget(
         &self,
         conn: &mut PgConnection,
         release: &str,
@@ -325,9 +394,18 @@ impl Ledger {
     }
 }
 
+/// What one look at the ledger saw.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Seen {
+    /// Whether the release is done; `None` when the ledger does not exist yet.
+    pub(crate) done: Option<bool>,
+    /// Whether the server is a read-only standby (`pg_is_in_recovery()`).
+    pub(crate) standby: bool,
+}
+
 /// One attempt as `status` shows it. The JSON field names are a stable interface.
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct AttemptRow {
+pub(crate) struct AttemptRow {
     /// Row ID (grows with each attempt).
     pub id: i64,
     /// Release ID (`null` in serial mode).

@@ -5,7 +5,10 @@
 //! - [`db`]: connecting, retrying, classifying errors, pooler-safe queries;
 //! - [`lock`]: the advisory lock key and who holds it;
 //! - [`ledger`]: which releases are done, and every attempt;
-//! - [`gate`]: the protocol (who migrates, who waits, when is it done) and the modes;
+//! - [`gate`]: the protocol (who migrates, who waits, when is it done), one round of it;
+//! - [`waiting`]: the one loop of every waiting replica (`LISTEN`, polling, deadlines);
+//! - [`holding`]: the holder's life (heartbeat, supervise, complete, fence);
+//! - [`commands`]: `migrate`, `run`, `wait`, `reset`, top to bottom;
 //! - [`child`]: spawning, guarding, signal forwarding, reaping, `exec`;
 //! - [`probe`]: readiness checks;
 //! - [`install`]: copying the binary for the wrapper pattern;
@@ -14,16 +17,19 @@
 
 #![warn(missing_docs)]
 
-pub mod child;
-pub mod config;
-pub mod db;
-pub mod error;
-pub mod gate;
-pub mod install;
-pub mod ledger;
-pub mod lock;
-pub mod probe;
-pub mod status;
+mod child;
+mod commands;
+mod config;
+mod db;
+mod error;
+mod gate;
+mod holding;
+mod install;
+mod ledger;
+mod lock;
+mod probe;
+mod status;
+mod waiting;
 
 use tracing::error;
 
@@ -78,11 +84,11 @@ pub fn main_entry() -> i32 {
     // *thread* that spawned them exits, and the main thread lives as long as the gate.
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Migrate(args) => gate::migrate(args).await,
-            Command::Run(args) => gate::run(args).await,
-            Command::Wait(args) => gate::wait(args).await,
+            Command::Migrate(args) => commands::migrate(args).await,
+            Command::Run(args) => commands::run(args).await,
+            Command::Wait(args) => commands::wait(args).await,
             Command::Status(args) => status::status(args).await,
-            Command::Reset(args) => gate::reset(args).await,
+            Command::Reset(args) => commands::reset(args).await,
             Command::Install { dir } => install::install(&dir).map(|_| EXIT_OK),
             Command::Completions { .. } | Command::Man => Ok(EXIT_OK),
         }

@@ -7,7 +7,7 @@
 //!
 //! ```sql
 //! SELECT ('x' || left(encode(sha256(convert_to('migrations-gate', 'UTF8')), 'hex'), 16))::bit(64)::bigint;
-//! -- 2948330413224442496... (see README for the default's value)
+//! -- -2194319167836551848
 //! ```
 //!
 //! In `pg_locks` a bigint advisory lock shows as `classid` = high 32 bits, `objid` = low 32 bits,
@@ -23,7 +23,7 @@ use crate::db::{query, query_scalar};
 
 /// An advisory lock key, with the name it came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LockKey {
+pub(crate) struct LockKey {
     /// The `--lock` name, or `id:N` for `--lock-id N`.
     pub name: String,
     /// The 64-bit key passed to `pg_try_advisory_lock`.
@@ -32,7 +32,7 @@ pub struct LockKey {
 
 impl LockKey {
     /// The key for `--lock NAME` (see the module documentation for the derivation).
-    pub fn from_name(name: &str) -> LockKey {
+    pub(crate) fn from_name(name: &str) -> LockKey {
         let digest = Sha256::digest(name.as_bytes());
         let mut first = [0u8; 8];
         first.copy_from_slice(&digest[..8]);
@@ -43,7 +43,7 @@ impl LockKey {
     }
 
     /// The key for `--lock-id N`.
-    pub fn from_id(id: i64) -> LockKey {
+    pub(crate) fn from_id(id: i64) -> LockKey {
         LockKey {
             name: format!("id:{id}"),
             key: id,
@@ -51,23 +51,28 @@ impl LockKey {
     }
 
     /// `pg_locks.classid` of this key.
-    pub fn classid(&self) -> u32 {
+    pub(crate) fn classid(&self) -> u32 {
         ((self.key as u64) >> 32) as u32
     }
 
     /// `pg_locks.objid` of this key.
-    pub fn objid(&self) -> u32 {
+    pub(crate) fn objid(&self) -> u32 {
         (self.key as u64 & 0xffff_ffff) as u32
     }
 
     /// The first key of the two-int advisory locks that count waiting connections: the two
     /// halves of the key folded together (two-int locks never collide with bigint ones).
-    pub fn slot_space(&self) -> i32 {
+    pub(crate) fn slot_space(&self) -> i32 {
         (self.classid() ^ self.objid()) as i32
     }
 
+    /// The `LISTEN`/`NOTIFY` channel on which the holder announces that an attempt ended.
+    pub(crate) fn channel(&self) -> String {
+        format!("migrations_gate_{}", self.key as u64)
+    }
+
     /// SQL condition selecting this lock's rows in `pg_locks` aliased `l`.
-    pub fn pg_locks_filter(&self) -> String {
+    pub(crate) fn pg_locks_filter(&self) -> String {
         format!(
             "l.locktype = 'advisory' AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
              AND l.classid = {} AND l.objid = {} AND l.objsubid = 1",
@@ -86,7 +91,7 @@ impl fmt::Display for LockKey {
 /// How the lock is held.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Scope {
+pub(crate) enum Scope {
     /// Decide per connection: transaction when a pooler or proxy is detected, else session.
     Auto,
     /// `pg_try_advisory_lock`, held by the session: no open transaction while migrating, so
@@ -102,7 +107,7 @@ pub enum Scope {
 /// Tries to take the lock; never waits. A blocked `pg_advisory_lock` would hold a snapshot
 /// that `CREATE INDEX CONCURRENTLY` in the holder's migration waits for: a deadlock. In
 /// transaction scope a successful try leaves the transaction open.
-pub async fn try_acquire(
+pub(crate) async fn try_acquire(
     conn: &mut PgConnection,
     lock: &LockKey,
     scope: Scope,
@@ -132,7 +137,7 @@ pub async fn try_acquire(
 
 /// Frees the lock: unlock in session scope, COMMIT (of everything written meanwhile, the
 /// ledger row included) in transaction scope.
-pub async fn release(
+pub(crate) async fn release(
     conn: &mut PgConnection,
     lock: &LockKey,
     scope: Scope,
@@ -145,13 +150,38 @@ pub async fn release(
     Ok(())
 }
 
-/// Decides the scope for `auto`: transaction when the backend PID changes between two
-/// transactions (transaction pooling), or when the server's port is not the one we dialled (a
-/// pooler or proxy sits between, and it might pool by transaction); session otherwise.
-pub async fn detect_scope(
+/// What sits between the gate and PostgreSQL, as far as the gate can tell. It decides the lock
+/// scope for `auto` and whether waiters may keep their connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Route {
+    /// The server itself: a connection is a server session.
+    Direct,
+    /// Transaction pooling, proven by a backend PID that changed between two transactions:
+    /// a client connection costs no server connection while idle.
+    TransactionPooling,
+    /// A pooler or proxy of unknown kind (the server's port is not the one we dialled): a
+    /// session pooler or a TCP proxy such as HAProxy, where every client connection holds a
+    /// server connection, or a transaction pooler that happened to keep the same backend.
+    Middlebox,
+}
+
+impl Route {
+    /// The lock scope `auto` picks: a session lock needs a connection that is its own server
+    /// session for as long as it lives; only a direct connection proves that.
+    pub(crate) fn scope(self) -> Scope {
+        match self {
+            Route::Direct => Scope::Session,
+            Route::TransactionPooling | Route::Middlebox => Scope::Transaction,
+        }
+    }
+}
+
+/// Tells a direct connection from a transaction pooler and from any other middlebox: the
+/// backend PID across two transactions, and the server's port against the one we dialled.
+pub(crate) async fn detect_route(
     conn: &mut PgConnection,
     dialled_port: Option<u16>,
-) -> Result<(Scope, String), sqlx::Error> {
+) -> Result<(Route, String), sqlx::Error> {
     let rows = query(
         conn,
         "SELECT pg_backend_pid()::text, coalesce(inet_server_port()::text, '')".into(),
@@ -169,7 +199,7 @@ pub async fn detect_scope(
         .unwrap_or_default();
     if pid != again {
         return Ok((
-            Scope::Transaction,
+            Route::TransactionPooling,
             format!(
                 "backend PID changed between transactions ({pid} then {again}): transaction pooling"
             ),
@@ -179,19 +209,36 @@ pub async fn detect_scope(
         && server_port != port.to_string()
     {
         return Ok((
-            Scope::Transaction,
+            Route::Middlebox,
             format!(
                 "the server listens on port {server_port:?} but we dialled {port}: a pooler or proxy sits between"
             ),
         ));
     }
-    Ok((Scope::Session, "direct connection".into()))
+    Ok((Route::Direct, "direct connection".into()))
+}
+
+/// Whether this session still holds `lock` (the holder's heartbeat; in transaction scope also
+/// a proof that the transaction is still open).
+pub(crate) async fn held_by_us(
+    conn: &mut PgConnection,
+    lock: &LockKey,
+) -> Result<bool, sqlx::Error> {
+    let n = query_scalar(
+        conn,
+        format!(
+            "SELECT count(*)::text FROM pg_locks l WHERE {} AND l.granted AND l.pid = pg_backend_pid()",
+            lock.pg_locks_filter()
+        ),
+    )
+    .await?;
+    Ok(n.is_some_and(|n| n != "0"))
 }
 
 /// Sets keepalives on the lock session so that PostgreSQL frees the lock within about 25 s
 /// when the holder's host vanishes without closing its socket (TCP's default is two hours).
 /// Settings the server does not know (older versions) are skipped.
-pub async fn configure_keepalives(
+pub(crate) async fn configure_keepalives(
     conn: &mut PgConnection,
     scope: Scope,
 ) -> Result<(), sqlx::Error> {
@@ -215,7 +262,7 @@ pub async fn configure_keepalives(
 
 /// How many waiters may keep a connection open while they wait.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WaitSlots {
+pub(crate) enum WaitSlots {
     /// A third of the server's free connections at the moment a waiter asks (at least 5, at
     /// most 100). As waiters take slots the free count shrinks, so they settle near a quarter
     /// of what was free, leaving the rest to the migration and the apps.
@@ -242,7 +289,7 @@ impl std::str::FromStr for WaitSlots {
 /// every poll (a new connection costs the server a process and an authentication), so a fleet of
 /// hundreds never holds more connections than the slots while it waits. Session-level: only
 /// used in session scope.
-pub async fn try_take_wait_slot(
+pub(crate) async fn try_take_wait_slot(
     conn: &mut PgConnection,
     lock: &LockKey,
     slots: WaitSlots,
@@ -273,7 +320,7 @@ pub async fn try_take_wait_slot(
 
 /// The answer of [`try_take_wait_slot`].
 #[derive(Debug, Clone, Copy)]
-pub struct Slot {
+pub(crate) struct Slot {
     /// Whether this waiter got a slot (and keeps its connection).
     pub taken: bool,
     /// Share of `max_connections` in use, 0 to 1: waiters without a slot poll more gently when
@@ -283,7 +330,7 @@ pub struct Slot {
 
 /// The session that holds a lock, as PostgreSQL sees it.
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct Holder {
+pub(crate) struct Holder {
     /// Backend PID of the holding session.
     pub pid: i32,
     /// Its `application_name` (the gate sets `migrations-gate/<hostname>` by default).
@@ -315,7 +362,7 @@ impl fmt::Display for Holder {
 }
 
 /// Who holds `lock` now, if anyone.
-pub async fn holder(
+pub(crate) async fn holder(
     conn: &mut PgConnection,
     lock: &LockKey,
 ) -> Result<Option<Holder>, sqlx::Error> {

@@ -3,12 +3,11 @@
 
 use std::time::Duration;
 
-use sqlx::postgres::PgConnection;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::config::RunArgs;
-use crate::db::{Db, query_scalar};
+use crate::db::{Conn, Db, query_scalar};
 use crate::error::{Error, Result};
 
 /// Longest single probe; a hung app counts as not ready yet.
@@ -16,7 +15,7 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// One readiness check.
 #[derive(Debug, Clone)]
-pub enum Probe {
+pub(crate) enum Probe {
     /// `GET path` on `host:port` answers 2xx.
     Http {
         /// Address to connect to.
@@ -34,7 +33,7 @@ pub enum Probe {
 
 impl Probe {
     /// The probe configured by `--ready-http`, `--ready-tcp` or `--ready-sql`, if any.
-    pub fn from_args(args: &RunArgs) -> Result<Option<Probe>> {
+    pub(crate) fn from_args(args: &RunArgs) -> Result<Option<Probe>> {
         if let Some(raw) = &args.ready_http {
             let url = url::Url::parse(raw)
                 .map_err(|e| Error::Usage(format!("--ready-http {raw:?} is not a URL: {e}")))?;
@@ -76,7 +75,7 @@ impl Probe {
     }
 
     /// Checks once. `sql_conn` is the probe's own connection, opened on first use.
-    pub async fn check(&self, db: &Db, sql_conn: &mut Option<PgConnection>) -> bool {
+    pub(crate) async fn check(&self, db: &Db, sql_conn: &mut Option<Conn>) -> bool {
         let check = async {
             match self {
                 Probe::Http { addr, host, path } => http_ok(addr, host, path).await,
@@ -90,7 +89,7 @@ impl Probe {
     }
 
     /// What is probed, for logs.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match self {
             Probe::Http { addr, path, .. } => format!("http://{addr}{path}"),
             Probe::Tcp(addr) => format!("tcp {addr}"),
@@ -127,14 +126,18 @@ async fn http_ok(addr: &str, host: &str, path: &str) -> bool {
     matches!(code, Some(200..=299))
 }
 
-async fn sql_ok(db: &Db, conn: &mut Option<PgConnection>, sql: &str) -> bool {
+async fn sql_ok(db: &Db, conn: &mut Option<Conn>, sql: &str) -> bool {
     if conn.is_none() {
         *conn = db.connect_once(PROBE_TIMEOUT).await.ok();
     }
     let Some(c) = conn.as_mut() else {
         return false;
     };
-    match query_scalar(c, sql.to_string()).await {
+    let answer = match c.pg().await {
+        Ok(pg) => query_scalar(pg, sql.to_string()).await,
+        Err(e) => Err(e),
+    };
+    match answer {
         Ok(Some(v)) => !matches!(v.as_str(), "f" | "false"),
         Ok(None) => false,
         Err(e) => {

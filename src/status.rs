@@ -8,16 +8,13 @@ use serde::Serialize;
 
 use crate::config::StatusArgs;
 use crate::db::{Db, close};
-use crate::error::{EXIT_OK, Error, Result};
+use crate::error::{EXIT_NOT_DONE, EXIT_OK, Error, Result};
 use crate::ledger::{AttemptRow, Ledger};
 use crate::lock::{self, Holder};
 
-/// Exit code of `status --release R` when R is not done.
-pub const EXIT_NOT_DONE: i32 = 1;
-
 /// The JSON document `status --json` prints. Field names are a stable interface.
 #[derive(Debug, Serialize)]
-pub struct Report {
+pub(crate) struct Report {
     /// The lock's name (`id:N` for `--lock-id`).
     pub lock: String,
     /// The 64-bit advisory lock key.
@@ -31,8 +28,8 @@ pub struct Report {
 }
 
 /// Prints the status and returns the exit code.
-pub async fn status(args: StatusArgs) -> Result<i32> {
-    let settings = args.db.settings()?;
+pub(crate) async fn status(args: StatusArgs) -> Result<i32> {
+    let settings = args.db.target()?;
     let release = args.release.resolve()?;
     let db = Db::new(
         &settings.database_url,
@@ -42,24 +39,19 @@ pub async fn status(args: StatusArgs) -> Result<i32> {
     let ledger = Ledger::new(&settings.schema, &settings.lock);
     let mut conn = db.connect().await?;
     let gathered = async {
-        let holder = lock::holder(&mut conn, &settings.lock).await?;
-        let attempts = ledger
-            .attempts(&mut conn, release.as_deref(), args.limit)
-            .await?;
+        let c = conn.pg().await?;
+        let holder = lock::holder(c, &settings.lock).await?;
+        let attempts = ledger.attempts(c, release.as_deref(), args.limit).await?;
         let release_done = match &release {
-            Some(r) => Some(ledger.is_done(&mut conn, r).await?.unwrap_or(false)),
+            Some(r) => Some(ledger.is_done(c, r).await?.done.unwrap_or(false)),
             None => None,
         };
         Ok::<_, sqlx::Error>((holder, attempts, release_done))
     }
     .await;
     close(conn).await;
-    let (holder, attempts, release_done) = gathered.map_err(|e| match db.classify(&e) {
-        crate::db::Failure::Fatal(err) => err,
-        crate::db::Failure::Retry(reason) => Error::Unavailable(format!(
-            "lost the database connection while reading the status: {reason}"
-        )),
-    })?;
+    let (holder, attempts, release_done) =
+        gathered.map_err(|e| db.fail(&e, "while reading the status"))?;
     let report = Report {
         lock: settings.lock.name.clone(),
         lock_key: settings.lock.key,
@@ -82,7 +74,7 @@ pub async fn status(args: StatusArgs) -> Result<i32> {
 }
 
 /// The human-readable table.
-pub fn render(report: &Report, release: Option<&str>) -> String {
+pub(crate) fn render(report: &Report, release: Option<&str>) -> String {
     let mut s = format!("lock {} (key {})\n", report.lock, report.lock_key);
     match &report.holder {
         Some(h) => s.push_str(&format!(

@@ -1,0 +1,236 @@
+//! The commands that gate something: `migrate`, `run`, `wait` and `reset`. Each reads top to
+//! bottom: check the flags and the programs, wait for a turn ([`crate::waiting`]), then act as a
+//! follower or as the holder ([`crate::holding`]).
+
+use tracing::info;
+
+use crate::child::{self, Program};
+use crate::config::{self, MigrateArgs, ResetArgs, RunArgs, WaitArgs};
+use crate::db::close;
+use crate::error::{EXIT_OK, Error, Result};
+use crate::gate::{Gate, Session, Want};
+use crate::ledger::Outcome;
+use crate::lock;
+use crate::probe::Probe;
+use crate::waiting::{Role, wait_turn};
+
+/// `migrate -- CMD`: the holder runs CMD with the flag on; every replica exits 0 once done.
+pub(crate) async fn migrate(args: MigrateArgs) -> Result<i32> {
+    let flag = args.gate.flag.flag()?;
+    check_program(&args.command)?;
+    let gate = Gate::new(args.gate.db.target()?, args.gate.release.resolve()?)?;
+    let kill_grace = args.gate.kill_grace;
+    let want = Want::Lock {
+        kill_grace,
+        slots: args.gate.waiting.waiting_connections,
+    };
+    match wait_turn(&gate, want, args.gate.waiting.wait_timeout).await? {
+        Role::Follower => Ok(EXIT_OK),
+        Role::Holder(holding) => {
+            let program = Program {
+                argv: &args.command,
+                flag: (&flag.name, &flag.on),
+            };
+            let holding = holding
+                .migrate(&gate, &program, "migration command", kill_grace)
+                .await?;
+            holding
+                .complete(&gate, Outcome::Done, Some(0), "migration command exited 0")
+                .await?;
+            Ok(EXIT_OK)
+        }
+    }
+}
+
+/// `run [--migrate CMD] [--ready-*] -- APP`: gate the start of APP.
+pub(crate) async fn run(args: RunArgs) -> Result<i32> {
+    let flag = args.gate.flag.flag()?;
+    let probe = Probe::from_args(&args)?;
+    let migrate_argv = args
+        .migrate
+        .as_deref()
+        .map(config::split_command)
+        .transpose()?;
+    if probe.is_none() && migrate_argv.is_none() {
+        return Err(Error::Usage(
+            "run needs --migrate CMD, a readiness probe (--ready-http, --ready-tcp, --ready-sql), or both: \
+             otherwise the gate cannot tell when the migration is done"
+                .into(),
+        ));
+    }
+    check_program(&args.command)?;
+    if let Some(argv) = &migrate_argv {
+        check_program(argv)?;
+    }
+    let gate = Gate::new(args.gate.db.target()?, args.gate.release.resolve()?)?;
+    let kill_grace = args.gate.kill_grace;
+    let app_off = Program {
+        argv: &args.command,
+        flag: (&flag.name, &flag.off),
+    };
+    let want = Want::Lock {
+        kill_grace,
+        slots: args.gate.waiting.waiting_connections,
+    };
+    let mut holding = match wait_turn(&gate, want, args.gate.waiting.wait_timeout).await? {
+        Role::Follower => return Err(child::exec(&app_off)),
+        Role::Holder(holding) => holding,
+    };
+
+    if let Some(argv) = &migrate_argv {
+        let program = Program {
+            argv,
+            flag: (&flag.name, &flag.on),
+        };
+        holding = holding
+            .migrate(&gate, &program, "--migrate command", kill_grace)
+            .await?;
+    }
+
+    let Some(probe) = probe else {
+        holding
+            .complete(&gate, Outcome::Done, Some(0), "--migrate command exited 0")
+            .await?;
+        return Err(child::exec(&app_off));
+    };
+
+    // The holder starts APP itself and keeps the lock until APP is ready: with the flag on if
+    // APP migrates on start-up, off if --migrate already did.
+    let app = Program {
+        argv: &args.command,
+        flag: (
+            &flag.name,
+            if migrate_argv.is_some() {
+                &flag.off
+            } else {
+                &flag.on
+            },
+        ),
+    };
+    let mut child = holding
+        .start_app(&gate, &app, &probe, args.ready_timeout, kill_grace)
+        .await?;
+    // Like tini: stay as APP's parent, forward signals, reap, exit with its code.
+    let code = child.wait().await;
+    child.finish();
+    info!(code, "the app exited");
+    Ok(code)
+}
+
+/// `wait --release R [-- CMD]`: block until R is done, then exit 0 or exec CMD (flag off).
+pub(crate) async fn wait(args: WaitArgs) -> Result<i32> {
+    let flag = args.flag.flag()?;
+    let release = args.release()?;
+    if !args.command.is_empty() {
+        check_program(&args.command)?;
+    }
+    let gate = Gate::new(args.db.target()?, Some(release))?;
+    let want = Want::Done {
+        slots: args.waiting.waiting_connections,
+    };
+    wait_turn(&gate, want, args.waiting.wait_timeout).await?;
+    if args.command.is_empty() {
+        return Ok(EXIT_OK);
+    }
+    Err(child::exec(&Program {
+        argv: &args.command,
+        flag: (&flag.name, &flag.off),
+    }))
+}
+
+/// `reset --release R`: forget R so that it migrates again. Takes the lock (refusing if anyone
+/// holds it), deletes the release's rows, logs them, frees the lock.
+pub(crate) async fn reset(args: ResetArgs) -> Result<i32> {
+    let release = args.release;
+    let gate = Gate::new(args.db.target()?, Some(release.clone()))?;
+    let mut conn = gate.db.connect().await?;
+    let mut session = Session::default();
+    let result = async {
+        let (_, scope) = gate.route(&mut conn, &mut session).await?;
+        let c = conn.pg().await?;
+        if !lock::try_acquire(c, gate.lock(), scope).await? {
+            return Ok(Err(()));
+        }
+        let removed = gate.ledger.forget(c, &release).await?;
+        lock::release(c, gate.lock(), scope).await?;
+        Ok::<_, sqlx::Error>(Ok(removed))
+    }
+    .await;
+    let removed = match result {
+        Ok(Ok(removed)) => removed,
+        Ok(Err(())) => {
+            let holder = gate.describe_holder(&mut conn).await;
+            close(conn).await;
+            return Err(Error::Timeout {
+                what: format!("reset refused: lock {} is held by {holder}", gate.lock()),
+                waited: std::time::Duration::ZERO,
+                hint: "a migration may be running; try again when it has finished".into(),
+            });
+        }
+        Err(e) => return Err(gate.db.fail(&e, "during reset")),
+    };
+    close(conn).await;
+    if removed.is_empty() {
+        info!(
+            release,
+            "nothing recorded for this release; nothing to reset"
+        );
+    }
+    for a in &removed {
+        info!(id = a.id, release, outcome = %a.outcome, holder = %a.holder, started_at = %a.started_at, "removed");
+    }
+    Ok(EXIT_OK)
+}
+
+/// Stops with 127/126 before taking any lock if `argv[0]` cannot be found or executed.
+fn check_program(argv: &[String]) -> Result<()> {
+    let Some(program) = argv.first() else {
+        return Err(Error::Usage("no command given after `--`".into()));
+    };
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &std::path::Path| {
+        std::fs::metadata(p)
+            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false)
+    };
+    if program.contains('/') {
+        let path = std::path::Path::new(program);
+        if !path.exists() {
+            return Err(Error::CommandNotFound {
+                program: program.clone(),
+            });
+        }
+        if !executable(path) {
+            return Err(Error::CommandNotExecutable {
+                program: program.clone(),
+                source: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+            });
+        }
+        return Ok(());
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    if std::env::split_paths(&path).any(|dir| executable(&dir.join(program))) {
+        Ok(())
+    } else {
+        Err(Error::CommandNotFound {
+            program: program.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_program_is_127_and_unexecutable_is_126() {
+        let e = check_program(&["definitely-not-a-command-xyz".into()]).unwrap_err();
+        assert_eq!(e.exit_code(), 127);
+        let file = std::env::temp_dir().join(format!("mg-not-executable-{}", std::process::id()));
+        std::fs::write(&file, "data").unwrap();
+        let e = check_program(&[file.to_string_lossy().into_owned()]).unwrap_err();
+        let _ = std::fs::remove_file(&file);
+        assert_eq!(e.exit_code(), 126);
+        assert!(check_program(&["sh".into()]).is_ok());
+    }
+}
