@@ -238,7 +238,7 @@ impl Supervisor {
             kill_group(self.pid, libc::SIGKILL);
             return code;
         }
-        info!(pid = self.pid, grace = %humantime::format_duration(grace), "stopping the child (SIGTERM, then SIGKILL)");
+        info!(pid = self.pid, grace = %crate::db::short(grace), grace_ms = grace.as_millis() as u64, "stopping the child (SIGTERM, then SIGKILL)");
         kill_group(self.pid, libc::SIGTERM);
         if let Ok(code) = tokio::time::timeout(grace, self.wait()).await {
             kill_group(self.pid, libc::SIGKILL);
@@ -301,5 +301,19 @@ pub(crate) fn exit_code_of(status: libc::c_int) -> i32 {
         (Some(code), _) => code,
         (None, Some(sig)) => 128 + sig,
         _ => 1,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_code_of_reports_codes_and_signals_like_a_shell() {
+        // Wait statuses as the kernel encodes them: code << 8, or the signal number.
+        assert_eq!(exit_code_of(0), 0);
+        assert_eq!(exit_code_of(3 << 8), 3);
+        assert_eq!(exit_code_of(libc::SIGKILL), 128 + 9);
+        assert_eq!(exit_code_of(libc::SIGTERM), 128 + 15);
     }
 }

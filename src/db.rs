@@ -522,3 +522,47 @@ pub(crate) fn short(d: Duration) -> String {
 pub(crate) fn log_retry(context: &str, reason: &str) {
     warn!(reason, "{context}; retrying");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lit_escapes_quotes_and_backslashes_and_drops_nul() {
+        assert_eq!(lit("r1"), "E'r1'");
+        assert_eq!(lit("it's"), "E'it''s'");
+        assert_eq!(lit(r"a\b"), r"E'a\\b'");
+        assert_eq!(lit("a\0b"), "E'ab'");
+        assert_eq!(lit(""), "E''");
+    }
+
+    #[test]
+    fn ident_always_quotes_and_doubles_inner_quotes() {
+        assert_eq!(ident("migrations_gate"), "\"migrations_gate\"");
+        assert_eq!(ident("My \"odd\" schema"), "\"My \"\"odd\"\" schema\"");
+        assert_eq!(ident("a\0b"), "\"ab\"");
+    }
+
+    #[test]
+    fn redact_url_hides_passwords_in_userinfo_and_query() {
+        assert_eq!(
+            redact_url("postgres://app:s3cret@db:5432/app"),
+            "postgres://app:***@db:5432/app"
+        );
+        let q = redact_url("postgres://app@db/app?password=s3cret&sslmode=require");
+        assert!(!q.contains("s3cret"), "{q}");
+        assert!(q.contains("sslmode=require"), "{q}");
+        assert_eq!(redact_url("postgres://app@db/app"), "postgres://app@db/app");
+        let bad = redact_url("not a url with s3cret");
+        assert!(!bad.contains("s3cret"), "{bad}");
+    }
+
+    #[test]
+    fn short_durations_read_like_people_write_them() {
+        assert_eq!(short(Duration::from_micros(250_400)), "250ms");
+        assert_eq!(short(Duration::new(2, 1_604_459)), "2.0s");
+        assert_eq!(short(Duration::from_millis(9_960)), "10.0s");
+        assert_eq!(short(Duration::from_millis(60_003)), "60s");
+        assert_eq!(short(Duration::from_secs(303)), "5m 3s");
+    }
+}
