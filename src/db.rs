@@ -171,9 +171,15 @@ impl Db {
         self.options.get_username()
     }
 
-    /// One connection attempt, bounded by `limit` (and by [`ATTEMPT_TIMEOUT`]).
+    /// The longest single attempt: at most a third of `--connect-timeout`, so that an attempt
+    /// that hangs (a dropped SYN, a stalled server) leaves room for more.
+    pub(crate) fn attempt_limit(&self) -> Duration {
+        (self.connect_timeout / 3).clamp(Duration::from_secs(1), ATTEMPT_TIMEOUT)
+    }
+
+    /// One connection attempt, bounded by `limit` (and by [`Db::attempt_limit`]).
     pub(crate) async fn connect_once(&self, limit: Duration) -> Result<Conn, Failure> {
-        let limit = limit.clamp(Duration::from_millis(100), ATTEMPT_TIMEOUT);
+        let limit = limit.clamp(Duration::from_millis(100), self.attempt_limit());
         // The pool retries a refused connection and "too many connections" by itself until
         // `limit`; everything else comes back to be classified here.
         let pool = PgPoolOptions::new()

@@ -142,7 +142,7 @@ impl Waiter<'_> {
             None => {
                 self.listening = false;
                 self.session.slot = false;
-                gate.db.connect_once(gate.target.connect_timeout).await
+                gate.db.connect_once(gate.db.attempt_limit()).await
             }
         };
         let round = match conn {
