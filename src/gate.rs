@@ -194,7 +194,19 @@ impl Gate {
             lock::release(c, self.lock(), scope).await.map_err(sql)?;
             return Ok((Round::Done, Some(conn)));
         }
-        let (stale, wait) = self.ledger.abandon_stale(c).await.map_err(sql)?;
+        // The attempt row and its heartbeats must be visible to a taker-over even if this
+        // holder vanishes. In session scope they commit on the lock session itself; in
+        // transaction scope everything written there rolls back with the lock, so they go
+        // through a second connection that commits on its own: the witness.
+        let mut witness = match scope {
+            Scope::Session => None,
+            _ => Some(self.db.connect_once(self.db.attempt_limit()).await?),
+        };
+        let book = match witness.as_mut() {
+            Some(w) => w.pg().await.map_err(sql)?,
+            None => conn.pg().await.map_err(sql)?,
+        };
+        let (stale, wait) = self.ledger.abandon_stale(book).await.map_err(sql)?;
         if stale > 0 {
             warn!(
                 stale,
@@ -204,9 +216,12 @@ impl Gate {
             // Holding the lock, so nobody else starts meanwhile.
             tokio::time::sleep(Duration::from_secs_f64(wait.min(3600.0))).await;
         }
-        let attempt = self.attempt(kill_grace);
-        let id = self.ledger.begin(c, &attempt).await.map_err(sql)?;
-        Ok((Round::Holder(Holding::new(conn, scope, id)), None))
+        let id = self
+            .ledger
+            .begin(book, &self.attempt(kill_grace))
+            .await
+            .map_err(sql)?;
+        Ok((Round::Holder(Holding::new(conn, witness, scope, id)), None))
     }
 
     /// The lock is taken (or we only watch): may this waiter keep its connection? Only where a

@@ -21,6 +21,8 @@ use crate::probe::Probe;
 const HEARTBEAT: Duration = Duration::from_secs(1);
 /// A heartbeat that takes longer than this counts as a lost session.
 const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a fenced holder keeps trying to record its failed attempt.
+const RECORD_FENCED_FOR: Duration = Duration::from_secs(15);
 /// How often the holder probes the app for readiness.
 const PROBE_EVERY: Duration = Duration::from_millis(250);
 
@@ -33,6 +35,9 @@ pub(crate) fn fence_time(kill_grace: Duration) -> Duration {
 /// The lock session of the holder, its scope and its ledger row.
 pub(crate) struct Holding {
     conn: Conn,
+    /// In transaction scope: the connection through which the attempt row and its heartbeats
+    /// commit, outside the lock's transaction (see [`crate::gate::Gate::round`]).
+    witness: Option<Conn>,
     scope: Scope,
     attempt: i64,
     since: Instant,
@@ -51,9 +56,10 @@ enum StepEnd {
 }
 
 impl Holding {
-    pub(crate) fn new(conn: Conn, scope: Scope, attempt: i64) -> Holding {
+    pub(crate) fn new(conn: Conn, witness: Option<Conn>, scope: Scope, attempt: i64) -> Holding {
         Holding {
             conn,
+            witness,
             scope,
             attempt,
             since: Instant::now(),
@@ -195,6 +201,9 @@ impl Holding {
         }
         .await;
         close(self.conn).await;
+        if let Some(w) = self.witness {
+            close(w).await;
+        }
         match result {
             Ok(()) => {
                 info!(
@@ -233,11 +242,15 @@ impl Holding {
             "lost the lock session while migrating: another replica may take the lock now, so the migration is stopped"
         );
         drop(self.conn);
+        drop(self.witness);
         let code = child.stop(kill_grace).await;
         child.finish();
         let detail = format!("fenced: lost the lock session ({reason}); child stopped");
-        match gate.db.connect_once(HEARTBEAT_TIMEOUT).await {
-            Ok(mut c) => {
+        // The database may be failing over: keep trying for a while, so that the record says
+        // what happened ("failed", fenced) rather than a taker-over's guess ("abandoned").
+        let record_for = gate.target.connect_timeout.min(RECORD_FENCED_FOR);
+        match tokio::time::timeout(record_for, gate.db.connect()).await {
+            Ok(Ok(mut c)) => {
                 let recorded = match c.pg().await {
                     Ok(pg) => {
                         gate.ledger
@@ -257,21 +270,27 @@ impl Holding {
                 }
                 close(c).await;
             }
-            Err(_) => warn!("could not reconnect to record the failed attempt"),
+            _ => warn!(
+                "could not reconnect within {} to record the failed attempt; the next holder marks it abandoned",
+                db::short(record_for)
+            ),
         }
         Error::Unavailable(format!(
             "lost the database session holding the lock ({reason}); stopped the migration (exit {code}) so that two migrations never overlap; the next holder will retry"
         ))
     }
 
-    /// Checks that the lock session is alive and still holds the lock, and (in session scope,
-    /// where others can see it) stamps the ledger row's heartbeat.
+    /// Checks that the lock session is alive and still holds the lock, and stamps the ledger
+    /// row's heartbeat where others can see it.
     async fn heartbeat(&mut self, gate: &Gate) -> Result<(), String> {
         let check = async {
-            let c = self.conn.pg().await?;
-            let held = lock::held_by_us(c, gate.lock()).await?;
-            if held && self.scope != Scope::Transaction {
-                gate.ledger.heartbeat(c, self.attempt).await?;
+            let held = lock::held_by_us(self.conn.pg().await?, gate.lock()).await?;
+            if held {
+                let book = match self.witness.as_mut() {
+                    Some(w) => w.pg().await?,
+                    None => self.conn.pg().await?,
+                };
+                gate.ledger.heartbeat(book, self.attempt).await?;
             }
             Ok::<_, sqlx::Error>(held)
         };
