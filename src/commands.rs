@@ -1,32 +1,46 @@
 //! The commands that gate something: `migrate`, `run`, `wait` and `reset`. Each reads top to
-//! bottom: check the flags and the programs, wait for a turn ([`crate::waiting`]), then act as a
-//! follower or as the holder ([`crate::holding`]).
+//! bottom: check the flags, the programs and the local preflight rules, wait for a turn
+//! ([`crate::waiting`]), pass the preflight checks that need the database ([`crate::preflight`]),
+//! then act as a follower or as the holder ([`crate::holding`]).
 
 use tracing::info;
 
 use crate::child::{self, Program};
-use crate::config::{self, MigrateArgs, ResetArgs, RunArgs, WaitArgs};
+use crate::config::{self, DbArgs, MigrateArgs, ResetArgs, RunArgs, WaitArgs};
 use crate::db::close;
 use crate::error::{EXIT_OK, Error, Result};
 use crate::gate::{Gate, Session, Want};
+use crate::holding::Holding;
 use crate::ledger::Outcome;
 use crate::lock;
+use crate::preflight::{Mode, Preflight, Store};
 use crate::probe::Probe;
+use crate::termination;
 use crate::waiting::{Role, wait_turn};
 
 /// `migrate -- CMD`: the holder runs CMD with the flag on; every replica exits 0 once done.
 pub(crate) async fn migrate(args: MigrateArgs) -> Result<i32> {
     let flag = args.gate.flag.flag()?;
     check_program(&args.command)?;
-    let gate = Gate::new(args.gate.db.target()?, args.gate.release.resolve()?)?;
+    let release = args.gate.release.resolve()?;
+    let preflight = Preflight::new(&args.gate.preflight, Mode::Migrate, release.as_deref())?;
+    let gate = gate(&args.gate.db, release, &preflight)?;
     let kill_grace = args.gate.kill_grace;
     let want = Want::Lock {
         kill_grace,
         slots: args.gate.waiting.waiting_connections,
     };
     match wait_turn(&gate, want, args.gate.waiting.wait_timeout).await? {
-        Role::Follower => Ok(EXIT_OK),
+        Role::Follower { seen, conn } => {
+            preflight.follower(&gate, seen, conn).await?;
+            termination::write_success(&format!(
+                "{} is done; this replica did not migrate",
+                release_name(&gate)
+            ));
+            Ok(EXIT_OK)
+        }
         Role::Holder(holding) => {
+            let holding = holder_preflight(&preflight, &gate, *holding).await?;
             let program = Program {
                 argv: &args.command,
                 flag: (&flag.name, &flag.on),
@@ -37,6 +51,10 @@ pub(crate) async fn migrate(args: MigrateArgs) -> Result<i32> {
             holding
                 .complete(&gate, Outcome::Done, Some(0), "migration command exited 0")
                 .await?;
+            termination::write_success(&format!(
+                "migrated {} (this replica held the lock; the migration command exited 0)",
+                release_name(&gate)
+            ));
             Ok(EXIT_OK)
         }
     }
@@ -62,7 +80,12 @@ pub(crate) async fn run(args: RunArgs) -> Result<i32> {
     if let Some(argv) = &migrate_argv {
         check_program(argv)?;
     }
-    let gate = Gate::new(args.gate.db.target()?, args.gate.release.resolve()?)?;
+    let release = args.gate.release.resolve()?;
+    let mode = Mode::Run {
+        migrate: migrate_argv.is_some(),
+    };
+    let preflight = Preflight::new(&args.gate.preflight, mode, release.as_deref())?;
+    let gate = gate(&args.gate.db, release, &preflight)?;
     let kill_grace = args.gate.kill_grace;
     let app_off = Program {
         argv: &args.command,
@@ -73,8 +96,11 @@ pub(crate) async fn run(args: RunArgs) -> Result<i32> {
         slots: args.gate.waiting.waiting_connections,
     };
     let mut holding = match wait_turn(&gate, want, args.gate.waiting.wait_timeout).await? {
-        Role::Follower => return Err(child::exec(&app_off)),
-        Role::Holder(holding) => holding,
+        Role::Follower { seen, conn } => {
+            preflight.follower(&gate, seen, conn).await?;
+            return Err(child::exec(&app_off));
+        }
+        Role::Holder(holding) => holder_preflight(&preflight, &gate, *holding).await?,
     };
 
     if let Some(argv) = &migrate_argv {
@@ -124,12 +150,17 @@ pub(crate) async fn wait(args: WaitArgs) -> Result<i32> {
     if !args.command.is_empty() {
         check_program(&args.command)?;
     }
-    let gate = Gate::new(args.db.target()?, Some(release))?;
+    let preflight = Preflight::new(&args.preflight, Mode::Wait, Some(&release))?;
+    let gate = gate(&args.db, Some(release), &preflight)?;
     let want = Want::Done {
         slots: args.waiting.waiting_connections,
     };
-    wait_turn(&gate, want, args.waiting.wait_timeout).await?;
+    if let Role::Follower { seen, conn } = wait_turn(&gate, want, args.waiting.wait_timeout).await?
+    {
+        preflight.follower(&gate, seen, conn).await?;
+    }
     if args.command.is_empty() {
+        termination::write_success(&format!("{} is done", release_name(&gate)));
         return Ok(EXIT_OK);
     }
     Err(child::exec(&Program {
@@ -139,11 +170,31 @@ pub(crate) async fn wait(args: WaitArgs) -> Result<i32> {
 }
 
 /// `reset --release R`: forget R so that it migrates again. Takes the lock (refusing if anyone
-/// holds it), deletes the release's rows, logs them, frees the lock.
+/// holds it), deletes the release's rows and its `--same-env` fingerprints, logs them, frees
+/// the lock. `reset --release R --env`: forget only the fingerprints (no lock needed: the
+/// release stays done, and the next replica sets them anew).
 pub(crate) async fn reset(args: ResetArgs) -> Result<i32> {
     let release = args.release;
     let gate = Gate::new(args.db.target()?, Some(release.clone()))?;
+    let store = Store::new(&gate.target.schema, gate.lock());
     let mut conn = gate.db.connect().await?;
+    if args.env {
+        let forgotten = match conn.pg().await {
+            Ok(c) => store.forget(c, &release).await,
+            Err(e) => Err(e),
+        };
+        close(conn).await;
+        let n = forgotten.map_err(|e| gate.db.fail(&e, "during reset --env"))?;
+        info!(
+            release,
+            variables = n,
+            "forgot the release's --same-env fingerprints; the next replica sets them anew"
+        );
+        termination::write_success(&format!(
+            "forgot the --same-env fingerprints of {n} variable(s) of release {release:?}"
+        ));
+        return Ok(EXIT_OK);
+    }
     let mut session = Session::default();
     let result = async {
         let (_, scope) = gate.route(&mut conn, &mut session).await?;
@@ -152,6 +203,7 @@ pub(crate) async fn reset(args: ResetArgs) -> Result<i32> {
             return Ok(Err(()));
         }
         let removed = gate.ledger.forget(c, &release).await?;
+        store.forget(c, &release).await?;
         lock::release(c, gate.lock(), scope).await?;
         Ok::<_, sqlx::Error>(Ok(removed))
     }
@@ -179,7 +231,42 @@ pub(crate) async fn reset(args: ResetArgs) -> Result<i32> {
     for a in &removed {
         info!(id = a.id, release, outcome = %a.outcome, holder = %a.holder, started_at = %a.started_at, "removed");
     }
+    termination::write_success(&format!(
+        "reset release {release:?}: removed {} attempt(s)",
+        removed.len()
+    ));
     Ok(EXIT_OK)
+}
+
+/// The gate for these flags; a replica that compares variables reads the key with the ledger.
+fn gate(db: &DbArgs, release: Option<String>, preflight: &Preflight) -> Result<Gate> {
+    let mut gate = Gate::new(db.target()?, release)?;
+    if preflight.compares() {
+        gate.ledger.read_env_key();
+    }
+    Ok(gate)
+}
+
+/// The holder's preflight, before it migrates: a refusal is recorded as a failed attempt (which
+/// frees the lock for a replica that is configured right).
+async fn holder_preflight(preflight: &Preflight, gate: &Gate, holding: Holding) -> Result<Holding> {
+    match preflight.holder(gate).await {
+        Ok(()) => Ok(holding),
+        Err(e) => {
+            holding
+                .complete(gate, Outcome::Failed, Some(e.exit_code()), &e.to_string())
+                .await?;
+            Err(e)
+        }
+    }
+}
+
+/// "release \"R\"", or what serial mode is, for summaries.
+fn release_name(gate: &Gate) -> String {
+    match gate.release() {
+        Some(r) => format!("release {r:?}"),
+        None => "the migration (no --release: serial mode)".into(),
+    }
 }
 
 /// Stops with 127/126 before taking any lock if `argv[0]` cannot be found or executed.

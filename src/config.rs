@@ -9,15 +9,21 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 use crate::lock::{LockKey, Scope, WaitSlots};
+use crate::preflight::{OnMismatch, Preset};
 
 const AFTER_HELP: &str = "\
 Exit codes: 0 ok, 1 release not done (status --release), 64 usage, 69 database unavailable,
-70 internal, 75 timed out, 77 authentication or permission refused, 126 command not executable,
+70 internal, 75 timed out, 77 authentication or permission refused, 78 configuration refused by
+a preflight check (--same-env, --preset, an older release), 126 command not executable,
 127 command not found; a failed migration passes on its own exit code (128+N if killed by
 signal N).
 
+The final one-line outcome is also written to /dev/termination-log when that file exists and is
+writable (Kubernetes shows it in `kubectl describe pod`); MIGRATIONS_GATE_TERMINATION_LOG names
+another file.
+
 Every flag has an environment twin (shown as [env: ...]). Log level: MIGRATIONS_GATE_LOG
-(e.g. info, debug, migrations_gate=trace). Default: info.";
+(e.g. info, debug, migrations_gate=trace). Default: info, with PostgreSQL NOTICEs (sqlx::postgres::notice) only from warn up.";
 
 /// migrations-gate: run database migrations exactly once when many replicas start at once.
 ///
@@ -57,7 +63,7 @@ pub enum Command {
     /// Show who holds the lock and every recorded attempt; with --release, exit 0 only if it is done.
     Status(StatusArgs),
 
-    /// Forget a release so that it migrates again. Refuses while the lock is held.
+    /// Forget a release so that it migrates again (refuses while the lock is held); with --env, only its --same-env fingerprints.
     Reset(ResetArgs),
 
     /// Copy this binary to DIR/migrations-gate (for a shared volume or another image).
@@ -191,6 +197,10 @@ pub struct GateArgs {
     #[allow(missing_docs)]
     pub waiting: WaitingArgs,
 
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub preflight: PreflightArgs,
+
     /// After SIGTERM, wait this long before SIGKILL when the gate must stop its child.
     #[arg(long, env = "MIGRATIONS_GATE_KILL_GRACE", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub kill_grace: Duration,
@@ -211,6 +221,32 @@ pub struct WaitingArgs {
         default_value = "auto"
     )]
     pub waiting_connections: WaitSlots,
+}
+
+/// Preflight checks before the app starts (README "Preflight"): shared by the gating modes and
+/// `wait`. A refusal exits 78.
+#[derive(Debug, Clone, Args)]
+pub struct PreflightArgs {
+    /// Refuse to start (exit 78) when one of these variables differs from the value the release's first replica started with. Compared as keyed fingerprints kept in the database, never as values; unset and empty differ. Needs --release.
+    #[arg(
+        long,
+        env = "MIGRATIONS_GATE_SAME_ENV",
+        value_name = "NAME[,NAME...]",
+        value_delimiter = ','
+    )]
+    pub same_env: Vec<String>,
+
+    /// What a --same-env difference does: fail (exit 78, the app does not start) or warn (log it and start).
+    #[arg(long, env = "MIGRATIONS_GATE_ON_MISMATCH", value_enum, default_value_t = OnMismatch::Fail)]
+    pub on_mismatch: OnMismatch,
+
+    /// Check a known app's multi-replica setup (its rules fail with 78 or warn; see the README, "Preflight").
+    #[arg(long, env = "MIGRATIONS_GATE_PRESET", value_enum)]
+    pub preset: Option<Preset>,
+
+    /// Start even when a newer release was already migrated on this database (e.g. a deliberate rollback after restoring it). Without it such a replica exits 78.
+    #[arg(long, env = "MIGRATIONS_GATE_ALLOW_OLDER_RELEASE")]
+    pub allow_older_release: bool,
 }
 
 /// The environment variable handed to the app.
@@ -322,6 +358,10 @@ pub struct WaitArgs {
     #[allow(missing_docs)]
     pub waiting: WaitingArgs,
 
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub preflight: PreflightArgs,
+
     /// Command to exec once the release is done (with the flag off); without one, exit 0.
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,
@@ -367,6 +407,10 @@ pub struct ResetArgs {
         required = true
     )]
     pub release: String,
+
+    /// Forget only the release's --same-env fingerprints (the next replica sets them anew); the release stays done.
+    #[arg(long, env = "MIGRATIONS_GATE_RESET_ENV")]
+    pub env: bool,
 }
 
 /// Log output format.

@@ -20,6 +20,10 @@ pub const EXIT_INTERNAL: i32 = 70;
 pub const EXIT_TIMEOUT: i32 = 75;
 /// Exit code: the database refused our credentials or permissions (`EX_NOPERM`).
 pub const EXIT_AUTH: i32 = 77;
+/// Exit code: a preflight check refused this replica's configuration (`EX_CONFIG`): a
+/// `--same-env` variable differs from the release's first replica, a preset rule fails, or the
+/// release is older than one already migrated.
+pub const EXIT_CONFIG: i32 = 78;
 /// Exit code: the command exists but could not be executed (as shells do).
 pub const EXIT_NOT_EXECUTABLE: i32 = 126;
 /// Exit code: the command was not found (as shells do).
@@ -40,6 +44,10 @@ pub enum Error {
     /// The database refused the credentials or a permission.
     #[error("{0}")]
     Auth(String),
+
+    /// A preflight check refused this replica's configuration; the app was not started.
+    #[error("{0}")]
+    Config(String),
 
     /// Waited longer than the configured timeout.
     #[error("{what} after {}; {hint}", crate::db::short(*waited))]
@@ -91,6 +99,7 @@ impl Error {
             Error::Usage(_) => EXIT_USAGE,
             Error::Unavailable(_) => EXIT_UNAVAILABLE,
             Error::Auth(_) => EXIT_AUTH,
+            Error::Config(_) => EXIT_CONFIG,
             Error::Timeout { .. } => EXIT_TIMEOUT,
             Error::CommandNotFound { .. } => EXIT_NOT_FOUND,
             Error::CommandNotExecutable { .. } => EXIT_NOT_EXECUTABLE,

@@ -25,7 +25,7 @@ use crate::config::Target;
 use crate::db::{Conn, Db, Failure};
 use crate::error::{Error, Result};
 use crate::holding::Holding;
-use crate::ledger::{Attempt, Ledger};
+use crate::ledger::{Attempt, Ledger, Seen};
 use crate::lock::{self, LockKey, Route, Scope, WaitSlots};
 
 /// One replica's view of the lock and the ledger.
@@ -67,10 +67,11 @@ pub(crate) struct Session {
 
 /// What one round saw.
 pub(crate) enum Round {
-    /// The release is done: go on with the flag off.
-    Done,
+    /// The release is done: go on with the flag off. What the ledger read saw goes to the
+    /// preflight checks.
+    Done(Seen),
     /// We hold the lock and have recorded an attempt: migrate.
-    Holder(Holding),
+    Holder(Box<Holding>),
     /// Not yet. `keep`: whether this waiter may keep its connection; `pressure`: the share of
     /// `max_connections` in use, when known.
     Busy { keep: bool, pressure: f64 },
@@ -160,7 +161,7 @@ impl Gate {
                 .await
                 .map_err(sql)?;
             match seen.done {
-                Some(true) => return Ok((Round::Done, Some(conn))),
+                Some(true) => return Ok((Round::Done(seen), Some(conn))),
                 _ if seen.standby => return Ok((Round::Standby, None)),
                 Some(false) => session.ensured = true,
                 None => {}
@@ -187,12 +188,13 @@ impl Gate {
             return self.busy(conn, session, slots).await;
         }
         lock::configure_keepalives(c, scope).await.map_err(sql)?;
-        if let Some(release) = self.release()
-            && self.ledger.is_done(c, release).await.map_err(sql)?.done == Some(true)
-        {
-            // The previous holder finished between our read and our lock.
-            lock::release(c, self.lock(), scope).await.map_err(sql)?;
-            return Ok((Round::Done, Some(conn)));
+        if let Some(release) = self.release() {
+            let seen = self.ledger.is_done(c, release).await.map_err(sql)?;
+            if seen.done == Some(true) {
+                // The previous holder finished between our read and our lock.
+                lock::release(c, self.lock(), scope).await.map_err(sql)?;
+                return Ok((Round::Done(seen), Some(conn)));
+            }
         }
         // The attempt row and its heartbeats must be visible to a taker-over even if this
         // holder vanishes. In session scope they commit on the lock session itself; in
@@ -221,7 +223,8 @@ impl Gate {
             .begin(book, &self.attempt(kill_grace))
             .await
             .map_err(sql)?;
-        Ok((Round::Holder(Holding::new(conn, witness, scope, id)), None))
+        let holding = Holding::new(conn, witness, scope, id);
+        Ok((Round::Holder(Box::new(holding)), None))
     }
 
     /// The lock is taken (or we only watch): may this waiter keep its connection? Only where a

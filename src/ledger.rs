@@ -15,10 +15,12 @@ use crate::db::{ident, lit, query, query_scalar};
 use crate::lock::LockKey;
 
 /// The ledger of one lock in one schema.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) struct Ledger {
     schema: String,
     lock: LockKey,
+    /// Whether [`Ledger::is_done`] also reads the `--same-env` key ([`Ledger::read_env_key`]).
+    env_key: bool,
 }
 
 /// Who is making an attempt, for the record.
@@ -66,7 +68,14 @@ impl Ledger {
         Ledger {
             schema: schema.to_string(),
             lock: lock.clone(),
+            env_key: false,
         }
+    }
+
+    /// Makes [`Ledger::is_done`] read the `--same-env` key too (same statement, no extra round
+    /// trip), for replicas that compare variables.
+    pub(crate) fn read_env_key(&mut self) {
+        self.env_key = true;
     }
 
     fn table(&self) -> String {
@@ -74,36 +83,74 @@ impl Ledger {
     }
 
     /// Whether `release` is recorded done (`None` when the ledger does not exist yet), and
-    /// whether the server is a read-only standby: one round trip, the whole fast path.
+    /// whether the server is a read-only standby: one round trip, the whole fast path. The same
+    /// statement finds the newest release done after this one (the older-release check) and,
+    /// with [`Ledger::read_env_key`], the `--same-env` key.
     pub(crate) async fn is_done(
         &self,
         conn: &mut PgConnection,
         release: &str,
     ) -> Result<Seen, sqlx::Error> {
-        let sql = format!(
-            "SELECT EXISTS (SELECT 1 FROM {} WHERE lock_key = {} AND release = {} AND outcome = 'done')::text, \
-                    pg_is_in_recovery()::text",
-            self.table(),
-            self.lock.key,
-            lit(release)
-        );
-        match query(conn, sql).await {
-            Ok(rows) => {
-                let text = |i: usize| rows.first().and_then(|r| r.try_get::<String, _>(i).ok());
-                Ok(Seen {
-                    done: Some(text(0).as_deref() == Some("true")),
-                    standby: text(1).as_deref() == Some("true"),
-                })
+        let table = self.table();
+        let key = self.lock.key;
+        let release = lit(release);
+        // A ledger made by an older gate has no key table yet: then read without it.
+        for with_key in [self.env_key, false] {
+            let key_column = if with_key {
+                format!(
+                    ", (SELECT encode(key, 'hex') FROM {})",
+                    crate::preflight::key_table(&self.schema)
+                )
+            } else {
+                String::new()
+            };
+            let sql = format!(
+                "SELECT EXISTS (SELECT 1 FROM {table} WHERE lock_key = {key} AND release = {release} AND outcome = 'done')::text, \
+                        pg_is_in_recovery()::text, n.release, n.holder, n.finished_at{key_column} \
+                 FROM (SELECT 1) one LEFT JOIN LATERAL ( \
+                     SELECT release, holder, to_char(finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS \"UTC\"') AS finished_at \
+                     FROM {table} WHERE lock_key = {key} AND outcome = 'done' AND release IS NOT NULL \
+                     AND id > (SELECT id FROM {table} WHERE lock_key = {key} AND release = {release} AND outcome = 'done') \
+                     ORDER BY id DESC LIMIT 1) n ON true"
+            );
+            match query(conn, sql).await {
+                Ok(rows) => {
+                    let text = |i: usize| {
+                        rows.first()
+                            .and_then(|r| r.try_get::<Option<String>, _>(i).ok().flatten())
+                    };
+                    let newer = match (text(2), text(3), text(4)) {
+                        (Some(release), Some(holder), finished_at) => Some(Newer {
+                            release,
+                            holder,
+                            finished_at: finished_at.unwrap_or_default(),
+                        }),
+                        _ => None,
+                    };
+                    return Ok(Seen {
+                        done: Some(text(0).as_deref() == Some("true")),
+                        standby: text(1).as_deref() == Some("true"),
+                        newer,
+                        env_key: if with_key {
+                            text(5).and_then(|h| crate::preflight::EnvKey::from_hex(&h))
+                        } else {
+                            None
+                        },
+                    });
+                }
+                Err(e) if is_missing_relation(&e) && with_key => continue,
+                Err(e) if is_missing_relation(&e) => break,
+                Err(e) => return Err(e),
             }
-            Err(e) if is_missing_relation(&e) => Ok(Seen {
-                done: None,
-                standby: query_scalar(conn, "SELECT pg_is_in_recovery()::text".into())
-                    .await?
-                    .as_deref()
-                    == Some("true"),
-            }),
-            Err(e) => Err(e),
         }
+        Ok(Seen {
+            done: None,
+            standby: query_scalar(conn, "SELECT pg_is_in_recovery()::text".into())
+                .await?
+                .as_deref()
+                == Some("true"),
+            ..Seen::default()
+        })
     }
 
     /// Creates what is missing of the schema, the table and its index, and nothing else: a
@@ -395,12 +442,28 @@ impl Ledger {
 }
 
 /// What one look at the ledger saw.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Default)]
 pub(crate) struct Seen {
     /// Whether the release is done; `None` when the ledger does not exist yet.
     pub(crate) done: Option<bool>,
     /// Whether the server is a read-only standby (`pg_is_in_recovery()`).
     pub(crate) standby: bool,
+    /// When the release is done: the newest release done after it on this lock, if any (a
+    /// replica of an older release must not start on a schema that moved on).
+    pub(crate) newer: Option<Newer>,
+    /// The `--same-env` key, when asked for ([`Ledger::read_env_key`]) and it exists.
+    pub(crate) env_key: Option<crate::preflight::EnvKey>,
+}
+
+/// A release done after the one a replica asked about.
+#[derive(Debug, Clone)]
+pub(crate) struct Newer {
+    /// Its ID.
+    pub(crate) release: String,
+    /// Who migrated it (`application_name`).
+    pub(crate) holder: String,
+    /// When, for people (`YYYY-MM-DD HH:MM:SS UTC`).
+    pub(crate) finished_at: String,
 }
 
 /// One attempt as `status` shows it. The JSON field names are a stable interface.

@@ -5,6 +5,7 @@
 //! - [`db`]: connecting, retrying, classifying errors, pooler-safe queries;
 //! - [`lock`]: the advisory lock key and who holds it;
 //! - [`ledger`]: which releases are done, and every attempt;
+//! - [`preflight`]: checks before the app starts (`--same-env`, presets, older releases);
 //! - [`gate`]: the protocol (who migrates, who waits, when is it done), one round of it;
 //! - [`waiting`]: the one loop of every waiting replica (`LISTEN`, polling, deadlines);
 //! - [`holding`]: the holder's life (heartbeat, supervise, complete, fence);
@@ -13,6 +14,7 @@
 //! - [`probe`]: readiness checks;
 //! - [`install`]: copying the binary for the wrapper pattern;
 //! - [`status`]: what the lock and the ledger say, for people and scripts;
+//! - [`termination`]: the final one-line outcome in `/dev/termination-log`;
 //! - [`error`]: failures and their exit codes.
 
 #![warn(missing_docs)]
@@ -27,8 +29,10 @@ mod holding;
 mod install;
 mod ledger;
 mod lock;
+mod preflight;
 mod probe;
 mod status;
+mod termination;
 mod waiting;
 
 use tracing::error;
@@ -46,7 +50,13 @@ pub fn main_entry() -> i32 {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() { EXIT_USAGE } else { EXIT_OK };
+            if !e.use_stderr() {
+                return EXIT_OK;
+            }
+            let text = e.to_string();
+            let line = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+            termination::write_failure(EXIT_USAGE, line);
+            return EXIT_USAGE;
         }
     };
     // Generated from the same clap definitions as --help, so they never drift apart.
@@ -97,6 +107,7 @@ pub fn main_entry() -> i32 {
         Ok(code) => code,
         Err(e) => {
             error!(exit_code = e.exit_code(), "{e}");
+            termination::write_failure(e.exit_code(), &e.to_string());
             e.exit_code()
         }
     }
@@ -112,9 +123,15 @@ pub fn cli_command() -> clap::Command {
     hide(<Cli as clap::CommandFactory>::command())
 }
 
+/// The log filter when `MIGRATIONS_GATE_LOG` is unset: `info`, except PostgreSQL's NOTICEs
+/// (sqlx logs them at INFO under this target), such as "relation ... already exists, skipping"
+/// from the gate's own `CREATE ... IF NOT EXISTS`, which read like errors on every start.
+/// WARNING notices still show.
+const DEFAULT_LOG_FILTER: &str = "info,sqlx::postgres::notice=warn";
+
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MIGRATIONS_GATE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

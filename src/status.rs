@@ -11,6 +11,7 @@ use crate::db::{Db, close};
 use crate::error::{EXIT_NOT_DONE, EXIT_OK, Error, Result};
 use crate::ledger::{AttemptRow, Ledger};
 use crate::lock::{self, Holder};
+use crate::preflight::{EnvCheck, Store};
 
 /// The JSON document `status --json` prints. Field names are a stable interface.
 #[derive(Debug, Serialize)]
@@ -25,6 +26,9 @@ pub(crate) struct Report {
     pub release_done: Option<bool>,
     /// Attempts, newest first.
     pub attempts: Vec<AttemptRow>,
+    /// `--same-env` comparisons of the shown releases (with `--release`, of that one): per
+    /// release and variable, who set the reference, how many replicas agreed, which disagreed.
+    pub env_checks: Vec<EnvCheck>,
 }
 
 /// Prints the status and returns the exit code.
@@ -37,6 +41,7 @@ pub(crate) async fn status(args: StatusArgs) -> Result<i32> {
         settings.connect_timeout,
     )?;
     let ledger = Ledger::new(&settings.schema, &settings.lock);
+    let store = Store::new(&settings.schema, &settings.lock);
     let mut conn = db.connect().await?;
     let gathered = async {
         let c = conn.pg().await?;
@@ -46,11 +51,22 @@ pub(crate) async fn status(args: StatusArgs) -> Result<i32> {
             Some(r) => Some(ledger.is_done(c, r).await?.done.unwrap_or(false)),
             None => None,
         };
-        Ok::<_, sqlx::Error>((holder, attempts, release_done))
+        let releases: Vec<String> = match &release {
+            Some(r) => vec![r.clone()],
+            None => {
+                let mut shown: Vec<String> =
+                    attempts.iter().filter_map(|a| a.release.clone()).collect();
+                shown.sort();
+                shown.dedup();
+                shown
+            }
+        };
+        let env_checks = store.summary(c, Some(&releases)).await?;
+        Ok::<_, sqlx::Error>((holder, attempts, release_done, env_checks))
     }
     .await;
     close(conn).await;
-    let (holder, attempts, release_done) =
+    let (holder, attempts, release_done, env_checks) =
         gathered.map_err(|e| db.fail(&e, "while reading the status"))?;
     let report = Report {
         lock: settings.lock.name.clone(),
@@ -58,6 +74,7 @@ pub(crate) async fn status(args: StatusArgs) -> Result<i32> {
         holder,
         release_done,
         attempts,
+        env_checks,
     };
     let text = if args.json {
         serde_json::to_string_pretty(&report)
@@ -91,6 +108,7 @@ pub(crate) fn render(report: &Report, release: Option<&str>) -> String {
     }
     if report.attempts.is_empty() {
         s.push_str("\nno attempts recorded\n");
+        render_env(&mut s, &report.env_checks);
         return s;
     }
     let header = [
@@ -147,5 +165,33 @@ pub(crate) fn render(report: &Report, release: Option<&str>) -> String {
         s.push_str(&line(row));
         s.push('\n');
     }
+    render_env(&mut s, &report.env_checks);
     s
+}
+
+/// The `--same-env` section: one line per release and variable, then who disagreed.
+fn render_env(s: &mut String, checks: &[EnvCheck]) {
+    if checks.is_empty() {
+        return;
+    }
+    s.push_str("\nsame environment (--same-env):\n");
+    for c in checks {
+        s.push_str(&format!(
+            "  release {} {}: {} replica(s) agreed, {} disagreed; reference from {} at {}\n",
+            c.release,
+            c.variable,
+            c.agreed,
+            c.disagreed.len(),
+            c.reference.replica,
+            c.reference.at.replace('T', " ").trim_end_matches('Z'),
+        ));
+        for d in &c.disagreed {
+            s.push_str(&format!(
+                "    differs on {} (host {}) at {}\n",
+                d.replica,
+                d.host,
+                d.at.replace('T', " ").trim_end_matches('Z')
+            ));
+        }
+    }
 }

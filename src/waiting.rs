@@ -20,6 +20,7 @@ use crate::db::{self, Conn, Failure, backoff, short};
 use crate::error::{Error, Result};
 use crate::gate::{Gate, Round, Session, Want};
 use crate::holding::Holding;
+use crate::ledger::Seen;
 use crate::lock::Route;
 
 /// How often a waiter logs who holds the lock.
@@ -47,10 +48,12 @@ const PACKED: f64 = 0.9;
 
 /// What a replica turned out to be.
 pub(crate) enum Role {
-    /// The release is done: go on with the flag off.
-    Follower,
+    /// The release is done: go on with the flag off. `seen`: what the ledger read saw; `conn`:
+    /// its connection, for a preflight check that needs one more round trip (dropped otherwise:
+    /// a follower execs or exits next, and both close the socket).
+    Follower { seen: Seen, conn: Option<Conn> },
     /// We hold the lock and have recorded an attempt: migrate.
-    Holder(Holding),
+    Holder(Box<Holding>),
 }
 
 /// Waits until the release is done (follower) or, with [`Want::Lock`], this replica holds the
@@ -78,13 +81,13 @@ pub(crate) async fn wait_turn(gate: &Gate, want: Want, wait_timeout: Duration) -
         let pressure = match tokio::time::timeout_at(deadline, waiter.step(want)).await {
             Err(_) => return Err(waiter.timed_out(started.elapsed())),
             Ok(Err(e)) => return Err(e),
-            Ok(Ok(Step::Done)) => {
+            Ok(Ok(Step::Done { seen, conn })) => {
                 info!(
                     release = gate.release(),
                     waited_ms = started.elapsed().as_millis() as u64,
                     "release is done; starting with the flag off"
                 );
-                return Ok(Role::Follower);
+                return Ok(Role::Follower { seen, conn });
             }
             Ok(Ok(Step::Holder(holding))) => {
                 info!(release = gate.release(), lock = %gate.lock(), attempt = holding.attempt(), waited_ms = started.elapsed().as_millis() as u64, "lock taken; this replica migrates");
@@ -125,8 +128,11 @@ struct Waiter<'g> {
 }
 
 enum Step {
-    Done,
-    Holder(Holding),
+    Done {
+        seen: Seen,
+        conn: Option<Conn>,
+    },
+    Holder(Box<Holding>),
     /// Wait and go again; `pressure`: share of `max_connections` in use, when known.
     Wait {
         pressure: f64,
@@ -150,14 +156,7 @@ impl Waiter<'_> {
             Err(failure) => Err(failure),
         };
         match round {
-            Ok((Round::Done, conn)) => {
-                if let Some(c) = conn {
-                    // A follower execs or exits next: both close the socket. Only a gate that
-                    // goes on living says goodbye.
-                    drop(c);
-                }
-                Ok(Step::Done)
-            }
+            Ok((Round::Done(seen), conn)) => Ok(Step::Done { seen, conn }),
             Ok((Round::Holder(holding), _)) => Ok(Step::Holder(holding)),
             Ok((Round::Busy { keep, pressure }, conn)) => {
                 self.trouble_since = None;

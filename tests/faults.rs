@@ -11,10 +11,6 @@ use support::*;
 
 const HANG_GUARD: Duration = Duration::from_secs(180);
 
-fn code(out: &Output) -> Option<i32> {
-    out.status.code()
-}
-
 fn migrate(db: &TestDb, flags: &[&str], step_ms: u32) -> Command {
     let mut c = db.gate();
     c.args(["migrate", "--release", "r1"])
@@ -110,7 +106,7 @@ fn holders_killed_at_random_points_repeatedly_still_migrate_once() {
         .collect();
     let failed: Vec<_> = outs
         .iter()
-        .filter(|o| code(o) != Some(0) && code(o).is_some())
+        .filter(|o| o.status.code().is_some_and(|c| c != 0))
         .collect();
     assert!(
         failed.is_empty(),
@@ -118,7 +114,7 @@ fn holders_killed_at_random_points_repeatedly_still_migrate_once() {
         stderr(failed[0])
     );
     assert_eq!(
-        outs.iter().filter(|o| code(o).is_none()).count(),
+        outs.iter().filter(|o| o.status.code().is_none()).count(),
         killed.len()
     );
     assert_done_once(&db);
@@ -169,7 +165,7 @@ fn holder_whose_lock_session_is_terminated_fences_itself_and_one_waiter_takes_ov
     );
     assert_eq!(terminated, "1", "exactly one gate session holds the lock");
     let a = wait_output(a, HANG_GUARD);
-    assert_eq!(code(&a), Some(69), "{}", stderr(&a));
+    assert_eq!(code(&a), 69, "{}", stderr(&a));
     let err = stderr(&a);
     assert!(
         err.contains("lost the database session holding the lock"),
@@ -181,7 +177,7 @@ fn holder_whose_lock_session_is_terminated_fences_itself_and_one_waiter_takes_ov
     );
     assert!(!alive(first_migration), "the fenced migration must be dead");
     let b = wait_output(b, HANG_GUARD);
-    assert_eq!(code(&b), Some(0), "{}", stderr(&b));
+    assert_eq!(code(&b), 0, "{}", stderr(&b));
     assert_done_once(&db);
     assert_eq!(
         db.one("SELECT outcome || ':' || exit_code FROM migrations_gate.ledger WHERE detail LIKE 'fenced%'"),
@@ -231,7 +227,7 @@ fn holder_host_vanishing_without_a_goodbye_frees_the_lock_within_30_seconds() {
 
     // The holder notices first (heartbeat timeout) and stops its migration...
     let a = wait_output(a, HANG_GUARD);
-    assert_eq!(code(&a), Some(69), "{}", stderr(&a));
+    assert_eq!(code(&a), 69, "{}", stderr(&a));
     assert!(
         !alive(first_migration),
         "the cut-off holder's migration must be dead"
@@ -242,7 +238,7 @@ fn holder_host_vanishing_without_a_goodbye_frees_the_lock_within_30_seconds() {
     );
     // ...then PostgreSQL's keepalives drop the dead session and a waiter takes over.
     let b = wait_output(b, HANG_GUARD);
-    assert_eq!(code(&b), Some(0), "{}", stderr(&b));
+    assert_eq!(code(&b), 0, "{}", stderr(&b));
     let taken = db
         .one("SELECT extract(epoch FROM started_at)::float8 FROM migrations_gate.ledger WHERE outcome = 'done'")
         .parse::<f64>()
@@ -294,7 +290,7 @@ fn postgres_restart_while_replicas_wait_is_survived_and_migrates_once() {
     for out in &outs {
         assert_eq!(
             code(out),
-            Some(0),
+            0,
             "a waiter failed across the restart:\n{}",
             stderr(out)
         );
@@ -309,4 +305,191 @@ fn postgres_restart_while_replicas_wait_is_survived_and_migrates_once() {
         "the migration happens once after the restart"
     );
     assert_done_once(&db);
+}
+
+/// The key of the default lock name `migrations-gate` (README, "The lock key").
+const DEFAULT_LOCK_KEY: &str = "-2194319167836551848";
+
+/// Whether iptables can be used here (root and a working iptables); prints why not.
+fn iptables_usable(test: &str) -> bool {
+    let ok = running_as_root()
+        && Command::new("iptables")
+            .args(["-w", "-L", "-n"])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+    if !ok {
+        eprintln!(
+            "SKIPPED {test}: needs root and a working iptables (CI runs as root; .ci/run installs iptables)"
+        );
+    }
+    ok
+}
+
+/// The connection a waiter keeps while it holds a waiting slot (a two-int advisory lock,
+/// `objsubid = 2`): its backend PID and client port.
+fn kept_connection(db: &TestDb, application_name: &str) -> Option<(String, u16)> {
+    db.rows(&format!(
+        "SELECT s.pid::text, s.client_port::text FROM pg_stat_activity s \
+         JOIN pg_locks l ON l.pid = s.pid AND l.locktype = 'advisory' AND l.objsubid = 2 AND l.granted \
+         WHERE s.application_name = '{application_name}' AND s.datname = current_database()"
+    ))
+    .first()
+    .map(|r| (r[0].clone(), r[1].parse().expect("client_port")))
+}
+
+/// Ends the server side of a connection that was cut (PostgreSQL cannot tell it is dead: no
+/// keepalives on a waiter's session), so its waiting slot does not outlive the test.
+fn end_backend(db: &TestDb, backend: &str) {
+    db.one(&format!("SELECT pg_terminate_backend({backend})"));
+    eventually(Duration::from_secs(10), "the cut backend is gone", || {
+        db.one(&format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = {backend}"
+        )) == "0"
+    });
+}
+
+/// Holds the gate's default lock from the test itself, so every gate waits.
+fn hold_default_lock(db: &TestDb) -> Session {
+    let mut s = Session::open(&db.url);
+    assert_eq!(
+        s.one(&format!(
+            "SELECT pg_try_advisory_lock({DEFAULT_LOCK_KEY})::text"
+        )),
+        "true"
+    );
+    s
+}
+
+#[test]
+fn waiter_whose_connection_dies_silently_still_gives_up_at_its_wait_timeout() {
+    if !iptables_usable("waiter_whose_connection_dies_silently_still_gives_up_at_its_wait_timeout")
+    {
+        return;
+    }
+    let db = cluster().new_db("cut_waiter");
+    let holder = hold_default_lock(&db);
+    let started = Instant::now();
+    let waiter = spawn(db.gate().args([
+        "migrate",
+        "--release",
+        "r1",
+        "--wait-timeout",
+        "15s",
+        "--application-name",
+        "cut-waiter",
+        "--",
+        "true",
+    ]));
+    let mut kept = None;
+    eventually(
+        Duration::from_secs(10),
+        "the waiter keeps a connection",
+        || {
+            kept = kept_connection(&db, "cut-waiter");
+            kept.is_some()
+        },
+    );
+    let (backend, client_port) = kept.unwrap();
+    // Its packets vanish from now on, in both directions, with no RST: like a dead NAT entry
+    // or a vanished network path. The cut stays until the test ends.
+    let cut = Partition::cut(client_port, cluster().port);
+    eprintln!("cut the waiter's connection (backend {backend}, client port {client_port})");
+    let out = wait_output(waiter, Duration::from_secs(120));
+    let took = started.elapsed();
+    eprintln!("the cut-off waiter exited {took:?} after its start");
+    drop(cut);
+    end_backend(&db, &backend);
+    assert_eq!(
+        db.one("SELECT count(*) FROM migrations_gate.ledger WHERE release = 'r1'"),
+        "0"
+    );
+    assert_eq!(code(&out), 75, "{}", stderr(&out));
+    // The bound is the behaviour under test: --wait-timeout is a hard bound.
+    assert!(
+        took < Duration::from_secs(15 + 10),
+        "--wait-timeout 15s must bound the wait even on a dead connection: took {took:?}"
+    );
+    drop(holder);
+}
+
+/// How long the waiter's old connection stays cut in the test below: longer than a round-trip
+/// deadline, and long enough that TCP's own retransmissions (every 0.2, 0.4, 0.8 ... s, so at
+/// about 25 s and then 51 s after the cut) cannot rescue the old connection before it ends.
+const LONG_CUT: Duration = Duration::from_secs(40);
+
+#[test]
+fn waiter_whose_connection_dies_silently_reconnects_and_follows_a_release_done_meanwhile() {
+    if !iptables_usable(
+        "waiter_whose_connection_dies_silently_reconnects_and_follows_a_release_done_meanwhile",
+    ) {
+        return;
+    }
+    let db = cluster().new_db("cut_follower");
+    let holder = hold_default_lock(&db);
+    let mut waiter = spawn(db.gate().args([
+        "migrate",
+        "--release",
+        "r1",
+        "--wait-timeout",
+        "60s",
+        "--application-name",
+        "cut-follower",
+        "--",
+        standin(),
+        "migrate",
+    ]));
+    let mut kept = None;
+    eventually(
+        Duration::from_secs(10),
+        "the waiter keeps a connection",
+        || {
+            kept = kept_connection(&db, "cut-follower");
+            kept.is_some()
+        },
+    );
+    let (backend, client_port) = kept.unwrap();
+    let cut = Partition::cut(client_port, cluster().port);
+    let cut_at = Instant::now();
+    // While the waiter's connection is cut, the lock is freed and another gate migrates.
+    drop(holder);
+    let second = wait_output(spawn(&mut migrate(&db, &[], 100)), HANG_GUARD);
+    assert_eq!(code(&second), 0, "{}", stderr(&second));
+    let mut cut = Some(cut);
+    let exited_after = loop {
+        if waiter.try_wait().expect("try_wait").is_some() {
+            break cut_at.elapsed();
+        }
+        if cut_at.elapsed() >= LONG_CUT {
+            cut = None; // lift the cut
+        }
+        if cut_at.elapsed() >= HANG_GUARD {
+            let _ = waiter.kill();
+            panic!("the waiter did not finish within {HANG_GUARD:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    drop(cut);
+    let out = wait_output(waiter, HANG_GUARD);
+    end_backend(&db, &backend);
+    eprintln!(
+        "the cut-off waiter exited {exited_after:?} after the cut (the cut lasts {LONG_CUT:?})"
+    );
+    assert_eq!(
+        db.one("SELECT count(*) FROM mg_runs"),
+        "1",
+        "exactly one migration"
+    );
+    assert_done_once(&db);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("release is done"),
+        "the waiter must follow: {}",
+        stderr(&out)
+    );
+    assert!(
+        exited_after < LONG_CUT,
+        "the waiter must give up its dead connection and reconnect, not wait for TCP: it exited {exited_after:?} after the cut, {:?} after the cut was lifted",
+        exited_after.saturating_sub(LONG_CUT)
+    );
 }

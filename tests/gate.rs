@@ -9,10 +9,6 @@ use support::*;
 
 const HANG_GUARD: Duration = Duration::from_secs(120);
 
-fn code(out: &Output) -> i32 {
-    out.status.code().unwrap_or(-1)
-}
-
 fn migrate_cmd(db: &TestDb, release: Option<&str>) -> Command {
     migrate_with(db, release, &[])
 }
@@ -27,14 +23,6 @@ fn migrate_with(db: &TestDb, release: Option<&str>, flags: &[&str]) -> Command {
     c
 }
 
-fn run_all(mut cmds: Vec<Command>) -> Vec<Output> {
-    let children: Vec<_> = cmds.iter_mut().map(spawn).collect();
-    children
-        .into_iter()
-        .map(|c| wait_output(c, HANG_GUARD))
-        .collect()
-}
-
 fn assert_all_ok(outs: &[Output]) {
     for out in outs {
         assert_eq!(code(out), 0, "a gate failed:\n{}", stderr(out));
@@ -44,7 +32,10 @@ fn assert_all_ok(outs: &[Output]) {
 #[test]
 fn eight_migrate_gates_at_once_migrate_exactly_once() {
     let db = cluster().new_db("race_migrate");
-    let outs = run_all((0..8).map(|_| migrate_cmd(&db, Some("r1"))).collect());
+    let outs = run_all(
+        (0..8).map(|_| migrate_cmd(&db, Some("r1"))).collect(),
+        HANG_GUARD,
+    );
     assert_all_ok(&outs);
     assert_eq!(
         db.one("SELECT count(*) FROM mg_runs"),
@@ -114,7 +105,7 @@ fn eight_run_gates_with_migrate_start_every_app_with_the_flag_off_after_the_migr
             c
         })
         .collect();
-    let outs = run_all(cmds);
+    let outs = run_all(cmds, HANG_GUARD);
     assert_all_ok(&outs);
     assert_eq!(db.one("SELECT count(*) FROM mg_runs"), "1");
     assert_eq!(db.one("SELECT count(*) FROM app_seed"), "1");
@@ -233,7 +224,7 @@ fn done_release_is_skipped_and_a_new_release_migrates_again() {
 #[test]
 fn without_release_replicas_migrate_one_after_another() {
     let db = cluster().new_db("serial");
-    let outs = run_all((0..4).map(|_| migrate_cmd(&db, None)).collect());
+    let outs = run_all((0..4).map(|_| migrate_cmd(&db, None)).collect(), HANG_GUARD);
     assert_all_ok(&outs);
     assert_eq!(
         db.one("SELECT count(*) FROM mg_runs WHERE finished_at IS NOT NULL"),

@@ -9,14 +9,6 @@ use support::*;
 
 const HANG_GUARD: Duration = Duration::from_secs(120);
 
-fn code(out: &Output) -> i32 {
-    out.status.code().unwrap_or(-1)
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn migrate(db: &TestDb, release: &str, cmd: &[&str]) -> Output {
     db.gate()
         .args(["migrate", "--release", release, "--"])

@@ -1,26 +1,40 @@
-//! Through a real PgBouncer in session and transaction pooling modes: the race still migrates
-//! once, a killed holder is still taken over, and no advisory lock is ever left behind.
+//! Through a real PgBouncer whose pool is smaller than the fleet, in session and transaction
+//! pooling modes, with the gate, its migration and the app all connecting through the pooler
+//! (as a real deployment with one `DATABASE_URL` does): the race still migrates once, every app
+//! starts, a killed holder is still taken over, and no advisory lock is ever left behind.
+//!
+//! PgBouncer keeps its defaults (`query_wait_timeout` = 120 s among them), as an operator's
+//! would. The stand-in's overlap probe (session advisory lock 4242) cannot be trusted through a
+//! transaction pooler, so it is taken on a direct connection of its own (`STANDIN_WITNESS_URL`):
+//! an independent second witness next to the ledger.
 
 mod support;
 
 use std::process::{Child, Command, Output};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use support::*;
 
-const HANG_GUARD: Duration = Duration::from_secs(180);
+/// Hang guard for a whole race: longer than PgBouncer's default `query_wait_timeout` (120 s),
+/// so a migration starved of server connections fails visibly instead of hanging the test.
+const HANG_GUARD: Duration = Duration::from_secs(240);
+/// Server connections per pool: fewer than the replicas.
+const POOL: u32 = 3;
+const REPLICAS: usize = 10;
 
-/// A gate whose own connections go through the pooler; the stand-in app connects directly, so
-/// its overlap detector (a session advisory lock) stays trustworthy.
+/// A gate, its migration and its app all connecting through the pooler; the stand-in's overlap
+/// witness connects directly.
 fn gate_via(bouncer: &PgBouncer, db: &TestDb) -> Command {
     let mut c = db.gate();
-    c.env("MIGRATIONS_GATE_DATABASE_URL", bouncer.url(&db.name));
+    c.env("MIGRATIONS_GATE_DATABASE_URL", bouncer.url(&db.name))
+        .env("DATABASE_URL", bouncer.url(&db.name))
+        .env("STANDIN_WITNESS_URL", &db.url);
     c
 }
 
 fn race(bouncer: &PgBouncer, db: &TestDb, n: usize) -> Vec<Output> {
     let migrate = format!("{} migrate", standin());
-    let children: Vec<Child> = (0..n)
+    let cmds = (0..n)
         .map(|_| {
             let mut c = gate_via(bouncer, db);
             c.args([
@@ -33,45 +47,136 @@ fn race(bouncer: &PgBouncer, db: &TestDb, n: usize) -> Vec<Output> {
                 standin(),
                 "start",
             ]);
-            spawn(&mut c)
+            c
         })
         .collect();
+    run_all_within(cmds, HANG_GUARD, || {
+        let ledger = if db.one("SELECT (to_regclass('migrations_gate.ledger') IS NOT NULL)::text")
+            == "true"
+        {
+            db.one(
+                "SELECT string_agg(id || ' ' || outcome || ' exit ' || coalesce(exit_code::text, '-') \
+                 || ': ' || coalesce(detail, ''), E'\\n' ORDER BY id) FROM migrations_gate.ledger",
+            )
+        } else {
+            "(no ledger)".into()
+        };
+        format!(
+            "mg_runs: {} started, {} finished; ledger:\n{ledger}\npgbouncer log (tail):\n{}",
+            db.one("SELECT count(*) FROM mg_runs"),
+            db.one("SELECT count(*) FROM mg_runs WHERE finished_at IS NOT NULL"),
+            bouncer
+                .log()
+                .lines()
+                .rev()
+                .take(15)
+                .collect::<Vec<_>>()
+                .join("\n")
+        )
+    })
+}
+
+/// Starts every command at once and waits for all of them within one overall `limit`; kills
+/// whatever still runs then and fails, showing what the gates said and `diagnose()`.
+fn run_all_within(
+    mut cmds: Vec<Command>,
+    limit: Duration,
+    diagnose: impl Fn() -> String,
+) -> Vec<Output> {
+    let start = Instant::now();
+    let mut children: Vec<Child> = cmds.iter_mut().map(spawn).collect();
+    loop {
+        let running = children
+            .iter_mut()
+            .map(|c| c.try_wait().expect("try_wait").is_none())
+            .filter(|&still| still)
+            .count();
+        if running == 0 {
+            break;
+        }
+        if start.elapsed() >= limit {
+            for c in children.iter_mut() {
+                let _ = c.kill();
+            }
+            let outs: Vec<Output> = children
+                .into_iter()
+                .map(|c| c.wait_with_output().expect("collect output"))
+                .collect();
+            let finished: Vec<String> = outs
+                .iter()
+                .filter(|o| o.status.code().is_some())
+                .map(|o| format!("exit {}:\n{}", code(o), stderr(o)))
+                .collect();
+            let stuck = outs.iter().find(|o| o.status.code().is_none()).map(stderr);
+            panic!(
+                "{running} of {} gates were still running after {limit:?}\n{}\n\
+                 one of those still running said:\n{}\nthose that finished said:\n{}",
+                outs.len(),
+                diagnose(),
+                stuck.unwrap_or_default(),
+                finished.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
     children
         .into_iter()
-        .map(|c| wait_output(c, HANG_GUARD))
+        .map(|c| c.wait_with_output().expect("collect output"))
         .collect()
 }
 
-fn assert_race_ok(db: &TestDb, outs: &[Output], n: usize) {
+fn assert_race_ok(db: &TestDb, bouncer: &PgBouncer, outs: &[Output], n: usize) {
+    let codes: Vec<i32> = outs.iter().map(code).collect();
+    let first_failure = outs
+        .iter()
+        .find(|o| code(o) != 0)
+        .map(stderr)
+        .unwrap_or_default();
+    assert_eq!(
+        db.one("SELECT count(*) FROM mg_runs"),
+        "1",
+        "the migration must run exactly once (gate exit codes {codes:?}); a failed gate said:\n{first_failure}\npgbouncer log:\n{}",
+        bouncer.log()
+    );
+    assert_no_overlap(db);
+    assert_eq!(db.one("SELECT count(*) FROM app_seed"), "1");
+    assert_eq!(
+        db.one("SELECT count(*) FROM app_starts WHERE flag = 'False' AND schema_ready"),
+        n.to_string(),
+        "every app starts once, with the flag off, on a ready schema (gate exit codes {codes:?})"
+    );
+    assert_eq!(db.one("SELECT count(*) FROM app_starts"), n.to_string());
+    assert_eq!(
+        db.one(
+            "SELECT count(*) FROM migrations_gate.ledger WHERE release = 'r1' AND outcome = 'done'"
+        ),
+        "1"
+    );
+    db.assert_no_gate_locks();
     for out in outs {
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "a gate failed:\n{}",
-            stderr(out)
-        );
+        assert_eq!(code(out), 0, "a gate failed:\n{}", stderr(out));
         assert!(
             !stderr(out).contains("42P05"),
             "prepared statement clash: {}",
             stderr(out)
         );
     }
-    assert_eq!(db.one("SELECT count(*) FROM mg_runs"), "1");
-    assert_no_overlap(db);
-    assert_eq!(db.one("SELECT count(*) FROM app_seed"), "1");
-    assert_eq!(
-        db.one("SELECT count(*) FROM app_starts WHERE flag = 'False' AND schema_ready"),
-        n.to_string()
-    );
-    db.assert_no_gate_locks();
 }
 
 #[test]
-fn race_through_transaction_pooling_uses_a_transaction_lock_and_leaks_nothing() {
-    let bouncer = PgBouncer::start(cluster(), "transaction");
+fn ten_replicas_behind_session_pooling_with_a_pool_of_three_migrate_once_and_all_start() {
+    let bouncer = PgBouncer::start(cluster(), "session", POOL);
+    let db = cluster().new_db("pool_session");
+    let outs = race(&bouncer, &db, REPLICAS);
+    assert_race_ok(&db, &bouncer, &outs, REPLICAS);
+}
+
+#[test]
+fn ten_replicas_behind_transaction_pooling_with_a_pool_of_three_migrate_once_and_leak_no_lock() {
+    let bouncer = PgBouncer::start(cluster(), "transaction", POOL);
     let db = cluster().new_db("pool_tx");
-    let outs = race(&bouncer, &db, 8);
-    assert_race_ok(&db, &outs, 8);
+    let outs = race(&bouncer, &db, REPLICAS);
+    assert_race_ok(&db, &bouncer, &outs, REPLICAS);
     let holder = outs
         .iter()
         .find(|o| stderr(o).contains("this replica migrates"))
@@ -87,22 +192,15 @@ fn race_through_transaction_pooling_uses_a_transaction_lock_and_leaks_nothing() 
             .args(["run", "--release", "r1", "--migrate", "false", "--", "true"])
             .output()
             .unwrap();
-        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
     }
     db.assert_no_gate_locks();
 }
 
 #[test]
-fn race_through_session_pooling_migrates_once() {
-    let bouncer = PgBouncer::start(cluster(), "session");
-    let db = cluster().new_db("pool_session");
-    let outs = race(&bouncer, &db, 8);
-    assert_race_ok(&db, &outs, 8);
-}
-
-#[test]
-fn holder_killed_behind_transaction_pooling_is_taken_over_and_its_lock_released() {
-    let bouncer = PgBouncer::start(cluster(), "transaction");
+fn holder_killed_behind_transaction_pooling_with_a_pool_of_three_is_taken_over_and_its_lock_released()
+ {
+    let bouncer = PgBouncer::start(cluster(), "transaction", POOL);
     let db = cluster().new_db("pool_kill");
     let mut first = gate_via(&bouncer, &db);
     first
@@ -126,10 +224,10 @@ fn holder_killed_behind_transaction_pooling_is_taken_over_and_its_lock_released(
         libc::kill(first.id() as i32, libc::SIGKILL);
     }
     let _ = wait_output(first, HANG_GUARD);
-    for w in waiters {
-        let out = wait_output(w, HANG_GUARD);
-        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    }
+    let outs: Vec<Output> = waiters
+        .into_iter()
+        .map(|w| wait_output(w, HANG_GUARD))
+        .collect();
     eventually(
         Duration::from_secs(10),
         "the killed holder's migration is gone",
@@ -146,4 +244,7 @@ fn holder_killed_behind_transaction_pooling_is_taken_over_and_its_lock_released(
         "1"
     );
     db.assert_no_gate_locks();
+    for out in &outs {
+        assert_eq!(code(out), 0, "{}", stderr(out));
+    }
 }

@@ -4,6 +4,9 @@
 //! The projects are in `tests/python/`; the tools come from a venv at `$MG_PY_VENV` (default
 //! `<repo>/target/py-venv`), which `tests/python/setup-venv` makes on first use (a fast no-op
 //! once it is there). A venv that cannot be made fails these tests; they are never skipped.
+//!
+//! The real Open WebUI (`--preset open-webui`) runs from its own venv, `$MG_OWUI_VENV` (default
+//! `<repo>/target/owui-venv`, from `tests/python/open-webui-requirements.txt`: about 5 GB).
 
 mod support;
 
@@ -134,14 +137,6 @@ fn gate_migrate(db: &TestDb, log: &RunLog, release: &str, cmd: &[String]) -> Com
     c
 }
 
-fn run_all(mut cmds: Vec<Command>) -> Vec<Output> {
-    let children: Vec<_> = cmds.iter_mut().map(spawn).collect();
-    children
-        .into_iter()
-        .map(|c| wait_output(c, HANG_GUARD))
-        .collect()
-}
-
 fn assert_all_ok(outs: &[Output]) {
     for (i, out) in outs.iter().enumerate() {
         assert!(
@@ -185,6 +180,7 @@ fn eight_gated_alembic_upgrades_migrate_exactly_once() {
         (0..REPLICAS)
             .map(|_| gate_migrate(&db, &log, "R", &cmd))
             .collect(),
+        HANG_GUARD,
     );
     assert_all_ok(&outs);
     assert_eq!(
@@ -225,7 +221,7 @@ fn eight_run_gates_with_alembic_start_every_app_with_the_flag_off_after_one_migr
             c
         })
         .collect();
-    let outs = run_all(cmds);
+    let outs = run_all(cmds, HANG_GUARD);
     assert_all_ok(&outs);
     assert_eq!(
         log.lines().len(),
@@ -278,7 +274,7 @@ fn without_the_gate_concurrent_alembic_upgrades_really_race() {
             c
         })
         .collect();
-    let outs = run_all(cmds);
+    let outs = run_all(cmds, HANG_GUARD);
     let failed = outs.iter().filter(|o| !o.status.success()).count();
     let seeds = db.one(
         "SELECT CASE WHEN to_regclass('widgets') IS NULL THEN 'no table' \
@@ -316,6 +312,7 @@ fn eight_gated_django_migrates_apply_each_migration_once() {
         (0..REPLICAS)
             .map(|_| gate_migrate(&db, &log, "R", &cmd))
             .collect(),
+        HANG_GUARD,
     );
     assert_all_ok(&outs);
     assert_eq!(
@@ -361,7 +358,10 @@ fn rolling_upgrade_r2_migrates_once_while_r1_restarts_skip() {
     let r2 = alembic_upgrade("head");
 
     // Release R1 is deployed: migrated up to the revision before R2's.
-    let outs = run_all((0..4).map(|_| gate_migrate(&db, &log, "R1", &r1)).collect());
+    let outs = run_all(
+        (0..4).map(|_| gate_migrate(&db, &log, "R1", &r1)).collect(),
+        HANG_GUARD,
+    );
     assert_all_ok(&outs);
     assert_eq!(
         log.lines().len(),
@@ -386,9 +386,13 @@ fn rolling_upgrade_r2_migrates_once_while_r1_restarts_skip() {
     let mut cmds = Vec::new();
     for _ in 0..4 {
         cmds.push(gate_migrate(&db, &log2, "R2", &r2));
-        cmds.push(gate_migrate(&db, &log2, "R1", &r1));
+        // R2's migrations are backward compatible (expand/contract), so R1 replicas may start
+        // once R2 is done: the deliberate opt-out of the older-release refusal.
+        let mut old = gate_migrate(&db, &log2, "R1", &r1);
+        old.env("MIGRATIONS_GATE_ALLOW_OLDER_RELEASE", "true");
+        cmds.push(old);
     }
-    let outs = run_all(cmds);
+    let outs = run_all(cmds, HANG_GUARD);
     assert_all_ok(&outs);
     let runs = log2.lines();
     assert_eq!(runs.len(), 1, "exactly one migration should run: {runs:?}");
@@ -443,7 +447,7 @@ fn without_the_gate_concurrent_django_migrates_really_race() {
             c
         })
         .collect();
-    let outs = run_all(cmds);
+    let outs = run_all(cmds, HANG_GUARD);
     let failed = outs.iter().filter(|o| !o.status.success()).count();
     let exists =
         |t: &str| db.one(&format!("SELECT (to_regclass('{t}') IS NOT NULL)::text")) == "true";
@@ -485,4 +489,202 @@ fn without_the_gate_concurrent_django_migrates_really_race() {
         "bare concurrent Django migrates did not visibly race (failed {failed}, \
          recorded twice {twice}, seed rows {seeds})"
     );
+}
+
+/// The venv with the real Open WebUI, made by `tests/python/setup-venv` when missing or stale.
+fn owui_venv() -> &'static Path {
+    static VENV: OnceLock<PathBuf> = OnceLock::new();
+    VENV.get_or_init(|| {
+        let dir = std::env::var_os("MG_OWUI_VENV")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/owui-venv"));
+        let script = py_dir().join("setup-venv");
+        let out = Command::new("bash")
+            .arg(&script)
+            .env("MG_PY_VENV", &dir)
+            .env(
+                "MG_PY_REQUIREMENTS",
+                py_dir().join("open-webui-requirements.txt"),
+            )
+            .env("MG_PY_CHECK", "import open_webui")
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+        assert!(
+            out.status.success(),
+            "{} (Open WebUI) failed ({}); it needs Python 3.11 with venv and pip, PyPI and about 5 GB:\n{}\n{}",
+            script.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        dir
+    })
+}
+
+/// The status code of `GET http://127.0.0.1:{port}{path}`, if anything answers.
+fn http_status(port: u16, path: &str) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).ok()?;
+    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
+}
+
+/// One Open WebUI replica behind the gate, as the README's recipe runs it (`open-webui serve`
+/// stands in for the image's `start.sh`), with its own data directory and port.
+fn open_webui_replica(db: &TestDb, name: &str, secret: &str, port: u16, data: &Path) -> Command {
+    let venv = owui_venv();
+    let mut c = db.gate();
+    c.env(
+        "PATH",
+        format!(
+            "{}:{}",
+            venv.join("bin").display(),
+            std::env::var("PATH").unwrap_or_default()
+        ),
+    )
+    .env("HOME", data)
+    .env("DATA_DIR", data)
+    .env("WEBUI_SECRET_KEY", secret)
+    .env(
+        "DATABASE_URL",
+        db.url.replacen("postgres://", "postgresql://", 1),
+    )
+    .env("OFFLINE_MODE", "true")
+    .env("HF_HUB_OFFLINE", "1")
+    .env("HF_HOME", data.join("hf"))
+    .env("ENABLE_OLLAMA_API", "false")
+    .env("ENABLE_OPENAI_API", "false")
+    .env("ENABLE_VERSION_UPDATE_CHECK", "false")
+    .env("SCARF_NO_ANALYTICS", "true")
+    .env("DO_NOT_TRACK", "true")
+    .env("ANONYMIZED_TELEMETRY", "false")
+    .env("PYTHONDONTWRITEBYTECODE", "1")
+    .args([
+        "run",
+        "--release",
+        "owui-0.11.0",
+        "--application-name",
+        name,
+        "--preset",
+        "open-webui",
+        "--migrate",
+        &format!(
+            "{} -c 'import open_webui.config'",
+            path_str(&venv.join("bin/python"))
+        ),
+        "--ready-http",
+        &format!("http://127.0.0.1:{port}/health"),
+        "--ready-timeout",
+        "600s",
+        "--",
+    ])
+    .arg(venv.join("bin/open-webui"))
+    .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string()]);
+    c
+}
+
+#[test]
+fn open_webui_replica_with_another_secret_key_refuses_with_78_and_the_first_keeps_serving() {
+    let db = cluster().new_db("py_owui");
+    let tmp = std::env::temp_dir().join(format!("mg-owui-{}", std::process::id()));
+    let (data1, data2) = (tmp.join("r1"), tmp.join("r2"));
+    std::fs::create_dir_all(&data1).unwrap();
+    std::fs::create_dir_all(&data2).unwrap();
+    let (port1, port2) = (free_port(), free_port());
+
+    // Replica 1 migrates, starts Open WebUI, keeps the lock until /health answers, then serves.
+    let mut first = spawn(&mut open_webui_replica(
+        &db,
+        "owui-1",
+        "key-one-5e1f0b",
+        port1,
+        &data1,
+    ));
+    let started = std::time::Instant::now();
+    while http_status(port1, "/health") != Some(200) {
+        if let Ok(Some(status)) = first.try_wait() {
+            let out = first.wait_with_output().unwrap();
+            panic!(
+                "replica 1 exited ({status}) before serving:\n{}",
+                stderr(&out)
+            );
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "Open WebUI did not answer /health within 10 minutes"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    eventually(Duration::from_secs(60), "the release recorded done", || {
+        ledger(&db, "owui-0.11.0") == "done"
+    });
+
+    // Replica 2 has another WEBUI_SECRET_KEY: it must not start Open WebUI.
+    let second = wait_output(
+        spawn(&mut open_webui_replica(
+            &db,
+            "owui-2",
+            "key-two-93ac44",
+            port2,
+            &data2,
+        )),
+        HANG_GUARD,
+    );
+
+    assert_eq!(
+        ledger(&db, "owui-0.11.0"),
+        "done",
+        "one attempt, by replica 1"
+    );
+    assert_eq!(
+        db.rows(
+            "SELECT replica, agrees::text FROM migrations_gate.env_checks \
+             WHERE variable = 'WEBUI_SECRET_KEY' ORDER BY replica"
+        ),
+        vec![
+            vec!["owui-1".to_string(), "true".into()],
+            vec!["owui-2".into(), "false".into()]
+        ]
+    );
+    assert_ne!(
+        db.one("SELECT count(*) FROM information_schema.tables WHERE table_name = 'config'"),
+        "0",
+        "Open WebUI's own tables exist"
+    );
+    assert_eq!(code(&second), 78, "{}", stderr(&second));
+    assert_eq!(
+        http_status(port2, "/health"),
+        None,
+        "replica 2 never served"
+    );
+    assert_eq!(
+        http_status(port1, "/health"),
+        Some(200),
+        "replica 1 keeps serving"
+    );
+    assert!(
+        first.try_wait().unwrap().is_none(),
+        "replica 1 is still running"
+    );
+    let line = stderr(&second);
+    assert!(
+        line.contains("WEBUI_SECRET_KEY differs from the value release \"owui-0.11.0\" first started with (on owui-1 at"),
+        "{line}"
+    );
+    assert!(line.contains("login loops"), "{line}");
+    assert!(!line.contains("key-one-5e1f0b") && !line.contains("key-two-93ac44"));
+
+    // Stop replica 1 like Kubernetes would: SIGTERM to the gate, forwarded to Open WebUI.
+    // SAFETY: plain kill(2) on our own child.
+    unsafe {
+        libc::kill(first.id() as i32, libc::SIGTERM);
+    }
+    let out = wait_output(first, HANG_GUARD);
+    let log = stderr(&out);
+    assert!(!log.contains("key-one-5e1f0b"), "never the key");
+    let _ = std::fs::remove_dir_all(&tmp);
 }

@@ -25,14 +25,6 @@ const FAIL_FAST: Duration = Duration::from_millis(2500);
 
 static RUN: AtomicUsize = AtomicUsize::new(0);
 
-fn code(out: &Output) -> i32 {
-    out.status.code().unwrap_or(-1)
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// A unique release per run, so that every successful run really takes the lock and runs CMD.
 fn unique(prefix: &str) -> String {
     format!(

@@ -231,6 +231,86 @@ impl Cluster {
         );
     }
 
+    /// A real hot standby of this cluster: `pg_basebackup -R -c fast` over streaming
+    /// replication (as `postgres`, SCRAM over TCP as initdb's pg_hba allows), started with
+    /// `hot_standby=on` on another free port. Stopped and removed on drop.
+    pub fn standby(&self) -> Cluster {
+        // Tests of one binary make standbys at once: one base backup at a time, and WAL kept
+        // long enough that neither a backup nor a standby's stream finds its segment recycled.
+        static BASEBACKUP: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one_at_a_time = BASEBACKUP.lock().unwrap_or_else(|e| e.into_inner());
+        sql(
+            &self.url("postgres"),
+            "ALTER SYSTEM SET wal_keep_size = '512MB'",
+        );
+        sql(&self.url("postgres"), "SELECT pg_reload_conf()");
+        let dir = server_dir("mg-standby");
+        let port = free_port();
+        // The primary's settings (max_connections among them: a hot standby needs at least the
+        // primary's) on its own port and socket directory.
+        let opts = self.opts.replacen(
+            &format!("-p {} -k {}", self.port, self.dir.display()),
+            &format!("-p {port} -k {}", dir.display()),
+            1,
+        ) + " -c hot_standby=on";
+        // Owned from here on: a failed backup or start still removes the directory.
+        let standby = Cluster {
+            dir,
+            port,
+            bindir: self.bindir.clone(),
+            opts,
+            owned: true,
+        };
+        let out = as_postgres(&self.bindir.join("pg_basebackup"))
+            .arg("-D")
+            .arg(standby.dir.join("data"))
+            .args(["-R", "-c", "fast", "-X", "stream", "--no-sync"])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+            ])
+            .env("PGPASSWORD", PASSWORD)
+            .output()
+            .expect("run pg_basebackup");
+        assert!(
+            out.status.success(),
+            "pg_basebackup failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = standby.pg_ctl(&["-w", "-t", "60", "start"]);
+        assert!(
+            out.status.success(),
+            "standby did not start: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            standby.log()
+        );
+        assert_eq!(
+            sql(&standby.url("postgres"), "SELECT pg_is_in_recovery()::text")[0][0],
+            "true",
+            "the standby is not in recovery"
+        );
+        standby
+    }
+
+    /// Waits (hang guard `limit`) until `standby` has replayed everything written on this
+    /// primary so far.
+    pub fn wait_replayed(&self, standby: &Cluster, limit: Duration) {
+        // The insert position: with synchronous_commit=off a commit may not be written yet.
+        let lsn = sql(
+            &self.url("postgres"),
+            "SELECT pg_current_wal_insert_lsn()::text",
+        )[0][0]
+            .clone();
+        let check = format!("SELECT (pg_last_wal_replay_lsn() >= '{lsn}'::pg_lsn)::text");
+        eventually(limit, "the standby replayed the primary's WAL", || {
+            sql(&standby.url("postgres"), &check)[0][0] == "true"
+        });
+    }
+
     /// Stops the server at once (like a crash).
     pub fn stop_immediate(&self) {
         let _ = as_postgres(&self.bindir.join("pg_ctl"))
@@ -480,6 +560,24 @@ pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The exit code, or -1 when the process was killed by a signal.
+pub fn code(out: &Output) -> i32 {
+    out.status.code().unwrap_or(-1)
+}
+
+/// Starts every command at once and collects their outputs, each with the hang guard `limit`.
+pub fn run_all(mut cmds: Vec<Command>, limit: Duration) -> Vec<Output> {
+    let children: Vec<_> = cmds.iter_mut().map(spawn).collect();
+    children
+        .into_iter()
+        .map(|c| wait_output(c, limit))
+        .collect()
+}
+
 /// Asserts that no two finished migration runs overlapped in time and none saw another running.
 pub fn assert_no_overlap(db: &TestDb) {
     assert_eq!(
@@ -567,14 +665,17 @@ pub struct PgBouncer {
 }
 
 impl PgBouncer {
-    /// Starts PgBouncer with `pool_mode` (`session` or `transaction`) in front of `cluster`.
-    pub fn start(cluster: &Cluster, pool_mode: &str) -> PgBouncer {
+    /// Starts PgBouncer with `pool_mode` (`session` or `transaction`) in front of `cluster`,
+    /// with at most `pool_size` server connections per database and user (`default_pool_size`;
+    /// PgBouncer's own default is 20). Every other setting, `query_wait_timeout` included, keeps
+    /// PgBouncer's default.
+    pub fn start(cluster: &Cluster, pool_mode: &str, pool_size: u32) -> PgBouncer {
         let dir = server_dir("mg-bouncer");
         let port = free_port();
         let ini = format!(
             "[databases]\n* = host=127.0.0.1 port={pg}\n\n[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\n\
              unix_socket_dir =\nauth_type = scram-sha-256\nauth_file = {dir}/userlist.txt\npool_mode = {pool_mode}\n\
-             max_client_conn = 2000\ndefault_pool_size = 20\nignore_startup_parameters = extra_float_digits\n\
+             max_client_conn = 2000\ndefault_pool_size = {pool_size}\nignore_startup_parameters = extra_float_digits\n\
              logfile = {dir}/pgbouncer.log\nserver_reset_query = DISCARD ALL\n",
             pg = cluster.port,
             dir = dir.display()

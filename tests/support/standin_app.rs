@@ -16,7 +16,12 @@
 //! Knobs: `STANDIN_FLAG` (default `ENABLE_DB_MIGRATIONS`), `STANDIN_STEP_MS` (default 200),
 //! `STANDIN_FAIL` (exit 3 after the first step), `STANDIN_STEP_CONNECT` (open a fresh
 //! connection at every step; exit 4 if the server has none left), `STANDIN_EXIT_BEFORE_READY` (serve: exit 5
-//! before listening).
+//! before listening), `STANDIN_RUN_LOG=FILE` (appends "start PID NANOS_SINCE_EPOCH" when a
+//! migration begins and "end PID NANOS_SINCE_EPOCH" when it succeeds, one O_APPEND write per line:
+//! overlap evidence that survives a database failover), `STANDIN_WITNESS_URL=URL` (take the
+//! overlap probe lock 4242 on a connection of its own to URL, kept for the whole migration,
+//! instead of on the migration's connection: a session lock taken through a transaction pooler
+//! would land on whichever server connection runs that statement; point it at PostgreSQL itself).
 
 use std::time::Duration;
 
@@ -88,9 +93,18 @@ async fn setup(conn: &mut PgConnection) -> Res<()> {
 /// The racy migration. Each step commits on its own, like a real multi-step migration.
 async fn migrate(conn: &mut PgConnection) -> Res<()> {
     let pid = std::process::id();
+    run_log("start")?;
     // A second migrator running at the same moment cannot take this lock: that is an overlap,
     // recorded on the database where the tests look.
-    let alone = scalar(conn, "SELECT pg_try_advisory_lock(4242)::text").await? == "true";
+    let mut witness = match env("STANDIN_WITNESS_URL") {
+        Some(url) => Some(PgConnection::connect(&url).await?),
+        None => None,
+    };
+    let probe = "SELECT pg_try_advisory_lock(4242)::text";
+    let alone = match witness.as_mut() {
+        Some(w) => scalar(w, probe).await?,
+        None => scalar(conn, probe).await?,
+    } == "true";
     let run_id = scalar(
         conn,
         &format!(
@@ -136,7 +150,31 @@ async fn migrate(conn: &mut PgConnection) -> Res<()> {
         &format!("UPDATE mg_runs SET finished_at = clock_timestamp() WHERE id = {run_id}"),
     )
     .await?;
+    run_log("end")?;
+    // The probe lock stays held until here: the whole migration is covered.
+    if let Some(w) = witness {
+        w.close().await?;
+    }
     eprintln!("standin-app[{pid}]: migration finished");
+    Ok(())
+}
+
+/// `STANDIN_RUN_LOG`: "EVENT PID NANOS" appended to the file, timestamps that do not depend on
+/// the database (a failover may lose the last writes of the old primary).
+fn run_log(event: &str) -> Res<()> {
+    use std::io::Write;
+    let Some(path) = env("STANDIN_RUN_LOG") else {
+        return Ok(());
+    };
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_nanos();
+    let line = format!("{event} {} {nanos}\n", std::process::id());
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)?
+        .write_all(line.as_bytes())?;
     Ok(())
 }
 

@@ -1,0 +1,648 @@
+//! Preflight: `--same-env` fingerprints, the older-release refusal, preset rules, the
+//! termination message, and what `status` shows, with the stand-in app. Database first, then
+//! exit codes, then messages; no value, fingerprint or key ever appears in any output.
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use support::*;
+
+const HANG_GUARD: Duration = Duration::from_secs(120);
+const SECRET_A: &str = "secret-A-4f1c9e-never-printed";
+const SECRET_B: &str = "secret-B-77d0aa-never-printed";
+
+/// `run --release R --same-env APP_SECRET --migrate "standin migrate" -- standin start` as
+/// replica `name`, with `APP_SECRET` set to `secret` (unset when `None`).
+fn replica(db: &TestDb, release: &str, name: &str, secret: Option<&str>) -> Command {
+    replica_with(db, release, name, secret, &[])
+}
+
+/// [`replica`] with more gate flags.
+fn replica_with(
+    db: &TestDb,
+    release: &str,
+    name: &str,
+    secret: Option<&str>,
+    extra: &[&str],
+) -> Command {
+    let mut c = db.gate();
+    c.arg("run").args(extra);
+    c.args([
+        "--release",
+        release,
+        "--application-name",
+        name,
+        "--same-env",
+        "APP_SECRET",
+        "--migrate",
+        &format!("'{}' migrate", standin()),
+        "--",
+        standin(),
+        "start",
+    ]);
+    if let Some(s) = secret {
+        c.env("APP_SECRET", s);
+    }
+    c
+}
+
+fn migrate(db: &TestDb, release: &str) -> Output {
+    db.gate()
+        .args(["migrate", "--release", release, "--", standin(), "migrate"])
+        .output()
+        .unwrap()
+}
+
+fn starts(db: &TestDb) -> String {
+    db.one("SELECT count(*) FROM app_starts")
+}
+
+fn checks(db: &TestDb) -> Vec<Vec<String>> {
+    db.rows(
+        "SELECT release, variable, replica, agrees::text FROM migrations_gate.env_checks \
+         ORDER BY checked_at, replica",
+    )
+}
+
+/// Everything a test printed or wrote must not contain a value, a fingerprint or the key.
+fn assert_nothing_secret(db: &TestDb, texts: &[String]) {
+    let mut secrets: Vec<String> = vec![SECRET_A.into(), SECRET_B.into()];
+    secrets.extend(
+        db.rows("SELECT fingerprint FROM migrations_gate.env_reference")
+            .into_iter()
+            .map(|r| r[0].clone()),
+    );
+    secrets.extend(
+        db.rows("SELECT encode(key, 'hex') FROM migrations_gate.env_key")
+            .into_iter()
+            .map(|r| r[0].clone()),
+    );
+    // Any 16 hex digits of a fingerprint would already be too much.
+    for s in &secrets {
+        let probe = &s[..16.min(s.len())];
+        for t in texts {
+            assert!(
+                !t.contains(probe),
+                "output contains a secret or fingerprint: {t}"
+            );
+        }
+    }
+}
+
+/// A file the gate may use as its termination log (it never creates one).
+struct TermLog(PathBuf);
+
+impl TermLog {
+    fn new(test: &str) -> TermLog {
+        let p = std::env::temp_dir().join(format!("mg-termlog-{}-{test}", std::process::id()));
+        std::fs::write(&p, "").unwrap();
+        TermLog(p)
+    }
+
+    fn read(&self) -> String {
+        std::fs::read_to_string(&self.0).unwrap_or_default()
+    }
+}
+
+impl Drop for TermLog {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[test]
+fn same_env_mismatch_refuses_with_78_and_the_app_never_starts() {
+    let db = cluster().new_db("pf_mismatch");
+    let a = replica(&db, "r1", "replica-a", Some(SECRET_A))
+        .output()
+        .unwrap();
+    let b = replica(&db, "r1", "replica-b", Some(SECRET_B))
+        .output()
+        .unwrap();
+    let c = replica(&db, "r1", "replica-c", Some(SECRET_A))
+        .output()
+        .unwrap();
+
+    assert_eq!(db.one("SELECT count(*) FROM mg_runs"), "1", "one migration");
+    assert_eq!(starts(&db), "2", "replica-b's app must not start");
+    assert_eq!(
+        db.rows("SELECT replica, agrees::text FROM migrations_gate.env_checks ORDER BY replica"),
+        vec![
+            vec!["replica-a".to_string(), "true".into()],
+            vec!["replica-b".into(), "false".into()],
+            vec!["replica-c".into(), "true".into()],
+        ]
+    );
+    assert_eq!(
+        db.one("SELECT replica FROM migrations_gate.env_reference WHERE variable = 'APP_SECRET'"),
+        "replica-a",
+        "the release's first replica sets the reference"
+    );
+
+    assert_eq!(code(&a), 0, "{}", stderr(&a));
+    assert_eq!(code(&b), 78, "{}", stderr(&b));
+    assert_eq!(code(&c), 0, "{}", stderr(&c));
+
+    let line = stderr(&b);
+    for part in [
+        "APP_SECRET differs from the value release \"r1\" first started with",
+        "on replica-a at ",
+        "set the same APP_SECRET on every replica",
+        "migrations-gate reset --release r1 --env",
+    ] {
+        assert!(line.contains(part), "missing {part:?} in:\n{line}");
+    }
+    assert!(stderr(&c).contains("same environment as the release's first replica"));
+    let texts: Vec<String> = [&a, &b, &c]
+        .iter()
+        .flat_map(|o| [stderr(o), stdout(o)])
+        .collect();
+    assert_nothing_secret(&db, &texts);
+}
+
+#[test]
+fn unset_and_empty_are_different_values() {
+    let db = cluster().new_db("pf_unset");
+    let unset = replica(&db, "r1", "replica-unset", None).output().unwrap();
+    let empty = replica(&db, "r1", "replica-empty", Some(""))
+        .output()
+        .unwrap();
+    let unset_again = replica(&db, "r1", "replica-unset-2", None)
+        .output()
+        .unwrap();
+    assert_eq!(starts(&db), "2");
+    assert_eq!(code(&unset), 0, "{}", stderr(&unset));
+    assert_eq!(code(&empty), 78, "{}", stderr(&empty));
+    assert_eq!(code(&unset_again), 0, "{}", stderr(&unset_again));
+}
+
+#[test]
+fn warn_mode_logs_the_difference_and_starts_the_app() {
+    let db = cluster().new_db("pf_warn");
+    let a = replica(&db, "r1", "replica-a", Some(SECRET_A))
+        .output()
+        .unwrap();
+    let b = replica_with(
+        &db,
+        "r1",
+        "replica-b",
+        Some(SECRET_B),
+        &["--on-mismatch", "warn"],
+    )
+    .output()
+    .unwrap();
+    assert_eq!(starts(&db), "2");
+    assert_eq!(
+        checks(&db)
+            .iter()
+            .map(|r| (r[2].clone(), r[3].clone()))
+            .collect::<Vec<_>>(),
+        vec![
+            ("replica-a".to_string(), "true".to_string()),
+            ("replica-b".into(), "false".into())
+        ],
+        "a warned difference is still recorded"
+    );
+    assert_eq!(code(&a), 0);
+    assert_eq!(code(&b), 0, "{}", stderr(&b));
+    assert!(
+        stderr(&b).contains("WARN") && stderr(&b).contains("APP_SECRET differs"),
+        "{}",
+        stderr(&b)
+    );
+    assert_nothing_secret(&db, &[stderr(&a), stderr(&b)]);
+}
+
+#[test]
+fn reset_env_forgets_the_fingerprints_and_the_next_replica_sets_them() {
+    let db = cluster().new_db("pf_reset_env");
+    assert_eq!(
+        code(&replica(&db, "r1", "a", Some(SECRET_A)).output().unwrap()),
+        0
+    );
+    assert_eq!(
+        code(&replica(&db, "r1", "b", Some(SECRET_B)).output().unwrap()),
+        78
+    );
+
+    let out = db
+        .gate()
+        .args(["reset", "--release", "r1", "--env"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        db.one("SELECT count(*) FROM migrations_gate.env_reference"),
+        "0"
+    );
+    assert_eq!(
+        db.one("SELECT count(*) FROM migrations_gate.env_checks"),
+        "0"
+    );
+    assert_eq!(
+        db.one("SELECT count(*) FROM migrations_gate.ledger WHERE outcome = 'done'"),
+        "1",
+        "reset --env keeps the release done"
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+
+    // The rotated value is now the reference; the old one is the odd one out.
+    let b = replica(&db, "r1", "b", Some(SECRET_B)).output().unwrap();
+    let a = replica(&db, "r1", "a", Some(SECRET_A)).output().unwrap();
+    assert_eq!(
+        db.one("SELECT count(*) FROM mg_runs"),
+        "1",
+        "no second migration"
+    );
+    assert_eq!(starts(&db), "2");
+    assert_eq!(code(&b), 0, "{}", stderr(&b));
+    assert_eq!(code(&a), 78, "{}", stderr(&a));
+
+    // A plain reset forgets the fingerprints with the release.
+    let out = db
+        .gate()
+        .args(["reset", "--release", "r1"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        db.one("SELECT count(*) FROM migrations_gate.env_reference"),
+        "0"
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+}
+
+#[test]
+fn holder_with_a_different_value_records_a_failed_attempt_and_frees_the_lock() {
+    let db = cluster().new_db("pf_holder");
+    // The first holder sets the reference, then its migration fails.
+    let first = db
+        .gate()
+        .args([
+            "migrate",
+            "--release",
+            "r1",
+            "--same-env",
+            "APP_SECRET",
+            "--",
+            "false",
+        ])
+        .env("APP_SECRET", SECRET_A)
+        .output()
+        .unwrap();
+    let second = db
+        .gate()
+        .args([
+            "migrate",
+            "--release",
+            "r1",
+            "--same-env",
+            "APP_SECRET",
+            "--",
+            standin(),
+            "migrate",
+        ])
+        .env("APP_SECRET", SECRET_B)
+        .output()
+        .unwrap();
+    assert_eq!(
+        db.one("SELECT count(*) FROM mg_runs"),
+        "0",
+        "no migration ran"
+    );
+    assert_eq!(
+        db.rows("SELECT outcome, exit_code::text FROM migrations_gate.ledger ORDER BY id"),
+        vec![
+            vec!["failed".to_string(), "1".into()],
+            vec!["failed".into(), "78".into()]
+        ]
+    );
+    db.assert_no_gate_locks();
+    assert_eq!(code(&first), 1);
+    assert_eq!(code(&second), 78, "{}", stderr(&second));
+    assert!(stderr(&second).contains("APP_SECRET differs"));
+}
+
+#[test]
+fn an_older_release_refuses_with_78_unless_allowed() {
+    let db = cluster().new_db("pf_older");
+    assert_eq!(code(&migrate(&db, "r1")), 0);
+    assert_eq!(code(&migrate(&db, "r2")), 0);
+
+    let run = |release: &str, extra: &[&str]| {
+        db.gate()
+            .args([
+                "run",
+                "--release",
+                release,
+                "--migrate",
+                &format!("'{}' migrate", standin()),
+            ])
+            .args(extra)
+            .args(["--", standin(), "start"])
+            .output()
+            .unwrap()
+    };
+    let old = run("r1", &[]);
+    assert_eq!(starts(&db), "0", "an old replica must not start");
+    let new = run("r2", &[]);
+    assert_eq!(starts(&db), "1");
+    let allowed = run("r1", &["--allow-older-release"]);
+    assert_eq!(starts(&db), "2");
+    let waiter = db
+        .gate()
+        .args(["wait", "--release", "r1"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        db.one("SELECT count(*) FROM mg_runs"),
+        "2",
+        "nothing migrated again"
+    );
+
+    assert_eq!(code(&old), 78, "{}", stderr(&old));
+    assert_eq!(code(&new), 0, "{}", stderr(&new));
+    assert_eq!(code(&allowed), 0, "{}", stderr(&allowed));
+    assert_eq!(code(&waiter), 78, "{}", stderr(&waiter));
+    let line = stderr(&old);
+    for part in [
+        "release \"r1\" is older than release \"r2\"",
+        "pass --allow-older-release",
+    ] {
+        assert!(line.contains(part), "missing {part:?} in:\n{line}");
+    }
+    assert!(stderr(&allowed).contains("--allow-older-release: starting anyway"));
+
+    // Migrating r1 again (reset) makes it the newest: then r2 is the older one.
+    assert_eq!(
+        code(
+            &db.gate()
+                .args(["reset", "--release", "r1"])
+                .output()
+                .unwrap()
+        ),
+        0
+    );
+    assert_eq!(code(&migrate(&db, "r1")), 0);
+    assert_eq!(code(&run("r2", &[])), 78);
+    assert_eq!(code(&run("r1", &[])), 0);
+}
+
+#[test]
+fn open_webui_preset_fails_on_sqlite_before_connecting_and_warns_on_missing_redis() {
+    let db = cluster().new_db("pf_preset");
+    let preset = |env: &[(&str, &str)], extra: &[&str]| {
+        let mut c = db.gate();
+        // The gate's own URL stays MIGRATIONS_GATE_DATABASE_URL; DATABASE_URL is the app's.
+        c.env_remove("DATABASE_URL")
+            .args(["migrate", "--release", "r1", "--preset", "open-webui"])
+            .args(extra)
+            .args(["--", standin(), "migrate"])
+            .envs(env.iter().copied());
+        c.output().unwrap()
+    };
+    let sqlite = preset(
+        &[("DATABASE_URL", "sqlite:////app/backend/data/webui.db")],
+        &[],
+    );
+    assert_eq!(
+        db.one("SELECT (to_regclass('migrations_gate.ledger') IS NULL)::text"),
+        "true",
+        "a failing local rule stops the gate before it touches the database"
+    );
+    assert_eq!(code(&sqlite), 78, "{}", stderr(&sqlite));
+    assert!(
+        stderr(&sqlite).contains("preset open-webui: wants DATABASE_URL points at PostgreSQL but DATABASE_URL has another scheme"),
+        "{}",
+        stderr(&sqlite)
+    );
+    assert!(!stderr(&sqlite).contains("sqlite:"), "never the value");
+
+    let forked = preset(
+        &[("DATABASE_URL", db.url.as_str()), ("UVICORN_WORKERS", "4")],
+        &[],
+    );
+    assert_eq!(code(&forked), 78, "{}", stderr(&forked));
+    assert!(
+        stderr(&forked).contains("UVICORN_WORKERS > 1"),
+        "{}",
+        stderr(&forked)
+    );
+
+    // PostgreSQL and one worker: Redis, the secret key and the vector store only warn.
+    let ok = preset(&[("DATABASE_URL", db.url.as_str())], &[]);
+    assert_eq!(db.one("SELECT count(*) FROM mg_runs"), "1");
+    assert_eq!(
+        db.one("SELECT count(*) FROM migrations_gate.env_reference"),
+        "7",
+        "the preset compares WEBUI_SECRET_KEY, DATABASE_URL, the four websocket/Redis settings and VECTOR_DB"
+    );
+    assert_eq!(code(&ok), 0, "{}", stderr(&ok));
+    let log = stderr(&ok);
+    for warned in [
+        "wants REDIS_URL is set but REDIS_URL is unset",
+        "wants WEBSOCKET_MANAGER=redis but WEBSOCKET_MANAGER is unset",
+        "wants WEBUI_SECRET_KEY is set but WEBUI_SECRET_KEY is unset",
+        "wants a client-server vector store",
+    ] {
+        assert!(
+            log.contains(warned),
+            "missing warning {warned:?} in:\n{log}"
+        );
+    }
+    assert!(!log.contains(&db.url), "never the value of DATABASE_URL");
+
+    // A different secret key on a later replica of the release fails; `run` without --migrate
+    // only warns.
+    let other_key = preset(
+        &[
+            ("DATABASE_URL", db.url.as_str()),
+            ("WEBUI_SECRET_KEY", SECRET_B),
+        ],
+        &[],
+    );
+    assert_eq!(code(&other_key), 78, "{}", stderr(&other_key));
+    assert!(stderr(&other_key).contains("WEBUI_SECRET_KEY differs"));
+    assert!(
+        stderr(&other_key).contains("login loops"),
+        "the preset says why: {}",
+        stderr(&other_key)
+    );
+    let no_migrate = db
+        .gate()
+        .args([
+            "run",
+            "--release",
+            "r1",
+            "--preset",
+            "open-webui",
+            "--ready-sql",
+            "SELECT true",
+            "--",
+            standin(),
+            "start",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(code(&no_migrate), 0, "{}", stderr(&no_migrate));
+    assert!(
+        stderr(&no_migrate).contains("wants `run` has --migrate"),
+        "{}",
+        stderr(&no_migrate)
+    );
+    assert_nothing_secret(&db, &[stderr(&ok), stderr(&other_key), stderr(&no_migrate)]);
+}
+
+#[test]
+fn the_termination_log_holds_the_final_line_only_if_the_file_exists() {
+    let db = cluster().new_db("pf_termlog");
+    let log = TermLog::new("main");
+    let with_log = |c: &mut Command| {
+        c.env("MIGRATIONS_GATE_TERMINATION_LOG", &log.0);
+    };
+
+    let mut c = db.gate();
+    c.args(["migrate", "--release", "r1", "--", standin(), "migrate"]);
+    with_log(&mut c);
+    assert_eq!(code(&c.output().unwrap()), 0);
+    assert_eq!(
+        log.read(),
+        "exit 0: migrated release \"r1\" (this replica held the lock; the migration command exited 0)\n"
+    );
+
+    let mut c = db.gate();
+    c.args(["migrate", "--release", "r1", "--", standin(), "migrate"]);
+    with_log(&mut c);
+    assert_eq!(code(&c.output().unwrap()), 0);
+    assert_eq!(
+        log.read(),
+        "exit 0: release \"r1\" is done; this replica did not migrate\n"
+    );
+
+    let mut c = replica(&db, "r1", "a", Some(SECRET_A));
+    with_log(&mut c);
+    assert_eq!(code(&c.output().unwrap()), 0);
+    let mut c = replica(&db, "r1", "b", Some(SECRET_B));
+    with_log(&mut c);
+    let out = c.output().unwrap();
+    assert_eq!(code(&out), 78);
+    let text = log.read();
+    assert!(
+        text.starts_with("exit 78: APP_SECRET differs") && text.ends_with('\n'),
+        "{text}"
+    );
+    assert_eq!(text.lines().count(), 1);
+    assert!(text.len() < 4096);
+    assert!(
+        stderr(&out).contains(text.trim_end().trim_start_matches("exit 78: ")),
+        "the same line as the log"
+    );
+    assert_nothing_secret(&db, &[text]);
+
+    let mut c = db.gate();
+    c.args(["migrate", "--no-such-flag"]);
+    with_log(&mut c);
+    assert_eq!(code(&c.output().unwrap()), 64);
+    assert!(log.read().starts_with("exit 64: error:"), "{}", log.read());
+
+    // Never created: outside Kubernetes the path means nothing.
+    let absent = std::env::temp_dir().join(format!("mg-termlog-absent-{}", std::process::id()));
+    let out = db
+        .gate()
+        .args(["migrate", "--release", "r1", "--", "true"])
+        .env("MIGRATIONS_GATE_TERMINATION_LOG", &absent)
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 0);
+    assert!(
+        !absent.exists(),
+        "the gate must not create a termination log"
+    );
+}
+
+#[test]
+fn status_shows_each_variable_how_many_agreed_and_who_disagreed() {
+    let db = cluster().new_db("pf_status");
+    assert_eq!(
+        code(
+            &replica(&db, "r1", "replica-a", Some(SECRET_A))
+                .output()
+                .unwrap()
+        ),
+        0
+    );
+    assert_eq!(
+        code(
+            &replica(&db, "r1", "replica-b", Some(SECRET_B))
+                .output()
+                .unwrap()
+        ),
+        78
+    );
+    assert_eq!(
+        code(
+            &replica(&db, "r1", "replica-c", Some(SECRET_A))
+                .output()
+                .unwrap()
+        ),
+        0
+    );
+
+    let out = db
+        .gate()
+        .args(["status", "--json", "--release", "r1"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let json: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let env = json["env_checks"].as_array().expect("env_checks");
+    assert_eq!(env.len(), 1);
+    assert_eq!(env[0]["release"], "r1");
+    assert_eq!(env[0]["variable"], "APP_SECRET");
+    assert_eq!(env[0]["reference"]["replica"], "replica-a");
+    assert!(env[0]["reference"]["at"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(env[0]["agreed"], 2);
+    let disagreed = env[0]["disagreed"].as_array().unwrap();
+    assert_eq!(disagreed.len(), 1);
+    assert_eq!(disagreed[0]["replica"], "replica-b");
+    assert!(disagreed[0]["host"].is_string() && disagreed[0]["at"].is_string());
+
+    let table = db.gate().args(["status"]).output().unwrap();
+    assert_eq!(code(&table), 0);
+    let text = stdout(&table);
+    assert!(
+        text.contains(
+            "release r1 APP_SECRET: 2 replica(s) agreed, 1 disagreed; reference from replica-a at"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("differs on replica-b"), "{text}");
+    assert_nothing_secret(&db, &[stdout(&out), text, stderr(&table)]);
+}
+
+#[test]
+fn notices_of_the_gates_own_ddl_stay_out_of_the_default_log() {
+    let db = cluster().new_db("pf_notices");
+    // Gates racing on a fresh database all create what is missing: the late ones hear
+    // "already exists, skipping".
+    let outs = run_all(
+        (0..4)
+            .map(|i| {
+                let mut c = replica(&db, "r1", &format!("n{i}"), Some(SECRET_A));
+                c.env_remove("MIGRATIONS_GATE_LOG");
+                c
+            })
+            .collect(),
+        HANG_GUARD,
+    );
+    assert_eq!(starts(&db), "4");
+    for o in &outs {
+        assert_eq!(code(o), 0, "{}", stderr(o));
+        assert!(
+            !stderr(o).contains("skipping") && !stderr(o).contains("already exists"),
+            "a NOTICE reached the default log:\n{}",
+            stderr(o)
+        );
+    }
+}

@@ -1,0 +1,268 @@
+//! Least-privilege roles. PostgreSQL 15 revokes CREATE on schema `public` from PUBLIC, and DBAs
+//! often give an app no CREATE on its database. The gate looks before it creates (schema, table,
+//! index: only what is missing), so it works with whatever the DBA has prepared, and when it
+//! cannot work it says in one line what to grant.
+//!
+//! Each test creates its own role (unique name, password, SCRAM over TCP) with exactly the
+//! grants under test, runs the gate, its migration and the app as that role (one URL for all),
+//! and drops the role again, also when the test fails.
+
+mod support;
+
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use support::*;
+
+const HANG_GUARD: Duration = Duration::from_secs(120);
+static ROLES: AtomicUsize = AtomicUsize::new(0);
+
+/// A login role of one test, dropped (with everything it owns or was granted in the test's
+/// database) on drop.
+struct Role {
+    name: String,
+    password: String,
+    admin_url: String,
+    url: String,
+}
+
+impl Role {
+    /// A new role with LOGIN and a password, and no other right than PUBLIC's.
+    fn create(db: &TestDb, what: &str) -> Role {
+        let n = ROLES.fetch_add(1, Ordering::SeqCst);
+        let name = format!("mg_{what}_{}_{n}", std::process::id());
+        let password = format!("pw-{what}-{}-{n}-Zq7", std::process::id());
+        sql(
+            &db.url,
+            &format!("CREATE ROLE {name} LOGIN PASSWORD '{password}'"),
+        );
+        let url = db.url.replacen(
+            &format!("postgres:{PASSWORD}@"),
+            &format!("{name}:{password}@"),
+            1,
+        );
+        assert_ne!(url, db.url);
+        Role {
+            name,
+            password,
+            admin_url: db.url.clone(),
+            url,
+        }
+    }
+
+    /// A `migrations-gate` command run as this role: the gate, its migration and the app all
+    /// use the role's URL.
+    fn gate(&self, db: &TestDb) -> Command {
+        let mut c = db.gate();
+        c.env("MIGRATIONS_GATE_DATABASE_URL", &self.url)
+            .env("DATABASE_URL", &self.url)
+            .env("STANDIN_STEP_MS", "100");
+        c
+    }
+
+    /// What the stand-in app itself needs: create its tables in `public`, and write the
+    /// bookkeeping tables `standin-app setup` made as the superuser.
+    fn grant_app_rights(&self) {
+        let r = &self.name;
+        sql(
+            &self.admin_url,
+            &format!(
+                "GRANT USAGE, CREATE ON SCHEMA public TO {r};
+                 GRANT SELECT, INSERT, UPDATE ON mg_runs, app_starts, app_signals TO {r};
+                 GRANT USAGE ON SEQUENCE mg_runs_id_seq, app_starts_id_seq, app_signals_id_seq TO {r};"
+            ),
+        );
+    }
+}
+
+impl Drop for Role {
+    fn drop(&mut self) {
+        // Not `sql()`: it panics, and a panic while a failed test unwinds would abort.
+        let r = &self.name;
+        let admin = self.admin_url.clone();
+        let drop_sql = format!("DROP OWNED BY {r}; DROP ROLE {r};");
+        let result = std::panic::catch_unwind(|| sql(&admin, &drop_sql));
+        if result.is_err() {
+            eprintln!("could not drop role {r}");
+        }
+    }
+}
+
+/// `REVOKE CREATE ON DATABASE ... FROM PUBLIC`: nobody but the owner and superusers may create
+/// schemas in the test database.
+fn revoke_create_on_database(db: &TestDb) {
+    sql(
+        &db.url,
+        &format!("REVOKE CREATE ON DATABASE {} FROM PUBLIC", db.name),
+    );
+}
+
+/// `run --release r1 --migrate "standin migrate" -- standin start`, as `role`.
+fn run_gate(role: &Role, db: &TestDb, flags: &[&str]) -> Command {
+    let mut c = role.gate(db);
+    c.args(["run", "--release", "r1"])
+        .args(flags)
+        .args(["--migrate", &format!("{} migrate", standin())])
+        .args(["--", standin(), "start"]);
+    c
+}
+
+fn assert_migrated_once_and_all_started(db: &TestDb, ledger: &str, n: usize) {
+    assert_eq!(db.one("SELECT count(*) FROM mg_runs"), "1");
+    assert_no_overlap(db);
+    assert_eq!(db.one("SELECT count(*) FROM app_seed"), "1");
+    assert_eq!(
+        db.one("SELECT count(*) FROM app_starts WHERE flag = 'False' AND schema_ready"),
+        n.to_string()
+    );
+    assert_eq!(
+        db.one(&format!(
+            "SELECT count(*) FROM {ledger} WHERE release = 'r1' AND outcome = 'done'"
+        )),
+        "1"
+    );
+    db.assert_no_gate_locks();
+}
+
+fn assert_all_ok(outs: &[std::process::Output]) {
+    for out in outs {
+        assert_eq!(code(out), 0, "a gate failed:\n{}", stderr(out));
+    }
+}
+
+#[test]
+fn without_create_on_the_database_the_gate_uses_the_schema_the_dba_made_for_it() {
+    let db = cluster().new_db("priv_schema");
+    revoke_create_on_database(&db);
+    let role = Role::create(&db, "owner");
+    role.grant_app_rights();
+    sql(
+        &db.url,
+        &format!("CREATE SCHEMA migrations_gate AUTHORIZATION {}", role.name),
+    );
+    assert_eq!(
+        db.one(&format!(
+            "SELECT has_database_privilege('{}', current_database(), 'CREATE')::text",
+            role.name
+        )),
+        "false"
+    );
+    let outs = run_all(
+        (0..4).map(|_| run_gate(&role, &db, &[])).collect(),
+        HANG_GUARD,
+    );
+    assert_eq!(
+        db.one("SELECT count(*) FROM mg_runs"),
+        "1",
+        "the migration must run once; a gate said:\n{}",
+        stderr(&outs[0])
+    );
+    assert_migrated_once_and_all_started(&db, "migrations_gate.ledger", 4);
+    assert_eq!(
+        db.one("SELECT tableowner FROM pg_tables WHERE schemaname = 'migrations_gate' AND tablename = 'ledger'"),
+        role.name,
+        "the gate created its ledger in the schema the DBA made for it"
+    );
+    assert_all_ok(&outs);
+}
+
+#[test]
+fn with_create_on_schema_public_only_the_ledger_lives_in_public() {
+    let db = cluster().new_db("priv_public");
+    revoke_create_on_database(&db);
+    let role = Role::create(&db, "public");
+    role.grant_app_rights(); // includes GRANT CREATE ON SCHEMA public
+    let out = wait_output(
+        spawn(&mut run_gate(&role, &db, &["--schema", "public"])),
+        HANG_GUARD,
+    );
+    assert_eq!(
+        db.one("SELECT (to_regclass('public.ledger') IS NOT NULL)::text"),
+        "true",
+        "the ledger must be public.ledger; the gate said:\n{}",
+        stderr(&out)
+    );
+    assert_migrated_once_and_all_started(&db, "public.ledger", 1);
+    assert_eq!(
+        db.one("SELECT count(*) FROM pg_namespace WHERE nspname = 'migrations_gate'"),
+        "0"
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+}
+
+#[test]
+fn with_only_read_write_rights_on_a_ledger_the_dba_created_the_gate_works() {
+    let db = cluster().new_db("priv_dml");
+    // The DBA lets the gate create its schema, table and index once, as the superuser...
+    let out = db
+        .gate()
+        .args(["migrate", "--release", "dba-bootstrap", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    revoke_create_on_database(&db);
+    let role = Role::create(&db, "dml");
+    role.grant_app_rights();
+    // ...and grants the app's role only what the gate needs to read and write it.
+    let r = &role.name;
+    sql(
+        &db.url,
+        &format!(
+            "GRANT USAGE ON SCHEMA migrations_gate TO {r};
+             GRANT SELECT, INSERT, UPDATE, DELETE ON migrations_gate.ledger TO {r};
+             GRANT USAGE ON SEQUENCE migrations_gate.ledger_id_seq TO {r};"
+        ),
+    );
+    assert_eq!(
+        db.one(
+            "SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = 'migrations_gate'"
+        ),
+        "postgres"
+    );
+    let outs = run_all(
+        (0..4).map(|_| run_gate(&role, &db, &[])).collect(),
+        HANG_GUARD,
+    );
+    assert_migrated_once_and_all_started(&db, "migrations_gate.ledger", 4);
+    assert_all_ok(&outs);
+}
+
+#[test]
+fn without_any_right_to_a_ledger_the_gate_exits_77_naming_the_grant_and_never_migrates() {
+    let db = cluster().new_db("priv_none");
+    revoke_create_on_database(&db);
+    let role = Role::create(&db, "none");
+    // The app's own rights, so that a migration that ran would show in mg_runs; nothing for
+    // the gate: no CREATE on the database, no schema.
+    role.grant_app_rights();
+    let out = wait_output(spawn(&mut run_gate(&role, &db, &[])), HANG_GUARD);
+    assert_eq!(db.one("SELECT count(*) FROM mg_runs"), "0");
+    assert_eq!(db.one("SELECT count(*) FROM app_starts"), "0");
+    assert_eq!(
+        db.one("SELECT count(*) FROM pg_namespace WHERE nspname = 'migrations_gate'"),
+        "0"
+    );
+    assert_eq!(code(&out), 77, "{}", stderr(&out));
+    let err = stderr(&out);
+    let grant_lines: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("CREATE SCHEMA"))
+        .collect();
+    assert_eq!(
+        grant_lines.len(),
+        1,
+        "one line must say what to grant (CREATE SCHEMA ... AUTHORIZATION role):\n{err}"
+    );
+    assert!(
+        grant_lines[0].contains("AUTHORIZATION") && grant_lines[0].contains(&role.name),
+        "the line must name the statement and the role: {}",
+        grant_lines[0]
+    );
+    for (what, text) in [("stdout", stdout(&out)), ("stderr", err.clone())] {
+        assert!(
+            !text.contains(&role.password),
+            "the password appears on {what}: {text}"
+        );
+    }
+}

@@ -1,0 +1,159 @@
+//! A gate pointed at a hot standby (a real streaming replica of the test cluster, made with
+//! `pg_basebackup -R`). A would-be holder cannot record anything there, so it fails at once and
+//! says to point the gate at the primary; `reset` refuses the same way. Documented decision: a
+//! follower of a release already done proceeds on a standby (the ledger row is replayed after
+//! the migration's own commits, so the schema it needs is there too), and `status` works.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::*;
+
+const HANG_GUARD: Duration = Duration::from_secs(120);
+
+/// The test database on the primary, with release `done` done (so the ledger exists), and a
+/// standby that has replayed it.
+fn primary_and_standby(name: &str, done: &str) -> (TestDb, Cluster) {
+    let db = cluster().new_db(name);
+    let out = db
+        .gate()
+        .args(["migrate", "--release", done, "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let standby = cluster().standby();
+    cluster().wait_replayed(&standby, HANG_GUARD);
+    (db, standby)
+}
+
+/// A gate command aimed at the standby's copy of `db`.
+fn gate_on(standby: &Cluster, db: &TestDb) -> std::process::Command {
+    let mut c = db.gate();
+    c.env("MIGRATIONS_GATE_DATABASE_URL", standby.url(&db.name))
+        .env("DATABASE_URL", standby.url(&db.name));
+    c
+}
+
+#[test]
+fn a_would_be_holder_on_a_standby_exits_69_at_once_saying_to_use_the_primary() {
+    let (db, standby) = primary_and_standby("standby_holder", "r0");
+    let started = Instant::now();
+    let out = wait_output(
+        spawn(gate_on(&standby, &db).args([
+            "migrate",
+            "--release",
+            "r1",
+            "--connect-timeout",
+            "3s",
+            "--",
+            standin(),
+            "migrate",
+        ])),
+        HANG_GUARD,
+    );
+    let took = started.elapsed();
+    cluster().wait_replayed(&standby, HANG_GUARD);
+    assert_eq!(
+        db.one("SELECT count(*) FROM migrations_gate.ledger WHERE release = 'r1'"),
+        "0",
+        "nothing may be recorded for r1"
+    );
+    assert_eq!(db.one("SELECT count(*) FROM mg_runs"), "0");
+    assert_eq!(code(&out), 69, "{}", stderr(&out));
+    assert!(
+        took < Duration::from_secs(3 + 10),
+        "a standby is not a database that is not up yet: took {took:?}"
+    );
+    let err = stderr(&out);
+    assert!(err.contains("read-only standby"), "{err}");
+    assert!(err.contains("point the gate at the primary"), "{err}");
+}
+
+#[test]
+fn a_follower_of_a_release_done_on_the_primary_proceeds_on_a_standby() {
+    let db = cluster().new_db("standby_follower");
+    let standby = cluster().standby();
+    let out = db
+        .gate()
+        .args(["migrate", "--release", "r1", "--", standin(), "migrate"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    cluster().wait_replayed(&standby, HANG_GUARD);
+    let on_standby = TestDb {
+        url: standby.url(&db.name),
+        name: db.name.clone(),
+    };
+    assert_eq!(
+        on_standby.one(
+            "SELECT count(*) FROM migrations_gate.ledger WHERE release = 'r1' AND outcome = 'done'"
+        ),
+        "1"
+    );
+    // `false` would fail the gate: it must not run.
+    let migrate = wait_output(
+        spawn(gate_on(&standby, &db).args(["migrate", "--release", "r1", "--", "false"])),
+        HANG_GUARD,
+    );
+    let run = wait_output(
+        spawn(gate_on(&standby, &db).args([
+            "run",
+            "--release",
+            "r1",
+            "--migrate",
+            "false",
+            "--",
+            "true",
+        ])),
+        HANG_GUARD,
+    );
+    let wait = wait_output(
+        spawn(gate_on(&standby, &db).args(["wait", "--release", "r1", "--wait-timeout", "30s"])),
+        HANG_GUARD,
+    );
+    assert_eq!(db.one("SELECT count(*) FROM mg_runs"), "1");
+    assert_eq!(
+        db.one("SELECT count(*) FROM migrations_gate.ledger WHERE release = 'r1'"),
+        "1"
+    );
+    for (what, out) in [("migrate", &migrate), ("run", &run), ("wait", &wait)] {
+        assert_eq!(code(out), 0, "{what} on the standby:\n{}", stderr(out));
+    }
+}
+
+#[test]
+fn reset_on_a_standby_exits_69_saying_it_is_read_only() {
+    let db = cluster().new_db("standby_reset");
+    let out = db
+        .gate()
+        .args(["migrate", "--release", "r1", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let standby = cluster().standby();
+    let out = wait_output(
+        spawn(gate_on(&standby, &db).args(["reset", "--release", "r1"])),
+        HANG_GUARD,
+    );
+    assert_eq!(
+        db.one(
+            "SELECT count(*) FROM migrations_gate.ledger WHERE release = 'r1' AND outcome = 'done'"
+        ),
+        "1",
+        "the release must still be done on the primary"
+    );
+    assert_eq!(code(&out), 69, "{}", stderr(&out));
+    assert!(stderr(&out).contains("read-only"), "{}", stderr(&out));
+}
+
+#[test]
+fn status_on_a_standby_shows_a_done_release() {
+    let (db, standby) = primary_and_standby("standby_status", "r1");
+    let out = wait_output(
+        spawn(gate_on(&standby, &db).args(["status", "--release", "r1"])),
+        HANG_GUARD,
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(stdout(&out).contains("done"), "{}", stdout(&out));
+}
