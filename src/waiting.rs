@@ -238,8 +238,9 @@ impl Waiter<'_> {
             return;
         };
         let limit = until.saturating_duration_since(tokio::time::Instant::now());
-        if conn.notified(limit).await.is_err() {
+        if let Err(e) = conn.notified(limit).await {
             // Lost: the next round reconnects.
+            db::log_retry("lost the database connection while waiting", &e.to_string());
             self.conn = None;
         }
     }

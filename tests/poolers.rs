@@ -243,6 +243,23 @@ fn holder_killed_behind_transaction_pooling_with_a_pool_of_three_is_taken_over_a
         db.one("SELECT count(*) FROM migrations_gate.ledger WHERE outcome = 'done'"),
         "1"
     );
+    // The killed holder's attempt outlived its lock transaction (written by its witness
+    // connection), so the taker-over saw it and waited out its fencing time before migrating:
+    // a holder cut off rather than killed would have stopped its migration by then.
+    assert_eq!(
+        db.one("SELECT count(*) FROM migrations_gate.ledger WHERE outcome = 'abandoned'"),
+        "1",
+        "the vanished holder's attempt must be visible to the taker-over"
+    );
+    assert_eq!(
+        db.one(&format!(
+            "SELECT count(*) FROM mg_runs r, migrations_gate.ledger l WHERE l.outcome = 'abandoned' \
+             AND r.pid <> {first_migration} \
+             AND r.started_at < coalesce(l.heartbeat_at, l.started_at) + make_interval(secs => l.fence_secs)"
+        )),
+        "0",
+        "the taker-over migrated before the vanished holder's fencing time had passed"
+    );
     db.assert_no_gate_locks();
     for out in &outs {
         assert_eq!(code(out), 0, "{}", stderr(out));

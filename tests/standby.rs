@@ -145,6 +145,11 @@ fn reset_on_a_standby_exits_69_saying_it_is_read_only() {
     );
     assert_eq!(code(&out), 69, "{}", stderr(&out));
     assert!(stderr(&out).contains("read-only"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("point the gate at the primary"),
+        "the message must say what to do: {}",
+        stderr(&out)
+    );
 }
 
 #[test]
