@@ -565,6 +565,17 @@ fn assert_tls_failure(out: &Output, took: Duration, what: &str) {
 #[test]
 fn password_from_database_url_file_pgpassword_and_pgpassfile() {
     let c = cluster();
+    // Every connection and refusal in the server log, with ms timestamps and PIDs, so that a
+    // slow answer can be told apart from a client that never got through (see `server_tail`).
+    for setting in ["log_connections = on", "log_line_prefix = '%m [%p] '"] {
+        sql(&c.url("postgres"), &format!("ALTER SYSTEM SET {setting}"));
+    }
+    sql(&c.url("postgres"), "SELECT pg_reload_conf()");
+    let server_tail = || {
+        let log = c.log();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join("\n")
+    };
     let db = c.new_db("secrets");
     let port = c.port;
     let with_pw = url("127.0.0.1", port, &db.name, "");
@@ -667,7 +678,13 @@ fn password_from_database_url_file_pgpassword_and_pgpassfile() {
             let (out, took) = run(gate(&env, &args));
             let what = format!("{} [{variant}]", case.name);
             assert_no_secret(&out, &[PASSWORD, WRONG], &what);
-            assert_eq!(code(&out), case.code, "{what}: {}", describe(&out, took));
+            assert_eq!(
+                code(&out),
+                case.code,
+                "{what}: {}\n--- server log (tail)\n{}",
+                describe(&out, took),
+                server_tail()
+            );
             if case.code == 0 {
                 assert!(
                     stdout(&out).contains(&marker),
