@@ -153,15 +153,7 @@ fn fast_path(cluster: &Cluster, runs: usize) {
     let floor = floor_ms(cluster, &db, runs * 4);
     let follower = time_runs(runs, || {
         let mut c = db.gate();
-        c.args([
-            "run",
-            "--release",
-            "r1",
-            "--migrate",
-            "false",
-            "--",
-            "/bin/true",
-        ]);
+        c.args(run_args("r1", "false", &["/bin/true"]));
         c
     });
     let bare = time_runs(runs, || Command::new("/bin/true"));

@@ -28,16 +28,7 @@ fn main() {
     let replicas: Vec<Child> = (0..REPLICAS)
         .map(|_| {
             db.gate()
-                .args([
-                    "run",
-                    "--release",
-                    "v1",
-                    "--migrate",
-                    &migrate,
-                    "--",
-                    standin(),
-                    "start",
-                ])
+                .args(run_args("v1", &migrate, &[standin(), "start"]))
                 .env("STANDIN_STEP_MS", "300")
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())
@@ -91,16 +82,7 @@ fn main() {
     let restarts: Vec<Child> = (0..REPLICAS)
         .map(|_| {
             db.gate()
-                .args([
-                    "run",
-                    "--release",
-                    "v1",
-                    "--migrate",
-                    &migrate,
-                    "--",
-                    standin(),
-                    "start",
-                ])
+                .args(run_args("v1", &migrate, &[standin(), "start"]))
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()

@@ -25,7 +25,7 @@ pub(crate) async fn migrate(args: MigrateArgs) -> Result<i32> {
     let release = args.gate.release.resolve()?;
     let preflight = Preflight::new(&args.gate.preflight, Mode::Migrate, release.as_deref())?;
     let gate = gate(&args.gate.db, release, &preflight)?;
-    let kill_grace = args.gate.kill_grace;
+    let kill_grace = args.kill_grace;
     let want = Want::Lock {
         kill_grace,
         slots: args.gate.waiting.waiting_connections,
@@ -86,7 +86,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<i32> {
     };
     let preflight = Preflight::new(&args.gate.preflight, mode, release.as_deref())?;
     let gate = gate(&args.gate.db, release, &preflight)?;
-    let kill_grace = args.gate.kill_grace;
+    let kill_grace = args.kill_grace;
     let app_off = Program {
         argv: &args.command,
         flag: (&flag.name, &flag.off),
@@ -145,17 +145,18 @@ pub(crate) async fn run(args: RunArgs) -> Result<i32> {
 
 /// `wait --release R [-- CMD]`: block until R is done, then exit 0 or exec CMD (flag off).
 pub(crate) async fn wait(args: WaitArgs) -> Result<i32> {
-    let flag = args.flag.flag()?;
+    let flag = args.gate.flag.flag()?;
     let release = args.release()?;
     if !args.command.is_empty() {
         check_program(&args.command)?;
     }
-    let preflight = Preflight::new(&args.preflight, Mode::Wait, Some(&release))?;
-    let gate = gate(&args.db, Some(release), &preflight)?;
+    let preflight = Preflight::new(&args.gate.preflight, Mode::Wait, Some(&release))?;
+    let gate = gate(&args.gate.db, Some(release), &preflight)?;
     let want = Want::Done {
-        slots: args.waiting.waiting_connections,
+        slots: args.gate.waiting.waiting_connections,
     };
-    if let Role::Follower { seen, conn } = wait_turn(&gate, want, args.waiting.wait_timeout).await?
+    if let Role::Follower { seen, conn } =
+        wait_turn(&gate, want, args.gate.waiting.wait_timeout).await?
     {
         preflight.follower(&gate, seen, conn).await?;
     }

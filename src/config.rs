@@ -1,15 +1,15 @@
 //! Command-line flags, their `MIGRATIONS_GATE_*` environment twins, and their validation into
 //! values the rest of the crate can trust. Every default lives in a clap attribute here.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 use crate::lock::{LockKey, Scope, WaitSlots};
 use crate::preflight::{OnMismatch, Preset};
+use crate::release::release_from_path;
 
 const AFTER_HELP: &str = "\
 Exit codes: 0 ok, 1 release not done (status --release), 64 usage, 69 database unavailable,
@@ -93,7 +93,7 @@ impl Command {
         match self {
             Command::Migrate(a) => a.gate.db.log_format,
             Command::Run(a) => a.gate.db.log_format,
-            Command::Wait(a) => a.db.log_format,
+            Command::Wait(a) => a.gate.db.log_format,
             Command::Status(a) => a.db.log_format,
             Command::Reset(a) => a.db.log_format,
             Command::Install { .. } | Command::Completions { .. } | Command::Man => LogFormat::Text,
@@ -109,39 +109,22 @@ pub struct DbArgs {
     pub database_url: Option<String>,
 
     /// Read the database URL from this file (e.g. a mounted secret).
-    #[arg(
-        long,
-        env = "MIGRATIONS_GATE_DATABASE_URL_FILE",
-        value_name = "PATH",
-        conflicts_with = "database_url"
-    )]
+    #[arg(long, env = "MIGRATIONS_GATE_DATABASE_URL_FILE", value_name = "PATH")]
+    #[arg(conflicts_with = "database_url")]
     pub database_url_file: Option<PathBuf>,
 
     /// Name of the lock; different names never block each other.
-    #[arg(
-        long,
-        env = "MIGRATIONS_GATE_LOCK",
-        value_name = "NAME",
-        default_value = "migrations-gate"
-    )]
+    #[arg(long, env = "MIGRATIONS_GATE_LOCK", value_name = "NAME")]
+    #[arg(default_value = "migrations-gate")]
     pub lock: String,
 
     /// Use this 64-bit advisory lock key directly instead of deriving it from --lock.
-    #[arg(
-        long,
-        env = "MIGRATIONS_GATE_LOCK_ID",
-        value_name = "N",
-        allow_negative_numbers = true
-    )]
+    #[arg(long, env = "MIGRATIONS_GATE_LOCK_ID", value_name = "N", allow_negative_numbers = true)]
     pub lock_id: Option<i64>,
 
     /// Schema of the gate's ledger table (created on first use).
-    #[arg(
-        long,
-        env = "MIGRATIONS_GATE_SCHEMA",
-        value_name = "NAME",
-        default_value = "migrations_gate"
-    )]
+    #[arg(long, env = "MIGRATIONS_GATE_SCHEMA", value_name = "NAME")]
+    #[arg(default_value = "migrations_gate")]
     pub schema: String,
 
     /// How the lock is held: session, transaction (for transaction-pooling PgBouncer), or auto-detect.
@@ -165,12 +148,8 @@ pub struct DbArgs {
 #[derive(Debug, Clone, Args)]
 pub struct ReleaseArgs {
     /// What this deployment migrates to (app version, image tag). Done releases are skipped.
-    #[arg(
-        long,
-        env = "MIGRATIONS_GATE_RELEASE",
-        value_name = "ID",
-        conflicts_with = "release_from"
-    )]
+    #[arg(long, env = "MIGRATIONS_GATE_RELEASE", value_name = "ID")]
+    #[arg(conflicts_with = "release_from")]
     pub release: Option<String>,
 
     /// Use a content hash of the files under PATH (e.g. the migrations folder) as the release ID.
@@ -178,32 +157,28 @@ pub struct ReleaseArgs {
     pub release_from: Option<PathBuf>,
 }
 
-/// Flags of the gating modes (`migrate`, `run`).
+/// Flags of every replica that passes the gate: `migrate`, `run` and `wait`.
 #[derive(Debug, Clone, Args)]
 pub struct GateArgs {
+    /// Where the database and the lock are.
     #[command(flatten)]
-    #[allow(missing_docs)]
     pub db: DbArgs,
 
+    /// Which release.
     #[command(flatten)]
-    #[allow(missing_docs)]
     pub release: ReleaseArgs,
 
+    /// The environment variable handed to the app.
     #[command(flatten)]
-    #[allow(missing_docs)]
     pub flag: FlagArgs,
 
+    /// How a replica waits.
     #[command(flatten)]
-    #[allow(missing_docs)]
     pub waiting: WaitingArgs,
 
+    /// Preflight checks before the app starts.
     #[command(flatten)]
-    #[allow(missing_docs)]
     pub preflight: PreflightArgs,
-
-    /// After SIGTERM, wait this long before SIGKILL when the gate must stop its child.
-    #[arg(long, env = "MIGRATIONS_GATE_KILL_GRACE", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
-    pub kill_grace: Duration,
 }
 
 /// How a replica waits: shared by the gating modes and `wait`.
@@ -214,12 +189,8 @@ pub struct WaitingArgs {
     pub wait_timeout: Duration,
 
     /// How many waiters keep their connection open on a direct connection (they hear "done" at once by LISTEN): a number, or auto (a third of the server's free connections, at least 5, at most 100). The others reconnect per poll; behind a proxy or a session pooler every waiter does.
-    #[arg(
-        long,
-        env = "MIGRATIONS_GATE_WAITING_CONNECTIONS",
-        value_name = "N|auto",
-        default_value = "auto"
-    )]
+    #[arg(long, env = "MIGRATIONS_GATE_WAITING_CONNECTIONS", value_name = "N|auto")]
+    #[arg(default_value = "auto")]
     pub waiting_connections: WaitSlots,
 }
 
@@ -228,12 +199,8 @@ pub struct WaitingArgs {
 #[derive(Debug, Clone, Args)]
 pub struct PreflightArgs {
     /// Refuse to start (exit 78) when one of these variables differs from the value the release's first replica started with. Compared as keyed fingerprints kept in the database, never as values; unset and empty differ. Needs --release.
-    #[arg(
-        long,
-        env = "MIGRATIONS_GATE_SAME_ENV",
-        value_name = "NAME[,NAME...]",
-        value_delimiter = ','
-    )]
+    #[arg(long, env = "MIGRATIONS_GATE_SAME_ENV", value_name = "NAME[,NAME...]")]
+    #[arg(value_delimiter = ',')]
     pub same_env: Vec<String>,
 
     /// What a --same-env difference does: fail (exit 78, the app does not start) or warn (log it and start).
@@ -253,39 +220,29 @@ pub struct PreflightArgs {
 #[derive(Debug, Clone, Args)]
 pub struct FlagArgs {
     /// Environment variable that switches the app's migrations.
-    #[arg(
-        long,
-        env = "MIGRATIONS_GATE_FLAG",
-        value_name = "NAME",
-        default_value = "ENABLE_DB_MIGRATIONS"
-    )]
+    #[arg(long, env = "MIGRATIONS_GATE_FLAG", value_name = "NAME")]
+    #[arg(default_value = "ENABLE_DB_MIGRATIONS")]
     pub flag: String,
 
     /// Value of --flag for the replica that migrates.
-    #[arg(
-        long,
-        env = "MIGRATIONS_GATE_ON",
-        value_name = "VALUE",
-        default_value = "True"
-    )]
+    #[arg(long, env = "MIGRATIONS_GATE_ON", value_name = "VALUE", default_value = "True")]
     pub on: String,
 
     /// Value of --flag for every other start.
-    #[arg(
-        long,
-        env = "MIGRATIONS_GATE_OFF",
-        value_name = "VALUE",
-        default_value = "False"
-    )]
+    #[arg(long, env = "MIGRATIONS_GATE_OFF", value_name = "VALUE", default_value = "False")]
     pub off: String,
 }
 
 /// `migrate` mode.
 #[derive(Debug, Clone, Args)]
 pub struct MigrateArgs {
+    /// The flags of every replica that passes the gate.
     #[command(flatten)]
-    #[allow(missing_docs)]
     pub gate: GateArgs,
+
+    /// After SIGTERM, wait this long before SIGKILL when the gate must stop its child.
+    #[arg(long, env = "MIGRATIONS_GATE_KILL_GRACE", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub kill_grace: Duration,
 
     /// The migration command, run with the flag on by the lock holder only.
     #[arg(last = true, required = true, value_name = "CMD")]
@@ -295,39 +252,28 @@ pub struct MigrateArgs {
 /// `run` mode.
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
+    /// The flags of every replica that passes the gate.
     #[command(flatten)]
-    #[allow(missing_docs)]
     pub gate: GateArgs,
+
+    /// After SIGTERM, wait this long before SIGKILL when the gate must stop its child.
+    #[arg(long, env = "MIGRATIONS_GATE_KILL_GRACE", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub kill_grace: Duration,
 
     /// Migration command the holder runs first (flag on); split like a POSIX shell, run without one.
     #[arg(long, env = "MIGRATIONS_GATE_MIGRATE", value_name = "CMD")]
     pub migrate: Option<String>,
 
     /// Holder keeps the lock until this URL answers 2xx (plain http).
-    #[arg(
-        long,
-        env = "MIGRATIONS_GATE_READY_HTTP",
-        value_name = "URL",
-        group = "ready"
-    )]
+    #[arg(long, env = "MIGRATIONS_GATE_READY_HTTP", value_name = "URL", group = "ready")]
     pub ready_http: Option<String>,
 
     /// Holder keeps the lock until HOST:PORT accepts a TCP connection.
-    #[arg(
-        long,
-        env = "MIGRATIONS_GATE_READY_TCP",
-        value_name = "HOST:PORT",
-        group = "ready"
-    )]
+    #[arg(long, env = "MIGRATIONS_GATE_READY_TCP", value_name = "HOST:PORT", group = "ready")]
     pub ready_tcp: Option<String>,
 
     /// Holder keeps the lock until this SQL returns a row whose first column is not false/NULL.
-    #[arg(
-        long,
-        env = "MIGRATIONS_GATE_READY_SQL",
-        value_name = "SQL",
-        group = "ready"
-    )]
+    #[arg(long, env = "MIGRATIONS_GATE_READY_SQL", value_name = "SQL", group = "ready")]
     pub ready_sql: Option<String>,
 
     /// Give up (stop APP, record the failure) if APP is not ready after this long.
@@ -342,25 +288,9 @@ pub struct RunArgs {
 /// `wait` mode.
 #[derive(Debug, Clone, Args)]
 pub struct WaitArgs {
+    /// The flags of every replica that passes the gate.
     #[command(flatten)]
-    #[allow(missing_docs)]
-    pub db: DbArgs,
-
-    #[command(flatten)]
-    #[allow(missing_docs)]
-    pub release: ReleaseArgs,
-
-    #[command(flatten)]
-    #[allow(missing_docs)]
-    pub flag: FlagArgs,
-
-    #[command(flatten)]
-    #[allow(missing_docs)]
-    pub waiting: WaitingArgs,
-
-    #[command(flatten)]
-    #[allow(missing_docs)]
-    pub preflight: PreflightArgs,
+    pub gate: GateArgs,
 
     /// Command to exec once the release is done (with the flag off); without one, exit 0.
     #[arg(last = true, value_name = "CMD")]
@@ -370,12 +300,12 @@ pub struct WaitArgs {
 /// `status`.
 #[derive(Debug, Clone, Args)]
 pub struct StatusArgs {
+    /// Where the database and the lock are.
     #[command(flatten)]
-    #[allow(missing_docs)]
     pub db: DbArgs,
 
+    /// Which release.
     #[command(flatten)]
-    #[allow(missing_docs)]
     pub release: ReleaseArgs,
 
     /// Print stable JSON instead of a table.
@@ -383,29 +313,19 @@ pub struct StatusArgs {
     pub json: bool,
 
     /// Show at most this many attempts, newest first.
-    #[arg(
-        long,
-        env = "MIGRATIONS_GATE_STATUS_LIMIT",
-        value_name = "N",
-        default_value_t = 20
-    )]
+    #[arg(long, env = "MIGRATIONS_GATE_STATUS_LIMIT", value_name = "N", default_value_t = 20)]
     pub limit: u32,
 }
 
 /// `reset`.
 #[derive(Debug, Clone, Args)]
 pub struct ResetArgs {
+    /// Where the database and the lock are.
     #[command(flatten)]
-    #[allow(missing_docs)]
     pub db: DbArgs,
 
     /// The release to forget.
-    #[arg(
-        long,
-        env = "MIGRATIONS_GATE_RELEASE",
-        value_name = "ID",
-        required = true
-    )]
+    #[arg(long, env = "MIGRATIONS_GATE_RELEASE", value_name = "ID", required = true)]
     pub release: String,
 
     /// Forget only the release's --same-env fingerprints (the next replica sets them anew); the release stays done.
@@ -547,7 +467,7 @@ impl FlagArgs {
 impl WaitArgs {
     /// The release to wait for: required.
     pub fn release(&self) -> Result<String> {
-        self.release.resolve()?.ok_or_else(|| {
+        self.gate.release.resolve()?.ok_or_else(|| {
             Error::Usage(
                 "wait needs --release ID or --release-from PATH: the release to wait for".into(),
             )
@@ -563,64 +483,6 @@ pub fn split_command(s: &str) -> Result<Vec<String>> {
         return Err(Error::Usage("--migrate is empty".into()));
     }
     Ok(words)
-}
-
-/// The release ID for `--release-from PATH`: `sha256:` and the first 32 hex digits of a hash over
-/// every regular file under PATH (relative path and contents, in sorted path order), so the ID
-/// changes exactly when a file is added, removed, renamed or edited.
-pub fn release_from_path(root: &Path) -> Result<String> {
-    let mut files = Vec::new();
-    collect_files(root, root, &mut files)?;
-    if files.is_empty() {
-        return Err(Error::Usage(format!(
-            "--release-from {}: no files found",
-            root.display()
-        )));
-    }
-    files.sort();
-    let mut hasher = Sha256::new();
-    for (rel, full) in &files {
-        let bytes = std::fs::read(full).map_err(|e| {
-            Error::Usage(format!(
-                "--release-from: cannot read {}: {e}",
-                full.display()
-            ))
-        })?;
-        hasher.update(rel.to_string_lossy().as_bytes());
-        hasher.update([0u8]);
-        hasher.update((bytes.len() as u64).to_be_bytes());
-        hasher.update(&bytes);
-    }
-    let digest = hasher.finalize();
-    let hex: String = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
-    Ok(format!("sha256:{hex}"))
-}
-
-fn collect_files(root: &Path, dir: &Path, out: &mut Vec<(PathBuf, PathBuf)>) -> Result<()> {
-    let meta = std::fs::metadata(dir)
-        .map_err(|e| Error::Usage(format!("--release-from {}: {e}", dir.display())))?;
-    if meta.is_file() {
-        // A single file: hash it under its own name.
-        let name = dir.file_name().map(PathBuf::from).unwrap_or_default();
-        out.push((name, dir.to_path_buf()));
-        return Ok(());
-    }
-    let entries = std::fs::read_dir(dir)
-        .map_err(|e| Error::Usage(format!("--release-from {}: {e}", dir.display())))?;
-    for entry in entries {
-        let entry =
-            entry.map_err(|e| Error::Usage(format!("--release-from {}: {e}", dir.display())))?;
-        let path = entry.path();
-        let meta = std::fs::metadata(&path)
-            .map_err(|e| Error::Usage(format!("--release-from {}: {e}", path.display())))?;
-        if meta.is_dir() {
-            collect_files(root, &path, out)?;
-        } else if meta.is_file() {
-            let rel = path.strip_prefix(root).unwrap_or(&path).to_path_buf();
-            out.push((rel, path));
-        }
-    }
-    Ok(())
 }
 
 /// This machine's host name (the pod name in Kubernetes), for `application_name` and the ledger.

@@ -411,6 +411,27 @@ pub(crate) async fn query_scalar(
     }
 }
 
+/// Runs `sql` like [`query`], but a table of ours that does not exist yet reads as no rows.
+pub(crate) async fn query_if_exists(
+    conn: &mut PgConnection,
+    sql: String,
+) -> Result<Vec<PgRow>, sqlx::Error> {
+    match query(conn, sql).await {
+        Err(e) if is_missing_relation(&e) => Ok(Vec::new()),
+        other => other,
+    }
+}
+
+/// `SQLSTATE`s that mean "a table of ours does not exist yet" (nor, perhaps, its schema).
+pub(crate) fn is_missing_relation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("42P01") | Some("3F000")))
+}
+
+/// `SQLSTATE` 25006: a write on a read-only standby.
+pub(crate) fn is_read_only(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("25006"))
+}
+
 /// `fut`, or a timed-out I/O error after `limit`.
 pub(crate) async fn deadline<T>(
     limit: Duration,

@@ -79,6 +79,10 @@ pub(crate) enum Round {
     Standby,
 }
 
+/// What a round returns: what it saw, and the connection to go on with (if it may be kept);
+/// or an error already sorted into "retry" and "give up".
+pub(crate) type Step = Result<(Round, Option<Conn>), Failure>;
+
 impl Gate {
     /// Prepares a gate; fails on a malformed URL.
     pub(crate) fn new(target: Target, release: Option<String>) -> Result<Gate> {
@@ -145,14 +149,8 @@ impl Gate {
         Ok((route, scope))
     }
 
-    /// One round of the protocol (steps 1 to 3 of the module documentation). Every error is
-    /// already sorted into "retry" and "give up".
-    pub(crate) async fn round(
-        &self,
-        mut conn: Conn,
-        session: &mut Session,
-        want: Want,
-    ) -> Result<(Round, Option<Conn>), Failure> {
+    /// One round of the protocol (steps 1 to 3 of the module documentation).
+    pub(crate) async fn round(&self, mut conn: Conn, session: &mut Session, want: Want) -> Step {
         let sql = |e: sqlx::Error| self.db.classify(&e);
         if let Some(release) = self.release() {
             let seen = self
@@ -231,12 +229,7 @@ impl Gate {
     /// waiting connection costs no pooled server connection that the migration may need: on a
     /// direct connection with a waiting slot, or behind proven transaction pooling. Behind a
     /// session pooler or a proxy every waiter reconnects for each poll.
-    async fn busy(
-        &self,
-        mut conn: Conn,
-        session: &mut Session,
-        slots: WaitSlots,
-    ) -> Result<(Round, Option<Conn>), Failure> {
+    async fn busy(&self, mut conn: Conn, session: &mut Session, slots: WaitSlots) -> Step {
         let sql = |e: sqlx::Error| self.db.classify(&e);
         let (route, _) = self.route(&mut conn, session).await.map_err(sql)?;
         let (keep, pressure) = match route {

@@ -11,7 +11,7 @@
 use sqlx::Row;
 use sqlx::postgres::PgConnection;
 
-use crate::db::{ident, lit, query, query_scalar};
+use crate::db::{ident, is_missing_relation, lit, query, query_if_exists, query_scalar};
 use crate::lock::LockKey;
 
 /// The ledger of one lock in one schema.
@@ -55,11 +55,6 @@ impl Outcome {
             Outcome::Failed => "failed",
         }
     }
-}
-
-/// `SQLSTATE`s that mean "the ledger does not exist yet".
-fn is_missing_relation(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("42P01") | Some("3F000")))
 }
 
 impl Ledger {
@@ -159,21 +154,18 @@ impl Ledger {
     /// Concurrent gates with different lock names may race here, so the DDL runs under a
     /// transaction-scoped advisory lock of its own.
     pub(crate) async fn ensure(&self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
-        let missing = self.missing(conn).await?;
-        if missing.is_empty() {
-            return Ok(());
-        }
-        let ddl_key =
-            LockKey::from_name(&format!("migrations-gate ledger ddl {}", self.schema)).key;
         let schema = ident(&self.schema);
         let table = self.table();
-        let mut sql = format!("BEGIN; SELECT pg_advisory_xact_lock({ddl_key});");
-        if missing.contains(&"schema") {
-            sql.push_str(&format!("CREATE SCHEMA IF NOT EXISTS {schema};"));
-        }
-        if missing.contains(&"table") {
-            sql.push_str(&format!(
-                "CREATE TABLE IF NOT EXISTS {table} (
+        let index = format!("{schema}.ledger_one_done_per_release");
+        let objects = [
+            (
+                format!("to_regnamespace({})::text", lit(&schema)),
+                format!("CREATE SCHEMA IF NOT EXISTS {schema};"),
+            ),
+            (
+                format!("to_regclass({})", lit(&table)),
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {table} (
                  id          bigserial PRIMARY KEY,
                  lock_key    bigint NOT NULL,
                  lock_name   text NOT NULL,
@@ -189,43 +181,17 @@ impl Ledger {
                  heartbeat_at timestamptz,
                  fence_secs  integer NOT NULL DEFAULT 0
              );"
-            ));
-        }
-        if missing.contains(&"index") {
-            sql.push_str(&format!(
-                "CREATE UNIQUE INDEX IF NOT EXISTS ledger_one_done_per_release \
-                 ON {table} (lock_key, release) WHERE outcome = 'done';"
-            ));
-        }
-        sql.push_str("COMMIT;");
-        query(conn, sql).await.map(|_| ())
-    }
-
-    /// Which of "schema", "table" and "index" do not exist yet.
-    async fn missing(&self, conn: &mut PgConnection) -> Result<Vec<&'static str>, sqlx::Error> {
-        let index = format!("{}.ledger_one_done_per_release", ident(&self.schema));
-        let rows = query(
-            conn,
-            format!(
-                "SELECT (to_regnamespace({})::text IS NULL)::text, (to_regclass({}) IS NULL)::text, \
-                        (to_regclass({}) IS NULL)::text",
-                lit(&ident(&self.schema)),
-                lit(&self.table()),
-                lit(&index)
+                ),
             ),
-        )
-        .await?;
-        let missing = |i: usize| {
-            rows.first()
-                .and_then(|r| r.try_get::<String, _>(i).ok())
-                .as_deref()
-                == Some("true")
-        };
-        Ok([(0, "schema"), (1, "table"), (2, "index")]
-            .into_iter()
-            .filter(|(i, _)| missing(*i))
-            .map(|(_, what)| what)
-            .collect())
+            (
+                format!("to_regclass({})", lit(&index)),
+                format!(
+                    "CREATE UNIQUE INDEX IF NOT EXISTS ledger_one_done_per_release \
+                     ON {table} (lock_key, release) WHERE outcome = 'done';"
+                ),
+            ),
+        ];
+        create_missing(conn, &self.schema, &objects).await
     }
 
     /// What to tell an operator whose role may not create the ledger: the grants, as SQL a DBA
@@ -392,12 +358,9 @@ impl Ledger {
             self.table(),
             self.lock.key
         );
-        let rows = match query(conn, sql).await {
-            Ok(rows) => rows,
-            Err(e) if is_missing_relation(&e) => return Ok(Vec::new()),
-            Err(e) => return Err(e),
-        };
-        rows.iter()
+        query_if_exists(conn, sql)
+            .await?
+            .iter()
             .map(|r| {
                 let t = |i: usize| r.try_get::<String, _>(i);
                 Ok(AttemptRow {
@@ -439,6 +402,40 @@ impl Ledger {
         .await?;
         Ok(before)
     }
+}
+
+/// Creates each object of `objects` that does not exist yet, and nothing else: `(check, ddl)`,
+/// where `check` is a SQL expression that is NULL while the object is missing. Concurrent gates
+/// with different lock names may race here, so the DDL runs in one transaction under an
+/// advisory lock of its own, one per schema (the ledger's and the preflight tables next to it).
+pub(crate) async fn create_missing(
+    conn: &mut PgConnection,
+    schema: &str,
+    objects: &[(String, String)],
+) -> Result<(), sqlx::Error> {
+    let checks: Vec<String> = objects
+        .iter()
+        .map(|(check, _)| format!("({check} IS NULL)::text"))
+        .collect();
+    let rows = query(conn, format!("SELECT {}", checks.join(", "))).await?;
+    let missing: Vec<&str> = (0..objects.len())
+        .filter(|&i| {
+            rows.first()
+                .and_then(|r| r.try_get::<String, _>(i).ok())
+                .as_deref()
+                == Some("true")
+        })
+        .map(|i| objects[i].1.as_str())
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let ddl_key = LockKey::from_name(&format!("migrations-gate ledger ddl {schema}")).key;
+    let sql = format!(
+        "BEGIN; SELECT pg_advisory_xact_lock({ddl_key});{}COMMIT;",
+        missing.concat()
+    );
+    query(conn, sql).await.map(|_| ())
 }
 
 /// What one look at the ledger saw.

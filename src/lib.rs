@@ -2,6 +2,7 @@
 //!
 //! A reader looking for a rule finds it in one module:
 //! - [`config`]: flags, environment twins, validation;
+//! - [`release`]: the release ID of `--release-from`, a hash of the files;
 //! - [`db`]: connecting, retrying, classifying errors, pooler-safe queries;
 //! - [`lock`]: the advisory lock key and who holds it;
 //! - [`ledger`]: which releases are done, and every attempt;
@@ -31,6 +32,7 @@ mod ledger;
 mod lock;
 mod preflight;
 mod probe;
+mod release;
 mod status;
 mod termination;
 mod waiting;

@@ -7,9 +7,10 @@ use std::io::Write;
 use serde::Serialize;
 
 use crate::config::StatusArgs;
-use crate::db::{Db, close};
+use crate::db::close;
 use crate::error::{EXIT_NOT_DONE, EXIT_OK, Error, Result};
-use crate::ledger::{AttemptRow, Ledger};
+use crate::gate::Gate;
+use crate::ledger::AttemptRow;
 use crate::lock::{self, Holder};
 use crate::preflight::{EnvCheck, Store};
 
@@ -33,26 +34,19 @@ pub(crate) struct Report {
 
 /// Prints the status and returns the exit code.
 pub(crate) async fn status(args: StatusArgs) -> Result<i32> {
-    let settings = args.db.target()?;
-    let release = args.release.resolve()?;
-    let db = Db::new(
-        &settings.database_url,
-        &settings.application_name,
-        settings.connect_timeout,
-    )?;
-    let ledger = Ledger::new(&settings.schema, &settings.lock);
-    let store = Store::new(&settings.schema, &settings.lock);
-    let mut conn = db.connect().await?;
+    let gate = Gate::new(args.db.target()?, args.release.resolve()?)?;
+    let store = Store::new(&gate.target.schema, gate.lock());
+    let mut conn = gate.db.connect().await?;
     let gathered = async {
         let c = conn.pg().await?;
-        let holder = lock::holder(c, &settings.lock).await?;
-        let attempts = ledger.attempts(c, release.as_deref(), args.limit).await?;
-        let release_done = match &release {
-            Some(r) => Some(ledger.is_done(c, r).await?.done.unwrap_or(false)),
+        let holder = lock::holder(c, gate.lock()).await?;
+        let attempts = gate.ledger.attempts(c, gate.release(), args.limit).await?;
+        let release_done = match gate.release() {
+            Some(r) => Some(gate.ledger.is_done(c, r).await?.done.unwrap_or(false)),
             None => None,
         };
-        let releases: Vec<String> = match &release {
-            Some(r) => vec![r.clone()],
+        let releases: Vec<String> = match gate.release() {
+            Some(r) => vec![r.to_string()],
             None => {
                 let mut shown: Vec<String> =
                     attempts.iter().filter_map(|a| a.release.clone()).collect();
@@ -67,10 +61,10 @@ pub(crate) async fn status(args: StatusArgs) -> Result<i32> {
     .await;
     close(conn).await;
     let (holder, attempts, release_done, env_checks) =
-        gathered.map_err(|e| db.fail(&e, "while reading the status"))?;
+        gathered.map_err(|e| gate.db.fail(&e, "while reading the status"))?;
     let report = Report {
-        lock: settings.lock.name.clone(),
-        lock_key: settings.lock.key,
+        lock: gate.lock().name.clone(),
+        lock_key: gate.lock().key,
         holder,
         release_done,
         attempts,
@@ -80,7 +74,7 @@ pub(crate) async fn status(args: StatusArgs) -> Result<i32> {
         serde_json::to_string_pretty(&report)
             .map_err(|e| Error::Internal(format!("cannot encode the status as JSON: {e}")))?
     } else {
-        render(&report, release.as_deref())
+        render(&report, gate.release())
     };
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{text}");

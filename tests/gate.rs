@@ -92,16 +92,7 @@ fn eight_run_gates_with_migrate_start_every_app_with_the_flag_off_after_the_migr
     let cmds = (0..8)
         .map(|_| {
             let mut c = db.gate();
-            c.args([
-                "run",
-                "--release",
-                "r1",
-                "--migrate",
-                &migrate,
-                "--",
-                standin(),
-                "start",
-            ]);
+            c.args(run_args("r1", &migrate, &[standin(), "start"]));
             c
         })
         .collect();
@@ -182,16 +173,7 @@ fn follower_execs_app_in_place_with_the_same_pid() {
     let out = wait_output(spawn(&mut migrate_cmd(&db, Some("r1"))), HANG_GUARD);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     let mut c = db.gate();
-    c.args([
-        "run",
-        "--release",
-        "r1",
-        "--migrate",
-        "false",
-        "--",
-        standin(),
-        "start",
-    ]);
+    c.args(run_args("r1", "false", &[standin(), "start"]));
     let child = spawn(&mut c);
     let pid = child.id();
     let out = wait_output(child, HANG_GUARD);
@@ -587,15 +569,7 @@ fn missing_or_unexecutable_command_exits_127_or_126_before_locking() {
         stderr(&out)
     );
     let mut c = db.gate();
-    c.args([
-        "run",
-        "--release",
-        "r1",
-        "--migrate",
-        "true",
-        "--",
-        "/etc/passwd",
-    ]);
+    c.args(run_args("r1", "true", &["/etc/passwd"]));
     let out = c.output().unwrap();
     assert_eq!(code(&out), 126, "{}", stderr(&out));
     db.assert_no_gate_locks();

@@ -37,16 +37,7 @@ fn race(bouncer: &PgBouncer, db: &TestDb, n: usize) -> Vec<Output> {
     let cmds = (0..n)
         .map(|_| {
             let mut c = gate_via(bouncer, db);
-            c.args([
-                "run",
-                "--release",
-                "r1",
-                "--migrate",
-                &migrate,
-                "--",
-                standin(),
-                "start",
-            ]);
+            c.args(run_args("r1", &migrate, &[standin(), "start"]));
             c
         })
         .collect();
@@ -189,7 +180,7 @@ fn ten_replicas_behind_transaction_pooling_with_a_pool_of_three_migrate_once_and
     // The fast path works through the pooler too (no prepared statements anywhere).
     for _ in 0..5 {
         let out = gate_via(&bouncer, &db)
-            .args(["run", "--release", "r1", "--migrate", "false", "--", "true"])
+            .args(run_args("r1", "false", &["true"]))
             .output()
             .unwrap();
         assert_eq!(code(&out), 0, "{}", stderr(&out));

@@ -47,24 +47,15 @@ fn three_hundred_gates_against_fifty_connections_all_start_and_migrate_once() {
         .map(|i| {
             let log = File::create(logs.join(format!("gate-{i}.log"))).unwrap();
             let mut c = db.gate();
-            c.args([
-                "run",
-                "--release",
-                "r1",
-                "--migrate",
-                &migrate,
-                "--",
-                standin(),
-                "stamp",
-            ])
-            .arg(&stamps)
-            // A migration longer than it takes to start the fleet, so all of it waits.
-            .env("STANDIN_STEP_MS", "1500")
-            // The migration opens a new connection at every step: it fails if the waiting
-            // fleet has starved it of connections.
-            .env("STANDIN_STEP_CONNECT", "1")
-            .stdout(Stdio::null())
-            .stderr(log);
+            c.args(run_args("r1", &migrate, &[standin(), "stamp"]))
+                .arg(&stamps)
+                // A migration longer than it takes to start the fleet, so all of it waits.
+                .env("STANDIN_STEP_MS", "1500")
+                // The migration opens a new connection at every step: it fails if the waiting
+                // fleet has starved it of connections.
+                .env("STANDIN_STEP_CONNECT", "1")
+                .stdout(Stdio::null())
+                .stderr(log);
             let child = c.spawn().expect("spawn gate");
             spawned_at.insert(child.id(), now_ns());
             child

@@ -475,6 +475,14 @@ impl Drop for Session {
     }
 }
 
+/// The arguments of `run --release RELEASE --migrate MIGRATE -- APP...`: a replica that migrates
+/// with MIGRATE if it holds the lock, then starts APP.
+pub fn run_args<'a>(release: &'a str, migrate: &'a str, app: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["run", "--release", release, "--migrate", migrate, "--"];
+    args.extend_from_slice(app);
+    args
+}
+
 /// The `migrations-gate` binary: Cargo tells integration tests where it is; examples (demo,
 /// benchmark) look beside their own directory (`target/<profile>/examples/..`).
 pub fn gate_bin() -> &'static str {

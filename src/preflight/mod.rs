@@ -1,0 +1,425 @@
+//! Preflight: every replica passes through the gate with its environment and a database
+//! connection before its app starts, so the gate refuses (exit 78, `EX_CONFIG`) the
+//! multi-replica misconfigurations that would otherwise fail later as symptoms.
+//!
+//! Three kinds of check, in the order a replica meets them:
+//!
+//! 1. **Local rules** of a preset (`--preset`), before any connection: a small table of
+//!    [`Rule`]s, each naming its variables, its [`Check`], whether it fails or warns, and why
+//!    (the README's preset table is this table: [`presets`]).
+//! 2. **No older release** (always, unless `--allow-older-release`): a replica whose release is
+//!    done but older than a release done after it must not start on a schema that moved on.
+//!    The ledger read of the fast path already answers it ([`crate::ledger::Seen::newer`]): no
+//!    extra round trip.
+//! 3. **Same settings** (`--same-env`, and the presets' [`Check::Same`] rules): per variable, a
+//!    fingerprint of this replica's value, HMAC-SHA256 under a random key that the gate creates
+//!    once per ledger schema and keeps in the database (`<schema>.env_key`), so that a
+//!    fingerprint alone does not reveal a short secret ([`fingerprint`]). The first replica of a
+//!    release sets the reference (`<schema>.env_reference`); every replica records whether it
+//!    agreed (`<schema>.env_checks`, for `status`). Reading the reference and recording both
+//!    happen in one statement: one round trip ([`store`]). Values and fingerprints are never
+//!    printed.
+//!
+//! This file holds the [`Preflight`] of one replica: what it compares, and the follower's and
+//! the holder's checks, top to bottom.
+
+mod fingerprint;
+mod presets;
+mod store;
+
+use clap::ValueEnum;
+use tracing::{info, warn};
+
+use crate::config::PreflightArgs;
+use crate::db::{Conn, close, ident, is_missing_relation, is_read_only};
+use crate::error::{Error, Result};
+use crate::gate::Gate;
+use crate::ledger::Seen;
+
+pub(crate) use fingerprint::EnvKey;
+use presets::{Check, Context, Level, Rule, broken};
+pub(crate) use presets::{Mode, Preset};
+use store::Reference;
+pub(crate) use store::{EnvCheck, Store, key_table};
+
+/// What a `--same-env` difference does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnMismatch {
+    /// Refuse to start the app: exit 78.
+    Fail,
+    /// Log a warning and start the app.
+    Warn,
+}
+
+/// A variable compared across replicas, and what a difference does.
+#[derive(Debug, Clone)]
+struct Compared {
+    name: String,
+    level: Level,
+    /// The preset rule that asked for it, if any.
+    rule: Option<(&'static str, &'static Rule)>,
+}
+
+/// The checks of one replica, decided from its flags and environment.
+pub(crate) struct Preflight {
+    compared: Vec<Compared>,
+    allow_older: bool,
+    on_mismatch: OnMismatch,
+}
+
+impl Preflight {
+    /// Checks the flags and the presets' local rules: a failing rule is an error (78) before
+    /// the gate connects; warnings are logged.
+    pub(crate) fn new(
+        args: &PreflightArgs,
+        mode: Mode,
+        release: Option<&str>,
+    ) -> Result<Preflight> {
+        let cx = Context {
+            vars: Box::new(|name| std::env::var_os(name).map(|v| v.to_string_lossy().into_owned())),
+            mode,
+        };
+        Preflight::with_context(args, &cx, release)
+    }
+
+    fn with_context(
+        args: &PreflightArgs,
+        cx: &Context,
+        release: Option<&str>,
+    ) -> Result<Preflight> {
+        let mut compared: Vec<Compared> = Vec::new();
+        for name in &args.same_env {
+            let name = name.trim();
+            if name.is_empty() || name.contains('=') || name.contains('\0') {
+                return Err(Error::Usage(format!(
+                    "--same-env {name:?} is not a valid environment variable name"
+                )));
+            }
+            if !compared.iter().any(|c| c.name == name) {
+                compared.push(Compared {
+                    name: name.to_string(),
+                    level: Level::Fail,
+                    rule: None,
+                });
+            }
+        }
+        let mut failures = Vec::new();
+        if let Some(preset) = args.preset {
+            for rule in preset.rules() {
+                if let Check::Same = rule.check {
+                    for var in rule.vars {
+                        match compared.iter_mut().find(|c| c.name == *var) {
+                            // An explicit --same-env or a stricter rule keeps its level.
+                            Some(c) => {
+                                if rule.level == Level::Fail {
+                                    c.level = Level::Fail;
+                                }
+                            }
+                            None => compared.push(Compared {
+                                name: var.to_string(),
+                                level: rule.level,
+                                rule: Some((preset.name(), rule)),
+                            }),
+                        }
+                    }
+                    continue;
+                }
+                let Some(broken) = broken(rule, cx) else {
+                    continue;
+                };
+                let line = format!(
+                    "preset {}: wants {} but {broken}: {}",
+                    preset.name(),
+                    rule.wants,
+                    rule.why
+                );
+                match rule.level {
+                    Level::Fail => failures.push(line),
+                    Level::Warn => warn!(preset = preset.name(), "{line}"),
+                }
+            }
+        }
+        if !failures.is_empty() {
+            return Err(Error::Config(failures.join("; ")));
+        }
+        if !compared.is_empty() && release.is_none() {
+            return Err(Error::Usage(format!(
+                "--same-env {} (or a preset that compares variables) needs --release or --release-from: \
+                 the first replica of each release sets the values the others must match",
+                names(&compared)
+            )));
+        }
+        Ok(Preflight {
+            compared,
+            allow_older: args.allow_older_release,
+            on_mismatch: args.on_mismatch,
+        })
+    }
+
+    /// Whether this replica compares variables with the others (and so needs the key).
+    pub(crate) fn compares(&self) -> bool {
+        !self.compared.is_empty()
+    }
+
+    /// A follower (or `wait`) whose release is done: the older-release check on what the
+    /// ledger read saw, then the variables. With no `--same-env` and no preset this costs
+    /// nothing: no connection, no round trip.
+    pub(crate) async fn follower(&self, gate: &Gate, seen: Seen, conn: Option<Conn>) -> Result<()> {
+        if let (Some(newer), Some(release)) = (&seen.newer, gate.release()) {
+            let line = format!(
+                "release {release:?} is older than release {:?}, which was migrated after it on this database \
+                 (by {} at {}): an old replica must not start on a schema that moved on. Deploy {:?} everywhere \
+                 (stop the old replicas: Kubernetes strategy Recreate, Swarm stop-first); for a deliberate rollback \
+                 after restoring the database, pass --allow-older-release",
+                newer.release, newer.holder, newer.finished_at, newer.release
+            );
+            if !self.allow_older {
+                return Err(Error::Config(line));
+            }
+            warn!("--allow-older-release: starting anyway; {line}");
+        }
+        self.compare(gate, seen.env_key, conn).await
+    }
+
+    /// The holder, before it migrates: the variables only (its release is not done, so it is
+    /// the newest).
+    pub(crate) async fn holder(&self, gate: &Gate) -> Result<()> {
+        self.compare(gate, None, None).await
+    }
+
+    /// Records this replica's fingerprints and compares them with the release's reference.
+    async fn compare(&self, gate: &Gate, key: Option<EnvKey>, conn: Option<Conn>) -> Result<()> {
+        if self.compared.is_empty() {
+            return Ok(());
+        }
+        let Some(release) = gate.release() else {
+            return Ok(());
+        };
+        let store = Store::new(&gate.target.schema, gate.lock());
+        let mut conn = match conn {
+            Some(c) => c,
+            None => gate.db.connect().await?,
+        };
+        let result = async {
+            let c = conn.pg().await?;
+            let mut key = key;
+            let mut ensured = false;
+            loop {
+                let k = match key.take() {
+                    Some(k) => k,
+                    None => {
+                        if !ensured {
+                            store.ensure(c).await?;
+                            ensured = true;
+                        }
+                        store.key(c).await?
+                    }
+                };
+                let mine: Vec<(String, String)> = self
+                    .compared
+                    .iter()
+                    .map(|v| (v.name.clone(), k.fingerprint(&v.name)))
+                    .collect();
+                match store
+                    .record(c, release, &mine, &gate.target.application_name)
+                    .await
+                {
+                    // A read-only standby (followers may start there): compare, record nothing.
+                    Err(e) if is_read_only(&e) => {
+                        info!(
+                            "read-only standby: comparing with the release's reference without recording"
+                        );
+                        return store.compare(c, release, &mine).await;
+                    }
+                    Err(e) if is_missing_relation(&e) && !ensured => continue,
+                    other => return other,
+                }
+            }
+        }
+        .await;
+        close(conn).await;
+        let seen = match result {
+            Ok(seen) => seen,
+            Err(e) if is_read_only(&e) => {
+                warn!("read-only standby without a --same-env record yet: variables not compared");
+                return Ok(());
+            }
+            Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42501") => {
+                return Err(Error::Auth(format!(
+                    "the role may not create or write the gate's --same-env tables in schema {} ({}): \
+                     ask a DBA to `GRANT USAGE, CREATE ON SCHEMA {} TO <role>;` (see \"Privileges\" in the README)",
+                    ident(&gate.target.schema),
+                    db.message(),
+                    ident(&gate.target.schema)
+                )));
+            }
+            Err(e) => return Err(gate.db.fail(&e, "while comparing --same-env fingerprints")),
+        };
+        self.judge(release, &seen)
+    }
+
+    /// Turns the comparison into the one line an operator acts on.
+    fn judge(&self, release: &str, seen: &[Reference]) -> Result<()> {
+        let differ: Vec<(&Compared, &Reference)> = self
+            .compared
+            .iter()
+            .filter_map(|c| {
+                seen.iter()
+                    .find(|r| r.variable == c.name && !r.agrees)
+                    .map(|r| (c, r))
+            })
+            .collect();
+        if differ.is_empty() {
+            info!(
+                release,
+                variables = %names(&self.compared),
+                "same environment as the release's first replica"
+            );
+            return Ok(());
+        }
+        let describe = |list: &[&(&Compared, &Reference)]| -> String {
+            let what: Vec<String> = list
+                .iter()
+                .map(|(c, r)| {
+                    let why = c
+                        .rule
+                        .map(|(preset, rule)| format!("; preset {preset}: {}", rule.why))
+                        .unwrap_or_default();
+                    format!(
+                        "{} differs from the value release {release:?} first started with (on {} at {}{why})",
+                        c.name, r.replica, r.set_at
+                    )
+                })
+                .collect();
+            let vars: Vec<&str> = list.iter().map(|(c, _)| c.name.as_str()).collect();
+            format!(
+                "{}: set the same {} on every replica; if you changed it on purpose, deploy it as a new release \
+                 or run `migrations-gate reset --release {release} --env`",
+                what.join(", "),
+                vars.join(", ")
+            )
+        };
+        let (fail, warn_only): (Vec<_>, Vec<_>) = differ
+            .iter()
+            .partition(|(c, _)| c.level == Level::Fail && self.on_mismatch == OnMismatch::Fail);
+        if !warn_only.is_empty() {
+            warn!(release, "{}", describe(&warn_only));
+        }
+        if fail.is_empty() {
+            return Ok(());
+        }
+        Err(Error::Config(describe(&fail)))
+    }
+}
+
+fn names(compared: &[Compared]) -> String {
+    compared
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cx(vars: &[(&str, &str)], mode: Mode) -> Context {
+        let owned: Vec<(String, String)> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Context {
+            vars: Box::new(move |name| {
+                owned
+                    .iter()
+                    .find(|(k, _)| k == name)
+                    .map(|(_, v)| v.clone())
+            }),
+            mode,
+        }
+    }
+
+    fn args(preset: Option<Preset>) -> PreflightArgs {
+        PreflightArgs {
+            same_env: Vec::new(),
+            on_mismatch: OnMismatch::Fail,
+            preset,
+            allow_older_release: false,
+        }
+    }
+
+    #[test]
+    fn open_webui_on_sqlite_fails_and_missing_redis_only_warns() {
+        let good = [
+            ("DATABASE_URL", "postgresql://u@h/db"),
+            ("WEBUI_SECRET_KEY", "k"),
+        ];
+        let p = Preflight::with_context(
+            &args(Some(Preset::OpenWebui)),
+            &cx(&good, Mode::Run { migrate: true }),
+            Some("r1"),
+        )
+        .expect("Redis and the vector store only warn");
+        assert!(
+            p.compared
+                .iter()
+                .any(|c| c.name == "WEBUI_SECRET_KEY" && c.level == Level::Fail)
+        );
+        assert!(
+            p.compared
+                .iter()
+                .any(|c| c.name == "REDIS_URL" && c.level == Level::Warn)
+        );
+
+        let e = Preflight::with_context(
+            &args(Some(Preset::OpenWebui)),
+            &cx(
+                &[("DATABASE_URL", "sqlite:///data/webui.db")],
+                Mode::Run { migrate: true },
+            ),
+            Some("r1"),
+        )
+        .err()
+        .expect("SQLite fails");
+        assert_eq!(e.exit_code(), 78);
+        assert!(
+            e.to_string().contains("DATABASE_URL has another scheme"),
+            "{e}"
+        );
+        assert!(
+            !e.to_string().contains("sqlite:///"),
+            "never the value: {e}"
+        );
+
+        let e = Preflight::with_context(
+            &args(Some(Preset::OpenWebui)),
+            &cx(
+                &[
+                    ("DATABASE_URL", "postgres://h/db"),
+                    ("UVICORN_WORKERS", "4"),
+                ],
+                Mode::Run { migrate: true },
+            ),
+            Some("r1"),
+        )
+        .err()
+        .expect("local Chroma with forked workers fails");
+        assert!(e.to_string().contains("UVICORN_WORKERS > 1"), "{e}");
+    }
+
+    #[test]
+    fn same_env_needs_a_release_and_a_valid_name() {
+        let mut a = args(None);
+        a.same_env = vec!["A".into()];
+        let e = Preflight::with_context(&a, &cx(&[], Mode::Migrate), None)
+            .err()
+            .unwrap();
+        assert_eq!(e.exit_code(), 64);
+        a.same_env = vec!["A=B".into()];
+        let e = Preflight::with_context(&a, &cx(&[], Mode::Migrate), Some("r"))
+            .err()
+            .unwrap();
+        assert_eq!(e.exit_code(), 64);
+    }
+}

@@ -1,0 +1,268 @@
+//! The presets: data-driven tables of local rules for known apps (`--preset`), checked before
+//! the gate connects. The README's preset table is this table.
+
+use clap::ValueEnum;
+
+/// A named set of rules for a known app (README, "Preflight").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Preset {
+    /// Open WebUI's multi-replica checklist.
+    #[value(name = "open-webui")]
+    OpenWebui,
+}
+
+impl Preset {
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            Preset::OpenWebui => "open-webui",
+        }
+    }
+
+    pub(super) fn rules(self) -> &'static [Rule] {
+        match self {
+            Preset::OpenWebui => OPEN_WEBUI,
+        }
+    }
+}
+
+/// Whether a broken rule stops the replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Level {
+    /// Exit 78 without starting the app.
+    Fail,
+    /// Log a warning and go on.
+    Warn,
+}
+
+/// What a rule wants of its variables.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Check {
+    /// The same value (or unset) on every replica of a release: compared by fingerprint.
+    Same,
+    /// Set and not empty.
+    Set,
+    /// Equal to this, ignoring ASCII case; `unset_ok`: unset means the app's default, which is it.
+    Is { value: &'static str, unset_ok: bool },
+    /// Starts with one of these, ignoring ASCII case.
+    StartsWith(&'static [&'static str]),
+    /// Holds when the function says so: for rules that read several variables or the command.
+    Holds(fn(&Context) -> bool),
+}
+
+/// One row of a preset.
+#[derive(Debug)]
+pub(crate) struct Rule {
+    /// The variables the rule reads (with [`Check::Same`]: the ones compared).
+    pub(crate) vars: &'static [&'static str],
+    /// What it wants.
+    pub(crate) check: Check,
+    /// What it does when broken.
+    pub(crate) level: Level,
+    /// What it wants, for messages ("DATABASE_URL points at PostgreSQL").
+    pub(crate) wants: &'static str,
+    /// Why, for messages and the README.
+    pub(crate) why: &'static str,
+}
+
+/// Open WebUI's "Scaling & HA" checklist. Only what breaks even a single replica, or is never
+/// right, fails; what only matters with several replicas warns, because a single-replica user
+/// may put the gate in front of Open WebUI for safe upgrades too.
+const OPEN_WEBUI: &[Rule] = &[
+    Rule {
+        vars: &["WEBUI_SECRET_KEY"],
+        check: Check::Same,
+        level: Level::Fail,
+        wants: "WEBUI_SECRET_KEY is the same on every replica",
+        why: "each replica signs sessions with its key: different keys mean login loops and 401s",
+    },
+    Rule {
+        vars: &["WEBUI_SECRET_KEY"],
+        check: Check::Set,
+        level: Level::Warn,
+        wants: "WEBUI_SECRET_KEY is set",
+        why: "unset, each container generates its own key in its data directory, so replicas disagree unless they share that directory",
+    },
+    Rule {
+        vars: &["DATABASE_URL"],
+        check: Check::StartsWith(&["postgres://", "postgresql://", "postgresql+"]),
+        level: Level::Fail,
+        wants: "DATABASE_URL points at PostgreSQL",
+        why: "without it Open WebUI uses SQLite, which does not support more than one instance, and the gate's lock would guard a database the app does not use",
+    },
+    Rule {
+        vars: &["DATABASE_URL"],
+        check: Check::Same,
+        level: Level::Warn,
+        wants: "DATABASE_URL is the same on every replica",
+        why: "replicas on different databases share no users, chats or settings",
+    },
+    Rule {
+        vars: &["ENABLE_WEBSOCKET_SUPPORT"],
+        check: Check::Is {
+            value: "true",
+            unset_ok: true,
+        },
+        level: Level::Warn,
+        wants: "ENABLE_WEBSOCKET_SUPPORT=True",
+        why: "without websockets across replicas, events reach only the replica that made them",
+    },
+    Rule {
+        vars: &["WEBSOCKET_MANAGER"],
+        check: Check::Is {
+            value: "redis",
+            unset_ok: false,
+        },
+        level: Level::Warn,
+        wants: "WEBSOCKET_MANAGER=redis",
+        why: "websocket sessions otherwise live in one process: 403s and lost events behind a load balancer",
+    },
+    Rule {
+        vars: &["WEBSOCKET_REDIS_URL"],
+        check: Check::Set,
+        level: Level::Warn,
+        wants: "WEBSOCKET_REDIS_URL is set",
+        why: "the websocket manager needs a Redis shared by every replica",
+    },
+    Rule {
+        vars: &["REDIS_URL"],
+        check: Check::Set,
+        level: Level::Warn,
+        wants: "REDIS_URL is set",
+        why: "settings changed on one replica reach the others through Redis",
+    },
+    Rule {
+        vars: &[
+            "ENABLE_WEBSOCKET_SUPPORT",
+            "WEBSOCKET_MANAGER",
+            "WEBSOCKET_REDIS_URL",
+            "REDIS_URL",
+        ],
+        check: Check::Same,
+        level: Level::Warn,
+        wants: "the websocket and Redis settings are the same on every replica",
+        why: "replicas must share one Redis for websockets and config sync",
+    },
+    Rule {
+        vars: &["VECTOR_DB", "CHROMA_HTTP_HOST", "UVICORN_WORKERS"],
+        check: Check::Holds(|cx| cx.workers() <= 1 || shared_vector_store(cx)),
+        level: Level::Fail,
+        wants: "a client-server vector store (VECTOR_DB other than chroma, or CHROMA_HTTP_HOST) when UVICORN_WORKERS > 1",
+        why: "the default local ChromaDB keeps its index in SQLite, and forked workers crash on it",
+    },
+    Rule {
+        vars: &["VECTOR_DB", "CHROMA_HTTP_HOST"],
+        check: Check::Holds(shared_vector_store),
+        level: Level::Warn,
+        wants: "a client-server vector store (VECTOR_DB other than chroma, or CHROMA_HTTP_HOST)",
+        why: "the default local ChromaDB is per container (replicas do not see each other's documents) and SQLite on a shared volume is unsafe",
+    },
+    Rule {
+        vars: &["VECTOR_DB"],
+        check: Check::Same,
+        level: Level::Warn,
+        wants: "VECTOR_DB is the same on every replica",
+        why: "replicas would index and search different stores",
+    },
+    Rule {
+        vars: &[],
+        check: Check::Holds(|cx| !matches!(cx.mode, Mode::Run { migrate: false })),
+        level: Level::Warn,
+        wants: "`run` has --migrate \"python -c 'import open_webui.config'\"",
+        why: "without it the app migrates on start-up, and with UVICORN_WORKERS > 1 its own workers race each other inside the migrating container",
+    },
+];
+
+/// Whether Open WebUI's vector store is a server every replica shares.
+fn shared_vector_store(cx: &Context) -> bool {
+    let set = |name: &str| cx.var(name).is_some_and(|v| !v.trim().is_empty());
+    set("CHROMA_HTTP_HOST")
+        || cx
+            .var("VECTOR_DB")
+            .is_some_and(|v| !v.trim().is_empty() && !v.trim().eq_ignore_ascii_case("chroma"))
+}
+
+/// What the gate is about to do, for rules that look at the command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// `migrate -- CMD`.
+    Migrate,
+    /// `run`; `migrate`: whether `--migrate` was given.
+    Run { migrate: bool },
+    /// `wait`.
+    Wait,
+}
+
+/// Reads one environment variable (the process's own, or a test's table).
+pub(super) type Lookup = Box<dyn Fn(&str) -> Option<String>>;
+
+/// What the rules look at: the environment the app will get, and the command.
+pub(crate) struct Context {
+    pub(super) vars: Lookup,
+    pub(super) mode: Mode,
+}
+
+impl Context {
+    fn var(&self, name: &str) -> Option<String> {
+        (self.vars)(name)
+    }
+
+    /// `UVICORN_WORKERS`, 1 when unset or not a number.
+    fn workers(&self) -> u32 {
+        self.var("UVICORN_WORKERS")
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(1)
+    }
+}
+
+/// Why a local rule does not hold, naming the variable but never its value; `None` if it holds.
+pub(super) fn broken(rule: &Rule, cx: &Context) -> Option<String> {
+    let each = |f: &dyn Fn(Option<String>) -> Option<&'static str>| {
+        rule.vars
+            .iter()
+            .find_map(|v| f(cx.var(v)).map(|how| format!("{v} {how}")))
+    };
+    match rule.check {
+        Check::Same => None,
+        Check::Set => each(&|v| match v {
+            None => Some("is unset"),
+            Some(v) if v.trim().is_empty() => Some("is empty"),
+            Some(_) => None,
+        }),
+        Check::Is { value, unset_ok } => each(&|v| match v {
+            None if unset_ok => None,
+            None => Some("is unset"),
+            Some(v) if v.trim().eq_ignore_ascii_case(value) => None,
+            Some(_) => Some("has another value"),
+        }),
+        Check::StartsWith(prefixes) => each(&|v| match v {
+            None => Some("is unset"),
+            Some(v) => {
+                let v = v.trim().to_ascii_lowercase();
+                (!prefixes.iter().any(|p| v.starts_with(p))).then_some("has another scheme")
+            }
+        }),
+        Check::Holds(f) => {
+            if f(cx) {
+                None
+            } else if rule.vars.is_empty() {
+                Some("it does not".to_string())
+            } else {
+                let state: Vec<String> = rule
+                    .vars
+                    .iter()
+                    .map(|v| {
+                        format!(
+                            "{v} {}",
+                            if cx.var(v).is_some() {
+                                "is set"
+                            } else {
+                                "is unset"
+                            }
+                        )
+                    })
+                    .collect();
+                Some(state.join(", "))
+            }
+        }
+    }
+}

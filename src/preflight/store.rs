@@ -1,0 +1,302 @@
+//! The preflight tables next to the ledger and their SQL: the key (`<schema>.env_key`), each
+//! release's reference fingerprints (`<schema>.env_reference`) and each replica's last
+//! comparison (`<schema>.env_checks`).
+
+use sqlx::Row;
+use sqlx::postgres::{PgConnection, PgRow};
+
+use super::fingerprint::{EnvKey, hex, random_key};
+use crate::db::{ident, lit, query, query_if_exists};
+use crate::ledger::create_missing;
+use crate::lock::LockKey;
+
+/// The preflight tables next to the ledger: the key, each release's reference fingerprints,
+/// and each replica's last comparison.
+pub(crate) struct Store {
+    schema: String,
+    lock: LockKey,
+}
+
+/// The key table's name in `schema` (for the ledger's fast-path read).
+pub(crate) fn key_table(schema: &str) -> String {
+    format!("{}.env_key", ident(schema))
+}
+
+const TIME: &str = "'YYYY-MM-DD HH24:MI:SS \"UTC\"'";
+const TIME_JSON: &str = "'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'";
+
+impl Store {
+    pub(crate) fn new(schema: &str, lock: &LockKey) -> Store {
+        Store {
+            schema: schema.to_string(),
+            lock: lock.clone(),
+        }
+    }
+
+    fn reference(&self) -> String {
+        format!("{}.env_reference", ident(&self.schema))
+    }
+
+    fn checks(&self) -> String {
+        format!("{}.env_checks", ident(&self.schema))
+    }
+
+    /// Creates the tables that are missing, and nothing else (like [`crate::ledger::Ledger::ensure`]:
+    /// a role owning only the schema can do it), under the ledger's DDL lock.
+    pub(super) async fn ensure(&self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+        let key = format!(
+            "CREATE TABLE IF NOT EXISTS {} (
+                 only_row   boolean PRIMARY KEY DEFAULT true CHECK (only_row),
+                 key        bytea NOT NULL,
+                 created_at timestamptz NOT NULL DEFAULT clock_timestamp()
+             );",
+            key_table(&self.schema)
+        );
+        let reference = format!(
+            "CREATE TABLE IF NOT EXISTS {} (
+                 lock_key bigint NOT NULL, release text NOT NULL, variable text NOT NULL,
+                 fingerprint text NOT NULL,
+                 replica text NOT NULL, host text NOT NULL, pid integer NOT NULL,
+                 set_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+                 PRIMARY KEY (lock_key, release, variable)
+             );",
+            self.reference()
+        );
+        let checks = format!(
+            "CREATE TABLE IF NOT EXISTS {} (
+                 lock_key bigint NOT NULL, release text NOT NULL, variable text NOT NULL,
+                 replica text NOT NULL, host text NOT NULL, pid integer NOT NULL,
+                 agrees boolean NOT NULL,
+                 checked_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+                 PRIMARY KEY (lock_key, release, variable, replica)
+             );",
+            self.checks()
+        );
+        let regclass = |table: String| format!("to_regclass({})", lit(&table));
+        let objects = [
+            (regclass(key_table(&self.schema)), key),
+            (regclass(self.reference()), reference),
+            (regclass(self.checks()), checks),
+        ];
+        create_missing(conn, &self.schema, &objects).await
+    }
+
+    /// The key, created (32 random bytes) by the first gate that needs it. Looks first, so
+    /// that a read-only standby can read it.
+    pub(super) async fn key(&self, conn: &mut PgConnection) -> Result<EnvKey, sqlx::Error> {
+        let table = key_table(&self.schema);
+        let existing = query(conn, format!("SELECT encode(key, 'hex') FROM {table}")).await?;
+        if let Some(k) = existing
+            .iter()
+            .find_map(|r| r.try_get::<String, _>(0).ok())
+            .and_then(|h| EnvKey::from_hex(&h))
+        {
+            return Ok(k);
+        }
+        let fresh = random_key().map_err(sqlx::Error::Io)?;
+        let rows = query(
+            conn,
+            format!(
+                "INSERT INTO {table} (key) VALUES (decode({}, 'hex')) ON CONFLICT (only_row) DO NOTHING; \
+                 SELECT encode(key, 'hex') FROM {table}",
+                lit(&hex(&fresh))
+            ),
+        )
+        .await?;
+        rows.iter()
+            .find_map(|r| r.try_get::<String, _>(0).ok())
+            .and_then(|h| EnvKey::from_hex(&h))
+            .ok_or_else(|| sqlx::Error::Protocol("the --same-env key could not be read".into()))
+    }
+
+    /// Sets the release's reference where it has none, records whether this replica agrees,
+    /// and returns the reference of each variable: one statement. `ON CONFLICT DO UPDATE`
+    /// (a no-op update) returns the reference even when another replica set it concurrently.
+    pub(super) async fn record(
+        &self,
+        conn: &mut PgConnection,
+        release: &str,
+        mine: &[(String, String)],
+        replica: &str,
+    ) -> Result<Vec<Reference>, sqlx::Error> {
+        let (key, release, replica) = (self.lock.key, lit(release), lit(replica));
+        let host = lit(&crate::config::hostname());
+        let pid = std::process::id();
+        let sql = format!(
+            "WITH mine (variable, fingerprint) AS (VALUES {values}), \
+             ref AS ( \
+                 INSERT INTO {reference} AS r (lock_key, release, variable, fingerprint, replica, host, pid) \
+                 SELECT {key}, {release}, variable, fingerprint, {replica}, {host}, {pid} FROM mine \
+                 ON CONFLICT (lock_key, release, variable) DO UPDATE SET fingerprint = r.fingerprint \
+                 RETURNING r.variable, r.fingerprint, r.replica, r.set_at), \
+             checked AS ( \
+                 INSERT INTO {checks} AS c (lock_key, release, variable, replica, host, pid, agrees) \
+                 SELECT {key}, {release}, ref.variable, {replica}, {host}, {pid}, ref.fingerprint = mine.fingerprint \
+                 FROM ref JOIN mine USING (variable) \
+                 ON CONFLICT (lock_key, release, variable, replica) DO UPDATE \
+                 SET host = excluded.host, pid = excluded.pid, agrees = excluded.agrees, checked_at = clock_timestamp() \
+                 RETURNING 1) \
+             SELECT ref.variable, (ref.fingerprint = mine.fingerprint)::text, ref.replica, \
+                    to_char(ref.set_at AT TIME ZONE 'UTC', {TIME}), (SELECT count(*) FROM checked)::text \
+             FROM ref JOIN mine USING (variable) ORDER BY ref.variable",
+            values = values(mine),
+            reference = self.reference(),
+            checks = self.checks(),
+        );
+        references(&query(conn, sql).await?)
+    }
+
+    /// Compares with the release's reference without recording anything (a read-only
+    /// standby). A variable without a reference is not returned.
+    pub(super) async fn compare(
+        &self,
+        conn: &mut PgConnection,
+        release: &str,
+        mine: &[(String, String)],
+    ) -> Result<Vec<Reference>, sqlx::Error> {
+        let sql = format!(
+            "WITH mine (variable, fingerprint) AS (VALUES {}) \
+             SELECT r.variable, (r.fingerprint = mine.fingerprint)::text, r.replica, \
+                    to_char(r.set_at AT TIME ZONE 'UTC', {TIME}) \
+             FROM {} r JOIN mine USING (variable) WHERE r.lock_key = {} AND r.release = {} \
+             ORDER BY r.variable",
+            values(mine),
+            self.reference(),
+            self.lock.key,
+            lit(release)
+        );
+        references(&query(conn, sql).await?)
+    }
+
+    /// Forgets the fingerprints of `release`; returns how many variables had a reference.
+    pub(crate) async fn forget(
+        &self,
+        conn: &mut PgConnection,
+        release: &str,
+    ) -> Result<u64, sqlx::Error> {
+        let sql = format!(
+            "WITH r AS (DELETE FROM {} WHERE lock_key = {key} AND release = {rel} RETURNING 1), \
+                  c AS (DELETE FROM {} WHERE lock_key = {key} AND release = {rel} RETURNING 1) \
+             SELECT (SELECT count(*) FROM r)::text, (SELECT count(*) FROM c)::text",
+            self.reference(),
+            self.checks(),
+            key = self.lock.key,
+            rel = lit(release),
+        );
+        let rows = query_if_exists(conn, sql).await?;
+        Ok(rows
+            .first()
+            .and_then(|r| r.try_get::<String, _>(0).ok())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0))
+    }
+
+    /// What `status` shows: per release and variable, who set the reference, how many
+    /// replicas agreed, and which disagreed. `releases`: only these (all when `None`).
+    pub(crate) async fn summary(
+        &self,
+        conn: &mut PgConnection,
+        releases: Option<&[String]>,
+    ) -> Result<Vec<EnvCheck>, sqlx::Error> {
+        let filter = match releases {
+            Some([]) => return Ok(Vec::new()),
+            Some(list) => format!(
+                " AND r.release IN ({})",
+                list.iter().map(|r| lit(r)).collect::<Vec<_>>().join(", ")
+            ),
+            None => String::new(),
+        };
+        let sql = format!(
+            "SELECT r.release, r.variable, r.replica, r.host, to_char(r.set_at AT TIME ZONE 'UTC', {TIME_JSON}), \
+                    (SELECT count(*) FROM {checks} c WHERE (c.lock_key, c.release, c.variable) = (r.lock_key, r.release, r.variable) AND c.agrees)::text, \
+                    coalesce((SELECT json_agg(json_build_object('replica', c.replica, 'host', c.host, \
+                                  'at', to_char(c.checked_at AT TIME ZONE 'UTC', {TIME_JSON})) ORDER BY c.checked_at) \
+                              FROM {checks} c WHERE (c.lock_key, c.release, c.variable) = (r.lock_key, r.release, r.variable) \
+                              AND NOT c.agrees)::text, '[]') \
+             FROM {reference} r WHERE r.lock_key = {key}{filter} ORDER BY r.set_at DESC, r.release, r.variable",
+            checks = self.checks(),
+            reference = self.reference(),
+            key = self.lock.key,
+        );
+        query_if_exists(conn, sql)
+            .await?
+            .iter()
+            .map(env_check)
+            .collect()
+    }
+}
+
+/// This replica's `(variable, fingerprint)` pairs as the rows of a `VALUES` list.
+fn values(mine: &[(String, String)]) -> String {
+    let rows: Vec<String> = mine
+        .iter()
+        .map(|(v, f)| format!("({}, {})", lit(v), lit(f)))
+        .collect();
+    rows.join(", ")
+}
+
+/// One variable's reference as this replica's record returned it.
+#[derive(Debug, Clone)]
+pub(super) struct Reference {
+    pub(super) variable: String,
+    pub(super) agrees: bool,
+    pub(super) replica: String,
+    pub(super) set_at: String,
+}
+
+/// The rows of [`Store::record`] and [`Store::compare`]: variable, agrees, replica, set at.
+fn references(rows: &[PgRow]) -> Result<Vec<Reference>, sqlx::Error> {
+    rows.iter()
+        .map(|r| {
+            Ok(Reference {
+                variable: r.try_get(0)?,
+                agrees: r.try_get::<String, _>(1)? == "true",
+                replica: r.try_get(2)?,
+                set_at: r.try_get(3)?,
+            })
+        })
+        .collect()
+}
+
+/// A row of [`Store::summary`].
+fn env_check(r: &PgRow) -> Result<EnvCheck, sqlx::Error> {
+    let t = |i: usize| r.try_get::<String, _>(i);
+    Ok(EnvCheck {
+        release: t(0)?,
+        variable: t(1)?,
+        reference: Replica {
+            replica: t(2)?,
+            host: t(3)?,
+            at: t(4)?,
+        },
+        agreed: t(5)?.parse().unwrap_or(0),
+        disagreed: serde_json::from_str(&t(6)?).unwrap_or_default(),
+    })
+}
+
+/// One compared variable of one release, as `status` shows it. The JSON field names are a
+/// stable interface; no value or fingerprint is ever part of it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct EnvCheck {
+    /// The release.
+    pub release: String,
+    /// The variable's name.
+    pub variable: String,
+    /// The replica whose value became the reference (the release's first).
+    pub reference: Replica,
+    /// How many replicas (by application name) last saw the same value.
+    pub agreed: u32,
+    /// The replicas whose last value differed, oldest first.
+    pub disagreed: Vec<Replica>,
+}
+
+/// A replica in the `--same-env` record.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Replica {
+    /// Its `application_name`.
+    pub replica: String,
+    /// Its host name.
+    pub host: String,
+    /// When it set the reference or was last checked, RFC 3339 UTC.
+    pub at: String,
+}
