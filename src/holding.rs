@@ -16,6 +16,7 @@ use crate::gate::Gate;
 use crate::ledger::Outcome;
 use crate::lock::{self, Scope};
 use crate::probe::Probe;
+use crate::sql;
 
 /// How often the holder checks that its lock session is alive while a child runs.
 const HEARTBEAT: Duration = Duration::from_secs(1);
@@ -294,7 +295,7 @@ impl Holding {
             }
             Ok::<_, sqlx::Error>(held)
         };
-        match db::deadline(HEARTBEAT_TIMEOUT, check).await {
+        match sql::deadline(HEARTBEAT_TIMEOUT, check).await {
             Ok(true) => Ok(()),
             Ok(false) => Err("the lock is no longer held by our session".into()),
             Err(e) => Err(e.to_string()),

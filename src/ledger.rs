@@ -11,8 +11,8 @@
 use sqlx::Row;
 use sqlx::postgres::PgConnection;
 
-use crate::db::{ident, is_missing_relation, lit, query, query_if_exists, query_scalar};
 use crate::lock::LockKey;
+use crate::sql::{ident, is_missing_relation, lit, query, query_if_exists, query_scalar};
 
 /// The ledger of one lock in one schema.
 #[derive(Debug)]

@@ -3,7 +3,8 @@
 //! A reader looking for a rule finds it in one module:
 //! - [`config`]: flags, environment twins, validation;
 //! - [`release`]: the release ID of `--release-from`, a hash of the files;
-//! - [`db`]: connecting, retrying, classifying errors, pooler-safe queries;
+//! - [`db`]: connecting, retrying, classifying errors, keepalives, redacting URLs;
+//! - [`sql`]: pooler-safe queries with deadlines, quoting, SQLSTATE predicates;
 //! - [`lock`]: the advisory lock key and who holds it;
 //! - [`ledger`]: which releases are done, and every attempt;
 //! - [`preflight`]: checks before the app starts (`--same-env`, presets, older releases);
@@ -33,6 +34,7 @@ mod lock;
 mod preflight;
 mod probe;
 mod release;
+mod sql;
 mod status;
 mod termination;
 mod waiting;

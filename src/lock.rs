@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 use sqlx::Row;
 use sqlx::postgres::PgConnection;
 
-use crate::db::{query, query_scalar};
+use crate::sql::{query, query_scalar};
 
 /// An advisory lock key, with the name it came from.
 #[derive(Debug, Clone, PartialEq, Eq)]

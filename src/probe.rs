@@ -7,8 +7,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::config::RunArgs;
-use crate::db::{Conn, Db, query_scalar};
+use crate::db::{Conn, Db};
 use crate::error::{Error, Result};
+use crate::sql::query_scalar;
 
 /// Longest single probe; a hung app counts as not ready yet.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);

@@ -8,7 +8,7 @@
 //! notification, a holder that crashed, transaction pooling where `LISTEN` does not work).
 //!
 //! Hard bounds: `--wait-timeout` bounds the whole wait, whatever the network does; every round
-//! trip has a deadline ([`crate::db::ROUND_TRIP_TIMEOUT`]) after which its connection is dropped
+//! trip has a deadline ([`crate::sql::ROUND_TRIP_TIMEOUT`]) after which its connection is dropped
 //! and a new one made; `--connect-timeout` bounds a streak of failures (no connection, lost
 //! connections, a read-only standby).
 

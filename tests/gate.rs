@@ -23,6 +23,17 @@ fn migrate_with(db: &TestDb, release: Option<&str>, flags: &[&str]) -> Command {
     c
 }
 
+/// `migrations-gate migrate FLAGS... --database-url URL -- true`, run to the end, without the
+/// environment of [`TestDb::gate`].
+fn migrate_true_at(url: &str, flags: &[&str]) -> Output {
+    Command::new(gate_bin())
+        .arg("migrate")
+        .args(flags)
+        .args(["--database-url", url, "--", "true"])
+        .output()
+        .unwrap()
+}
+
 fn assert_all_ok(outs: &[Output]) {
     for out in outs {
         assert_eq!(code(out), 0, "a gate failed:\n{}", stderr(out));
@@ -214,11 +225,7 @@ fn without_release_replicas_migrate_one_after_another() {
     );
     assert_no_overlap(&db);
     assert_eq!(db.one("SELECT count(*) FROM app_seed"), "1");
-    assert!(
-        stderr(&outs[0]).contains("no --release given"),
-        "{}",
-        stderr(&outs[0])
-    );
+    assert_stderr_has(&outs[0], "no --release given");
     db.assert_no_gate_locks();
 }
 
@@ -229,11 +236,7 @@ fn failed_migration_is_recorded_frees_the_lock_and_passes_its_exit_code() {
     c.env("STANDIN_FAIL", "1");
     let out = wait_output(spawn(&mut c), HANG_GUARD);
     assert_eq!(code(&out), 3, "{}", stderr(&out));
-    assert!(
-        stderr(&out).contains("failed with exit code 3"),
-        "{}",
-        stderr(&out)
-    );
+    assert_stderr_has(&out, "failed with exit code 3");
     assert_eq!(
         db.rows("SELECT outcome, exit_code::text FROM migrations_gate.ledger"),
         vec![vec!["failed".to_string(), "3".to_string()]]
@@ -330,20 +333,15 @@ fn killing_the_gate_kills_a_shell_scripts_grandchild_too() {
 #[test]
 fn waiter_gives_up_after_wait_timeout_naming_the_holder() {
     let db = cluster().new_db("timeout");
-    let mut holder = Session::open(&format!("{}?application_name=stuck-holder", db.url));
-    let key = holder.one("SELECT ('x' || left(encode(sha256(convert_to('migrations-gate', 'UTF8')), 'hex'), 16))::bit(64)::bigint");
-    assert_eq!(
-        holder.one(&format!("SELECT pg_try_advisory_lock({key})")),
-        "t"
+    let (holder, _) = hold_lock(
+        &format!("{}?application_name=stuck-holder", db.url),
+        "migrations-gate",
     );
     let mut c = migrate_with(&db, Some("r1"), &["--wait-timeout", "2s"]);
     let out = wait_output(spawn(&mut c), HANG_GUARD);
     assert_eq!(code(&out), 75, "{}", stderr(&out));
+    assert_stderr_has(&out, "timed out waiting for release \"r1\"");
     let err = stderr(&out);
-    assert!(
-        err.contains("timed out waiting for release \"r1\""),
-        "{err}"
-    );
     assert!(
         err.contains("stuck-holder"),
         "the message must name the holder: {err}"
@@ -356,17 +354,9 @@ fn waiter_gives_up_after_wait_timeout_naming_the_holder() {
 fn a_free_lock_alone_never_lets_a_waiter_skip_the_migration() {
     // The lock is free but the release is not done: the waiter migrates; it does not just go on.
     let db = cluster().new_db("positive");
+    let migrate = format!("{} migrate", standin());
     let mut c = db.gate();
-    c.args([
-        "run",
-        "--release",
-        "r1",
-        "--migrate",
-        &format!("{} migrate", standin()),
-        "--",
-        standin(),
-        "start",
-    ]);
+    c.args(run_args("r1", &migrate, &[standin(), "start"]));
     let out = wait_output(spawn(&mut c), HANG_GUARD);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert_eq!(
@@ -379,35 +369,20 @@ fn a_free_lock_alone_never_lets_a_waiter_skip_the_migration() {
 #[test]
 fn different_lock_names_never_block_each_other() {
     let db = cluster().new_db("locknames");
-    let mut holder = Session::open(&db.url);
-    let key = holder.one("SELECT ('x' || left(encode(sha256(convert_to('app-a', 'UTF8')), 'hex'), 16))::bit(64)::bigint");
-    assert_eq!(
-        holder.one(&format!("SELECT pg_try_advisory_lock({key})")),
-        "t"
-    );
-    let mut c = migrate_with(
-        &db,
-        Some("r1"),
-        &["--lock", "app-b", "--wait-timeout", "20s"],
-    );
-    let out = wait_output(spawn(&mut c), HANG_GUARD);
-    assert_eq!(code(&out), 0, "{}", stderr(&out));
-    // The same name is blocked: proves the SQL derivation in the README matches the gate's.
-    let mut c = migrate_with(
-        &db,
-        Some("r9"),
-        &["--lock", "app-a", "--wait-timeout", "1s"],
-    );
-    let out = wait_output(spawn(&mut c), HANG_GUARD);
-    assert_eq!(code(&out), 75, "{}", stderr(&out));
-    // --lock-id sets the key directly.
-    let mut c = migrate_with(
-        &db,
-        Some("r9"),
-        &["--lock-id", &key, "--wait-timeout", "1s"],
-    );
-    let out = wait_output(spawn(&mut c), HANG_GUARD);
-    assert_eq!(code(&out), 75, "{}", stderr(&out));
+    let (_holder, key) = hold_lock(&db.url, "app-a");
+    for (release, lock, want) in [
+        ("r1", ["--lock", "app-b", "--wait-timeout", "20s"], 0),
+        // The same name is blocked: proves the SQL derivation in the README matches the gate's.
+        ("r9", ["--lock", "app-a", "--wait-timeout", "1s"], 75),
+        // --lock-id sets the key directly.
+        ("r9", ["--lock-id", &key, "--wait-timeout", "1s"], 75),
+    ] {
+        let out = wait_output(
+            spawn(&mut migrate_with(&db, Some(release), &lock)),
+            HANG_GUARD,
+        );
+        assert_eq!(code(&out), want, "{lock:?}: {}", stderr(&out));
+    }
 }
 
 #[test]
@@ -421,11 +396,7 @@ fn app_that_exits_before_ready_fails_the_attempt() {
         .env("STANDIN_EXIT_BEFORE_READY", "1");
     let out = wait_output(spawn(&mut c), HANG_GUARD);
     assert_eq!(code(&out), 5, "{}", stderr(&out));
-    assert!(
-        stderr(&out).contains("exited before it was ready"),
-        "{}",
-        stderr(&out)
-    );
+    assert_stderr_has(&out, "exited before it was ready");
     assert_eq!(
         db.one("SELECT outcome FROM migrations_gate.ledger"),
         "failed"
@@ -478,47 +449,25 @@ fn ready_sql_probe_and_quoted_migrate_string() {
 #[test]
 fn unreachable_database_exits_69_after_connect_timeout() {
     let port = free_port();
-    let out = Command::new(gate_bin())
-        .args([
-            "migrate",
-            "--connect-timeout",
-            "1s",
-            "--release",
-            "r1",
-            "--database-url",
-        ])
-        .arg(format!("postgres://u:hunter2pw@127.0.0.1:{port}/db"))
-        .args(["--", "true"])
-        .output()
-        .unwrap();
+    let url = format!("postgres://u:hunter2pw@127.0.0.1:{port}/db");
+    let out = migrate_true_at(&url, &["--connect-timeout", "1s", "--release", "r1"]);
     assert_eq!(code(&out), 69, "{}", stderr(&out));
+    assert_stderr_has(&out, "database unavailable");
     let err = stderr(&out);
-    assert!(err.contains("database unavailable"), "{err}");
     assert!(!err.contains("hunter2pw"), "password leaked: {err}");
 }
 
 #[test]
 fn wrong_password_exits_77_without_printing_it() {
     let c = cluster();
-    let out = Command::new(gate_bin())
-        .args([
-            "migrate",
-            "--release",
-            "r1",
-            "--log-format",
-            "json",
-            "--database-url",
-        ])
-        .arg(format!(
-            "postgres://postgres:wrong-pw-xyz@127.0.0.1:{}/postgres",
-            c.port
-        ))
-        .args(["--", "true"])
-        .output()
-        .unwrap();
+    let url = format!(
+        "postgres://postgres:wrong-pw-xyz@127.0.0.1:{}/postgres",
+        c.port
+    );
+    let out = migrate_true_at(&url, &["--release", "r1", "--log-format", "json"]);
     assert_eq!(code(&out), 77, "{}", stderr(&out));
+    assert_stderr_has(&out, "authentication refused");
     let err = stderr(&out);
-    assert!(err.contains("authentication refused"), "{err}");
     assert!(!err.contains("wrong-pw-xyz"), "password leaked: {err}");
     for line in err.lines() {
         assert!(
@@ -535,18 +484,7 @@ fn malformed_url_exits_64_without_printing_the_password() {
         "mysql://user:pw-leak-1@host/db",
         "::::",
     ] {
-        let out = Command::new(gate_bin())
-            .args([
-                "migrate",
-                "--release",
-                "r1",
-                "--database-url",
-                url,
-                "--",
-                "true",
-            ])
-            .output()
-            .unwrap();
+        let out = migrate_true_at(url, &["--release", "r1"]);
         assert_eq!(code(&out), 64, "{url}: {}", stderr(&out));
         assert!(
             !stderr(&out).contains("pw-leak-1"),
@@ -563,11 +501,7 @@ fn missing_or_unexecutable_command_exits_127_or_126_before_locking() {
     c.args(["migrate", "--release", "r1", "--", "no-such-command-xyz"]);
     let out = c.output().unwrap();
     assert_eq!(code(&out), 127, "{}", stderr(&out));
-    assert!(
-        stderr(&out).contains("command not found: no-such-command-xyz"),
-        "{}",
-        stderr(&out)
-    );
+    assert_stderr_has(&out, "command not found: no-such-command-xyz");
     let mut c = db.gate();
     c.args(run_args("r1", "true", &["/etc/passwd"]));
     let out = c.output().unwrap();
@@ -593,11 +527,7 @@ fn usage_errors_exit_64() {
         .output()
         .unwrap();
     assert_eq!(code(&out), 64, "{}", stderr(&out));
-    assert!(
-        stderr(&out).contains("run needs --migrate"),
-        "{}",
-        stderr(&out)
-    );
+    assert_stderr_has(&out, "run needs --migrate");
     let out = Command::new(gate_bin())
         .env_remove("DATABASE_URL")
         .env_remove("MIGRATIONS_GATE_DATABASE_URL")
@@ -605,7 +535,7 @@ fn usage_errors_exit_64() {
         .output()
         .unwrap();
     assert_eq!(code(&out), 64);
-    assert!(stderr(&out).contains("no database URL"), "{}", stderr(&out));
+    assert_stderr_has(&out, "no database URL");
     let out = Command::new(gate_bin())
         .args(["migrate", "--wait-timeout", "soon", "--", "true"])
         .output()
@@ -632,20 +562,17 @@ fn env_twins_and_release_from_a_folder() {
         "{release}"
     );
     // Same content, same ID: skipped. A changed file is a new release.
-    let out = db
-        .gate()
-        .env("MIGRATIONS_GATE_RELEASE_FROM", &dir)
-        .args(["migrate", "--", "false"])
-        .output()
-        .unwrap();
+    let migrate_false = || {
+        db.gate()
+            .env("MIGRATIONS_GATE_RELEASE_FROM", &dir)
+            .args(["migrate", "--", "false"])
+            .output()
+            .unwrap()
+    };
+    let out = migrate_false();
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     std::fs::write(dir.join("versions/002.sql"), "create table b();").unwrap();
-    let out = db
-        .gate()
-        .env("MIGRATIONS_GATE_RELEASE_FROM", &dir)
-        .args(["migrate", "--", "false"])
-        .output()
-        .unwrap();
+    let out = migrate_false();
     assert_eq!(code(&out), 1, "{}", stderr(&out));
     let _ = std::fs::remove_dir_all(&dir);
 }

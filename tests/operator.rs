@@ -22,16 +22,12 @@ fn status_shows_the_holder_every_attempt_and_checks_a_release() {
     let db = cluster().new_db("status");
     assert_eq!(code(&migrate(&db, "r1", &["false"])), 1);
     assert_eq!(code(&migrate(&db, "r1", &["true"])), 0);
-    let mut holder = Session::open(&format!("{}?application_name=op-holder", db.url));
-    let key = holder.one(
-        "SELECT ('x' || left(encode(sha256(convert_to('migrations-gate', 'UTF8')), 'hex'), 16))::bit(64)::bigint",
-    );
-    assert_eq!(
-        holder.one(&format!("SELECT pg_try_advisory_lock({key})")),
-        "t"
+    let (_holder, key) = hold_lock(
+        &format!("{}?application_name=op-holder", db.url),
+        "migrations-gate",
     );
 
-    let out = db.gate().args(["status"]).output().unwrap();
+    let out = db.gate_output(&["status"]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     let table = stdout(&out);
     assert!(table.contains("held by op-holder"), "{table}");
@@ -41,11 +37,7 @@ fn status_shows_the_holder_every_attempt_and_checks_a_release() {
     );
     assert!(!table.contains(PASSWORD) && !stderr(&out).contains(PASSWORD));
 
-    let out = db
-        .gate()
-        .args(["status", "--json", "--release", "r1"])
-        .output()
-        .unwrap();
+    let out = db.gate_output(&["status", "--json", "--release", "r1"]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     let json: serde_json::Value =
         serde_json::from_str(&stdout(&out)).expect("status --json is JSON");
@@ -62,11 +54,7 @@ fn status_shows_the_holder_every_attempt_and_checks_a_release() {
     assert!(!stdout(&out).contains(PASSWORD));
 
     // As a readiness check: non-zero until the release is done.
-    let out = db
-        .gate()
-        .args(["status", "--release", "r2"])
-        .output()
-        .unwrap();
+    let out = db.gate_output(&["status", "--release", "r2"]);
     assert_eq!(code(&out), 1);
     assert!(
         stdout(&out).contains("release r2: NOT done"),
@@ -102,22 +90,10 @@ fn wait_blocks_until_the_release_is_done_then_execs_its_command_with_the_flag_of
         vec![vec![waiter_pid.to_string(), "False".into(), "true".into()]]
     );
     // Without a command it just exits 0; with a short timeout on an unknown release, 75.
-    assert_eq!(
-        code(
-            &db.gate()
-                .args(["wait", "--release", "r1"])
-                .output()
-                .unwrap()
-        ),
-        0
-    );
-    let out = db
-        .gate()
-        .args(["wait", "--release", "r9", "--wait-timeout", "1s"])
-        .output()
-        .unwrap();
+    assert_eq!(code(&db.gate_output(&["wait", "--release", "r1"])), 0);
+    let out = db.gate_output(&["wait", "--release", "r9", "--wait-timeout", "1s"]);
     assert_eq!(code(&out), 75, "{}", stderr(&out));
-    let out = db.gate().args(["wait"]).output().unwrap();
+    let out = db.gate_output(&["wait"]);
     assert_eq!(code(&out), 64, "{}", stderr(&out));
 }
 
@@ -125,13 +101,9 @@ fn wait_blocks_until_the_release_is_done_then_execs_its_command_with_the_flag_of
 fn reset_forgets_a_release_so_it_migrates_again_and_refuses_while_locked() {
     let db = cluster().new_db("reset");
     assert_eq!(code(&migrate(&db, "r1", &[standin(), "migrate"])), 0);
-    let out = db
-        .gate()
-        .args(["reset", "--release", "r1"])
-        .output()
-        .unwrap();
+    let out = db.gate_output(&["reset", "--release", "r1"]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
-    assert!(stderr(&out).contains("removed"), "{}", stderr(&out));
+    assert_stderr_has(&out, "removed");
     assert_eq!(db.one("SELECT count(*) FROM migrations_gate.ledger"), "0");
     assert_eq!(code(&migrate(&db, "r1", &[standin(), "migrate"])), 0);
     assert_eq!(
@@ -140,21 +112,10 @@ fn reset_forgets_a_release_so_it_migrates_again_and_refuses_while_locked() {
         "a reset release migrates again"
     );
 
-    let mut holder = Session::open(&db.url);
-    let key = holder.one(
-        "SELECT ('x' || left(encode(sha256(convert_to('migrations-gate', 'UTF8')), 'hex'), 16))::bit(64)::bigint",
-    );
-    assert_eq!(
-        holder.one(&format!("SELECT pg_try_advisory_lock({key})")),
-        "t"
-    );
-    let out = db
-        .gate()
-        .args(["reset", "--release", "r1"])
-        .output()
-        .unwrap();
+    let (_holder, _) = hold_lock(&db.url, "migrations-gate");
+    let out = db.gate_output(&["reset", "--release", "r1"]);
     assert_eq!(code(&out), 75, "{}", stderr(&out));
-    assert!(stderr(&out).contains("reset refused"), "{}", stderr(&out));
+    assert_stderr_has(&out, "reset refused");
     assert_eq!(
         db.one("SELECT count(*) FROM migrations_gate.ledger WHERE outcome = 'done'"),
         "1"

@@ -172,11 +172,7 @@ fn ten_replicas_behind_transaction_pooling_with_a_pool_of_three_migrate_once_and
         .iter()
         .find(|o| stderr(o).contains("this replica migrates"))
         .expect("a holder");
-    assert!(
-        stderr(holder).contains("scope=Transaction"),
-        "{}",
-        stderr(holder)
-    );
+    assert_stderr_has(holder, "scope=Transaction");
     // The fast path works through the pooler too (no prepared statements anywhere).
     for _ in 0..5 {
         let out = gate_via(&bouncer, &db)

@@ -20,6 +20,11 @@ fn replica(db: &TestDb, release: &str, name: &str, secret: Option<&str>) -> Comm
     replica_with(db, release, name, secret, &[])
 }
 
+/// Runs [`replica`] to the end.
+fn replica_output(db: &TestDb, release: &str, name: &str, secret: Option<&str>) -> Output {
+    replica(db, release, name, secret).output().unwrap()
+}
+
 /// [`replica`] with more gate flags.
 fn replica_with(
     db: &TestDb,
@@ -116,15 +121,9 @@ impl Drop for TermLog {
 #[test]
 fn same_env_mismatch_refuses_with_78_and_the_app_never_starts() {
     let db = cluster().new_db("pf_mismatch");
-    let a = replica(&db, "r1", "replica-a", Some(SECRET_A))
-        .output()
-        .unwrap();
-    let b = replica(&db, "r1", "replica-b", Some(SECRET_B))
-        .output()
-        .unwrap();
-    let c = replica(&db, "r1", "replica-c", Some(SECRET_A))
-        .output()
-        .unwrap();
+    let a = replica_output(&db, "r1", "replica-a", Some(SECRET_A));
+    let b = replica_output(&db, "r1", "replica-b", Some(SECRET_B));
+    let c = replica_output(&db, "r1", "replica-c", Some(SECRET_A));
 
     assert_eq!(db.one("SELECT count(*) FROM mg_runs"), "1", "one migration");
     assert_eq!(starts(&db), "2", "replica-b's app must not start");
@@ -142,19 +141,18 @@ fn same_env_mismatch_refuses_with_78_and_the_app_never_starts() {
         "the release's first replica sets the reference"
     );
 
-    assert_eq!(code(&a), 0, "{}", stderr(&a));
-    assert_eq!(code(&b), 78, "{}", stderr(&b));
-    assert_eq!(code(&c), 0, "{}", stderr(&c));
+    assert_codes(&[(&a, 0), (&b, 78), (&c, 0)]);
 
     let line = stderr(&b);
-    for part in [
-        "APP_SECRET differs from the value release \"r1\" first started with",
-        "on replica-a at ",
-        "set the same APP_SECRET on every replica",
-        "migrations-gate reset --release r1 --env",
-    ] {
-        assert!(line.contains(part), "missing {part:?} in:\n{line}");
-    }
+    assert_mentions(
+        &line,
+        &[
+            "APP_SECRET differs from the value release \"r1\" first started with",
+            "on replica-a at ",
+            "set the same APP_SECRET on every replica",
+            "migrations-gate reset --release r1 --env",
+        ],
+    );
     assert!(stderr(&c).contains("same environment as the release's first replica"));
     let texts: Vec<String> = [&a, &b, &c]
         .iter()
@@ -166,25 +164,17 @@ fn same_env_mismatch_refuses_with_78_and_the_app_never_starts() {
 #[test]
 fn unset_and_empty_are_different_values() {
     let db = cluster().new_db("pf_unset");
-    let unset = replica(&db, "r1", "replica-unset", None).output().unwrap();
-    let empty = replica(&db, "r1", "replica-empty", Some(""))
-        .output()
-        .unwrap();
-    let unset_again = replica(&db, "r1", "replica-unset-2", None)
-        .output()
-        .unwrap();
+    let unset = replica_output(&db, "r1", "replica-unset", None);
+    let empty = replica_output(&db, "r1", "replica-empty", Some(""));
+    let unset_again = replica_output(&db, "r1", "replica-unset-2", None);
     assert_eq!(starts(&db), "2");
-    assert_eq!(code(&unset), 0, "{}", stderr(&unset));
-    assert_eq!(code(&empty), 78, "{}", stderr(&empty));
-    assert_eq!(code(&unset_again), 0, "{}", stderr(&unset_again));
+    assert_codes(&[(&unset, 0), (&empty, 78), (&unset_again, 0)]);
 }
 
 #[test]
 fn warn_mode_logs_the_difference_and_starts_the_app() {
     let db = cluster().new_db("pf_warn");
-    let a = replica(&db, "r1", "replica-a", Some(SECRET_A))
-        .output()
-        .unwrap();
+    let a = replica_output(&db, "r1", "replica-a", Some(SECRET_A));
     let b = replica_with(
         &db,
         "r1",
@@ -219,20 +209,10 @@ fn warn_mode_logs_the_difference_and_starts_the_app() {
 #[test]
 fn reset_env_forgets_the_fingerprints_and_the_next_replica_sets_them() {
     let db = cluster().new_db("pf_reset_env");
-    assert_eq!(
-        code(&replica(&db, "r1", "a", Some(SECRET_A)).output().unwrap()),
-        0
-    );
-    assert_eq!(
-        code(&replica(&db, "r1", "b", Some(SECRET_B)).output().unwrap()),
-        78
-    );
+    assert_eq!(code(&replica_output(&db, "r1", "a", Some(SECRET_A))), 0);
+    assert_eq!(code(&replica_output(&db, "r1", "b", Some(SECRET_B))), 78);
 
-    let out = db
-        .gate()
-        .args(["reset", "--release", "r1", "--env"])
-        .output()
-        .unwrap();
+    let out = db.gate_output(&["reset", "--release", "r1", "--env"]);
     assert_eq!(
         db.one("SELECT count(*) FROM migrations_gate.env_reference"),
         "0"
@@ -249,23 +229,18 @@ fn reset_env_forgets_the_fingerprints_and_the_next_replica_sets_them() {
     assert_eq!(code(&out), 0, "{}", stderr(&out));
 
     // The rotated value is now the reference; the old one is the odd one out.
-    let b = replica(&db, "r1", "b", Some(SECRET_B)).output().unwrap();
-    let a = replica(&db, "r1", "a", Some(SECRET_A)).output().unwrap();
+    let b = replica_output(&db, "r1", "b", Some(SECRET_B));
+    let a = replica_output(&db, "r1", "a", Some(SECRET_A));
     assert_eq!(
         db.one("SELECT count(*) FROM mg_runs"),
         "1",
         "no second migration"
     );
     assert_eq!(starts(&db), "2");
-    assert_eq!(code(&b), 0, "{}", stderr(&b));
-    assert_eq!(code(&a), 78, "{}", stderr(&a));
+    assert_codes(&[(&b, 0), (&a, 78)]);
 
     // A plain reset forgets the fingerprints with the release.
-    let out = db
-        .gate()
-        .args(["reset", "--release", "r1"])
-        .output()
-        .unwrap();
+    let out = db.gate_output(&["reset", "--release", "r1"]);
     assert_eq!(
         db.one("SELECT count(*) FROM migrations_gate.env_reference"),
         "0"
@@ -276,36 +251,24 @@ fn reset_env_forgets_the_fingerprints_and_the_next_replica_sets_them() {
 #[test]
 fn holder_with_a_different_value_records_a_failed_attempt_and_frees_the_lock() {
     let db = cluster().new_db("pf_holder");
+    let migrate_as = |secret: &str, cmd: &[&str]| {
+        db.gate()
+            .args([
+                "migrate",
+                "--release",
+                "r1",
+                "--same-env",
+                "APP_SECRET",
+                "--",
+            ])
+            .args(cmd)
+            .env("APP_SECRET", secret)
+            .output()
+            .unwrap()
+    };
     // The first holder sets the reference, then its migration fails.
-    let first = db
-        .gate()
-        .args([
-            "migrate",
-            "--release",
-            "r1",
-            "--same-env",
-            "APP_SECRET",
-            "--",
-            "false",
-        ])
-        .env("APP_SECRET", SECRET_A)
-        .output()
-        .unwrap();
-    let second = db
-        .gate()
-        .args([
-            "migrate",
-            "--release",
-            "r1",
-            "--same-env",
-            "APP_SECRET",
-            "--",
-            standin(),
-            "migrate",
-        ])
-        .env("APP_SECRET", SECRET_B)
-        .output()
-        .unwrap();
+    let first = migrate_as(SECRET_A, &["false"]);
+    let second = migrate_as(SECRET_B, &[standin(), "migrate"]);
     assert_eq!(
         db.one("SELECT count(*) FROM mg_runs"),
         "0",
@@ -350,40 +313,26 @@ fn an_older_release_refuses_with_78_unless_allowed() {
     assert_eq!(starts(&db), "1");
     let allowed = run("r1", &["--allow-older-release"]);
     assert_eq!(starts(&db), "2");
-    let waiter = db
-        .gate()
-        .args(["wait", "--release", "r1"])
-        .output()
-        .unwrap();
+    let waiter = db.gate_output(&["wait", "--release", "r1"]);
     assert_eq!(
         db.one("SELECT count(*) FROM mg_runs"),
         "2",
         "nothing migrated again"
     );
 
-    assert_eq!(code(&old), 78, "{}", stderr(&old));
-    assert_eq!(code(&new), 0, "{}", stderr(&new));
-    assert_eq!(code(&allowed), 0, "{}", stderr(&allowed));
-    assert_eq!(code(&waiter), 78, "{}", stderr(&waiter));
+    assert_codes(&[(&old, 78), (&new, 0), (&allowed, 0), (&waiter, 78)]);
     let line = stderr(&old);
-    for part in [
-        "release \"r1\" is older than release \"r2\"",
-        "pass --allow-older-release",
-    ] {
-        assert!(line.contains(part), "missing {part:?} in:\n{line}");
-    }
+    assert_mentions(
+        &line,
+        &[
+            "release \"r1\" is older than release \"r2\"",
+            "pass --allow-older-release",
+        ],
+    );
     assert!(stderr(&allowed).contains("--allow-older-release: starting anyway"));
 
     // Migrating r1 again (reset) makes it the newest: then r2 is the older one.
-    assert_eq!(
-        code(
-            &db.gate()
-                .args(["reset", "--release", "r1"])
-                .output()
-                .unwrap()
-        ),
-        0
-    );
+    assert_eq!(code(&db.gate_output(&["reset", "--release", "r1"])), 0);
     assert_eq!(code(&migrate(&db, "r1")), 0);
     assert_eq!(code(&run("r2", &[])), 78);
     assert_eq!(code(&run("r1", &[])), 0);
@@ -412,10 +361,9 @@ fn open_webui_preset_fails_on_sqlite_before_connecting_and_warns_on_missing_redi
         "a failing local rule stops the gate before it touches the database"
     );
     assert_eq!(code(&sqlite), 78, "{}", stderr(&sqlite));
-    assert!(
-        stderr(&sqlite).contains("preset open-webui: wants DATABASE_URL points at PostgreSQL but DATABASE_URL has another scheme"),
-        "{}",
-        stderr(&sqlite)
+    assert_stderr_has(
+        &sqlite,
+        "preset open-webui: wants DATABASE_URL points at PostgreSQL but DATABASE_URL has another scheme",
     );
     assert!(!stderr(&sqlite).contains("sqlite:"), "never the value");
 
@@ -424,11 +372,7 @@ fn open_webui_preset_fails_on_sqlite_before_connecting_and_warns_on_missing_redi
         &[],
     );
     assert_eq!(code(&forked), 78, "{}", stderr(&forked));
-    assert!(
-        stderr(&forked).contains("UVICORN_WORKERS > 1"),
-        "{}",
-        stderr(&forked)
-    );
+    assert_stderr_has(&forked, "UVICORN_WORKERS > 1");
 
     // PostgreSQL and one worker: Redis, the secret key and the vector store only warn.
     let ok = preset(&[("DATABASE_URL", db.url.as_str())], &[]);
@@ -469,28 +413,20 @@ fn open_webui_preset_fails_on_sqlite_before_connecting_and_warns_on_missing_redi
         "the preset says why: {}",
         stderr(&other_key)
     );
-    let no_migrate = db
-        .gate()
-        .args([
-            "run",
-            "--release",
-            "r1",
-            "--preset",
-            "open-webui",
-            "--ready-sql",
-            "SELECT true",
-            "--",
-            standin(),
-            "start",
-        ])
-        .output()
-        .unwrap();
+    let no_migrate = db.gate_output(&[
+        "run",
+        "--release",
+        "r1",
+        "--preset",
+        "open-webui",
+        "--ready-sql",
+        "SELECT true",
+        "--",
+        standin(),
+        "start",
+    ]);
     assert_eq!(code(&no_migrate), 0, "{}", stderr(&no_migrate));
-    assert!(
-        stderr(&no_migrate).contains("wants `run` has --migrate"),
-        "{}",
-        stderr(&no_migrate)
-    );
+    assert_stderr_has(&no_migrate, "wants `run` has --migrate");
     assert_nothing_secret(&db, &[stderr(&ok), stderr(&other_key), stderr(&no_migrate)]);
 }
 
@@ -498,34 +434,31 @@ fn open_webui_preset_fails_on_sqlite_before_connecting_and_warns_on_missing_redi
 fn the_termination_log_holds_the_final_line_only_if_the_file_exists() {
     let db = cluster().new_db("pf_termlog");
     let log = TermLog::new("main");
-    let with_log = |c: &mut Command| {
-        c.env("MIGRATIONS_GATE_TERMINATION_LOG", &log.0);
+    let logged = |mut c: Command| {
+        c.env("MIGRATIONS_GATE_TERMINATION_LOG", &log.0)
+            .output()
+            .unwrap()
+    };
+    let migrate_r1 = || {
+        let mut c = db.gate();
+        c.args(["migrate", "--release", "r1", "--", standin(), "migrate"]);
+        c
     };
 
-    let mut c = db.gate();
-    c.args(["migrate", "--release", "r1", "--", standin(), "migrate"]);
-    with_log(&mut c);
-    assert_eq!(code(&c.output().unwrap()), 0);
+    assert_eq!(code(&logged(migrate_r1())), 0);
     assert_eq!(
         log.read(),
         "exit 0: migrated release \"r1\" (this replica held the lock; the migration command exited 0)\n"
     );
 
-    let mut c = db.gate();
-    c.args(["migrate", "--release", "r1", "--", standin(), "migrate"]);
-    with_log(&mut c);
-    assert_eq!(code(&c.output().unwrap()), 0);
+    assert_eq!(code(&logged(migrate_r1())), 0);
     assert_eq!(
         log.read(),
         "exit 0: release \"r1\" is done; this replica did not migrate\n"
     );
 
-    let mut c = replica(&db, "r1", "a", Some(SECRET_A));
-    with_log(&mut c);
-    assert_eq!(code(&c.output().unwrap()), 0);
-    let mut c = replica(&db, "r1", "b", Some(SECRET_B));
-    with_log(&mut c);
-    let out = c.output().unwrap();
+    assert_eq!(code(&logged(replica(&db, "r1", "a", Some(SECRET_A)))), 0);
+    let out = logged(replica(&db, "r1", "b", Some(SECRET_B)));
     assert_eq!(code(&out), 78);
     let text = log.read();
     assert!(
@@ -542,8 +475,7 @@ fn the_termination_log_holds_the_final_line_only_if_the_file_exists() {
 
     let mut c = db.gate();
     c.args(["migrate", "--no-such-flag"]);
-    with_log(&mut c);
-    assert_eq!(code(&c.output().unwrap()), 64);
+    assert_eq!(code(&logged(c)), 64);
     assert!(log.read().starts_with("exit 64: error:"), "{}", log.read());
 
     // Never created: outside Kubernetes the path means nothing.
@@ -565,35 +497,19 @@ fn the_termination_log_holds_the_final_line_only_if_the_file_exists() {
 fn status_shows_each_variable_how_many_agreed_and_who_disagreed() {
     let db = cluster().new_db("pf_status");
     assert_eq!(
-        code(
-            &replica(&db, "r1", "replica-a", Some(SECRET_A))
-                .output()
-                .unwrap()
-        ),
+        code(&replica_output(&db, "r1", "replica-a", Some(SECRET_A))),
         0
     );
     assert_eq!(
-        code(
-            &replica(&db, "r1", "replica-b", Some(SECRET_B))
-                .output()
-                .unwrap()
-        ),
+        code(&replica_output(&db, "r1", "replica-b", Some(SECRET_B))),
         78
     );
     assert_eq!(
-        code(
-            &replica(&db, "r1", "replica-c", Some(SECRET_A))
-                .output()
-                .unwrap()
-        ),
+        code(&replica_output(&db, "r1", "replica-c", Some(SECRET_A))),
         0
     );
 
-    let out = db
-        .gate()
-        .args(["status", "--json", "--release", "r1"])
-        .output()
-        .unwrap();
+    let out = db.gate_output(&["status", "--json", "--release", "r1"]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     let json: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
     let env = json["env_checks"].as_array().expect("env_checks");
@@ -608,7 +524,7 @@ fn status_shows_each_variable_how_many_agreed_and_who_disagreed() {
     assert_eq!(disagreed[0]["replica"], "replica-b");
     assert!(disagreed[0]["host"].is_string() && disagreed[0]["at"].is_string());
 
-    let table = db.gate().args(["status"]).output().unwrap();
+    let table = db.gate_output(&["status"]);
     assert_eq!(code(&table), 0);
     let text = stdout(&table);
     assert!(

@@ -61,6 +61,15 @@ impl Role {
         c
     }
 
+    /// After [`revoke_create_on_database`], a new role with the app's rights
+    /// ([`Role::grant_app_rights`]) and nothing else.
+    fn app_only(db: &TestDb, what: &str) -> Role {
+        revoke_create_on_database(db);
+        let role = Role::create(db, what);
+        role.grant_app_rights();
+        role
+    }
+
     /// What the stand-in app itself needs: create its tables in `public`, and write the
     /// bookkeeping tables `standin-app setup` made as the superuser.
     fn grant_app_rights(&self) {
@@ -108,6 +117,19 @@ fn run_gate(role: &Role, db: &TestDb, flags: &[&str]) -> Command {
     c
 }
 
+/// `n` replicas of [`run_gate`] at once, to the end.
+fn run_replicas(role: &Role, db: &TestDb, n: usize) -> Vec<std::process::Output> {
+    run_all(
+        (0..n).map(|_| run_gate(role, db, &[])).collect(),
+        HANG_GUARD,
+    )
+}
+
+/// One [`run_gate`] with `flags`, to the end.
+fn run_one(role: &Role, db: &TestDb, flags: &[&str]) -> std::process::Output {
+    wait_output(spawn(&mut run_gate(role, db, flags)), HANG_GUARD)
+}
+
 fn assert_migrated_once_and_all_started(db: &TestDb, ledger: &str, n: usize) {
     assert_eq!(db.one("SELECT count(*) FROM mg_runs"), "1");
     assert_no_overlap(db);
@@ -134,9 +156,7 @@ fn assert_all_ok(outs: &[std::process::Output]) {
 #[test]
 fn without_create_on_the_database_the_gate_uses_the_schema_the_dba_made_for_it() {
     let db = cluster().new_db("priv_schema");
-    revoke_create_on_database(&db);
-    let role = Role::create(&db, "owner");
-    role.grant_app_rights();
+    let role = Role::app_only(&db, "owner");
     sql(
         &db.url,
         &format!("CREATE SCHEMA migrations_gate AUTHORIZATION {}", role.name),
@@ -148,10 +168,7 @@ fn without_create_on_the_database_the_gate_uses_the_schema_the_dba_made_for_it()
         )),
         "false"
     );
-    let outs = run_all(
-        (0..4).map(|_| run_gate(&role, &db, &[])).collect(),
-        HANG_GUARD,
-    );
+    let outs = run_replicas(&role, &db, 4);
     assert_eq!(
         db.one("SELECT count(*) FROM mg_runs"),
         "1",
@@ -170,13 +187,8 @@ fn without_create_on_the_database_the_gate_uses_the_schema_the_dba_made_for_it()
 #[test]
 fn with_create_on_schema_public_only_the_ledger_lives_in_public() {
     let db = cluster().new_db("priv_public");
-    revoke_create_on_database(&db);
-    let role = Role::create(&db, "public");
-    role.grant_app_rights(); // includes GRANT CREATE ON SCHEMA public
-    let out = wait_output(
-        spawn(&mut run_gate(&role, &db, &["--schema", "public"])),
-        HANG_GUARD,
-    );
+    let role = Role::app_only(&db, "public"); // the app's rights include CREATE ON SCHEMA public
+    let out = run_one(&role, &db, &["--schema", "public"]);
     assert_eq!(
         db.one("SELECT (to_regclass('public.ledger') IS NOT NULL)::text"),
         "true",
@@ -195,15 +207,9 @@ fn with_create_on_schema_public_only_the_ledger_lives_in_public() {
 fn with_only_read_write_rights_on_a_ledger_the_dba_created_the_gate_works() {
     let db = cluster().new_db("priv_dml");
     // The DBA lets the gate create its schema, table and index once, as the superuser...
-    let out = db
-        .gate()
-        .args(["migrate", "--release", "dba-bootstrap", "--", "true"])
-        .output()
-        .unwrap();
+    let out = db.gate_output(&["migrate", "--release", "dba-bootstrap", "--", "true"]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
-    revoke_create_on_database(&db);
-    let role = Role::create(&db, "dml");
-    role.grant_app_rights();
+    let role = Role::app_only(&db, "dml");
     // ...and grants the app's role only what the gate needs to read and write it.
     let r = &role.name;
     sql(
@@ -220,10 +226,7 @@ fn with_only_read_write_rights_on_a_ledger_the_dba_created_the_gate_works() {
         ),
         "postgres"
     );
-    let outs = run_all(
-        (0..4).map(|_| run_gate(&role, &db, &[])).collect(),
-        HANG_GUARD,
-    );
+    let outs = run_replicas(&role, &db, 4);
     assert_migrated_once_and_all_started(&db, "migrations_gate.ledger", 4);
     assert_all_ok(&outs);
 }
@@ -231,12 +234,10 @@ fn with_only_read_write_rights_on_a_ledger_the_dba_created_the_gate_works() {
 #[test]
 fn without_any_right_to_a_ledger_the_gate_exits_77_naming_the_grant_and_never_migrates() {
     let db = cluster().new_db("priv_none");
-    revoke_create_on_database(&db);
-    let role = Role::create(&db, "none");
     // The app's own rights, so that a migration that ran would show in mg_runs; nothing for
     // the gate: no CREATE on the database, no schema.
-    role.grant_app_rights();
-    let out = wait_output(spawn(&mut run_gate(&role, &db, &[])), HANG_GUARD);
+    let role = Role::app_only(&db, "none");
+    let out = run_one(&role, &db, &[]);
     assert_eq!(db.one("SELECT count(*) FROM mg_runs"), "0");
     assert_eq!(db.one("SELECT count(*) FROM app_starts"), "0");
     assert_eq!(

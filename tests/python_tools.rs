@@ -27,27 +27,48 @@ fn py_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python")
 }
 
+/// Runs `tests/python/setup-venv` for the venv at `$VAR` (default `<repo>/DEFAULT`), with the
+/// extra settings `env`; `what` and `needs` complete its failure message. Returns the venv's
+/// directory.
+fn setup_venv(
+    var: &str,
+    default: &str,
+    env: &[(&str, PathBuf)],
+    what: &str,
+    needs: &str,
+) -> PathBuf {
+    let dir = std::env::var_os(var)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(default));
+    let script = py_dir().join("setup-venv");
+    let out = Command::new("bash")
+        .arg(&script)
+        .env("MG_PY_VENV", &dir)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+    assert!(
+        out.status.success(),
+        "{}{what} failed ({}); {needs}:\n{}\n{}",
+        script.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dir
+}
+
 /// The venv with Alembic and Django, made by `tests/python/setup-venv` when missing or stale.
 fn venv() -> &'static Path {
     static VENV: OnceLock<PathBuf> = OnceLock::new();
     VENV.get_or_init(|| {
-        let dir = std::env::var_os("MG_PY_VENV")
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/py-venv"));
-        let script = py_dir().join("setup-venv");
-        let out = Command::new("bash")
-            .arg(&script)
-            .env("MG_PY_VENV", &dir)
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-        assert!(
-            out.status.success(),
-            "{} failed ({}); these tests need Python 3.10+ with venv and pip, and PyPI:\n{}\n{}",
-            script.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+        let dir = setup_venv(
+            "MG_PY_VENV",
+            "target/py-venv",
+            &[],
+            "",
+            "these tests need Python 3.10+ with venv and pip, and PyPI",
         );
         for tool in ["bin/python", "bin/alembic"] {
             assert!(
@@ -114,12 +135,25 @@ impl RunLog {
             .map(str::to_string)
             .collect()
     }
+
+    fn assert_every_bare_run_started(&self) {
+        assert_eq!(
+            self.lines().len(),
+            REPLICAS,
+            "every bare run should have started"
+        );
+    }
 }
 
 impl Drop for RunLog {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
     }
+}
+
+/// A fresh database `py_NAME` and run log `NAME` for one test.
+fn fresh(name: &str) -> (TestDb, RunLog) {
+    (cluster().new_db(&format!("py_{name}")), RunLog::new(name))
 }
 
 /// Environment for the Python tools, on top of what `TestDb::gate` sets (DATABASE_URL).
@@ -135,6 +169,70 @@ fn gate_migrate(db: &TestDb, log: &RunLog, release: &str, cmd: &[String]) -> Com
     py_env(&mut c, log);
     c.args(["migrate", "--release", release, "--"]).args(cmd);
     c
+}
+
+/// `n` gated `migrate --release RELEASE -- CMD...` replicas started at once; their outputs.
+fn migrate_all(db: &TestDb, log: &RunLog, n: usize, release: &str, cmd: &[String]) -> Vec<Output> {
+    run_all(
+        (0..n)
+            .map(|_| gate_migrate(db, log, release, cmd))
+            .collect(),
+        HANG_GUARD,
+    )
+}
+
+/// `REPLICAS` bare runs of `cmd` at once (no gate), with one extra setting `env`.
+fn bare_all(db: &TestDb, log: &RunLog, cmd: &[String], env: (&str, &str)) -> Vec<Output> {
+    let cmds = (0..REPLICAS)
+        .map(|_| {
+            let mut c = Command::new(&cmd[0]);
+            c.args(&cmd[1..])
+                .env_clear()
+                .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+                .env("DATABASE_URL", &db.url)
+                .env(env.0, env.1);
+            py_env(&mut c, log);
+            c
+        })
+        .collect();
+    run_all(cmds, HANG_GUARD)
+}
+
+/// How many runs failed, and the last line naming an error of each, for the race report.
+fn failures(outs: &[Output]) -> (usize, Vec<String>) {
+    let failed = outs.iter().filter(|o| !o.status.success()).count();
+    let why = outs
+        .iter()
+        .filter(|o| !o.status.success())
+        .filter_map(|o| {
+            stderr(o)
+                .lines()
+                .rev()
+                .find(|l| l.contains("Error"))
+                .map(str::to_string)
+        })
+        .collect();
+    (failed, why)
+}
+
+/// Asserts the tool's run log has exactly one line; `what` reads "alembic ran" and the like.
+fn assert_one_run(log: &RunLog, what: &str) {
+    assert_eq!(
+        log.lines().len(),
+        1,
+        "{what} more than once: {:?}",
+        log.lines()
+    );
+}
+
+/// Asserts Alembic's version is `HEAD` and the seed revision ran once.
+fn assert_alembic_at_head(db: &TestDb) {
+    assert_eq!(alembic_version(db), HEAD);
+    assert_eq!(
+        widgets_named(db, "seed"),
+        "1",
+        "the seed revision ran twice"
+    );
 }
 
 fn assert_all_ok(outs: &[Output]) {
@@ -173,29 +271,12 @@ fn widgets_named(db: &TestDb, name: &str) -> String {
 
 #[test]
 fn eight_gated_alembic_upgrades_migrate_exactly_once() {
-    let db = cluster().new_db("py_alembic");
-    let log = RunLog::new("alembic");
-    let cmd = alembic_upgrade("head");
-    let outs = run_all(
-        (0..REPLICAS)
-            .map(|_| gate_migrate(&db, &log, "R", &cmd))
-            .collect(),
-        HANG_GUARD,
-    );
+    let (db, log) = fresh("alembic");
+    let outs = migrate_all(&db, &log, REPLICAS, "R", &alembic_upgrade("head"));
     assert_all_ok(&outs);
-    assert_eq!(
-        log.lines().len(),
-        1,
-        "alembic ran more than once: {:?}",
-        log.lines()
-    );
+    assert_one_run(&log, "alembic ran");
     assert_eq!(followers(&outs), REPLICAS - 1);
-    assert_eq!(alembic_version(&db), HEAD);
-    assert_eq!(
-        widgets_named(&db, "seed"),
-        "1",
-        "the seed revision ran twice"
-    );
+    assert_alembic_at_head(&db);
     assert_eq!(widgets_named(&db, "r2-seed"), "1");
     assert_eq!(ledger(&db, "R"), "done");
     db.assert_no_gate_locks();
@@ -203,12 +284,11 @@ fn eight_gated_alembic_upgrades_migrate_exactly_once() {
 
 #[test]
 fn eight_run_gates_with_alembic_start_every_app_with_the_flag_off_after_one_migration() {
-    let db = cluster().new_db("py_alembic_run");
+    let (db, log) = fresh("alembic_run");
     db.one(
         "CREATE TABLE py_app_starts (id serial PRIMARY KEY, pid int NOT NULL, flag text, \
          alembic_version text, at timestamptz NOT NULL DEFAULT clock_timestamp())",
     );
-    let log = RunLog::new("alembic_run");
     let migrate = shell_join(&alembic_upgrade("head"));
     let app = path_str(&py_dir().join("record_start.py"));
     let cmds = (0..REPLICAS)
@@ -223,19 +303,9 @@ fn eight_run_gates_with_alembic_start_every_app_with_the_flag_off_after_one_migr
         .collect();
     let outs = run_all(cmds, HANG_GUARD);
     assert_all_ok(&outs);
-    assert_eq!(
-        log.lines().len(),
-        1,
-        "alembic ran more than once: {:?}",
-        log.lines()
-    );
+    assert_one_run(&log, "alembic ran");
     assert_eq!(followers(&outs), REPLICAS - 1);
-    assert_eq!(alembic_version(&db), HEAD);
-    assert_eq!(
-        widgets_named(&db, "seed"),
-        "1",
-        "the seed revision ran twice"
-    );
+    assert_alembic_at_head(&db);
     assert_eq!(ledger(&db, "R"), "done");
     assert_eq!(
         db.one("SELECT count(*) FROM py_app_starts"),
@@ -258,45 +328,16 @@ fn without_the_gate_concurrent_alembic_upgrades_really_race() {
     // Proves the tests above exercise a real race: eight bare `alembic upgrade head` at once on
     // a fresh database break (a crash on a table, index or version row another run made, or a
     // seed row inserted twice).
-    let db = cluster().new_db("py_alembic_bare");
-    let log = RunLog::new("alembic_bare");
-    let cmd = alembic_upgrade("head");
-    let cmds = (0..REPLICAS)
-        .map(|_| {
-            let mut c = Command::new(&cmd[0]);
-            c.args(&cmd[1..])
-                .env_clear()
-                .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-                .env("DATABASE_URL", &db.url)
-                // A longer slow revision: every run is past its start-up while the first is in it.
-                .env("ALEMBIC_SLOW_SECONDS", "3");
-            py_env(&mut c, &log);
-            c
-        })
-        .collect();
-    let outs = run_all(cmds, HANG_GUARD);
-    let failed = outs.iter().filter(|o| !o.status.success()).count();
+    let (db, log) = fresh("alembic_bare");
+    // A longer slow revision: every run is past its start-up while the first is in it.
+    let slow = ("ALEMBIC_SLOW_SECONDS", "3");
+    let (failed, why) = failures(&bare_all(&db, &log, &alembic_upgrade("head"), slow));
     let seeds = db.one(
         "SELECT CASE WHEN to_regclass('widgets') IS NULL THEN 'no table' \
          ELSE (SELECT count(*) FROM widgets WHERE name = 'seed')::text END",
     );
-    let why: Vec<String> = outs
-        .iter()
-        .filter(|o| !o.status.success())
-        .filter_map(|o| {
-            stderr(o)
-                .lines()
-                .rev()
-                .find(|l| l.contains("Error"))
-                .map(str::to_string)
-        })
-        .collect();
     eprintln!("bare alembic: {failed} of {REPLICAS} failed, seed rows {seeds}; errors: {why:#?}");
-    assert_eq!(
-        log.lines().len(),
-        REPLICAS,
-        "every bare run should have started"
-    );
+    log.assert_every_bare_run_started();
     assert!(
         failed > 0 || seeds != "1",
         "bare concurrent alembic upgrades did not visibly race (failed {failed}, seed rows {seeds})"
@@ -305,22 +346,10 @@ fn without_the_gate_concurrent_alembic_upgrades_really_race() {
 
 #[test]
 fn eight_gated_django_migrates_apply_each_migration_once() {
-    let db = cluster().new_db("py_django");
-    let log = RunLog::new("django");
-    let cmd = django_migrate();
-    let outs = run_all(
-        (0..REPLICAS)
-            .map(|_| gate_migrate(&db, &log, "R", &cmd))
-            .collect(),
-        HANG_GUARD,
-    );
+    let (db, log) = fresh("django");
+    let outs = migrate_all(&db, &log, REPLICAS, "R", &django_migrate());
     assert_all_ok(&outs);
-    assert_eq!(
-        log.lines().len(),
-        1,
-        "manage.py migrate ran more than once: {:?}",
-        log.lines()
-    );
+    assert_one_run(&log, "manage.py migrate ran");
     assert_eq!(followers(&outs), REPLICAS - 1);
     assert_eq!(
         db.rows(
@@ -352,23 +381,14 @@ fn eight_gated_django_migrates_apply_each_migration_once() {
 
 #[test]
 fn rolling_upgrade_r2_migrates_once_while_r1_restarts_skip() {
-    let db = cluster().new_db("py_rolling");
-    let log = RunLog::new("rolling");
+    let (db, log) = fresh("rolling");
     let r1 = alembic_upgrade(R1_REV);
     let r2 = alembic_upgrade("head");
 
     // Release R1 is deployed: migrated up to the revision before R2's.
-    let outs = run_all(
-        (0..4).map(|_| gate_migrate(&db, &log, "R1", &r1)).collect(),
-        HANG_GUARD,
-    );
+    let outs = migrate_all(&db, &log, 4, "R1", &r1);
     assert_all_ok(&outs);
-    assert_eq!(
-        log.lines().len(),
-        1,
-        "R1 migrated more than once: {:?}",
-        log.lines()
-    );
+    assert_one_run(&log, "R1 migrated");
     assert_eq!(alembic_version(&db), R1_REV);
     assert_eq!(ledger(&db, "R1"), "done");
     assert_eq!(widgets_named(&db, "seed"), "1");
@@ -432,23 +452,9 @@ fn rolling_upgrade_r2_migrates_once_while_r1_restarts_skip() {
 fn without_the_gate_concurrent_django_migrates_really_race() {
     // The same proof for Django: eight bare `manage.py migrate` at once on a fresh database
     // break (a crash on a table another run made, or a migration recorded or applied twice).
-    let db = cluster().new_db("py_django_bare");
-    let log = RunLog::new("django_bare");
-    let cmd = django_migrate();
-    let cmds = (0..REPLICAS)
-        .map(|_| {
-            let mut c = Command::new(&cmd[0]);
-            c.args(&cmd[1..])
-                .env_clear()
-                .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-                .env("DATABASE_URL", &db.url)
-                .env("DJANGO_SEED_SLEEP_SECONDS", "2");
-            py_env(&mut c, &log);
-            c
-        })
-        .collect();
-    let outs = run_all(cmds, HANG_GUARD);
-    let failed = outs.iter().filter(|o| !o.status.success()).count();
+    let (db, log) = fresh("django_bare");
+    let slow = ("DJANGO_SEED_SLEEP_SECONDS", "2");
+    let (failed, why) = failures(&bare_all(&db, &log, &django_migrate(), slow));
     let exists =
         |t: &str| db.one(&format!("SELECT (to_regclass('{t}') IS NOT NULL)::text")) == "true";
     let twice = if exists("django_migrations") {
@@ -464,26 +470,11 @@ fn without_the_gate_concurrent_django_migrates_really_race() {
     } else {
         "no table".into()
     };
-    let why: Vec<String> = outs
-        .iter()
-        .filter(|o| !o.status.success())
-        .filter_map(|o| {
-            stderr(o)
-                .lines()
-                .rev()
-                .find(|l| l.contains("Error"))
-                .map(str::to_string)
-        })
-        .collect();
     eprintln!(
         "bare django: {failed} of {REPLICAS} failed, migrations recorded twice {twice}, \
          seed rows {seeds}; errors: {why:#?}"
     );
-    assert_eq!(
-        log.lines().len(),
-        REPLICAS,
-        "every bare run should have started"
-    );
+    log.assert_every_bare_run_started();
     assert!(
         failed > 0 || twice != "0" || seeds != "1",
         "bare concurrent Django migrates did not visibly race (failed {failed}, \
@@ -495,30 +486,19 @@ fn without_the_gate_concurrent_django_migrates_really_race() {
 fn owui_venv() -> &'static Path {
     static VENV: OnceLock<PathBuf> = OnceLock::new();
     VENV.get_or_init(|| {
-        let dir = std::env::var_os("MG_OWUI_VENV")
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/owui-venv"));
-        let script = py_dir().join("setup-venv");
-        let out = Command::new("bash")
-            .arg(&script)
-            .env("MG_PY_VENV", &dir)
-            .env(
-                "MG_PY_REQUIREMENTS",
-                py_dir().join("open-webui-requirements.txt"),
-            )
-            .env("MG_PY_CHECK", "import open_webui")
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-        assert!(
-            out.status.success(),
-            "{} (Open WebUI) failed ({}); it needs Python 3.11 with venv and pip, PyPI and about 5 GB:\n{}\n{}",
-            script.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        dir
+        setup_venv(
+            "MG_OWUI_VENV",
+            "target/owui-venv",
+            &[
+                (
+                    "MG_PY_REQUIREMENTS",
+                    py_dir().join("open-webui-requirements.txt"),
+                ),
+                ("MG_PY_CHECK", PathBuf::from("import open_webui")),
+            ],
+            " (Open WebUI)",
+            "it needs Python 3.11 with venv and pip, PyPI and about 5 GB",
+        )
     })
 }
 

@@ -16,11 +16,7 @@ const HANG_GUARD: Duration = Duration::from_secs(120);
 /// standby that has replayed it.
 fn primary_and_standby(name: &str, done: &str) -> (TestDb, Cluster) {
     let db = cluster().new_db(name);
-    let out = db
-        .gate()
-        .args(["migrate", "--release", done, "--", "true"])
-        .output()
-        .unwrap();
+    let out = db.gate_output(&["migrate", "--release", done, "--", "true"]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     let standby = cluster().standby();
     cluster().wait_replayed(&standby, HANG_GUARD);
@@ -35,12 +31,19 @@ fn gate_on(standby: &Cluster, db: &TestDb) -> std::process::Command {
     c
 }
 
+/// Runs `migrations-gate ARGS...` against the standby's copy of `db`, with the hang guard.
+fn gate_output_on(standby: &Cluster, db: &TestDb, args: &[&str]) -> std::process::Output {
+    wait_output(spawn(gate_on(standby, db).args(args)), HANG_GUARD)
+}
+
 #[test]
 fn a_would_be_holder_on_a_standby_exits_69_at_once_saying_to_use_the_primary() {
     let (db, standby) = primary_and_standby("standby_holder", "r0");
     let started = Instant::now();
-    let out = wait_output(
-        spawn(gate_on(&standby, &db).args([
+    let out = gate_output_on(
+        &standby,
+        &db,
+        &[
             "migrate",
             "--release",
             "r1",
@@ -49,8 +52,7 @@ fn a_would_be_holder_on_a_standby_exits_69_at_once_saying_to_use_the_primary() {
             "--",
             standin(),
             "migrate",
-        ])),
-        HANG_GUARD,
+        ],
     );
     let took = started.elapsed();
     cluster().wait_replayed(&standby, HANG_GUARD);
@@ -74,11 +76,7 @@ fn a_would_be_holder_on_a_standby_exits_69_at_once_saying_to_use_the_primary() {
 fn a_follower_of_a_release_done_on_the_primary_proceeds_on_a_standby() {
     let db = cluster().new_db("standby_follower");
     let standby = cluster().standby();
-    let out = db
-        .gate()
-        .args(["migrate", "--release", "r1", "--", standin(), "migrate"])
-        .output()
-        .unwrap();
+    let out = db.gate_output(&["migrate", "--release", "r1", "--", standin(), "migrate"]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     cluster().wait_replayed(&standby, HANG_GUARD);
     let on_standby = TestDb {
@@ -92,26 +90,10 @@ fn a_follower_of_a_release_done_on_the_primary_proceeds_on_a_standby() {
         "1"
     );
     // `false` would fail the gate: it must not run.
-    let migrate = wait_output(
-        spawn(gate_on(&standby, &db).args(["migrate", "--release", "r1", "--", "false"])),
-        HANG_GUARD,
-    );
-    let run = wait_output(
-        spawn(gate_on(&standby, &db).args([
-            "run",
-            "--release",
-            "r1",
-            "--migrate",
-            "false",
-            "--",
-            "true",
-        ])),
-        HANG_GUARD,
-    );
-    let wait = wait_output(
-        spawn(gate_on(&standby, &db).args(["wait", "--release", "r1", "--wait-timeout", "30s"])),
-        HANG_GUARD,
-    );
+    let on = |args: &[&str]| gate_output_on(&standby, &db, args);
+    let migrate = on(&["migrate", "--release", "r1", "--", "false"]);
+    let run = on(&["run", "--release", "r1", "--migrate", "false", "--", "true"]);
+    let wait = on(&["wait", "--release", "r1", "--wait-timeout", "30s"]);
     assert_eq!(db.one("SELECT count(*) FROM mg_runs"), "1");
     assert_eq!(
         db.one("SELECT count(*) FROM migrations_gate.ledger WHERE release = 'r1'"),
@@ -124,18 +106,8 @@ fn a_follower_of_a_release_done_on_the_primary_proceeds_on_a_standby() {
 
 #[test]
 fn reset_on_a_standby_exits_69_saying_it_is_read_only() {
-    let db = cluster().new_db("standby_reset");
-    let out = db
-        .gate()
-        .args(["migrate", "--release", "r1", "--", "true"])
-        .output()
-        .unwrap();
-    assert_eq!(code(&out), 0, "{}", stderr(&out));
-    let standby = cluster().standby();
-    let out = wait_output(
-        spawn(gate_on(&standby, &db).args(["reset", "--release", "r1"])),
-        HANG_GUARD,
-    );
+    let (db, standby) = primary_and_standby("standby_reset", "r1");
+    let out = gate_output_on(&standby, &db, &["reset", "--release", "r1"]);
     assert_eq!(
         db.one(
             "SELECT count(*) FROM migrations_gate.ledger WHERE release = 'r1' AND outcome = 'done'"
@@ -144,7 +116,7 @@ fn reset_on_a_standby_exits_69_saying_it_is_read_only() {
         "the release must still be done on the primary"
     );
     assert_eq!(code(&out), 69, "{}", stderr(&out));
-    assert!(stderr(&out).contains("read-only"), "{}", stderr(&out));
+    assert_stderr_has(&out, "read-only");
     assert!(
         stderr(&out).contains("point the gate at the primary"),
         "the message must say what to do: {}",
@@ -155,10 +127,7 @@ fn reset_on_a_standby_exits_69_saying_it_is_read_only() {
 #[test]
 fn status_on_a_standby_shows_a_done_release() {
     let (db, standby) = primary_and_standby("standby_status", "r1");
-    let out = wait_output(
-        spawn(gate_on(&standby, &db).args(["status", "--release", "r1"])),
-        HANG_GUARD,
-    );
+    let out = gate_output_on(&standby, &db, &["status", "--release", "r1"]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert!(stdout(&out).contains("done"), "{}", stdout(&out));
 }

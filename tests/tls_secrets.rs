@@ -154,14 +154,7 @@ fn make_pki(ca_name: &str, cn: &str, san: &str) -> Pki {
     let key = dir.join("server.key");
     chmod_600(&key);
     chmod_600(&dir.join("ca.key"));
-    if running_as_root() {
-        let st = Command::new("chown")
-            .args(["-R", "postgres:postgres"])
-            .arg(&dir)
-            .status()
-            .expect("chown");
-        assert!(st.success(), "chown of the certificate directory failed");
-    }
+    give_to_postgres(&dir);
     Pki {
         ca: dir.join("ca.crt"),
         cert: dir.join("server.crt"),
@@ -469,23 +462,8 @@ fn verify_full_against_a_certificate_for_another_host_fails_clearly() {
             &db.name,
             &format!("sslmode=verify-full&sslrootcert={ca}"),
         );
-        let release = unique("wrong-host");
-        let (out, took) = run(gate(
-            &[("MIGRATIONS_GATE_DATABASE_URL", &u)],
-            &[
-                "migrate",
-                "--release",
-                &release,
-                "--connect-timeout",
-                CONNECT_TIMEOUT,
-                "--",
-                "true",
-            ],
-        ));
         let what = format!("verify-full to {host} against a certificate for wrong.example");
-        assert_no_secret(&out, &[PASSWORD], &what);
-        assert_eq!(code(&out), 69, "{what}: {}", describe(&out, took));
-        assert_tls_failure(&out, took, &what);
+        assert_refused_for_tls(&u, "wrong-host", &what);
     }
     assert_eq!(
         db.one("SELECT count(*) FROM migrations_gate.ledger WHERE release LIKE 'wrong-host-%' AND release NOT LIKE 'wrong-host-ok%'"),
@@ -512,24 +490,29 @@ fn verify_ca_with_an_unknown_ca_fails() {
     ];
     for (label, query) in &cases {
         let u = url("127.0.0.1", g.cluster.port, &db.name, query);
-        let release = unique("unknown-ca");
-        let (out, took) = run(gate(
-            &[("MIGRATIONS_GATE_DATABASE_URL", &u)],
-            &[
-                "migrate",
-                "--release",
-                &release,
-                "--connect-timeout",
-                CONNECT_TIMEOUT,
-                "--",
-                "true",
-            ],
-        ));
-        let what = format!("verify-ca, {label}");
-        assert_no_secret(&out, &[PASSWORD], &what);
-        assert_eq!(code(&out), 69, "{what}: {}", describe(&out, took));
-        assert_tls_failure(&out, took, &what);
+        assert_refused_for_tls(&u, "unknown-ca", &format!("verify-ca, {label}"));
     }
+}
+
+/// Runs `migrate --release PREFIX-… -- true` at `u` and asserts that it fails (69) as a TLS
+/// failure should ([`assert_tls_failure`]), without printing the password.
+fn assert_refused_for_tls(u: &str, prefix: &str, what: &str) {
+    let release = unique(prefix);
+    let (out, took) = run(gate(
+        &[("MIGRATIONS_GATE_DATABASE_URL", u)],
+        &[
+            "migrate",
+            "--release",
+            &release,
+            "--connect-timeout",
+            CONNECT_TIMEOUT,
+            "--",
+            "true",
+        ],
+    ));
+    assert_no_secret(&out, &[PASSWORD], what);
+    assert_eq!(code(&out), 69, "{what}: {}", describe(&out, took));
+    assert_tls_failure(&out, took, what);
 }
 
 /// A certificate problem: reported at once (not retried until --connect-timeout) with the
@@ -735,10 +718,6 @@ fn a_missing_sslrootcert_file_is_a_usage_error_naming_the_path() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
-    assert!(
-        stderr(&out).contains("/nonexistent/ca.pem"),
-        "{}",
-        stderr(&out)
-    );
+    assert_stderr_has(&out, "/nonexistent/ca.pem");
     assert!(!stderr(&out).contains("pw-leak-2"));
 }

@@ -31,10 +31,11 @@ use clap::ValueEnum;
 use tracing::{info, warn};
 
 use crate::config::PreflightArgs;
-use crate::db::{Conn, close, ident, is_missing_relation, is_read_only};
+use crate::db::{Conn, close};
 use crate::error::{Error, Result};
 use crate::gate::Gate;
 use crate::ledger::Seen;
+use crate::sql::{ident, is_missing_relation, is_read_only};
 
 pub(crate) use fingerprint::EnvKey;
 use presets::{Check, Context, Level, Rule, broken};

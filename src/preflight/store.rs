@@ -6,9 +6,9 @@ use sqlx::Row;
 use sqlx::postgres::{PgConnection, PgRow};
 
 use super::fingerprint::{EnvKey, hex, random_key};
-use crate::db::{ident, lit, query, query_if_exists};
 use crate::ledger::create_missing;
 use crate::lock::LockKey;
+use crate::sql::{ident, lit, query, query_if_exists};
 
 /// The preflight tables next to the ledger: the key, each release's reference fingerprints,
 /// and each replica's last comparison.

@@ -85,15 +85,21 @@ pub fn server_dir(prefix: &str) -> PathBuf {
     ));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("create temp dir");
+    give_to_postgres(&dir);
+    dir
+}
+
+/// Hands `path` (recursively) to the `postgres` user when we are root, so the servers, which
+/// then run as `postgres`, can read it.
+pub fn give_to_postgres(path: &Path) {
     if is_root() {
         let st = Command::new("chown")
             .args(["-R", "postgres:postgres"])
-            .arg(&dir)
+            .arg(path)
             .status()
             .expect("chown");
-        assert!(st.success());
+        assert!(st.success(), "chown of {} failed", path.display());
     }
-    dir
 }
 
 pub fn free_port() -> u16 {
@@ -137,13 +143,7 @@ impl Cluster {
         let data = dir.join("data");
         let pwfile = dir.join("pw");
         std::fs::write(&pwfile, PASSWORD).expect("write pwfile");
-        if is_root() {
-            Command::new("chown")
-                .args(["postgres:postgres"])
-                .arg(&pwfile)
-                .status()
-                .expect("chown");
-        }
+        give_to_postgres(&pwfile);
         let out = as_postgres(&bindir.join("initdb"))
             .arg("-D")
             .arg(&data)
@@ -159,11 +159,7 @@ impl Cluster {
             .arg(format!("--pwfile={}", pwfile.display()))
             .output()
             .expect("run initdb");
-        assert!(
-            out.status.success(),
-            "initdb failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_succeeded(&out, "initdb failed");
         let port = free_port();
         let mut opts = format!(
             "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300",
@@ -214,21 +210,13 @@ impl Cluster {
     /// Stops the server (fast shutdown: every session is terminated, as in a restart).
     pub fn stop_fast(&self) {
         let out = self.pg_ctl(&["-m", "fast", "-w", "stop"]);
-        assert!(
-            out.status.success(),
-            "pg_ctl stop: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_succeeded(&out, "pg_ctl stop");
     }
 
     /// Starts the server again after [`Cluster::stop_fast`].
     pub fn start_again(&self) {
         let out = self.pg_ctl(&["-w", "-t", "60", "start"]);
-        assert!(
-            out.status.success(),
-            "pg_ctl start: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_succeeded(&out, "pg_ctl start");
     }
 
     /// A real hot standby of this cluster: `pg_basebackup -R -c fast` over streaming
@@ -276,11 +264,7 @@ impl Cluster {
             .env("PGPASSWORD", PASSWORD)
             .output()
             .expect("run pg_basebackup");
-        assert!(
-            out.status.success(),
-            "pg_basebackup failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_succeeded(&out, "pg_basebackup failed");
         let out = standby.pg_ctl(&["-w", "-t", "60", "start"]);
         assert!(
             out.status.success(),
@@ -342,11 +326,7 @@ impl Cluster {
             .env("DATABASE_URL", &url)
             .output()
             .expect("run standin-app setup");
-        assert!(
-            out.status.success(),
-            "setup failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_succeeded(&out, "setup failed");
         TestDb { url, name: db }
     }
 }
@@ -392,6 +372,15 @@ impl TestDb {
         c
     }
 
+    /// Runs `migrations-gate ARGS...` against this database to the end (no hang guard: for
+    /// commands that do not wait on anything).
+    pub fn gate_output(&self, args: &[&str]) -> Output {
+        self.gate()
+            .args(args)
+            .output()
+            .expect("run migrations-gate")
+    }
+
     /// Asserts that no advisory lock of the gate's is left behind.
     pub fn assert_no_gate_locks(&self) {
         let n = self.one(
@@ -432,6 +421,21 @@ pub fn sql(url: &str, query: &str) -> Vec<Vec<String>> {
         let _ = conn.close().await;
         out
     })
+}
+
+/// Takes the gate's advisory lock for lock name `name` (`--lock`; the default is
+/// `migrations-gate`) on a session of the test's own at `url`, with the key derivation the README
+/// gives. Returns the session, which holds the lock until dropped, and the key.
+pub fn hold_lock(url: &str, name: &str) -> (Session, String) {
+    let mut holder = Session::open(url);
+    let key = holder.one(&format!(
+        "SELECT ('x' || left(encode(sha256(convert_to('{name}', 'UTF8')), 'hex'), 16))::bit(64)::bigint"
+    ));
+    assert_eq!(
+        holder.one(&format!("SELECT pg_try_advisory_lock({key})")),
+        "t"
+    );
+    (holder, key)
 }
 
 /// A connection held by the test itself (e.g. to hold a lock), on its own runtime.
@@ -487,21 +491,30 @@ pub fn run_args<'a>(release: &'a str, migrate: &'a str, app: &[&'a str]) -> Vec<
 /// benchmark) look beside their own directory (`target/<profile>/examples/..`).
 pub fn gate_bin() -> &'static str {
     static PATH: OnceLock<String> = OnceLock::new();
-    PATH.get_or_init(|| {
-        option_env!("CARGO_BIN_EXE_migrations-gate")
-            .map(String::from)
-            .unwrap_or_else(|| sibling("migrations-gate"))
-    })
+    binary(
+        &PATH,
+        option_env!("CARGO_BIN_EXE_migrations-gate"),
+        "migrations-gate",
+    )
 }
 
 /// The stand-in app binary (see `tests/support/standin_app.rs`).
 pub fn standin() -> &'static str {
     static PATH: OnceLock<String> = OnceLock::new();
-    PATH.get_or_init(|| {
-        option_env!("CARGO_BIN_EXE_standin-app")
-            .map(String::from)
-            .unwrap_or_else(|| sibling("standin-app"))
-    })
+    binary(
+        &PATH,
+        option_env!("CARGO_BIN_EXE_standin-app"),
+        "standin-app",
+    )
+}
+
+/// The path Cargo gave (`built`), else the binary `name` beside our own directory; found once.
+fn binary(
+    path: &'static OnceLock<String>,
+    built: Option<&'static str>,
+    name: &str,
+) -> &'static str {
+    path.get_or_init(|| built.map(String::from).unwrap_or_else(|| sibling(name)))
 }
 
 fn sibling(name: &str) -> String {
@@ -533,6 +546,12 @@ pub fn wait_output(mut child: Child, limit: Duration) -> Output {
             }
         }
     }
+}
+
+/// Asserts that a helper program exited 0; `what` leads the message, before its stderr.
+#[track_caller]
+pub fn assert_succeeded(out: &Output, what: &str) {
+    assert!(out.status.success(), "{what}: {}", stderr(out));
 }
 
 /// Spawns `cmd` with captured output.
@@ -570,6 +589,28 @@ pub fn stderr(out: &Output) -> String {
 
 pub fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Asserts that the process's stderr contains `text`, showing the stderr when it does not.
+#[track_caller]
+pub fn assert_stderr_has(out: &Output, text: &str) {
+    assert!(stderr(out).contains(text), "{}", stderr(out));
+}
+
+/// Asserts each process's exit code, showing its stderr when it is not the one expected.
+#[track_caller]
+pub fn assert_codes(outs: &[(&Output, i32)]) {
+    for (out, want) in outs {
+        assert_eq!(code(out), *want, "{}", stderr(out));
+    }
+}
+
+/// Asserts that `text` contains every one of `parts`.
+#[track_caller]
+pub fn assert_mentions(text: &str, parts: &[&str]) {
+    for part in parts {
+        assert!(text.contains(part), "missing {part:?} in:\n{text}");
+    }
 }
 
 /// The exit code, or -1 when the process was killed by a signal.
@@ -694,13 +735,7 @@ impl PgBouncer {
             format!("\"postgres\" \"{PASSWORD}\"\n"),
         )
         .expect("write userlist");
-        if is_root() {
-            Command::new("chown")
-                .args(["-R", "postgres:postgres"])
-                .arg(&dir)
-                .status()
-                .expect("chown");
-        }
+        give_to_postgres(&dir);
         let program = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
             .iter()
             .map(PathBuf::from)
