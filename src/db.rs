@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use backon::BackoffBuilder;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPoolOptions};
-use sqlx::{Acquire, ConnectOptions};
+use sqlx::{Acquire, ConnectOptions, Connection};
 use tracing::{debug, warn};
 
 use crate::error::{Error, Result};
@@ -41,32 +41,42 @@ pub(crate) enum Failure {
     Fatal(Error),
 }
 
-/// One connection of the gate's. It can `LISTEN`: sqlx only delivers notifications to a
-/// `PgListener`, which needs a pool, so each connection is a pool of exactly one that never
-/// reconnects by itself (a lost connection is the caller's decision).
-pub(crate) struct Conn {
-    listener: PgListener,
+/// One connection of the gate's: a plain session, or one that `LISTEN`s. sqlx delivers
+/// notifications only to a `PgListener`, which needs a pool; only a waiter that keeps its
+/// connection on a direct route listens ([`Db::connect_listening`]), so every other connection
+/// (the fast path, polls, the holder) stays a plain one, with sqlx's own errors classified as they
+/// happen.
+pub(crate) enum Conn {
+    Plain(PgConnection),
+    Listening(Box<PgListener>),
 }
 
 impl Conn {
     /// The session, for queries.
     pub(crate) async fn pg(&mut self) -> Result<&mut PgConnection, sqlx::Error> {
-        self.listener.acquire().await
+        match self {
+            Conn::Plain(c) => Ok(c),
+            // The listener never reconnects by itself (see `connect_listening`).
+            Conn::Listening(l) => l.acquire().await,
+        }
     }
 
-    /// Subscribes to `channel` (a session-level command: only on a connection that is its own
-    /// server session, never behind transaction pooling).
-    pub(crate) async fn listen(&mut self, channel: &str) -> Result<(), sqlx::Error> {
-        deadline(ROUND_TRIP_TIMEOUT, self.listener.listen(channel)).await
+    /// Whether this connection hears notifications.
+    pub(crate) fn listens(&self) -> bool {
+        matches!(self, Conn::Listening(_))
     }
 
     /// Waits up to `limit` for a notification. `Ok(true)`: one arrived; `Ok(false)`: none in
-    /// time; an error: the connection is lost.
+    /// time (a plain connection just waits); an error: the connection is lost.
     pub(crate) async fn notified(&mut self, limit: Duration) -> Result<bool, sqlx::Error> {
-        match tokio::time::timeout(limit, self.listener.try_recv()).await {
+        let Conn::Listening(l) = self else {
+            tokio::time::sleep(limit).await;
+            return Ok(false);
+        };
+        match tokio::time::timeout(limit, l.try_recv()).await {
             Ok(Ok(Some(_))) => {
                 // One wake-up is enough however many arrived.
-                while self.listener.next_buffered().is_some() {}
+                while l.next_buffered().is_some() {}
                 Ok(true)
             }
             Ok(Ok(None)) => Err(sqlx::Error::Io(std::io::ErrorKind::ConnectionReset.into())),
@@ -171,8 +181,22 @@ impl Db {
     /// One connection attempt, bounded by `limit` (and by [`Db::attempt_limit`]).
     pub(crate) async fn connect_once(&self, limit: Duration) -> Result<Conn, Failure> {
         let limit = limit.clamp(Duration::from_millis(100), self.attempt_limit());
-        // The pool retries a refused connection and "too many connections" by itself until
-        // `limit`; everything else comes back to be classified here.
+        match tokio::time::timeout(limit, self.options.connect()).await {
+            Ok(Ok(conn)) => {
+                set_client_keepalives();
+                Ok(Conn::Plain(conn))
+            }
+            Ok(Err(e)) => Err(self.classify(&e)),
+            Err(_) => Err(Failure::Retry(format!("no answer within {}", short(limit)))),
+        }
+    }
+
+    /// A connection that `LISTEN`s on `channel`, for a waiter that keeps its connection. The
+    /// one-connection pool behind it retries a refused connection and "too many connections" by
+    /// itself until the attempt limit; the caller has a plain connection already and simply
+    /// keeps polling on it when this fails.
+    pub(crate) async fn connect_listening(&self, channel: &str) -> Result<Conn, sqlx::Error> {
+        let limit = self.attempt_limit();
         let pool = PgPoolOptions::new()
             .max_connections(1)
             .min_connections(0)
@@ -181,38 +205,12 @@ impl Db {
             .test_before_acquire(false)
             .acquire_timeout(limit)
             .connect_lazy_with(self.options.clone());
-        let attempt = tokio::time::timeout(limit, PgListener::connect_with(&pool)).await;
-        match attempt {
-            Ok(Ok(mut listener)) => {
-                listener.eager_reconnect(false);
-                listener.ignore_pool_close_event(true);
-                set_client_keepalives();
-                Ok(Conn { listener })
-            }
-            Ok(Err(sqlx::Error::PoolTimedOut)) | Err(_) => Err(Failure::Retry(format!(
-                "{} within {}",
-                self.why_unreachable().await,
-                short(limit)
-            ))),
-            Ok(Err(e)) => Err(self.classify(&e)),
-        }
-    }
-
-    /// Why no connection came: a refused TCP connection says more than a timeout.
-    async fn why_unreachable(&self) -> &'static str {
-        if self.options.get_socket().is_some() {
-            return "no connection";
-        }
-        let addr = (self.options.get_host().to_string(), self.options.get_port());
-        match tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr))
-            .await
-        {
-            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => "connection refused",
-            Ok(Ok(_)) => {
-                "no session (the server accepts TCP but is full, starting up or not answering)"
-            }
-            _ => "no answer",
-        }
+        let mut listener = deadline(limit, PgListener::connect_with(&pool)).await?;
+        listener.eager_reconnect(false);
+        listener.ignore_pool_close_event(true);
+        set_client_keepalives();
+        deadline(ROUND_TRIP_TIMEOUT, listener.listen(channel)).await?;
+        Ok(Conn::Listening(Box::new(listener)))
     }
 
     /// Sorts an error into retry or give up, with a message that names the URL safely.
@@ -382,11 +380,19 @@ fn is_tls_failure(io: &std::io::Error) -> bool {
 /// Closes a connection: the server frees its session (and session locks) at once. Bounded: a
 /// connection on a dead socket is simply dropped.
 pub(crate) async fn close(conn: Conn) {
-    let Conn { listener } = conn;
-    drop(listener);
-    // The listener hands its connection back to its one-connection pool on a task; yielding
-    // lets that run, and dropping the pool then closes the socket.
-    tokio::task::yield_now().await;
+    match conn {
+        Conn::Plain(c) => {
+            if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(1), c.close()).await {
+                debug!(error = %e, "closing the database connection failed");
+            }
+        }
+        Conn::Listening(l) => {
+            drop(l);
+            // The listener hands its connection back to its one-connection pool on a task;
+            // yielding lets that run, and dropping the pool then closes the socket.
+            tokio::task::yield_now().await;
+        }
+    }
 }
 
 /// The URL with any password replaced by `***`, for messages and logs.

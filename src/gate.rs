@@ -54,6 +54,15 @@ pub(crate) enum Want {
     },
 }
 
+impl Want {
+    /// `--waiting-connections`.
+    pub(crate) fn slots(self) -> WaitSlots {
+        match self {
+            Want::Lock { slots, .. } | Want::Done { slots } => slots,
+        }
+    }
+}
+
 /// The state a waiter carries from round to round on one connection.
 #[derive(Default)]
 pub(crate) struct Session {

@@ -11,6 +11,8 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnection, PgRow};
 use sqlx::{AssertSqlSafe, Row};
 
+use tracing::trace;
+
 use crate::db::short;
 
 /// Longest round trip of any query of the gate's. Its queries are tiny; one that takes longer
@@ -21,6 +23,9 @@ pub(crate) const ROUND_TRIP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Runs `sql` with the simple query protocol and returns its rows, within
 /// [`ROUND_TRIP_TIMEOUT`]. After a timeout the connection is unusable: drop it.
 pub(crate) async fn query(conn: &mut PgConnection, sql: String) -> Result<Vec<PgRow>, sqlx::Error> {
+    // Every statement, at trace level (`MIGRATIONS_GATE_LOG=migrations_gate::sql=trace`): what
+    // the gate asks, for an operator, and the benchmark's floor runs the very same query.
+    trace!(sql = %sql, "query");
     deadline(
         ROUND_TRIP_TIMEOUT,
         sqlx::raw_sql(AssertSqlSafe(sql)).fetch_all(conn),

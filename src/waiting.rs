@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::gate::{Gate, Round, Session, Want};
 use crate::holding::Holding;
 use crate::ledger::Seen;
-use crate::lock::Route;
+use crate::lock::{self, Route, WaitSlots};
 
 /// How often a waiter logs who holds the lock.
 const REPORT_EVERY: Duration = Duration::from_secs(10);
@@ -65,7 +65,6 @@ pub(crate) async fn wait_turn(gate: &Gate, want: Want, wait_timeout: Duration) -
         gate,
         conn: None,
         session: Session::default(),
-        listening: false,
         trouble_since: None,
         last_trouble: None,
         last_holder: None,
@@ -98,11 +97,11 @@ pub(crate) async fn wait_turn(gate: &Gate, want: Want, wait_timeout: Duration) -
         if started.elapsed() >= wait_timeout {
             return Err(waiter.timed_out(started.elapsed()));
         }
-        let pause = match (&waiter.conn, waiter.listening) {
-            (Some(_), true) => listening_delays.next(),
-            (Some(_), false) => fast.next(),
-            (None, _) if pressure > CROWDED => Some(crowded_delay(pressure)),
-            (None, _) => slow.next(),
+        let pause = match &waiter.conn {
+            Some(c) if c.listens() => listening_delays.next(),
+            Some(_) => fast.next(),
+            None if pressure > CROWDED => Some(crowded_delay(pressure)),
+            None => slow.next(),
         }
         .unwrap_or(POLL_SLOW_MAX);
         let until = deadline.min(tokio::time::Instant::now() + pause);
@@ -116,8 +115,6 @@ struct Waiter<'g> {
     /// The connection kept between rounds, if this waiter may keep one.
     conn: Option<Conn>,
     session: Session,
-    /// Whether `conn` listens on the lock's channel.
-    listening: bool,
     /// Since when rounds fail for transient reasons (no connection, a standby).
     trouble_since: Option<Instant>,
     /// The latest such reason.
@@ -146,7 +143,6 @@ impl Waiter<'_> {
         let conn = match self.conn.take() {
             Some(c) => Ok(c),
             None => {
-                self.listening = false;
                 self.session.slot = false;
                 gate.db.connect_once(gate.db.attempt_limit()).await
             }
@@ -164,8 +160,8 @@ impl Waiter<'_> {
                 if let Some(mut c) = conn {
                     self.report(&mut c).await;
                     if keep {
-                        if !self.listening && self.may_listen() {
-                            self.listening = c.listen(&gate.lock().channel()).await.is_ok();
+                        if !c.listens() && self.may_listen() {
+                            c = self.listen_instead(c, want.slots()).await;
                         }
                         self.conn = Some(c);
                     } else {
@@ -215,6 +211,30 @@ impl Waiter<'_> {
         matches!(self.session.route, Some((Route::Direct, _)))
     }
 
+    /// A waiter that keeps its plain connection on a direct route moves to one that `LISTEN`s.
+    /// It takes a waiting slot there before it lets go of the one it holds, so the count of kept
+    /// connections never grows past the slots; without a free slot, or when the listening
+    /// connection fails, it keeps polling on the plain one.
+    async fn listen_instead(&mut self, plain: Conn, slots: WaitSlots) -> Conn {
+        let gate = self.gate;
+        let Ok(mut listening) = gate.db.connect_listening(&gate.lock().channel()).await else {
+            return plain;
+        };
+        let taken = match listening.pg().await {
+            Ok(c) => lock::try_take_wait_slot(c, gate.lock(), slots)
+                .await
+                .is_ok_and(|s| s.taken),
+            Err(_) => false,
+        };
+        if taken {
+            db::close(plain).await;
+            listening
+        } else {
+            db::close(listening).await;
+            plain
+        }
+    }
+
     /// Every [`REPORT_EVERY`]: who holds the lock, in the log.
     async fn report(&mut self, conn: &mut Conn) {
         if Instant::now() < self.next_report {
@@ -233,7 +253,7 @@ impl Waiter<'_> {
 
     /// Sleeps until `until`, or less when a listening connection hears the holder finish.
     async fn pause_until(&mut self, until: tokio::time::Instant) {
-        let Some(conn) = self.conn.as_mut().filter(|_| self.listening) else {
+        let Some(conn) = self.conn.as_mut() else {
             tokio::time::sleep_until(until).await;
             return;
         };
