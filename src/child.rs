@@ -257,12 +257,16 @@ impl Supervisor {
     pub(crate) fn finish(&mut self) {
         // A migration that left background processes behind must not keep running unguarded.
         kill_group(self.pid, libc::SIGKILL);
-        // SAFETY: plain system calls; the guard is our child.
+        if self.guard_reaped {
+            return;
+        }
+        // SAFETY: plain system calls; the guard is our child and not reaped yet.
         unsafe {
             libc::kill(self.guard, libc::SIGKILL);
             let mut status = 0;
             libc::waitpid(self.guard, &mut status, 0);
         }
+        self.guard_reaped = true;
     }
 }
 

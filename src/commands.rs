@@ -200,12 +200,19 @@ pub(crate) async fn reset(args: ResetArgs) -> Result<i32> {
     let result = async {
         let (_, scope) = gate.route(&mut conn, &mut session).await?;
         let c = conn.pg().await?;
+        // Looked at before the lock: in transaction scope a missing ledger would abort the lock's
+        // transaction, and then its COMMIT would silently roll back.
+        if gate.ledger.attempts(c, Some(&release), 1).await?.is_empty() {
+            store.forget(c, &release).await?;
+            return Ok(Ok(Vec::new()));
+        }
         if !lock::try_acquire(c, gate.lock(), scope).await? {
             return Ok(Err(()));
         }
         let removed = gate.ledger.forget(c, &release).await?;
-        store.forget(c, &release).await?;
         lock::release(c, gate.lock(), scope).await?;
+        // Outside the lock's transaction, for the same reason (its tables may not exist).
+        store.forget(c, &release).await?;
         Ok::<_, sqlx::Error>(Ok(removed))
     }
     .await;

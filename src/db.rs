@@ -56,7 +56,8 @@ impl Conn {
     pub(crate) async fn pg(&mut self) -> Result<&mut PgConnection, sqlx::Error> {
         match self {
             Conn::Plain(c) => Ok(c),
-            // The listener never reconnects by itself (see `connect_listening`).
+            // `acquire` would reconnect only after `notified` saw the connection lost, and then
+            // the waiting loop drops this `Conn` instead.
             Conn::Listening(l) => l.acquire().await,
         }
     }
@@ -252,10 +253,9 @@ impl Db {
             sqlx::Error::Tls(t) => Failure::Fatal(Error::Unavailable(format!(
                 "TLS connection to {at} failed: {t}; check sslmode and sslrootcert"
             ))),
-            sqlx::Error::Configuration(c) => Failure::Fatal(Error::Usage(format!(
-                "bad database URL {at}: {}",
-                scrub(&c.to_string(), "")
-            ))),
+            sqlx::Error::Configuration(c) => {
+                Failure::Fatal(Error::Usage(format!("bad database URL {at}: {c}")))
+            }
             sqlx::Error::Protocol(p) => Failure::Retry(format!("protocol error: {p}")),
             other => Failure::Retry(other.to_string()),
         }

@@ -25,7 +25,7 @@ use crate::config::Target;
 use crate::db::{Conn, Db, Failure};
 use crate::error::{Error, Result};
 use crate::holding::Holding;
-use crate::ledger::{Attempt, Ledger, Seen};
+use crate::ledger::{Attempt, Ledger, ReadKey, Seen};
 use crate::lock::{self, LockKey, Route, Scope, WaitSlots};
 
 /// One replica's view of the lock and the ledger.
@@ -70,6 +70,9 @@ pub(crate) struct Session {
     pub(crate) route: Option<(Route, Scope)>,
     /// Whether this connection holds a waiting slot.
     pub(crate) slot: bool,
+    /// Whether this connection already tried to move to a listening one (once per connection:
+    /// without a free slot it would open a connection on every poll).
+    pub(crate) listen_tried: bool,
     /// Whether the ledger is known to exist.
     pub(crate) ensured: bool,
 }
@@ -164,7 +167,7 @@ impl Gate {
         if let Some(release) = self.release() {
             let seen = self
                 .ledger
-                .is_done(conn.pg().await.map_err(sql)?, release)
+                .is_done(conn.pg().await.map_err(sql)?, release, ReadKey::IfCompared)
                 .await
                 .map_err(sql)?;
             match seen.done {
@@ -196,7 +199,11 @@ impl Gate {
         }
         lock::configure_keepalives(c, scope).await.map_err(sql)?;
         if let Some(release) = self.release() {
-            let seen = self.ledger.is_done(c, release).await.map_err(sql)?;
+            let seen = self
+                .ledger
+                .is_done(c, release, ReadKey::No)
+                .await
+                .map_err(sql)?;
             if seen.done == Some(true) {
                 // The previous holder finished between our read and our lock.
                 lock::release(c, self.lock(), scope).await.map_err(sql)?;
@@ -215,15 +222,17 @@ impl Gate {
             Some(w) => w.pg().await.map_err(sql)?,
             None => conn.pg().await.map_err(sql)?,
         };
-        let (stale, wait) = self.ledger.abandon_stale(book).await.map_err(sql)?;
+        let (stale, wait) = self.ledger.stale(book).await.map_err(sql)?;
         if stale > 0 {
             warn!(
                 stale,
                 fence_wait_s = format!("{wait:.1}"),
                 "the previous holder vanished mid-migration; taking over once it has surely stopped its migration"
             );
-            // Holding the lock, so nobody else starts meanwhile.
+            // Holding the lock, so nobody else starts meanwhile; the rows stay `running` until
+            // the wait is over, so a taker-over that dies meanwhile hands the wait on.
             tokio::time::sleep(Duration::from_secs_f64(wait.min(3600.0))).await;
+            self.ledger.abandon_stale(book).await.map_err(sql)?;
         }
         let id = self
             .ledger

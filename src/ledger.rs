@@ -85,12 +85,13 @@ impl Ledger {
         &self,
         conn: &mut PgConnection,
         release: &str,
+        read_key: ReadKey,
     ) -> Result<Seen, sqlx::Error> {
         let table = self.table();
         let key = self.lock.key;
         let release = lit(release);
         // A ledger made by an older gate has no key table yet: then read without it.
-        for with_key in [self.env_key, false] {
+        for with_key in [self.env_key && read_key == ReadKey::IfCompared, false] {
             let key_column = if with_key {
                 format!(
                     ", (SELECT encode(key, 'hex') FROM {})",
@@ -207,24 +208,19 @@ impl Ledger {
         )
     }
 
-    /// Marks attempts left `running` by a holder that vanished as `abandoned`, and returns how
-    /// many there were and how long to wait before migrating: until the vanished holder's last
-    /// heartbeat plus its fencing time (heartbeat timeout + kill grace), by which point a holder
-    /// that merely lost its session has surely stopped its migration. A holder killed outright
-    /// took its migration with it (the guard), but we cannot tell the two apart from here.
-    /// Only the lock holder may call this: holding the lock proves no other holder is alive.
-    pub(crate) async fn abandon_stale(
-        &self,
-        conn: &mut PgConnection,
-    ) -> Result<(u64, f64), sqlx::Error> {
+    /// How many attempts were left `running` by a holder that vanished, and how long to wait
+    /// before migrating: until the latest vanished holder's last heartbeat plus its fencing time
+    /// (heartbeat timeout + kill grace), by which point a holder that merely lost its session has
+    /// surely stopped its migration. A holder killed outright took its migration with it (the
+    /// guard), but we cannot tell the two apart from here. Only the lock holder may call this.
+    /// Nothing is marked yet: a taker-over that dies while it waits leaves the rows `running`, so
+    /// the next one waits too ([`Ledger::abandon_stale`] marks them after the wait).
+    pub(crate) async fn stale(&self, conn: &mut PgConnection) -> Result<(u64, f64), sqlx::Error> {
         let sql = format!(
-            "WITH u AS (UPDATE {} SET outcome = 'abandoned', finished_at = clock_timestamp(), \
-                 detail = 'the holder vanished (crash, kill or lost connection); taken over' \
-             WHERE lock_key = {} AND outcome = 'running' \
-             RETURNING coalesce(heartbeat_at, started_at) + make_interval(secs => fence_secs) AS safe_at) \
-             SELECT count(*)::text, \
-                    coalesce(greatest(0, extract(epoch FROM max(safe_at) - clock_timestamp())), 0)::float8::text \
-             FROM u",
+            "SELECT count(*)::text, \
+                    coalesce(greatest(0, extract(epoch FROM max(coalesce(heartbeat_at, started_at) \
+                        + make_interval(secs => fence_secs)) - clock_timestamp())), 0)::float8::text \
+             FROM {} WHERE lock_key = {} AND outcome = 'running'",
             self.table(),
             self.lock.key
         );
@@ -235,6 +231,19 @@ impl Ledger {
         let count = text(0).and_then(|s| s.parse().ok()).unwrap_or(0);
         let wait = text(1).and_then(|s| s.parse().ok()).unwrap_or(0.0);
         Ok((count, wait))
+    }
+
+    /// Marks attempts left `running` by a vanished holder as `abandoned`, once
+    /// [`Ledger::stale`]'s wait is over.
+    pub(crate) async fn abandon_stale(&self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+        let sql = format!(
+            "UPDATE {} SET outcome = 'abandoned', finished_at = clock_timestamp(), \
+                 detail = 'the holder vanished (crash, kill or lost connection); taken over' \
+             WHERE lock_key = {} AND outcome = 'running'",
+            self.table(),
+            self.lock.key
+        );
+        query(conn, sql).await.map(|_| ())
     }
 
     /// Proves the holder alive to a future taker-over: stamps `heartbeat_at`. Returns whether
@@ -307,9 +316,9 @@ impl Ledger {
     }
 
     /// Records attempt `id` as failed after its holder fenced itself, from a new connection.
-    /// In session scope the row exists (`running`, or `abandoned` if a new holder already
-    /// took over); in transaction scope it was rolled back with the lost transaction, so it is
-    /// written anew.
+    /// The row exists (`running`, or `abandoned` if a new holder already took over): the lock
+    /// session or, in transaction scope, the witness connection committed it. It is written anew
+    /// only if it is gone (a `reset` meanwhile).
     pub(crate) async fn record_fenced(
         &self,
         conn: &mut PgConnection,
@@ -436,6 +445,16 @@ pub(crate) async fn create_missing(
         missing.concat()
     );
     query(conn, sql).await.map(|_| ())
+}
+
+/// Whether [`Ledger::is_done`] may read the `--same-env` key. Not inside the lock's
+/// transaction: a missing key table there would abort it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ReadKey {
+    /// When this replica compares variables.
+    IfCompared,
+    /// Never.
+    No,
 }
 
 /// What one look at the ledger saw.

@@ -92,7 +92,8 @@ impl fmt::Display for LockKey {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum Scope {
-    /// Decide per connection: transaction when a pooler or proxy is detected, else session.
+    /// Decide once per gate, on its first connection that needs it: session on a direct
+    /// connection, transaction when a pooler or proxy sits between.
     Auto,
     /// `pg_try_advisory_lock`, held by the session: no open transaction while migrating, so
     /// `CREATE INDEX CONCURRENTLY` in the migration never waits for us. Needs a direct
@@ -287,8 +288,8 @@ impl std::str::FromStr for WaitSlots {
 /// Tries to take a "waiting connection" slot of this lock. Waiters that get one keep their
 /// connection and poll often (a query on an open connection is cheap); the others reconnect for
 /// every poll (a new connection costs the server a process and an authentication), so a fleet of
-/// hundreds never holds more connections than the slots while it waits. Session-level: only
-/// used in session scope.
+/// hundreds never holds more connections than the slots while it waits. Session-level advisory
+/// locks: only used on a direct route, where a connection is its own server session.
 pub(crate) async fn try_take_wait_slot(
     conn: &mut PgConnection,
     lock: &LockKey,

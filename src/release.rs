@@ -52,6 +52,12 @@ fn collect_files(root: &Path, dir: &Path, out: &mut Vec<(PathBuf, PathBuf)>) -> 
     for entry in entries {
         let entry =
             entry.map_err(|e| Error::Usage(format!("--release-from {}: {e}", dir.display())))?;
+        // A Kubernetes ConfigMap or Secret volume keeps its files in `..data` and a per-pod
+        // `..2026_...` folder, with the visible names as symlinks into them: hashing those would
+        // give every pod its own release. The visible names (followed) are the content.
+        if entry.file_name().to_string_lossy().starts_with("..") {
+            continue;
+        }
         let path = entry.path();
         let meta = std::fs::metadata(&path)
             .map_err(|e| Error::Usage(format!("--release-from {}: {e}", path.display())))?;
@@ -75,6 +81,26 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         dir
+    }
+
+    #[test]
+    fn a_configmap_volume_hashes_its_visible_files_only() {
+        // As the kubelet lays it out: the files live in a timestamped folder, `..data` points
+        // at it, and the visible names point into `..data`.
+        let a = scratch("configmap-a");
+        let b = scratch("configmap-b");
+        for (dir, stamp) in [(&a, "..2026_01_01"), (&b, "..2026_02_02")] {
+            std::fs::create_dir(dir.join(stamp)).unwrap();
+            std::fs::write(dir.join(stamp).join("001.sql"), "CREATE TABLE t (id int);").unwrap();
+            std::os::unix::fs::symlink(stamp, dir.join("..data")).unwrap();
+            std::os::unix::fs::symlink("..data/001.sql", dir.join("001.sql")).unwrap();
+        }
+        assert_eq!(
+            release_from_path(&a).unwrap(),
+            release_from_path(&b).unwrap()
+        );
+        let _ = std::fs::remove_dir_all(&a);
+        let _ = std::fs::remove_dir_all(&b);
     }
 
     #[test]

@@ -26,6 +26,15 @@ pub(crate) async fn query(conn: &mut PgConnection, sql: String) -> Result<Vec<Pg
     // Every statement, at trace level (`MIGRATIONS_GATE_LOG=migrations_gate::sql=trace`): what
     // the gate asks, for an operator, and the benchmark's floor runs the very same query.
     trace!(sql = %sql, "query");
+    query_secret(conn, sql).await
+}
+
+/// [`query`] for a statement that carries a secret (the `--same-env` key, fingerprints): never
+/// logged, not even at trace level.
+pub(crate) async fn query_secret(
+    conn: &mut PgConnection,
+    sql: String,
+) -> Result<Vec<PgRow>, sqlx::Error> {
     deadline(
         ROUND_TRIP_TIMEOUT,
         sqlx::raw_sql(AssertSqlSafe(sql)).fetch_all(conn),

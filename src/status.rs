@@ -10,7 +10,7 @@ use crate::config::StatusArgs;
 use crate::db::close;
 use crate::error::{EXIT_NOT_DONE, EXIT_OK, Error, Result};
 use crate::gate::Gate;
-use crate::ledger::AttemptRow;
+use crate::ledger::{AttemptRow, ReadKey};
 use crate::lock::{self, Holder};
 use crate::preflight::{EnvCheck, Store};
 
@@ -42,7 +42,13 @@ pub(crate) async fn status(args: StatusArgs) -> Result<i32> {
         let holder = lock::holder(c, gate.lock()).await?;
         let attempts = gate.ledger.attempts(c, gate.release(), args.limit).await?;
         let release_done = match gate.release() {
-            Some(r) => Some(gate.ledger.is_done(c, r).await?.done.unwrap_or(false)),
+            Some(r) => Some(
+                gate.ledger
+                    .is_done(c, r, ReadKey::No)
+                    .await?
+                    .done
+                    .unwrap_or(false),
+            ),
             None => None,
         };
         let releases: Vec<String> = match gate.release() {

@@ -144,6 +144,7 @@ impl Waiter<'_> {
             Some(c) => Ok(c),
             None => {
                 self.session.slot = false;
+                self.session.listen_tried = false;
                 gate.db.connect_once(gate.db.attempt_limit()).await
             }
         };
@@ -160,7 +161,8 @@ impl Waiter<'_> {
                 if let Some(mut c) = conn {
                     self.report(&mut c).await;
                     if keep {
-                        if !c.listens() && self.may_listen() {
+                        if !c.listens() && !self.session.listen_tried && self.may_listen() {
+                            self.session.listen_tried = true;
                             c = self.listen_instead(c, want.slots()).await;
                         }
                         self.conn = Some(c);

@@ -562,3 +562,36 @@ fn notices_of_the_gates_own_ddl_stay_out_of_the_default_log() {
         );
     }
 }
+
+#[test]
+fn same_env_on_a_first_deploy_works_in_transaction_scope_too() {
+    // Behind a pooler or proxy the lock lives in a transaction: the holder's re-read of the
+    // ledger inside it must not touch the fingerprint key table, which does not exist yet on a
+    // first deploy (a failed statement would abort the lock's transaction).
+    let db = cluster().new_db("pre_tx");
+    let replicas: Vec<_> = (0..3)
+        .map(|i| {
+            let mut c = replica_with(
+                &db,
+                "r1",
+                &format!("tx-{i}"),
+                Some("same-value"),
+                &["--lock-scope", "transaction"],
+            );
+            spawn(&mut c)
+        })
+        .collect();
+    let outs: Vec<Output> = replicas
+        .into_iter()
+        .map(|c| wait_output(c, HANG_GUARD))
+        .collect();
+    assert_eq!(db.one("SELECT count(*) FROM mg_runs"), "1");
+    assert_eq!(
+        db.one("SELECT count(*) FROM migrations_gate.ledger WHERE outcome = 'done'"),
+        "1"
+    );
+    assert_eq!(starts(&db), "3");
+    for out in &outs {
+        assert_eq!(code(out), 0, "{}", stderr(out));
+    }
+}

@@ -8,7 +8,7 @@ use sqlx::postgres::{PgConnection, PgRow};
 use super::fingerprint::{EnvKey, hex, random_key};
 use crate::ledger::create_missing;
 use crate::lock::LockKey;
-use crate::sql::{ident, lit, query, query_if_exists};
+use crate::sql::{ident, lit, query_if_exists, query_secret};
 
 /// The preflight tables next to the ledger: the key, each release's reference fingerprints,
 /// and each replica's last comparison.
@@ -85,7 +85,8 @@ impl Store {
     /// that a read-only standby can read it.
     pub(super) async fn key(&self, conn: &mut PgConnection) -> Result<EnvKey, sqlx::Error> {
         let table = key_table(&self.schema);
-        let existing = query(conn, format!("SELECT encode(key, 'hex') FROM {table}")).await?;
+        let existing =
+            query_secret(conn, format!("SELECT encode(key, 'hex') FROM {table}")).await?;
         if let Some(k) = existing
             .iter()
             .find_map(|r| r.try_get::<String, _>(0).ok())
@@ -94,7 +95,7 @@ impl Store {
             return Ok(k);
         }
         let fresh = random_key().map_err(sqlx::Error::Io)?;
-        let rows = query(
+        let rows = query_secret(
             conn,
             format!(
                 "INSERT INTO {table} (key) VALUES (decode({}, 'hex')) ON CONFLICT (only_row) DO NOTHING; \
@@ -143,7 +144,7 @@ impl Store {
             reference = self.reference(),
             checks = self.checks(),
         );
-        references(&query(conn, sql).await?)
+        references(&query_secret(conn, sql).await?)
     }
 
     /// Compares with the release's reference without recording anything (a read-only
@@ -165,7 +166,7 @@ impl Store {
             self.lock.key,
             lit(release)
         );
-        references(&query(conn, sql).await?)
+        references(&query_secret(conn, sql).await?)
     }
 
     /// Forgets the fingerprints of `release`; returns how many variables had a reference.
