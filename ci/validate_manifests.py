@@ -107,18 +107,24 @@ def compose(path, rendered):
                 if not dep or dep.get("condition") != "service_completed_successfully":
                     err(f"{where}: must depend_on {inst} with condition service_completed_successfully")
         if "open-webui" in image:
-            if "--ready-http" not in ep or "--migrate" not in ep:
-                err(f"{where}: the Open WebUI recipe needs --migrate and --ready-http")
-            if svc.get("working_dir") != "/app/backend":
-                err(f"{where}: Open WebUI's start.sh needs working_dir /app/backend")
-            for k in ("WEBUI_SECRET_KEY", "REDIS_URL", "WEBSOCKET_MANAGER", "VECTOR_DB"):
-                if k not in env:
-                    err(f"{where}: {k} is required for several Open WebUI replicas")
+            check_open_webui(where, ep, svc, "working_dir", env)
         replicas = (svc.get("deploy") or {}).get("replicas")
         if not replicas or int(replicas) < 2:
             err(f"{where}: expected several replicas (deploy.replicas)")
     if not gated:
         err(f"{path}: no service uses the gate as its entrypoint")
+
+
+def check_open_webui(where, argv, spec, workdir_key, env):
+    """The Open WebUI recipe, in a compose service or a Kubernetes container alike:
+    `workdir_key` is how each spells the working directory."""
+    if "--ready-http" not in argv or "--migrate" not in argv:
+        err(f"{where}: the Open WebUI recipe needs --migrate and --ready-http")
+    if spec.get(workdir_key) != "/app/backend":
+        err(f"{where}: Open WebUI's start.sh needs {workdir_key} /app/backend")
+    for k in ("WEBUI_SECRET_KEY", "REDIS_URL", "WEBSOCKET_MANAGER", "VECTOR_DB"):
+        if k not in env:
+            err(f"{where}: {k} is required for several Open WebUI replicas")
 
 
 # -------------------------------------------------------------------------------- kubernetes
@@ -237,13 +243,7 @@ def k8s(path, rendered):
             if section == "containers":
                 gated_app.add(c["name"])
             if "open-webui" in c.get("image", ""):
-                if "--ready-http" not in argv or "--migrate" not in argv:
-                    err(f"{where}: the Open WebUI recipe needs --migrate and --ready-http")
-                if c.get("workingDir") != "/app/backend":
-                    err(f"{where}: Open WebUI's start.sh needs workingDir /app/backend")
-                for k in ("WEBUI_SECRET_KEY", "REDIS_URL", "WEBSOCKET_MANAGER", "VECTOR_DB"):
-                    if k not in env:
-                        err(f"{where}: {k} is required for several Open WebUI replicas")
+                check_open_webui(where, argv, c, "workingDir", env)
                 if kind == "Deployment" and (d["spec"].get("strategy") or {}).get("type") != "Recreate":
                     err(f"{where_pod}: Open WebUI needs strategy Recreate (no two versions on one schema)")
         if has_migrate_init:
