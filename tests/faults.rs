@@ -4,12 +4,10 @@
 
 mod support;
 
-use std::process::{Child, Command, Output};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use support::*;
-
-const HANG_GUARD: Duration = Duration::from_secs(180);
 
 fn migrate(db: &TestDb, flags: &[&str], step_ms: u32) -> Command {
     let mut c = db.gate();
@@ -29,20 +27,11 @@ fn kill(child_pid: i32, sig: i32) {
 
 fn assert_done_once(db: &TestDb) {
     assert_no_overlap(db);
+    assert_eq!(db.seed_rows(), 1, "seed row must exist once");
+    assert_eq!(db.ledger().times_done("r1"), 1);
     assert_eq!(
-        db.one("SELECT count(*) FROM app_seed"),
-        "1",
-        "seed row must exist once"
-    );
-    assert_eq!(
-        db.one(
-            "SELECT count(*) FROM migrations_gate.ledger WHERE release = 'r1' AND outcome = 'done'"
-        ),
-        "1"
-    );
-    assert_eq!(
-        db.one("SELECT count(*) FROM mg_runs WHERE finished_at IS NOT NULL"),
-        "1",
+        db.migrations_finished(),
+        1,
         "exactly one migration may finish"
     );
     db.assert_no_gate_locks();
@@ -78,32 +67,33 @@ fn holders_killed_at_random_points_repeatedly_still_migrate_once() {
     let gates: Vec<Child> = (0..5)
         .map(|_| spawn(&mut migrate(&db, &["--kill-grace", "1s"], 300)))
         .collect();
-    let mut killed: Vec<String> = Vec::new();
+    let mut killed: Vec<i32> = Vec::new();
     eventually(HANG_GUARD, "the first gate created the ledger", || {
-        db.one("SELECT (to_regclass('migrations_gate.ledger') IS NOT NULL)::text") == "true"
+        db.ledger().exists()
     });
     for _ in 0..3 {
-        let mut holder = String::new();
+        let mut holder = None;
         eventually(HANG_GUARD, "a live holder is migrating", || {
-            holder = db.one("SELECT coalesce(max(pid)::text, '') FROM migrations_gate.ledger WHERE outcome = 'running'");
-            !holder.is_empty() && !killed.contains(&holder)
+            holder = db.ledger().running_pids().into_iter().max();
+            holder.is_some_and(|pid| !killed.contains(&pid))
         });
+        let holder = holder.expect("a live holder");
         // Anywhere within the migration's five steps (~1.5 s), or just after it.
         std::thread::sleep(Duration::from_millis(rng.below(1800)));
-        let still = db.one(&format!(
-            "SELECT count(*) FROM migrations_gate.ledger WHERE outcome = 'running' AND pid = {holder}"
-        ));
-        if still == "1" {
-            kill(holder.parse().unwrap(), libc::SIGKILL);
+        let still = db
+            .ledger()
+            .running_pids()
+            .iter()
+            .filter(|&&pid| pid == holder)
+            .count();
+        if still == 1 {
+            kill(holder, libc::SIGKILL);
             killed.push(holder);
         } else {
             break;
         }
     }
-    let outs: Vec<Output> = gates
-        .into_iter()
-        .map(|g| wait_output(g, HANG_GUARD))
-        .collect();
+    let outs = wait_all(gates, HANG_GUARD);
     let failed: Vec<_> = outs
         .iter()
         .filter(|o| o.status.code().is_some_and(|c| c != 0))
@@ -118,10 +108,7 @@ fn holders_killed_at_random_points_repeatedly_still_migrate_once() {
         killed.len()
     );
     assert_done_once(&db);
-    assert_eq!(
-        db.one("SELECT count(*) FROM migrations_gate.ledger WHERE outcome = 'abandoned'"),
-        killed.len().to_string()
-    );
+    assert_eq!(db.ledger().count("abandoned"), killed.len());
     // Every killed holder's migration died with it.
     for pid in db.rows("SELECT pid FROM mg_runs WHERE finished_at IS NULL") {
         let pid: i32 = pid[0].parse().unwrap();
@@ -153,9 +140,9 @@ fn holder_whose_lock_session_is_terminated_fences_itself_and_one_waiter_takes_ov
     .env("STANDIN_STEP_MS", "1500");
     let a = spawn(&mut a);
     eventually(HANG_GUARD, "the holder's migration started", || {
-        db.one("SELECT count(*) FROM mg_runs") == "1"
+        db.migrations_started() == 1
     });
-    let first_migration: i32 = db.one("SELECT pid FROM mg_runs").parse().unwrap();
+    let first_migration = db.first_migration_pid();
     let b = spawn(&mut migrate(&db, &[], 100));
     std::thread::sleep(Duration::from_millis(300));
     let terminated = db.one(
@@ -176,9 +163,16 @@ fn holder_whose_lock_session_is_terminated_fences_itself_and_one_waiter_takes_ov
     let b = wait_output(b, HANG_GUARD);
     assert_eq!(code(&b), 0, "{}", stderr(&b));
     assert_done_once(&db);
+    let fenced: Vec<(String, Option<i32>)> = db
+        .ledger()
+        .attempts()
+        .into_iter()
+        .filter(|a| a.detail.starts_with("fenced"))
+        .map(|a| (a.outcome, a.exit_code))
+        .collect();
     assert_eq!(
-        db.one("SELECT outcome || ':' || exit_code FROM migrations_gate.ledger WHERE detail LIKE 'fenced%'"),
-        "failed:137",
+        fenced,
+        [("failed".to_string(), Some(137))],
         "the fenced attempt is recorded with the child's exit (SIGKILL)"
     );
 }
@@ -201,9 +195,9 @@ fn holder_host_vanishing_without_a_goodbye_frees_the_lock_within_30_seconds() {
     let db = cluster().new_db("partition");
     let a = spawn(&mut migrate(&db, &["--kill-grace", "2s"], 3000));
     eventually(HANG_GUARD, "the holder's migration started", || {
-        db.one("SELECT count(*) FROM mg_runs") == "1"
+        db.migrations_started() == 1
     });
-    let first_migration: i32 = db.one("SELECT pid FROM mg_runs").parse().unwrap();
+    let first_migration = db.first_migration_pid();
     let b = spawn(&mut migrate(&db, &[], 100));
     let lock_session = db.rows(
         "SELECT s.pid::text, s.client_port::text FROM pg_locks l JOIN pg_stat_activity s ON s.pid = l.pid \
@@ -265,18 +259,15 @@ fn postgres_restart_while_replicas_wait_is_survived_and_migrates_once() {
     let waiters: Vec<Child> = (0..4).map(|_| spawn(&mut migrate(&db, &[], 100))).collect();
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(
-        db.one("SELECT count(*) FROM mg_runs"),
-        "0",
+        db.migrations_started(),
+        0,
         "nobody may migrate while the lock is held"
     );
     own.stop_fast();
     std::mem::forget(holder); // its connection died with the server
     std::thread::sleep(Duration::from_secs(2));
     own.start_again();
-    let outs: Vec<Output> = waiters
-        .into_iter()
-        .map(|w| wait_output(w, HANG_GUARD))
-        .collect();
+    let outs = wait_all(waiters, HANG_GUARD);
     for out in &outs {
         assert_eq!(
             code(out),
@@ -290,8 +281,8 @@ fn postgres_restart_while_replicas_wait_is_survived_and_migrates_once() {
         "the waiters should have seen the restart"
     );
     assert_eq!(
-        db.one("SELECT count(*) FROM mg_runs"),
-        "1",
+        db.migrations_started(),
+        1,
         "the migration happens once after the restart"
     );
     assert_done_once(&db);
@@ -393,10 +384,7 @@ fn waiter_whose_connection_dies_silently_still_gives_up_at_its_wait_timeout() {
     eprintln!("the cut-off waiter exited {took:?} after its start");
     drop(cut);
     end_backend(&db, &backend);
-    assert_eq!(
-        db.one("SELECT count(*) FROM migrations_gate.ledger WHERE release = 'r1'"),
-        "0"
-    );
+    assert_eq!(db.ledger().attempts_at("r1"), []);
     assert_eq!(code(&out), 75, "{}", stderr(&out));
     // The bound is the behaviour under test: --wait-timeout is a hard bound.
     assert!(
@@ -448,11 +436,7 @@ fn waiter_whose_connection_dies_silently_reconnects_and_follows_a_release_done_m
     eprintln!(
         "the cut-off waiter exited {exited_after:?} after the cut (the cut lasts {LONG_CUT:?})"
     );
-    assert_eq!(
-        db.one("SELECT count(*) FROM mg_runs"),
-        "1",
-        "exactly one migration"
-    );
+    assert_eq!(db.migrations_started(), 1, "exactly one migration");
     assert_done_once(&db);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert!(

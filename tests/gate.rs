@@ -7,8 +7,6 @@ use std::time::Duration;
 
 use support::*;
 
-const HANG_GUARD: Duration = Duration::from_secs(120);
-
 fn migrate_cmd(db: &TestDb, release: Option<&str>) -> Command {
     migrate_with(db, release, &[])
 }
@@ -49,18 +47,13 @@ fn eight_migrate_gates_at_once_migrate_exactly_once() {
     );
     assert_all_ok(&outs);
     assert_eq!(
-        db.one("SELECT count(*) FROM mg_runs"),
-        "1",
+        db.migrations_started(),
+        1,
         "the migration ran more than once"
     );
-    assert_eq!(db.one("SELECT count(*) FROM app_seed"), "1");
+    assert_eq!(db.seed_rows(), 1);
     assert_no_overlap(&db);
-    assert_eq!(
-        db.one(
-            "SELECT count(*) FROM migrations_gate.ledger WHERE release = 'r1' AND outcome = 'done'"
-        ),
-        "1"
-    );
+    assert_eq!(db.ledger().times_done("r1"), 1);
     db.assert_no_gate_locks();
     let waited = outs
         .iter()
@@ -73,7 +66,7 @@ fn eight_migrate_gates_at_once_migrate_exactly_once() {
 fn without_the_gate_the_standin_migration_really_races() {
     // Proves the race tests exercise a real race: eight bare migrations at once break.
     let db = cluster().new_db("race_bare");
-    let mut cmds: Vec<Command> = (0..8)
+    let cmds: Vec<Command> = (0..8)
         .map(|_| {
             let mut c = Command::new(standin());
             c.arg("migrate")
@@ -82,16 +75,12 @@ fn without_the_gate_the_standin_migration_really_races() {
             c
         })
         .collect();
-    let children: Vec<_> = cmds.iter_mut().map(spawn).collect();
-    let outs: Vec<_> = children
-        .into_iter()
-        .map(|c| wait_output(c, HANG_GUARD))
-        .collect();
+    let outs = run_all(cmds, HANG_GUARD);
     let failed = outs.iter().filter(|o| !o.status.success()).count();
     let overlapped = db.one("SELECT count(*) FROM mg_runs WHERE overlapped");
-    let seeds = db.one("SELECT count(*) FROM app_seed");
+    let seeds = db.seed_rows();
     assert!(
-        failed > 0 || overlapped != "0" || seeds != "1",
+        failed > 0 || overlapped != "0" || seeds != 1,
         "bare migrations did not visibly race (failed {failed}, overlapped {overlapped}, seeds {seeds})"
     );
 }
@@ -109,13 +98,13 @@ fn eight_run_gates_with_migrate_start_every_app_with_the_flag_off_after_the_migr
         .collect();
     let outs = run_all(cmds, HANG_GUARD);
     assert_all_ok(&outs);
-    assert_eq!(db.one("SELECT count(*) FROM mg_runs"), "1");
-    assert_eq!(db.one("SELECT count(*) FROM app_seed"), "1");
+    assert_eq!(db.migrations_started(), 1);
+    assert_eq!(db.seed_rows(), 1);
     assert_no_overlap(&db);
-    assert_eq!(db.one("SELECT count(*) FROM app_starts"), "8");
+    assert_eq!(db.app_starts(), 8);
     assert_eq!(
-        db.one("SELECT count(*) FROM app_starts WHERE flag = 'False' AND schema_ready"),
-        "8",
+        db.app_starts_flag_off_on_ready_schema(),
+        8,
         "every app start must see the flag off and a finished schema"
     );
     db.assert_no_gate_locks();
@@ -135,9 +124,7 @@ fn ready_http_holder_starts_app_with_flag_on_and_signals_reach_every_app() {
             .env("STANDIN_PORT", port.to_string());
         children.push(spawn(&mut c));
     }
-    eventually(HANG_GUARD, "every app started", || {
-        db.one("SELECT count(*) FROM app_starts") == n.to_string()
-    });
+    eventually(HANG_GUARD, "every app started", || db.app_starts() == n);
     // Every app is up: the holder's app under the gate, the others exec'd in place of theirs.
     for child in &children {
         // SAFETY: plain system call on a PID we spawned.
@@ -145,10 +132,7 @@ fn ready_http_holder_starts_app_with_flag_on_and_signals_reach_every_app() {
             libc::kill(child.id() as i32, libc::SIGTERM);
         }
     }
-    let outs: Vec<_> = children
-        .into_iter()
-        .map(|c| wait_output(c, HANG_GUARD))
-        .collect();
+    let outs = wait_all(children, HANG_GUARD);
     for out in &outs {
         assert_eq!(
             code(out),
@@ -157,24 +141,18 @@ fn ready_http_holder_starts_app_with_flag_on_and_signals_reach_every_app() {
             stderr(out)
         );
     }
-    assert_eq!(db.one("SELECT count(*) FROM mg_runs"), "1");
+    assert_eq!(db.migrations_started(), 1);
     assert_no_overlap(&db);
     assert_eq!(
         db.one("SELECT count(*) FROM app_starts WHERE flag = 'True'"),
         "1"
     );
-    assert_eq!(
-        db.one("SELECT count(*) FROM app_starts WHERE flag = 'False' AND schema_ready"),
-        (n - 1).to_string()
-    );
+    assert_eq!(db.app_starts_flag_off_on_ready_schema(), n - 1);
     assert_eq!(
         db.one("SELECT count(*) FROM app_signals WHERE signal = 'SIGTERM'"),
         n.to_string()
     );
-    assert_eq!(
-        db.one("SELECT count(*) FROM migrations_gate.ledger WHERE outcome = 'done'"),
-        "1"
-    );
+    assert_eq!(db.ledger().count("done"), 1);
     db.assert_no_gate_locks();
 }
 
@@ -204,14 +182,11 @@ fn done_release_is_skipped_and_a_new_release_migrates_again() {
         let out = wait_output(spawn(&mut migrate_cmd(&db, Some(release))), HANG_GUARD);
         assert_eq!(code(&out), 0, "{}", stderr(&out));
     }
-    assert_eq!(db.one("SELECT count(*) FROM mg_runs"), "1");
+    assert_eq!(db.migrations_started(), 1);
     let out = wait_output(spawn(&mut migrate_cmd(&db, Some("r2"))), HANG_GUARD);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
-    assert_eq!(db.one("SELECT count(*) FROM mg_runs"), "2");
-    assert_eq!(
-        db.one("SELECT string_agg(release, ',' ORDER BY release) FROM migrations_gate.ledger WHERE outcome = 'done'"),
-        "r1,r2"
-    );
+    assert_eq!(db.migrations_started(), 2);
+    assert_eq!(db.ledger().done_releases(), ["r1", "r2"]);
 }
 
 #[test]
@@ -219,12 +194,9 @@ fn without_release_replicas_migrate_one_after_another() {
     let db = cluster().new_db("serial");
     let outs = run_all((0..4).map(|_| migrate_cmd(&db, None)).collect(), HANG_GUARD);
     assert_all_ok(&outs);
-    assert_eq!(
-        db.one("SELECT count(*) FROM mg_runs WHERE finished_at IS NOT NULL"),
-        "4"
-    );
+    assert_eq!(db.migrations_finished(), 4);
     assert_no_overlap(&db);
-    assert_eq!(db.one("SELECT count(*) FROM app_seed"), "1");
+    assert_eq!(db.seed_rows(), 1);
     assert_stderr_has(&outs[0], "no --release given");
     db.assert_no_gate_locks();
 }
@@ -237,18 +209,12 @@ fn failed_migration_is_recorded_frees_the_lock_and_passes_its_exit_code() {
     let out = wait_output(spawn(&mut c), HANG_GUARD);
     assert_eq!(code(&out), 3, "{}", stderr(&out));
     assert_stderr_has(&out, "failed with exit code 3");
-    assert_eq!(
-        db.rows("SELECT outcome, exit_code::text FROM migrations_gate.ledger"),
-        vec![vec!["failed".to_string(), "3".to_string()]]
-    );
+    assert_eq!(db.ledger().exits(), [("failed".to_string(), Some(3))]);
     db.assert_no_gate_locks();
     // The next try succeeds and the release ends done.
     let out = wait_output(spawn(&mut migrate_cmd(&db, Some("r1"))), HANG_GUARD);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
-    assert_eq!(
-        db.one("SELECT string_agg(outcome, ',' ORDER BY id) FROM migrations_gate.ledger"),
-        "failed,done"
-    );
+    assert_eq!(db.ledger().outcomes(), ["failed", "done"]);
 }
 
 #[test]
@@ -258,9 +224,9 @@ fn holder_killed_mid_migration_is_taken_over_once() {
     first.env("STANDIN_STEP_MS", "1500");
     let first = spawn(&mut first);
     eventually(HANG_GUARD, "the first holder started migrating", || {
-        db.one("SELECT count(*) FROM mg_runs") == "1"
+        db.migrations_started() == 1
     });
-    let first_migrator: i32 = db.one("SELECT pid FROM mg_runs").parse().unwrap();
+    let first_migrator = db.first_migration_pid();
     let waiters: Vec<_> = (0..4)
         .map(|_| spawn(&mut migrate_cmd(&db, Some("r1"))))
         .collect();
@@ -271,31 +237,18 @@ fn holder_killed_mid_migration_is_taken_over_once() {
     }
     let killed = wait_output(first, HANG_GUARD);
     assert_eq!(killed.status.code(), None);
-    let outs: Vec<_> = waiters
-        .into_iter()
-        .map(|c| wait_output(c, HANG_GUARD))
-        .collect();
+    let outs = wait_all(waiters, HANG_GUARD);
     assert_all_ok(&outs);
     eventually(
         Duration::from_secs(10),
         "the killed holder's migration died with it",
         || !alive(first_migrator),
     );
-    assert_eq!(
-        db.one("SELECT count(*) FROM mg_runs"),
-        "2",
-        "exactly one waiter took over"
-    );
-    assert_eq!(
-        db.one("SELECT count(*) FROM mg_runs WHERE finished_at IS NOT NULL"),
-        "1"
-    );
+    assert_eq!(db.migrations_started(), 2, "exactly one waiter took over");
+    assert_eq!(db.migrations_finished(), 1);
     assert_no_overlap(&db);
-    assert_eq!(db.one("SELECT count(*) FROM app_seed"), "1");
-    assert_eq!(
-        db.one("SELECT string_agg(outcome, ',' ORDER BY id) FROM migrations_gate.ledger"),
-        "abandoned,done"
-    );
+    assert_eq!(db.seed_rows(), 1);
+    assert_eq!(db.ledger().outcomes(), ["abandoned", "done"]);
     db.assert_no_gate_locks();
 }
 
@@ -309,9 +262,9 @@ fn killing_the_gate_kills_a_shell_scripts_grandchild_too() {
         .env("STANDIN_STEP_MS", "3000");
     let gate = spawn(&mut c);
     eventually(HANG_GUARD, "the grandchild started migrating", || {
-        db.one("SELECT count(*) FROM mg_runs") == "1"
+        db.migrations_started() == 1
     });
-    let grandchild: i32 = db.one("SELECT pid FROM mg_runs").parse().unwrap();
+    let grandchild = db.first_migration_pid();
     assert!(alive(grandchild));
     // SAFETY: plain system call on a PID we spawned.
     unsafe {
@@ -327,7 +280,7 @@ fn killing_the_gate_kills_a_shell_scripts_grandchild_too() {
     let out = wait_output(spawn(&mut migrate_cmd(&db, Some("r1"))), HANG_GUARD);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert_no_overlap(&db);
-    assert_eq!(db.one("SELECT count(*) FROM app_seed"), "1");
+    assert_eq!(db.seed_rows(), 1);
 }
 
 #[test]
@@ -346,7 +299,7 @@ fn waiter_gives_up_after_wait_timeout_naming_the_holder() {
         err.contains("stuck-holder"),
         "the message must name the holder: {err}"
     );
-    assert_eq!(db.one("SELECT count(*) FROM mg_runs"), "0");
+    assert_eq!(db.migrations_started(), 0);
     drop(holder);
 }
 
@@ -359,10 +312,7 @@ fn a_free_lock_alone_never_lets_a_waiter_skip_the_migration() {
     c.args(run_args("r1", &migrate, &[standin(), "start"]));
     let out = wait_output(spawn(&mut c), HANG_GUARD);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
-    assert_eq!(
-        db.one("SELECT count(*) FROM mg_runs WHERE finished_at IS NOT NULL"),
-        "1"
-    );
+    assert_eq!(db.migrations_finished(), 1);
     assert_eq!(db.one("SELECT schema_ready::text FROM app_starts"), "true");
 }
 
@@ -397,10 +347,7 @@ fn app_that_exits_before_ready_fails_the_attempt() {
     let out = wait_output(spawn(&mut c), HANG_GUARD);
     assert_eq!(code(&out), 5, "{}", stderr(&out));
     assert_stderr_has(&out, "exited before it was ready");
-    assert_eq!(
-        db.one("SELECT outcome FROM migrations_gate.ledger"),
-        "failed"
-    );
+    assert_eq!(db.ledger().outcomes(), ["failed"]);
     db.assert_no_gate_locks();
 }
 
@@ -424,17 +371,12 @@ fn ready_sql_probe_and_quoted_migrate_string() {
     let child = spawn(&mut c);
     // With --migrate and a probe the app starts with the flag off; nothing seeds, so it is never
     // ready. Seed from outside and watch the gate release.
-    eventually(HANG_GUARD, "the app started", || {
-        db.one("SELECT count(*) FROM app_starts") == "1"
-    });
+    eventually(HANG_GUARD, "the app started", || db.app_starts() == 1);
     assert_eq!(db.one("SELECT flag FROM app_starts"), "False");
-    assert_eq!(
-        db.one("SELECT count(*) FROM migrations_gate.ledger WHERE outcome = 'running'"),
-        "1"
-    );
+    assert_eq!(db.ledger().count("running"), 1);
     db.rows("CREATE TABLE IF NOT EXISTS app_seed (name text); INSERT INTO app_seed VALUES ('x')");
     eventually(HANG_GUARD, "the release is done", || {
-        db.one("SELECT count(*) FROM migrations_gate.ledger WHERE outcome = 'done'") == "1"
+        db.ledger().count("done") == 1
     });
     db.assert_no_gate_locks();
     // SAFETY: plain system call on a PID we spawned.
@@ -556,7 +498,9 @@ fn env_twins_and_release_from_a_folder() {
         .args(["migrate", "--", "sh", "-c", "test \"$MY_FLAG\" = yes"]);
     let out = c.output().unwrap();
     assert_eq!(code(&out), 0, "{}", stderr(&out));
-    let release = db.one("SELECT release FROM migrations_gate.ledger WHERE outcome = 'done'");
+    let done = db.ledger().done_releases();
+    assert_eq!(done.len(), 1, "{done:?}");
+    let release = &done[0];
     assert!(
         release.starts_with("sha256:") && release.len() == 39,
         "{release}"

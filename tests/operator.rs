@@ -7,8 +7,6 @@ use std::time::Duration;
 
 use support::*;
 
-const HANG_GUARD: Duration = Duration::from_secs(120);
-
 fn migrate(db: &TestDb, release: &str, cmd: &[&str]) -> Output {
     db.gate()
         .args(["migrate", "--release", release, "--"])
@@ -56,11 +54,7 @@ fn status_shows_the_holder_every_attempt_and_checks_a_release() {
     // As a readiness check: non-zero until the release is done.
     let out = db.gate_output(&["status", "--release", "r2"]);
     assert_eq!(code(&out), 1);
-    assert!(
-        stdout(&out).contains("release r2: NOT done"),
-        "{}",
-        stdout(&out)
-    );
+    assert_stdout_has(&out, "release r2: NOT done");
 }
 
 #[test]
@@ -72,15 +66,11 @@ fn wait_blocks_until_the_release_is_done_then_execs_its_command_with_the_flag_of
     let waiter_pid = waiter.id();
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(
-        db.one("SELECT count(*) FROM app_starts"),
-        "0",
+        db.app_starts(),
+        0,
         "wait must not start before the release is done"
     );
-    assert_eq!(
-        db.one("SELECT count(*) FROM mg_runs"),
-        "0",
-        "wait never migrates"
-    );
+    assert_eq!(db.migrations_started(), 0, "wait never migrates");
     let out = migrate(&db, "r1", &[standin(), "migrate"]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     let out = wait_output(waiter, HANG_GUARD);
@@ -104,22 +94,15 @@ fn reset_forgets_a_release_so_it_migrates_again_and_refuses_while_locked() {
     let out = db.gate_output(&["reset", "--release", "r1"]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert_stderr_has(&out, "removed");
-    assert_eq!(db.one("SELECT count(*) FROM migrations_gate.ledger"), "0");
+    assert_eq!(db.ledger().attempts(), []);
     assert_eq!(code(&migrate(&db, "r1", &[standin(), "migrate"])), 0);
-    assert_eq!(
-        db.one("SELECT count(*) FROM mg_runs"),
-        "2",
-        "a reset release migrates again"
-    );
+    assert_eq!(db.migrations_started(), 2, "a reset release migrates again");
 
     let (_holder, _) = hold_lock(&db.url, "migrations-gate");
     let out = db.gate_output(&["reset", "--release", "r1"]);
     assert_eq!(code(&out), 75, "{}", stderr(&out));
     assert_stderr_has(&out, "reset refused");
-    assert_eq!(
-        db.one("SELECT count(*) FROM migrations_gate.ledger WHERE outcome = 'done'"),
-        "1"
-    );
+    assert_eq!(db.ledger().count("done"), 1);
 }
 
 #[test]

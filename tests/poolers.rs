@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 
 use support::*;
 
-/// Hang guard for a whole race: longer than PgBouncer's default `query_wait_timeout` (120 s),
+/// The hang guard behind a pooler: longer than PgBouncer's default `query_wait_timeout` (120 s),
 /// so a migration starved of server connections fails visibly instead of hanging the test.
-const HANG_GUARD: Duration = Duration::from_secs(240);
+const POOLER_HANG_GUARD: Duration = Duration::from_secs(240);
 /// Server connections per pool: fewer than the replicas.
 const POOL: u32 = 3;
 const REPLICAS: usize = 10;
@@ -41,21 +41,21 @@ fn race(bouncer: &PgBouncer, db: &TestDb, n: usize) -> Vec<Output> {
             c
         })
         .collect();
-    run_all_within(cmds, HANG_GUARD, || {
-        let ledger = if db.one("SELECT (to_regclass('migrations_gate.ledger') IS NOT NULL)::text")
-            == "true"
-        {
-            db.one(
-                "SELECT string_agg(id || ' ' || outcome || ' exit ' || coalesce(exit_code::text, '-') \
-                 || ': ' || coalesce(detail, ''), E'\\n' ORDER BY id) FROM migrations_gate.ledger",
-            )
+    run_all_within(cmds, POOLER_HANG_GUARD, || {
+        let ledger = if db.ledger().exists() {
+            db.ledger()
+                .attempts()
+                .iter()
+                .map(|a| format!("{a:?}"))
+                .collect::<Vec<_>>()
+                .join("\n")
         } else {
             "(no ledger)".into()
         };
         format!(
             "mg_runs: {} started, {} finished; ledger:\n{ledger}\npgbouncer log (tail):\n{}",
-            db.one("SELECT count(*) FROM mg_runs"),
-            db.one("SELECT count(*) FROM mg_runs WHERE finished_at IS NOT NULL"),
+            db.migrations_started(),
+            db.migrations_finished(),
             bouncer
                 .log()
                 .lines()
@@ -124,25 +124,20 @@ fn assert_race_ok(db: &TestDb, bouncer: &PgBouncer, outs: &[Output], n: usize) {
         .map(stderr)
         .unwrap_or_default();
     assert_eq!(
-        db.one("SELECT count(*) FROM mg_runs"),
-        "1",
+        db.migrations_started(),
+        1,
         "the migration must run exactly once (gate exit codes {codes:?}); a failed gate said:\n{first_failure}\npgbouncer log:\n{}",
         bouncer.log()
     );
     assert_no_overlap(db);
-    assert_eq!(db.one("SELECT count(*) FROM app_seed"), "1");
+    assert_eq!(db.seed_rows(), 1);
     assert_eq!(
-        db.one("SELECT count(*) FROM app_starts WHERE flag = 'False' AND schema_ready"),
-        n.to_string(),
+        db.app_starts_flag_off_on_ready_schema(),
+        n,
         "every app starts once, with the flag off, on a ready schema (gate exit codes {codes:?})"
     );
-    assert_eq!(db.one("SELECT count(*) FROM app_starts"), n.to_string());
-    assert_eq!(
-        db.one(
-            "SELECT count(*) FROM migrations_gate.ledger WHERE release = 'r1' AND outcome = 'done'"
-        ),
-        "1"
-    );
+    assert_eq!(db.app_starts(), n);
+    assert_eq!(db.ledger().times_done("r1"), 1);
     db.assert_no_gate_locks();
     for out in outs {
         assert_eq!(code(out), 0, "a gate failed:\n{}", stderr(out));
@@ -194,10 +189,10 @@ fn holder_killed_behind_transaction_pooling_with_a_pool_of_three_is_taken_over_a
         .args(["migrate", "--release", "r1", "--", standin(), "migrate"])
         .env("STANDIN_STEP_MS", "1000");
     let first = spawn(&mut first);
-    eventually(HANG_GUARD, "the holder started migrating", || {
-        db.one("SELECT count(*) FROM mg_runs") == "1"
+    eventually(POOLER_HANG_GUARD, "the holder started migrating", || {
+        db.migrations_started() == 1
     });
-    let first_migration: i32 = db.one("SELECT pid FROM mg_runs").parse().unwrap();
+    let first_migration = db.first_migration_pid();
     let waiters: Vec<Child> = (0..3)
         .map(|_| {
             let mut c = gate_via(&bouncer, &db);
@@ -210,32 +205,23 @@ fn holder_killed_behind_transaction_pooling_with_a_pool_of_three_is_taken_over_a
     unsafe {
         libc::kill(first.id() as i32, libc::SIGKILL);
     }
-    let _ = wait_output(first, HANG_GUARD);
-    let outs: Vec<Output> = waiters
-        .into_iter()
-        .map(|w| wait_output(w, HANG_GUARD))
-        .collect();
+    let _ = wait_output(first, POOLER_HANG_GUARD);
+    let outs = wait_all(waiters, POOLER_HANG_GUARD);
     eventually(
         Duration::from_secs(10),
         "the killed holder's migration is gone",
         || !alive(first_migration),
     );
     assert_no_overlap(&db);
-    assert_eq!(
-        db.one("SELECT count(*) FROM mg_runs WHERE finished_at IS NOT NULL"),
-        "1"
-    );
-    assert_eq!(db.one("SELECT count(*) FROM app_seed"), "1");
-    assert_eq!(
-        db.one("SELECT count(*) FROM migrations_gate.ledger WHERE outcome = 'done'"),
-        "1"
-    );
+    assert_eq!(db.migrations_finished(), 1);
+    assert_eq!(db.seed_rows(), 1);
+    assert_eq!(db.ledger().count("done"), 1);
     // The killed holder's attempt outlived its lock transaction (written by its witness
     // connection), so the taker-over saw it and waited out its fencing time before migrating:
     // a holder cut off rather than killed would have stopped its migration by then.
     assert_eq!(
-        db.one("SELECT count(*) FROM migrations_gate.ledger WHERE outcome = 'abandoned'"),
-        "1",
+        db.ledger().count("abandoned"),
+        1,
         "the vanished holder's attempt must be visible to the taker-over"
     );
     assert_eq!(

@@ -6,11 +6,9 @@ mod support;
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
-use std::time::Duration;
 
 use support::*;
 
-const HANG_GUARD: Duration = Duration::from_secs(120);
 const SECRET_A: &str = "secret-A-4f1c9e-never-printed";
 const SECRET_B: &str = "secret-B-77d0aa-never-printed";
 
@@ -61,25 +59,18 @@ fn migrate(db: &TestDb, release: &str) -> Output {
         .unwrap()
 }
 
-fn starts(db: &TestDb) -> String {
-    db.one("SELECT count(*) FROM app_starts")
-}
-
-fn checks(db: &TestDb) -> Vec<Vec<String>> {
-    db.rows(
-        "SELECT release, variable, replica, agrees::text FROM migrations_gate.env_checks \
-         ORDER BY checked_at, replica",
-    )
+/// (replica, agrees) of every `--same-env` check, in the order they were made.
+fn verdicts(db: &TestDb) -> Vec<(String, bool)> {
+    db.env_checks()
+        .into_iter()
+        .map(|c| (c.replica, c.agrees))
+        .collect()
 }
 
 /// Everything a test printed or wrote must not contain a value, a fingerprint or the key.
 fn assert_nothing_secret(db: &TestDb, texts: &[String]) {
     let mut secrets: Vec<String> = vec![SECRET_A.into(), SECRET_B.into()];
-    secrets.extend(
-        db.rows("SELECT fingerprint FROM migrations_gate.env_reference")
-            .into_iter()
-            .map(|r| r[0].clone()),
-    );
+    secrets.extend(db.env_references().into_iter().map(|r| r.fingerprint));
     secrets.extend(
         db.rows("SELECT encode(key, 'hex') FROM migrations_gate.env_key")
             .into_iter()
@@ -125,19 +116,23 @@ fn same_env_mismatch_refuses_with_78_and_the_app_never_starts() {
     let b = replica_output(&db, "r1", "replica-b", Some(SECRET_B));
     let c = replica_output(&db, "r1", "replica-c", Some(SECRET_A));
 
-    assert_eq!(db.one("SELECT count(*) FROM mg_runs"), "1", "one migration");
-    assert_eq!(starts(&db), "2", "replica-b's app must not start");
+    assert_eq!(db.migrations_started(), 1, "one migration");
+    assert_eq!(db.app_starts(), 2, "replica-b's app must not start");
     assert_eq!(
-        db.rows("SELECT replica, agrees::text FROM migrations_gate.env_checks ORDER BY replica"),
-        vec![
-            vec!["replica-a".to_string(), "true".into()],
-            vec!["replica-b".into(), "false".into()],
-            vec!["replica-c".into(), "true".into()],
+        verdicts(&db),
+        [
+            ("replica-a".to_string(), true),
+            ("replica-b".into(), false),
+            ("replica-c".into(), true),
         ]
     );
     assert_eq!(
-        db.one("SELECT replica FROM migrations_gate.env_reference WHERE variable = 'APP_SECRET'"),
-        "replica-a",
+        db.env_references()
+            .into_iter()
+            .filter(|r| r.variable == "APP_SECRET")
+            .map(|r| r.replica)
+            .collect::<Vec<_>>(),
+        ["replica-a"],
         "the release's first replica sets the reference"
     );
 
@@ -167,7 +162,7 @@ fn unset_and_empty_are_different_values() {
     let unset = replica_output(&db, "r1", "replica-unset", None);
     let empty = replica_output(&db, "r1", "replica-empty", Some(""));
     let unset_again = replica_output(&db, "r1", "replica-unset-2", None);
-    assert_eq!(starts(&db), "2");
+    assert_eq!(db.app_starts(), 2);
     assert_codes(&[(&unset, 0), (&empty, 78), (&unset_again, 0)]);
 }
 
@@ -184,16 +179,10 @@ fn warn_mode_logs_the_difference_and_starts_the_app() {
     )
     .output()
     .unwrap();
-    assert_eq!(starts(&db), "2");
+    assert_eq!(db.app_starts(), 2);
     assert_eq!(
-        checks(&db)
-            .iter()
-            .map(|r| (r[2].clone(), r[3].clone()))
-            .collect::<Vec<_>>(),
-        vec![
-            ("replica-a".to_string(), "true".to_string()),
-            ("replica-b".into(), "false".into())
-        ],
+        verdicts(&db),
+        [("replica-a".to_string(), true), ("replica-b".into(), false)],
         "a warned difference is still recorded"
     );
     assert_eq!(code(&a), 0);
@@ -213,17 +202,11 @@ fn reset_env_forgets_the_fingerprints_and_the_next_replica_sets_them() {
     assert_eq!(code(&replica_output(&db, "r1", "b", Some(SECRET_B))), 78);
 
     let out = db.gate_output(&["reset", "--release", "r1", "--env"]);
+    assert_eq!(db.env_references(), []);
+    assert_eq!(db.env_checks(), []);
     assert_eq!(
-        db.one("SELECT count(*) FROM migrations_gate.env_reference"),
-        "0"
-    );
-    assert_eq!(
-        db.one("SELECT count(*) FROM migrations_gate.env_checks"),
-        "0"
-    );
-    assert_eq!(
-        db.one("SELECT count(*) FROM migrations_gate.ledger WHERE outcome = 'done'"),
-        "1",
+        db.ledger().count("done"),
+        1,
         "reset --env keeps the release done"
     );
     assert_eq!(code(&out), 0, "{}", stderr(&out));
@@ -231,20 +214,13 @@ fn reset_env_forgets_the_fingerprints_and_the_next_replica_sets_them() {
     // The rotated value is now the reference; the old one is the odd one out.
     let b = replica_output(&db, "r1", "b", Some(SECRET_B));
     let a = replica_output(&db, "r1", "a", Some(SECRET_A));
-    assert_eq!(
-        db.one("SELECT count(*) FROM mg_runs"),
-        "1",
-        "no second migration"
-    );
-    assert_eq!(starts(&db), "2");
+    assert_eq!(db.migrations_started(), 1, "no second migration");
+    assert_eq!(db.app_starts(), 2);
     assert_codes(&[(&b, 0), (&a, 78)]);
 
     // A plain reset forgets the fingerprints with the release.
     let out = db.gate_output(&["reset", "--release", "r1"]);
-    assert_eq!(
-        db.one("SELECT count(*) FROM migrations_gate.env_reference"),
-        "0"
-    );
+    assert_eq!(db.env_references(), []);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
 }
 
@@ -269,16 +245,12 @@ fn holder_with_a_different_value_records_a_failed_attempt_and_frees_the_lock() {
     // The first holder sets the reference, then its migration fails.
     let first = migrate_as(SECRET_A, &["false"]);
     let second = migrate_as(SECRET_B, &[standin(), "migrate"]);
+    assert_eq!(db.migrations_started(), 0, "no migration ran");
     assert_eq!(
-        db.one("SELECT count(*) FROM mg_runs"),
-        "0",
-        "no migration ran"
-    );
-    assert_eq!(
-        db.rows("SELECT outcome, exit_code::text FROM migrations_gate.ledger ORDER BY id"),
-        vec![
-            vec!["failed".to_string(), "1".into()],
-            vec!["failed".into(), "78".into()]
+        db.ledger().exits(),
+        [
+            ("failed".to_string(), Some(1)),
+            ("failed".to_string(), Some(78))
         ]
     );
     db.assert_no_gate_locks();
@@ -308,17 +280,13 @@ fn an_older_release_refuses_with_78_unless_allowed() {
             .unwrap()
     };
     let old = run("r1", &[]);
-    assert_eq!(starts(&db), "0", "an old replica must not start");
+    assert_eq!(db.app_starts(), 0, "an old replica must not start");
     let new = run("r2", &[]);
-    assert_eq!(starts(&db), "1");
+    assert_eq!(db.app_starts(), 1);
     let allowed = run("r1", &["--allow-older-release"]);
-    assert_eq!(starts(&db), "2");
+    assert_eq!(db.app_starts(), 2);
     let waiter = db.gate_output(&["wait", "--release", "r1"]);
-    assert_eq!(
-        db.one("SELECT count(*) FROM mg_runs"),
-        "2",
-        "nothing migrated again"
-    );
+    assert_eq!(db.migrations_started(), 2, "nothing migrated again");
 
     assert_codes(&[(&old, 78), (&new, 0), (&allowed, 0), (&waiter, 78)]);
     let line = stderr(&old);
@@ -355,9 +323,8 @@ fn open_webui_preset_fails_on_sqlite_before_connecting_and_warns_on_missing_redi
         &[("DATABASE_URL", "sqlite:////app/backend/data/webui.db")],
         &[],
     );
-    assert_eq!(
-        db.one("SELECT (to_regclass('migrations_gate.ledger') IS NULL)::text"),
-        "true",
+    assert!(
+        !db.ledger().exists(),
         "a failing local rule stops the gate before it touches the database"
     );
     assert_eq!(code(&sqlite), 78, "{}", stderr(&sqlite));
@@ -376,10 +343,10 @@ fn open_webui_preset_fails_on_sqlite_before_connecting_and_warns_on_missing_redi
 
     // PostgreSQL and one worker: Redis, the secret key and the vector store only warn.
     let ok = preset(&[("DATABASE_URL", db.url.as_str())], &[]);
-    assert_eq!(db.one("SELECT count(*) FROM mg_runs"), "1");
+    assert_eq!(db.migrations_started(), 1);
     assert_eq!(
-        db.one("SELECT count(*) FROM migrations_gate.env_reference"),
-        "7",
+        db.env_references().len(),
+        7,
         "the preset compares WEBUI_SECRET_KEY, DATABASE_URL, the four websocket/Redis settings and VECTOR_DB"
     );
     assert_eq!(code(&ok), 0, "{}", stderr(&ok));
@@ -552,7 +519,7 @@ fn notices_of_the_gates_own_ddl_stay_out_of_the_default_log() {
             .collect(),
         HANG_GUARD,
     );
-    assert_eq!(starts(&db), "4");
+    assert_eq!(db.app_starts(), 4);
     for o in &outs {
         assert_eq!(code(o), 0, "{}", stderr(o));
         assert!(
@@ -581,16 +548,10 @@ fn same_env_on_a_first_deploy_works_in_transaction_scope_too() {
             spawn(&mut c)
         })
         .collect();
-    let outs: Vec<Output> = replicas
-        .into_iter()
-        .map(|c| wait_output(c, HANG_GUARD))
-        .collect();
-    assert_eq!(db.one("SELECT count(*) FROM mg_runs"), "1");
-    assert_eq!(
-        db.one("SELECT count(*) FROM migrations_gate.ledger WHERE outcome = 'done'"),
-        "1"
-    );
-    assert_eq!(starts(&db), "3");
+    let outs = wait_all(replicas, HANG_GUARD);
+    assert_eq!(db.migrations_started(), 1);
+    assert_eq!(db.ledger().count("done"), 1);
+    assert_eq!(db.app_starts(), 3);
     for out in &outs {
         assert_eq!(code(out), 0, "{}", stderr(out));
     }

@@ -17,7 +17,9 @@ use std::time::Duration;
 
 use support::*;
 
-const HANG_GUARD: Duration = Duration::from_secs(180);
+/// The hang guard for real Python tools, longer than the shared one: eight interpreters import
+/// SQLAlchemy or Django at once, and Open WebUI is a large application.
+const PYTHON_HANG_GUARD: Duration = Duration::from_secs(180);
 const REPLICAS: usize = 8;
 /// Alembic's last revision (release R2 in the rolling upgrade) and the one before it (R1).
 const HEAD: &str = "0004_color";
@@ -177,7 +179,7 @@ fn migrate_all(db: &TestDb, log: &RunLog, n: usize, release: &str, cmd: &[String
         (0..n)
             .map(|_| gate_migrate(db, log, release, cmd))
             .collect(),
-        HANG_GUARD,
+        PYTHON_HANG_GUARD,
     )
 }
 
@@ -195,7 +197,7 @@ fn bare_all(db: &TestDb, log: &RunLog, cmd: &[String], env: (&str, &str)) -> Vec
             c
         })
         .collect();
-    run_all(cmds, HANG_GUARD)
+    run_all(cmds, PYTHON_HANG_GUARD)
 }
 
 /// How many runs failed, and the last line naming an error of each, for the race report.
@@ -252,11 +254,9 @@ fn followers(outs: &[Output]) -> usize {
         .count()
 }
 
+/// The outcomes of `release`'s attempts, oldest first, joined by commas.
 fn ledger(db: &TestDb, release: &str) -> String {
-    db.one(&format!(
-        "SELECT coalesce(string_agg(outcome, ',' ORDER BY id), '') FROM migrations_gate.ledger \
-         WHERE release = '{release}'"
-    ))
+    db.ledger().outcomes_at(release).join(",")
 }
 
 fn alembic_version(db: &TestDb) -> String {
@@ -301,7 +301,7 @@ fn eight_run_gates_with_alembic_start_every_app_with_the_flag_off_after_one_migr
             c
         })
         .collect();
-    let outs = run_all(cmds, HANG_GUARD);
+    let outs = run_all(cmds, PYTHON_HANG_GUARD);
     assert_all_ok(&outs);
     assert_one_run(&log, "alembic ran");
     assert_eq!(followers(&outs), REPLICAS - 1);
@@ -412,7 +412,7 @@ fn rolling_upgrade_r2_migrates_once_while_r1_restarts_skip() {
         old.env("MIGRATIONS_GATE_ALLOW_OLDER_RELEASE", "true");
         cmds.push(old);
     }
-    let outs = run_all(cmds, HANG_GUARD);
+    let outs = run_all(cmds, PYTHON_HANG_GUARD);
     assert_all_ok(&outs);
     let runs = log2.lines();
     assert_eq!(runs.len(), 1, "exactly one migration should run: {runs:?}");
@@ -612,7 +612,7 @@ fn open_webui_replica_with_another_secret_key_refuses_with_78_and_the_first_keep
             port2,
             &data2,
         )),
-        HANG_GUARD,
+        PYTHON_HANG_GUARD,
     );
 
     assert_eq!(
@@ -621,14 +621,12 @@ fn open_webui_replica_with_another_secret_key_refuses_with_78_and_the_first_keep
         "one attempt, by replica 1"
     );
     assert_eq!(
-        db.rows(
-            "SELECT replica, agrees::text FROM migrations_gate.env_checks \
-             WHERE variable = 'WEBUI_SECRET_KEY' ORDER BY replica"
-        ),
-        vec![
-            vec!["owui-1".to_string(), "true".into()],
-            vec!["owui-2".into(), "false".into()]
-        ]
+        db.env_checks()
+            .into_iter()
+            .filter(|c| c.variable == "WEBUI_SECRET_KEY")
+            .map(|c| (c.replica, c.agrees))
+            .collect::<Vec<_>>(),
+        [("owui-1".to_string(), true), ("owui-2".into(), false)]
     );
     assert_ne!(
         db.one("SELECT count(*) FROM information_schema.tables WHERE table_name = 'config'"),
@@ -663,7 +661,7 @@ fn open_webui_replica_with_another_secret_key_refuses_with_78_and_the_first_keep
     unsafe {
         libc::kill(first.id() as i32, libc::SIGTERM);
     }
-    let out = wait_output(first, HANG_GUARD);
+    let out = wait_output(first, PYTHON_HANG_GUARD);
     let log = stderr(&out);
     assert!(!log.contains("key-one-5e1f0b"), "never the key");
     let _ = std::fs::remove_dir_all(&tmp);

@@ -14,8 +14,15 @@ use std::time::{Duration, Instant};
 use sqlx::postgres::PgConnection;
 use sqlx::{AssertSqlSafe, Connection, Row};
 
+pub mod ledger;
+mod standin_tables;
+
 /// Password of the cluster's superuser `postgres` (password auth on TCP, so tests can refuse it).
 pub const PASSWORD: &str = "s3cret-test-pw";
+
+/// How long a test waits for a process or a condition before it fails instead of hanging: a
+/// guard, not a timing assertion (a test that bounds a time asserts it itself).
+pub const HANG_GUARD: Duration = Duration::from_secs(120);
 
 /// A PostgreSQL server private to this test binary.
 pub struct Cluster {
@@ -597,6 +604,12 @@ pub fn assert_stderr_has(out: &Output, text: &str) {
     assert!(stderr(out).contains(text), "{}", stderr(out));
 }
 
+/// Asserts that the process's stdout contains `text`, showing the stdout when it does not.
+#[track_caller]
+pub fn assert_stdout_has(out: &Output, text: &str) {
+    assert!(stdout(out).contains(text), "{}", stdout(out));
+}
+
 /// Asserts each process's exit code, showing its stderr when it is not the one expected.
 #[track_caller]
 pub fn assert_codes(outs: &[(&Output, i32)]) {
@@ -620,7 +633,11 @@ pub fn code(out: &Output) -> i32 {
 
 /// Starts every command at once and collects their outputs, each with the hang guard `limit`.
 pub fn run_all(mut cmds: Vec<Command>, limit: Duration) -> Vec<Output> {
-    let children: Vec<_> = cmds.iter_mut().map(spawn).collect();
+    wait_all(cmds.iter_mut().map(spawn).collect(), limit)
+}
+
+/// Waits for every child in turn, each with the hang guard `limit`; their outputs in order.
+pub fn wait_all(children: Vec<Child>, limit: Duration) -> Vec<Output> {
     children
         .into_iter()
         .map(|c| wait_output(c, limit))
