@@ -50,7 +50,7 @@ pub enum Error {
     Config(String),
 
     /// Waited longer than the configured timeout.
-    #[error("{what} after {}; {hint}", crate::db::short(*waited))]
+    #[error("{what} after {}; {hint}", crate::duration::short(*waited))]
     Timeout {
         /// What we were waiting for.
         what: String,

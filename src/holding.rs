@@ -11,6 +11,7 @@ use tracing::{error, info, warn};
 
 use crate::child::{self, Program, Supervisor};
 use crate::db::{self, Conn, close};
+use crate::duration;
 use crate::error::{Error, Result};
 use crate::gate::Gate;
 use crate::ledger::Outcome;
@@ -273,7 +274,7 @@ impl Holding {
             }
             _ => warn!(
                 "could not reconnect within {} to record the failed attempt; the next holder marks it abandoned",
-                db::short(record_for)
+                duration::short(record_for)
             ),
         }
         Error::Unavailable(format!(

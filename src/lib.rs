@@ -25,6 +25,7 @@ mod child;
 mod commands;
 mod config;
 mod db;
+mod duration;
 mod error;
 mod gate;
 mod holding;

@@ -13,7 +13,7 @@ use sqlx::{AssertSqlSafe, Row};
 
 use tracing::trace;
 
-use crate::db::short;
+use crate::duration::short;
 
 /// Longest round trip of any query of the gate's. Its queries are tiny; one that takes longer
 /// rides on a dead socket (a node's network blip, a blackholed address after a failover), and

@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use tracing::info;
 
-use crate::db::{self, Conn, Failure, backoff, short};
+use crate::db::{self, Conn, Failure, backoff};
+use crate::duration::short;
 use crate::error::{Error, Result};
 use crate::gate::{Gate, Round, Session, Want};
 use crate::holding::Holding;
