@@ -8,11 +8,12 @@
 //! Outcomes: `running` (the holder is at it), `done`, `failed` (the command exited non-zero, or
 //! the holder fenced itself), `abandoned` (the holder vanished; marked by the next holder).
 
-use sqlx::Row;
 use sqlx::postgres::PgConnection;
 
 use crate::lock::LockKey;
-use crate::sql::{ident, is_missing_relation, lit, query, query_if_exists, query_scalar};
+use crate::sql::{
+    Cols, ident, is_missing_relation, lit, one_row, query, query_if_exists, query_scalar,
+};
 
 /// The ledger of one lock in one schema.
 #[derive(Debug)]
@@ -111,11 +112,9 @@ impl Ledger {
             );
             match query(conn, sql).await {
                 Ok(rows) => {
-                    let text = |i: usize| {
-                        rows.first()
-                            .and_then(|r| r.try_get::<Option<String>, _>(i).ok().flatten())
-                    };
-                    let newer = match (text(2), text(3), text(4)) {
+                    let row = one_row(&rows)?;
+                    let text = |i: usize| row.opt(i);
+                    let newer = match (text(2)?, text(3)?, text(4)?) {
                         (Some(release), Some(holder), finished_at) => Some(Newer {
                             release,
                             holder,
@@ -124,11 +123,11 @@ impl Ledger {
                         _ => None,
                     };
                     return Ok(Seen {
-                        done: Some(text(0).as_deref() == Some("true")),
-                        standby: text(1).as_deref() == Some("true"),
+                        done: Some(text(0)?.as_deref() == Some("true")),
+                        standby: text(1)?.as_deref() == Some("true"),
                         newer,
                         env_key: if with_key {
-                            text(5).and_then(|h| crate::preflight::EnvKey::from_hex(&h))
+                            text(5)?.and_then(|h| crate::preflight::EnvKey::from_hex(&h))
                         } else {
                             None
                         },
@@ -225,12 +224,8 @@ impl Ledger {
             self.lock.key
         );
         let rows = query(conn, sql).await?;
-        let text = |i: usize| -> Option<String> {
-            rows.first().and_then(|r| r.try_get::<String, _>(i).ok())
-        };
-        let count = text(0).and_then(|s| s.parse().ok()).unwrap_or(0);
-        let wait = text(1).and_then(|s| s.parse().ok()).unwrap_or(0.0);
-        Ok((count, wait))
+        let row = one_row(&rows)?;
+        Ok((row.parse(0)?, row.parse(1)?))
     }
 
     /// Marks attempts left `running` by a vanished holder as `abandoned`, once
@@ -371,18 +366,19 @@ impl Ledger {
             .await?
             .iter()
             .map(|r| {
-                let t = |i: usize| r.try_get::<String, _>(i);
+                let row = Cols(r);
+                let t = |i: usize| row.text(i);
                 Ok(AttemptRow {
-                    id: t(0)?.parse().unwrap_or(0),
+                    id: row.parse(0)?,
                     release: Some(t(1)?).filter(|s| !s.is_empty()),
                     outcome: t(2)?,
                     holder: t(3)?,
                     host: t(4)?,
-                    pid: t(5)?.parse().unwrap_or(0),
+                    pid: row.parse(5)?,
                     started_at: t(6)?,
                     finished_at: Some(t(7)?).filter(|s| !s.is_empty()),
-                    duration_secs: t(8)?.parse().ok(),
-                    exit_code: t(9)?.parse().ok(),
+                    duration_secs: row.parse_opt(8)?,
+                    exit_code: row.parse_opt(9)?,
                     detail: t(10)?,
                 })
             })
@@ -427,15 +423,13 @@ pub(crate) async fn create_missing(
         .map(|(check, _)| format!("({check} IS NULL)::text"))
         .collect();
     let rows = query(conn, format!("SELECT {}", checks.join(", "))).await?;
-    let missing: Vec<&str> = (0..objects.len())
-        .filter(|&i| {
-            rows.first()
-                .and_then(|r| r.try_get::<String, _>(i).ok())
-                .as_deref()
-                == Some("true")
-        })
-        .map(|i| objects[i].1.as_str())
-        .collect();
+    let row = one_row(&rows)?;
+    let mut missing = Vec::new();
+    for (i, (_, ddl)) in objects.iter().enumerate() {
+        if row.text(i)? == "true" {
+            missing.push(ddl.as_str());
+        }
+    }
     if missing.is_empty() {
         return Ok(());
     }

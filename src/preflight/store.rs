@@ -2,13 +2,12 @@
 //! release's reference fingerprints (`<schema>.env_reference`) and each replica's last
 //! comparison (`<schema>.env_checks`).
 
-use sqlx::Row;
 use sqlx::postgres::{PgConnection, PgRow};
 
 use super::fingerprint::{EnvKey, hex, random_key};
 use crate::ledger::create_missing;
 use crate::lock::LockKey;
-use crate::sql::{ident, lit, query_if_exists, query_secret};
+use crate::sql::{Cols, ident, lit, query_if_exists, query_secret};
 
 /// The preflight tables next to the ledger: the key, each release's reference fingerprints,
 /// and each replica's last comparison.
@@ -88,8 +87,9 @@ impl Store {
         let existing =
             query_secret(conn, format!("SELECT encode(key, 'hex') FROM {table}")).await?;
         if let Some(k) = existing
-            .iter()
-            .find_map(|r| r.try_get::<String, _>(0).ok())
+            .first()
+            .map(|r| Cols(r).text(0))
+            .transpose()?
             .and_then(|h| EnvKey::from_hex(&h))
         {
             return Ok(k);
@@ -104,8 +104,9 @@ impl Store {
             ),
         )
         .await?;
-        rows.iter()
-            .find_map(|r| r.try_get::<String, _>(0).ok())
+        rows.first()
+            .map(|r| Cols(r).text(0))
+            .transpose()?
             .and_then(|h| EnvKey::from_hex(&h))
             .ok_or_else(|| sqlx::Error::Protocol("the --same-env key could not be read".into()))
     }
@@ -184,12 +185,9 @@ impl Store {
             key = self.lock.key,
             rel = lit(release),
         );
+        // No row: the tables do not exist yet, so nothing was forgotten.
         let rows = query_if_exists(conn, sql).await?;
-        Ok(rows
-            .first()
-            .and_then(|r| r.try_get::<String, _>(0).ok())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0))
+        rows.first().map_or(Ok(0), |r| Cols(r).parse(0))
     }
 
     /// What `status` shows: per release and variable, who set the reference, how many
@@ -249,11 +247,12 @@ pub(super) struct Reference {
 fn references(rows: &[PgRow]) -> Result<Vec<Reference>, sqlx::Error> {
     rows.iter()
         .map(|r| {
+            let row = Cols(r);
             Ok(Reference {
-                variable: r.try_get(0)?,
-                agrees: r.try_get::<String, _>(1)? == "true",
-                replica: r.try_get(2)?,
-                set_at: r.try_get(3)?,
+                variable: row.text(0)?,
+                agrees: row.text(1)? == "true",
+                replica: row.text(2)?,
+                set_at: row.text(3)?,
             })
         })
         .collect()
@@ -261,7 +260,12 @@ fn references(rows: &[PgRow]) -> Result<Vec<Reference>, sqlx::Error> {
 
 /// A row of [`Store::summary`].
 fn env_check(r: &PgRow) -> Result<EnvCheck, sqlx::Error> {
-    let t = |i: usize| r.try_get::<String, _>(i);
+    let row = Cols(r);
+    let t = |i: usize| row.text(i);
+    let disagreed = serde_json::from_str(&t(6)?).map_err(|e| sqlx::Error::ColumnDecode {
+        index: "6".into(),
+        source: Box::new(e),
+    })?;
     Ok(EnvCheck {
         release: t(0)?,
         variable: t(1)?,
@@ -270,8 +274,8 @@ fn env_check(r: &PgRow) -> Result<EnvCheck, sqlx::Error> {
             host: t(3)?,
             at: t(4)?,
         },
-        agreed: t(5)?.parse().unwrap_or(0),
-        disagreed: serde_json::from_str(&t(6)?).unwrap_or_default(),
+        agreed: row.parse(5)?,
+        disagreed,
     })
 }
 
