@@ -221,10 +221,9 @@ pub(crate) async fn reset(args: ResetArgs) -> Result<i32> {
         Ok(Err(())) => {
             let holder = gate.describe_holder(&mut conn).await;
             close(conn).await;
-            return Err(Error::Timeout {
-                what: format!("reset refused: lock {} is held by {holder}", gate.lock()),
-                waited: std::time::Duration::ZERO,
-                hint: "a migration may be running; try again when it has finished".into(),
+            return Err(Error::LockHeld {
+                lock: gate.lock().to_string(),
+                holder,
             });
         }
         Err(e) => return Err(gate.db.fail(&e, "during reset")),

@@ -147,3 +147,75 @@ fn init_logging(format: LogFormat) {
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use error::{EXIT_CODES, Error};
+
+    /// The numbers in the part of `text` that starts at `from` and ends at `to`.
+    fn numbers_between(text: &str, from: &str, to: &str) -> Vec<i32> {
+        let start = text.find(from).unwrap_or(text.len());
+        let part = &text[start..];
+        let part = &part[..part[from.len().min(part.len())..]
+            .find(to)
+            .map_or(part.len(), |end| end + from.len())];
+        part.split(|c: char| !c.is_ascii_digit())
+            .filter_map(|n| n.parse().ok())
+            .collect()
+    }
+
+    #[test]
+    fn every_exit_code_is_in_the_help_and_the_readme_table() {
+        let help = cli_command().render_long_help().to_string();
+        let in_help = numbers_between(&help, "Exit codes:", "\n\n");
+        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+            .expect("README.md next to Cargo.toml");
+        let section = readme
+            .split("\n## ")
+            .find(|s| s.starts_with("Exit codes"))
+            .expect("README has an \"## Exit codes\" section");
+        // The first cell of each row: `| 64 |`, `| 126 / 127 |`.
+        let in_table: Vec<i32> = section
+            .lines()
+            .filter_map(|l| l.strip_prefix('|'))
+            .filter_map(|l| l.split('|').next())
+            .flat_map(|cell| cell.split('/').map(|n| n.trim().parse().ok()))
+            .flatten()
+            .collect();
+        for code in EXIT_CODES {
+            assert!(in_help.contains(&code), "exit code {code} is not in --help: {help}");
+            assert!(in_table.contains(&code), "exit code {code} is not in the README's table");
+        }
+    }
+
+    #[test]
+    fn every_error_exits_with_a_listed_code() {
+        let errors = [
+            Error::Usage(String::new()),
+            Error::Unavailable(String::new()),
+            Error::Auth(String::new()),
+            Error::Config(String::new()),
+            Error::Timeout {
+                what: String::new(),
+                waited: std::time::Duration::ZERO,
+                hint: String::new(),
+            },
+            Error::LockHeld {
+                lock: String::new(),
+                holder: String::new(),
+            },
+            Error::CommandNotFound {
+                program: String::new(),
+            },
+            Error::CommandNotExecutable {
+                program: String::new(),
+                source: std::io::ErrorKind::PermissionDenied.into(),
+            },
+            Error::Internal(String::new()),
+        ];
+        for e in errors {
+            assert!(EXIT_CODES.contains(&e.exit_code()), "{e:?}");
+        }
+    }
+}
