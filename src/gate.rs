@@ -117,6 +117,11 @@ impl Gate {
         &self.target.lock
     }
 
+    /// This machine's host name, for the records.
+    pub(crate) fn host(&self) -> &str {
+        &self.host
+    }
+
     pub(crate) fn release(&self) -> Option<&str> {
         self.release.as_deref()
     }
@@ -184,7 +189,8 @@ impl Gate {
         if !session.ensured {
             // First run against this database: create the ledger before anyone locks, so that
             // no DDL ever runs inside a lock transaction.
-            if let Err(e) = self.ledger.ensure(conn.pg().await.map_err(sql)?).await {
+            let c = conn.pg().await.map_err(sql)?;
+            if let Err(e) = self.ledger.tables().create_ledger(c).await {
                 return Err(self.ensure_failed(&e));
             }
             session.ensured = true;
@@ -270,7 +276,7 @@ impl Gate {
     fn ensure_failed(&self, e: &sqlx::Error) -> Failure {
         match e {
             sqlx::Error::Database(db) if db.code().as_deref() == Some("42501") => {
-                Failure::Fatal(Error::Auth(self.ledger.grants_needed(
+                Failure::Fatal(Error::Auth(self.ledger.tables().ledger_grants(
                     self.db.username(),
                     &self.db.redacted_url,
                     db.message(),

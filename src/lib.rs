@@ -35,6 +35,7 @@ mod lock;
 mod preflight;
 mod probe;
 mod release;
+mod schema;
 mod sql;
 mod status;
 mod termination;

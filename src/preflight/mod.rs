@@ -35,13 +35,14 @@ use crate::db::{Conn, close};
 use crate::error::{Error, Result};
 use crate::gate::Gate;
 use crate::ledger::Seen;
-use crate::sql::{ident, is_missing_relation, is_read_only};
+use crate::schema::Tables;
+use crate::sql::{is_missing_relation, is_read_only};
 
 pub(crate) use fingerprint::EnvKey;
 use presets::{Check, Context, Level, Rule, broken};
 pub(crate) use presets::{Mode, Preset};
 use store::Reference;
-pub(crate) use store::{EnvCheck, Store, key_table};
+pub(crate) use store::{EnvCheck, Store};
 
 /// What a `--same-env` difference does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -179,7 +180,8 @@ impl Preflight {
             }
             warn!("--allow-older-release: starting anyway; {line}");
         }
-        self.compare(gate, seen.env_key, conn).await
+        let key = seen.env_key.and_then(|k| EnvKey::from_hex(&k.0));
+        self.compare(gate, key, conn).await
     }
 
     /// The holder, before it migrates: the variables only (its release is not done, so it is
@@ -222,7 +224,7 @@ impl Preflight {
                     .map(|v| (v.name.clone(), k.fingerprint(&v.name)))
                     .collect();
                 match store
-                    .record(c, release, &mine, &gate.target.application_name)
+                    .record(c, release, &mine, &gate.target.application_name, gate.host())
                     .await
                 {
                     // A read-only standby (followers may start there): compare, record nothing.
@@ -246,13 +248,8 @@ impl Preflight {
                 return Ok(());
             }
             Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42501") => {
-                return Err(Error::Auth(format!(
-                    "the role may not create or write the gate's --same-env tables in schema {} ({}): \
-                     ask a DBA to `GRANT USAGE, CREATE ON SCHEMA {} TO <role>;` (see \"Privileges\" in the README)",
-                    ident(&gate.target.schema),
-                    db.message(),
-                    ident(&gate.target.schema)
-                )));
+                let tables = Tables::new(&gate.target.schema);
+                return Err(Error::Auth(tables.preflight_grants(db.message())));
             }
             Err(e) => return Err(gate.db.fail(&e, "while comparing --same-env fingerprints")),
         };

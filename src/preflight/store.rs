@@ -5,20 +5,15 @@
 use sqlx::postgres::{PgConnection, PgRow};
 
 use super::fingerprint::{EnvKey, hex, random_key};
-use crate::ledger::create_missing;
 use crate::lock::LockKey;
-use crate::sql::{Cols, ident, lit, query_if_exists, query_secret};
+use crate::schema::Tables;
+use crate::sql::{Cols, lit, query_if_exists, query_secret};
 
 /// The preflight tables next to the ledger: the key, each release's reference fingerprints,
 /// and each replica's last comparison.
 pub(crate) struct Store {
-    schema: String,
+    tables: Tables,
     lock: LockKey,
-}
-
-/// The key table's name in `schema` (for the ledger's fast-path read).
-pub(crate) fn key_table(schema: &str) -> String {
-    format!("{}.env_key", ident(schema))
 }
 
 const TIME: &str = "'YYYY-MM-DD HH24:MI:SS \"UTC\"'";
@@ -27,63 +22,28 @@ const TIME_JSON: &str = "'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'";
 impl Store {
     pub(crate) fn new(schema: &str, lock: &LockKey) -> Store {
         Store {
-            schema: schema.to_string(),
+            tables: Tables::new(schema),
             lock: lock.clone(),
         }
     }
 
     fn reference(&self) -> String {
-        format!("{}.env_reference", ident(&self.schema))
+        self.tables.env_reference()
     }
 
     fn checks(&self) -> String {
-        format!("{}.env_checks", ident(&self.schema))
+        self.tables.env_checks()
     }
 
-    /// Creates the tables that are missing, and nothing else (like [`crate::ledger::Ledger::ensure`]:
-    /// a role owning only the schema can do it), under the ledger's DDL lock.
+    /// Creates the tables that are missing ([`Tables::create_preflight`]).
     pub(super) async fn ensure(&self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
-        let key = format!(
-            "CREATE TABLE IF NOT EXISTS {} (
-                 only_row   boolean PRIMARY KEY DEFAULT true CHECK (only_row),
-                 key        bytea NOT NULL,
-                 created_at timestamptz NOT NULL DEFAULT clock_timestamp()
-             );",
-            key_table(&self.schema)
-        );
-        let reference = format!(
-            "CREATE TABLE IF NOT EXISTS {} (
-                 lock_key bigint NOT NULL, release text NOT NULL, variable text NOT NULL,
-                 fingerprint text NOT NULL,
-                 replica text NOT NULL, host text NOT NULL, pid integer NOT NULL,
-                 set_at timestamptz NOT NULL DEFAULT clock_timestamp(),
-                 PRIMARY KEY (lock_key, release, variable)
-             );",
-            self.reference()
-        );
-        let checks = format!(
-            "CREATE TABLE IF NOT EXISTS {} (
-                 lock_key bigint NOT NULL, release text NOT NULL, variable text NOT NULL,
-                 replica text NOT NULL, host text NOT NULL, pid integer NOT NULL,
-                 agrees boolean NOT NULL,
-                 checked_at timestamptz NOT NULL DEFAULT clock_timestamp(),
-                 PRIMARY KEY (lock_key, release, variable, replica)
-             );",
-            self.checks()
-        );
-        let regclass = |table: String| format!("to_regclass({})", lit(&table));
-        let objects = [
-            (regclass(key_table(&self.schema)), key),
-            (regclass(self.reference()), reference),
-            (regclass(self.checks()), checks),
-        ];
-        create_missing(conn, &self.schema, &objects).await
+        self.tables.create_preflight(conn).await
     }
 
     /// The key, created (32 random bytes) by the first gate that needs it. Looks first, so
     /// that a read-only standby can read it.
     pub(super) async fn key(&self, conn: &mut PgConnection) -> Result<EnvKey, sqlx::Error> {
-        let table = key_table(&self.schema);
+        let table = self.tables.env_key();
         let existing =
             query_secret(conn, format!("SELECT encode(key, 'hex') FROM {table}")).await?;
         if let Some(k) = existing
@@ -120,9 +80,10 @@ impl Store {
         release: &str,
         mine: &[(String, String)],
         replica: &str,
+        host: &str,
     ) -> Result<Vec<Reference>, sqlx::Error> {
         let (key, release, replica) = (self.lock.key, lit(release), lit(replica));
-        let host = lit(&crate::config::hostname());
+        let host = lit(host);
         let pid = std::process::id();
         let sql = format!(
             "WITH mine (variable, fingerprint) AS (VALUES {values}), \
