@@ -14,7 +14,6 @@ use crate::holding::Holding;
 use crate::ledger::Outcome;
 use crate::lock;
 use crate::preflight::{Mode, Preflight, Store};
-use crate::probe::Probe;
 use crate::termination;
 use crate::waiting::{Role, wait_turn};
 
@@ -23,7 +22,7 @@ pub(crate) async fn migrate(args: MigrateArgs) -> Result<i32> {
     let flag = args.gate.flag.flag()?;
     check_program(&args.command)?;
     let release = args.gate.release.resolve()?;
-    let preflight = Preflight::new(&args.gate.preflight, Mode::Migrate, release.as_deref())?;
+    let preflight = Preflight::new(&args.gate.preflight.settings(), Mode::Migrate, release.as_deref())?;
     let gate = gate(&args.gate.db, release, &preflight)?;
     let kill_grace = args.kill_grace;
     let want = Want::Lock {
@@ -63,7 +62,7 @@ pub(crate) async fn migrate(args: MigrateArgs) -> Result<i32> {
 /// `run [--migrate CMD] [--ready-*] -- APP`: gate the start of APP.
 pub(crate) async fn run(args: RunArgs) -> Result<i32> {
     let flag = args.gate.flag.flag()?;
-    let probe = Probe::from_args(&args)?;
+    let probe = args.probe()?;
     let migrate_argv = args
         .migrate
         .as_deref()
@@ -84,7 +83,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<i32> {
     let mode = Mode::Run {
         migrate: migrate_argv.is_some(),
     };
-    let preflight = Preflight::new(&args.gate.preflight, mode, release.as_deref())?;
+    let preflight = Preflight::new(&args.gate.preflight.settings(), mode, release.as_deref())?;
     let gate = gate(&args.gate.db, release, &preflight)?;
     let kill_grace = args.kill_grace;
     let app_off = Program {
@@ -150,7 +149,7 @@ pub(crate) async fn wait(args: WaitArgs) -> Result<i32> {
     if !args.command.is_empty() {
         check_program(&args.command)?;
     }
-    let preflight = Preflight::new(&args.gate.preflight, Mode::Wait, Some(&release))?;
+    let preflight = Preflight::new(&args.gate.preflight.settings(), Mode::Wait, Some(&release))?;
     let gate = gate(&args.gate.db, Some(release), &preflight)?;
     let want = Want::Done {
         slots: args.gate.waiting.waiting_connections,

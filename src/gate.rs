@@ -21,12 +21,39 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
-use crate::config::Target;
 use crate::db::{Conn, Db, Failure};
 use crate::error::{Error, Result};
 use crate::holding::Holding;
 use crate::ledger::{Attempt, Ledger, ReadKey, Seen};
 use crate::lock::{self, LockKey, Route, Scope, WaitSlots};
+
+/// Where the database and the lock are, as the command line gave them (validated by the CLI),
+/// shared by every command.
+#[derive(Debug, Clone)]
+pub(crate) struct Target {
+    /// The database URL, exactly as given (never logged; see [`crate::db::redact_url`]).
+    pub(crate) database_url: String,
+    /// The advisory lock.
+    pub(crate) lock: LockKey,
+    /// Schema of the ledger.
+    pub(crate) schema: String,
+    /// How long to keep retrying a database that is not up yet (`--connect-timeout`).
+    pub(crate) connect_timeout: Duration,
+    /// application_name of our connections.
+    pub(crate) application_name: String,
+    /// How the lock is held (`--lock-scope`).
+    pub(crate) lock_scope: Scope,
+}
+
+/// This machine's host name (the pod name in Kubernetes), for `application_name` and the ledger.
+pub(crate) fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "unknown".into())
+}
 
 /// One replica's view of the lock and the ledger.
 pub(crate) struct Gate {
@@ -109,7 +136,7 @@ impl Gate {
             db,
             ledger,
             release,
-            host: crate::config::hostname(),
+            host: hostname(),
         })
     }
 

@@ -30,7 +30,6 @@ mod store;
 use clap::ValueEnum;
 use tracing::{info, warn};
 
-use crate::config::PreflightArgs;
 use crate::db::{Conn, close};
 use crate::error::{Error, Result};
 use crate::gate::Gate;
@@ -53,6 +52,20 @@ pub enum OnMismatch {
     Warn,
 }
 
+/// What the preflight checks, as the command line asked (`--same-env`, `--on-mismatch`,
+/// `--preset`, `--allow-older-release`).
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    /// Variables that must be the same on every replica of a release.
+    pub(crate) same_env: Vec<String>,
+    /// What a difference does.
+    pub(crate) on_mismatch: OnMismatch,
+    /// A known app's rules.
+    pub(crate) preset: Option<Preset>,
+    /// Start even when a newer release was migrated on this database.
+    pub(crate) allow_older_release: bool,
+}
+
 /// A variable compared across replicas, and what a difference does.
 #[derive(Debug, Clone)]
 struct Compared {
@@ -73,7 +86,7 @@ impl Preflight {
     /// Checks the flags and the presets' local rules: a failing rule is an error (78) before
     /// the gate connects; warnings are logged.
     pub(crate) fn new(
-        args: &PreflightArgs,
+        args: &Settings,
         mode: Mode,
         release: Option<&str>,
     ) -> Result<Preflight> {
@@ -85,7 +98,7 @@ impl Preflight {
     }
 
     fn with_context(
-        args: &PreflightArgs,
+        args: &Settings,
         cx: &Context,
         release: Option<&str>,
     ) -> Result<Preflight> {
@@ -338,8 +351,8 @@ mod tests {
         }
     }
 
-    fn args(preset: Option<Preset>) -> PreflightArgs {
-        PreflightArgs {
+    fn args(preset: Option<Preset>) -> Settings {
+        Settings {
             same_env: Vec::new(),
             on_mismatch: OnMismatch::Fail,
             preset,
