@@ -9,20 +9,24 @@ use crate::child::{self, Program};
 use crate::config::{self, DbArgs, MigrateArgs, ResetArgs, RunArgs, WaitArgs};
 use crate::db::close;
 use crate::error::{EXIT_OK, Error, Result};
-use crate::gate::{Gate, Session, Want};
+use crate::gate::Gate;
 use crate::holding::Holding;
 use crate::ledger::Outcome;
 use crate::lock;
 use crate::preflight::{Mode, Preflight, Store};
 use crate::termination;
-use crate::waiting::{Role, wait_turn};
+use crate::waiting::{Turn, Want, wait_turn};
 
 /// `migrate -- CMD`: the holder runs CMD with the flag on; every replica exits 0 once done.
 pub(crate) async fn migrate(args: MigrateArgs) -> Result<i32> {
     let flag = args.gate.flag.flag()?;
     check_program(&args.command)?;
     let release = args.gate.release.resolve()?;
-    let preflight = Preflight::new(&args.gate.preflight.settings(), Mode::Migrate, release.as_deref())?;
+    let preflight = Preflight::new(
+        &args.gate.preflight.settings(),
+        Mode::Migrate,
+        release.as_deref(),
+    )?;
     let gate = gate(&args.gate.db, release, &preflight)?;
     let kill_grace = args.kill_grace;
     let want = Want::Lock {
@@ -30,7 +34,7 @@ pub(crate) async fn migrate(args: MigrateArgs) -> Result<i32> {
         slots: args.gate.waiting.waiting_connections,
     };
     match wait_turn(&gate, want, args.gate.waiting.wait_timeout).await? {
-        Role::Follower { seen, conn } => {
+        Turn::Follower { seen, conn } => {
             preflight.follower(&gate, seen, conn).await?;
             termination::write_success(&format!(
                 "{} is done; this replica did not migrate",
@@ -38,7 +42,7 @@ pub(crate) async fn migrate(args: MigrateArgs) -> Result<i32> {
             ));
             Ok(EXIT_OK)
         }
-        Role::Holder(holding) => {
+        Turn::Holder(holding) => {
             let holding = holder_preflight(&preflight, &gate, *holding).await?;
             let program = Program {
                 argv: &args.command,
@@ -95,11 +99,11 @@ pub(crate) async fn run(args: RunArgs) -> Result<i32> {
         slots: args.gate.waiting.waiting_connections,
     };
     let mut holding = match wait_turn(&gate, want, args.gate.waiting.wait_timeout).await? {
-        Role::Follower { seen, conn } => {
+        Turn::Follower { seen, conn } => {
             preflight.follower(&gate, seen, conn).await?;
             return Err(child::exec(&app_off));
         }
-        Role::Holder(holding) => holder_preflight(&preflight, &gate, *holding).await?,
+        Turn::Holder(holding) => holder_preflight(&preflight, &gate, *holding).await?,
     };
 
     if let Some(argv) = &migrate_argv {
@@ -154,7 +158,7 @@ pub(crate) async fn wait(args: WaitArgs) -> Result<i32> {
     let want = Want::Done {
         slots: args.gate.waiting.waiting_connections,
     };
-    if let Role::Follower { seen, conn } =
+    if let Turn::Follower { seen, conn } =
         wait_turn(&gate, want, args.gate.waiting.wait_timeout).await?
     {
         preflight.follower(&gate, seen, conn).await?;
@@ -195,9 +199,8 @@ pub(crate) async fn reset(args: ResetArgs) -> Result<i32> {
         ));
         return Ok(EXIT_OK);
     }
-    let mut session = Session::default();
     let result = async {
-        let (_, scope) = gate.route(&mut conn, &mut session).await?;
+        let (_, scope) = gate.detect_route(&mut conn).await?;
         let c = conn.pg().await?;
         // Looked at before the lock: in transaction scope a missing ledger would abort the lock's
         // transaction, and then its COMMIT would silently roll back.

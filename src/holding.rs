@@ -1,20 +1,22 @@
-//! Holding the lock: the replica that migrates. A [`Holding`] exists only while this replica
-//! holds the lock; it owns the lock session, the lock's scope and the ledger row of its
-//! attempt. Its life: [`Holding::migrate`] (and/or [`Holding::start_app`]), checking the lock
-//! session on every heartbeat while a child runs, then [`Holding::complete`], which records the
-//! outcome, notifies the waiters and frees the lock, or [`Holding::fence`] when the session was
-//! lost. Both consume it: a holder cannot complete twice, nor fence and then complete.
+//! Holding the lock: the replica that migrates, from taking over to the end of its attempt. A
+//! [`Holding`] exists only while this replica holds the lock; it owns the lock session, the
+//! lock's scope and the ledger row of its attempt. Its life: [`Holding::take_over`] once the
+//! waiter got the lock, [`Holding::migrate`] (and/or [`Holding::start_app`]), checking the lock
+//! session on every heartbeat while a child runs, then the attempt ends in one of two places:
+//! [`Holding::complete`], which records the outcome, notifies the waiters and frees the lock, or
+//! [`Holding::fence`] when the session was lost. Both consume it: a holder cannot complete twice,
+//! nor fence and then complete.
 
 use std::time::{Duration, Instant};
 
 use tracing::{error, info, warn};
 
 use crate::child::{self, Program, Supervisor};
-use crate::db::{self, Conn, close};
+use crate::db::{Conn, Failure, close};
 use crate::duration;
 use crate::error::{Error, Result};
 use crate::gate::Gate;
-use crate::ledger::Outcome;
+use crate::ledger::{Attempt, Outcome, ReadKey, Seen};
 use crate::lock::{self, Scope};
 use crate::probe::Probe;
 use crate::sql;
@@ -34,15 +36,38 @@ pub(crate) fn fence_time(kill_grace: Duration) -> Duration {
     HEARTBEAT + HEARTBEAT_TIMEOUT + kill_grace + Duration::from_secs(1)
 }
 
+/// This replica's attempt, for the ledger.
+fn attempt(gate: &Gate, kill_grace: Duration) -> Attempt<'_> {
+    Attempt {
+        release: gate.release(),
+        holder: &gate.target.application_name,
+        host: gate.host(),
+        pid: std::process::id(),
+        fence_secs: fence_time(kill_grace)
+            .as_secs()
+            .try_into()
+            .unwrap_or(u32::MAX),
+    }
+}
+
 /// The lock session of the holder, its scope and its ledger row.
 pub(crate) struct Holding {
     conn: Conn,
     /// In transaction scope: the connection through which the attempt row and its heartbeats
-    /// commit, outside the lock's transaction (see [`crate::gate::Gate::round`]).
+    /// commit, outside the lock's transaction (see [`Holding::take_over`]).
     witness: Option<Conn>,
     scope: Scope,
     attempt: i64,
     since: Instant,
+}
+
+/// What taking over found.
+pub(crate) enum TakeOver {
+    /// We hold the lock and have recorded an attempt: migrate.
+    Holding(Box<Holding>),
+    /// The previous holder finished between the waiter's read and our lock: the lock is freed
+    /// again, and this replica is a follower after all.
+    AlreadyDone { seen: Seen, conn: Conn },
 }
 
 /// Why a supervised child stopped being watched.
@@ -58,14 +83,67 @@ enum StepEnd {
 }
 
 impl Holding {
-    pub(crate) fn new(conn: Conn, witness: Option<Conn>, scope: Scope, attempt: i64) -> Holding {
-        Holding {
+    /// Takes over once the waiter's `conn` holds the lock in `scope` (step 3 of the protocol,
+    /// [`crate::waiting`]): keepalives on the lock session, the ledger read again inside the
+    /// lock, the witness connection, the wait for a vanished holder's fencing time, and this
+    /// attempt's row. Errors come sorted into "retry" and "give up".
+    pub(crate) async fn take_over(
+        gate: &Gate,
+        mut conn: Conn,
+        scope: Scope,
+        kill_grace: Duration,
+    ) -> Result<TakeOver, Failure> {
+        let sql = |e: sqlx::Error| gate.db.classify(&e);
+        let c = conn.pg().await.map_err(sql)?;
+        lock::configure_keepalives(c, scope).await.map_err(sql)?;
+        if let Some(release) = gate.release() {
+            let seen = gate
+                .ledger
+                .is_done(c, release, ReadKey::No)
+                .await
+                .map_err(sql)?;
+            if seen.done == Some(true) {
+                // The previous holder finished between our read and our lock.
+                lock::release(c, gate.lock(), scope).await.map_err(sql)?;
+                return Ok(TakeOver::AlreadyDone { seen, conn });
+            }
+        }
+        // The attempt row and its heartbeats must be visible to a taker-over even if this
+        // holder vanishes. In session scope they commit on the lock session itself; in
+        // transaction scope everything written there rolls back with the lock, so they go
+        // through a second connection that commits on its own: the witness.
+        let mut witness = match scope {
+            Scope::Session => None,
+            _ => Some(gate.db.connect_once(gate.db.attempt_limit()).await?),
+        };
+        let book = match witness.as_mut() {
+            Some(w) => w.pg().await.map_err(sql)?,
+            None => conn.pg().await.map_err(sql)?,
+        };
+        let (stale, wait) = gate.ledger.stale(book).await.map_err(sql)?;
+        if stale > 0 {
+            warn!(
+                stale,
+                fence_wait_s = format!("{wait:.1}"),
+                "the previous holder vanished mid-migration; taking over once it has surely stopped its migration"
+            );
+            // Holding the lock, so nobody else starts meanwhile; the rows stay `running` until
+            // the wait is over, so a taker-over that dies meanwhile hands the wait on.
+            tokio::time::sleep(Duration::from_secs_f64(wait.min(3600.0))).await;
+            gate.ledger.abandon_stale(book).await.map_err(sql)?;
+        }
+        let attempt = gate
+            .ledger
+            .begin(book, &attempt(gate, kill_grace))
+            .await
+            .map_err(sql)?;
+        Ok(TakeOver::Holding(Box::new(Holding {
             conn,
             witness,
             scope,
             attempt,
             since: Instant::now(),
-        }
+        })))
     }
 
     /// The ledger row of this attempt.
@@ -259,7 +337,7 @@ impl Holding {
                             .record_fenced(
                                 pg,
                                 self.attempt,
-                                &gate.attempt(kill_grace),
+                                &attempt(gate, kill_grace),
                                 code,
                                 &detail,
                             )

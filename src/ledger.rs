@@ -12,9 +12,7 @@ use sqlx::postgres::PgConnection;
 
 use crate::lock::LockKey;
 use crate::schema::{StoredKey, Tables};
-use crate::sql::{
-    Cols, is_missing_relation, lit, one_row, query, query_if_exists, query_scalar,
-};
+use crate::sql::{Cols, is_missing_relation, lit, one_row, query, query_if_exists, query_scalar};
 
 /// The ledger of one lock in one schema.
 #[derive(Debug)]

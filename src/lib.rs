@@ -185,8 +185,14 @@ mod tests {
             .flatten()
             .collect();
         for code in EXIT_CODES {
-            assert!(in_help.contains(&code), "exit code {code} is not in --help: {help}");
-            assert!(in_table.contains(&code), "exit code {code} is not in the README's table");
+            assert!(
+                in_help.contains(&code),
+                "exit code {code} is not in --help: {help}"
+            );
+            assert!(
+                in_table.contains(&code),
+                "exit code {code} is not in the README's table"
+            );
         }
     }
 

@@ -1,17 +1,32 @@
-//! Waiting: the one loop of every replica that is not the holder yet (`migrate`, `run`) and of
-//! `wait`, which never takes the lock.
+//! Waiting: the protocol up to the lock, and the one loop of every replica that is not the
+//! holder yet (`migrate`, `run`) and of `wait`, which never takes the lock.
 //!
-//! Each round ([`Gate::round`]) reads the ledger and, when it may, tries the lock. Between
-//! rounds a waiter that keeps its connection on a direct connection `LISTEN`s: the holder
-//! notifies in the transaction that writes `done`, so the waiter wakes when it commits and
-//! needs one more round trip to read the row. Polling stays as the fallback (a lost
-//! notification, a holder that crashed, transaction pooling where `LISTEN` does not work).
+//! 1. Every replica connects and reads the ledger. Release done: it is a follower, at once
+//!    (also on a read-only standby: the `done` row is replayed after the migration's commits).
+//! 2. Otherwise it tries `pg_try_advisory_lock` (never the blocking form). Busy: it waits for a
+//!    notification or a jittered, growing delay and goes back to 1. It only goes on when the
+//!    release is recorded done, never merely because the lock became free: a holder that
+//!    crashed frees the lock without migrating.
+//! 3. The replica that gets the lock takes over ([`Holding::take_over`]): it re-reads the ledger
+//!    (the previous holder may have finished between 1 and 2), waits out a vanished holder's
+//!    fencing time, records its own attempt and migrates, checking on every heartbeat that its
+//!    lock session is alive. If that session is lost, another replica may take the lock, so it
+//!    stops its migration at once (fencing) and fails.
+//! 4. It records the outcome and notifies the waiters on the lock session, commits, and only
+//!    then frees the lock ([`Holding::complete`]).
+//!
+//! Steps 1 and 2 are one [`round`]; a round ends in a [`Turn`] or in "not yet". Between rounds
+//! a waiter that keeps its connection on a direct connection `LISTEN`s: the holder notifies in
+//! the transaction that writes `done`, so the waiter wakes when it commits and needs one more
+//! round trip to read the row. Polling stays as the fallback (a lost notification, a holder that
+//! crashed, transaction pooling where `LISTEN` does not work).
 //!
 //! Hard bounds: `--wait-timeout` bounds the whole wait, whatever the network does; every round
 //! trip has a deadline ([`crate::sql::ROUND_TRIP_TIMEOUT`]) after which its connection is dropped
 //! and a new one made; `--connect-timeout` bounds a streak of failures (no connection, lost
 //! connections, a read-only standby).
 
+use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
 use tracing::info;
@@ -19,10 +34,10 @@ use tracing::info;
 use crate::db::{self, Conn, Failure, backoff};
 use crate::duration::short;
 use crate::error::{Error, Result};
-use crate::gate::{Gate, Round, Session, Want};
-use crate::holding::Holding;
-use crate::ledger::Seen;
-use crate::lock::{self, Route, WaitSlots};
+use crate::gate::Gate;
+use crate::holding::{Holding, TakeOver};
+use crate::ledger::{ReadKey, Seen};
+use crate::lock::{self, Route, Scope, WaitSlots};
 
 /// How often a waiter logs who holds the lock.
 const REPORT_EVERY: Duration = Duration::from_secs(10);
@@ -47,19 +62,73 @@ const CROWDED: f64 = 0.5;
 /// Share of `max_connections` in use at which reconnecting waiters poll most gently.
 const PACKED: f64 = 0.9;
 
-/// What a replica turned out to be.
-pub(crate) enum Role {
-    /// The release is done: go on with the flag off. `seen`: what the ledger read saw; `conn`:
-    /// its connection, for a preflight check that needs one more round trip (dropped otherwise:
-    /// a follower execs or exits next, and both close the socket).
+/// What the replica wants from a round.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Want {
+    /// Its turn to migrate (`migrate`, `run`): take the lock when it is free.
+    Lock {
+        /// `--kill-grace`, recorded so that a taker-over knows how long fencing takes.
+        kill_grace: Duration,
+        /// `--waiting-connections`.
+        slots: WaitSlots,
+    },
+    /// Only to see the release done (`wait`): never take the lock.
+    Done {
+        /// `--waiting-connections`.
+        slots: WaitSlots,
+    },
+}
+
+impl Want {
+    /// `--waiting-connections`.
+    fn slots(self) -> WaitSlots {
+        match self {
+            Want::Lock { slots, .. } | Want::Done { slots } => slots,
+        }
+    }
+}
+
+/// Whose turn it is: what a replica turns out to be, the one outcome of waiting.
+pub(crate) enum Turn {
+    /// The release is done: go on with the flag off. `seen`: what the ledger read saw, for the
+    /// preflight checks; `conn`: its connection, for a preflight check that needs one more round
+    /// trip (dropped otherwise: a follower execs or exits next, and both close the socket).
     Follower { seen: Seen, conn: Option<Conn> },
     /// We hold the lock and have recorded an attempt: migrate.
     Holder(Box<Holding>),
 }
 
+/// What one round saw: a turn, or not yet.
+enum Round {
+    Turn(Turn),
+    /// Not yet. `conn`: the connection to go on with; `keep`: whether this waiter may keep it;
+    /// `pressure`: the share of `max_connections` in use, when known.
+    Busy {
+        conn: Conn,
+        keep: bool,
+        pressure: f64,
+    },
+    /// The server is a read-only standby and the release is not done there.
+    Standby,
+}
+
+/// The state a waiter carries from round to round on one connection.
+#[derive(Default)]
+struct Session {
+    /// What sits between us and PostgreSQL, and the lock scope: decided once per gate.
+    route: Option<(Route, Scope)>,
+    /// Whether this connection holds a waiting slot.
+    slot: bool,
+    /// Whether this connection already tried to move to a listening one (once per connection:
+    /// without a free slot it would open a connection on every poll).
+    listen_tried: bool,
+    /// Whether the ledger is known to exist.
+    ensured: bool,
+}
+
 /// Waits until the release is done (follower) or, with [`Want::Lock`], this replica holds the
 /// lock (holder). Fails after `wait_timeout`, or after `--connect-timeout` of trouble.
-pub(crate) async fn wait_turn(gate: &Gate, want: Want, wait_timeout: Duration) -> Result<Role> {
+pub(crate) async fn wait_turn(gate: &Gate, want: Want, wait_timeout: Duration) -> Result<Turn> {
     let started = Instant::now();
     let deadline = tokio::time::Instant::from_std(started + wait_timeout);
     let mut waiter = Waiter {
@@ -81,19 +150,20 @@ pub(crate) async fn wait_turn(gate: &Gate, want: Want, wait_timeout: Duration) -
         let pressure = match tokio::time::timeout_at(deadline, waiter.step(want)).await {
             Err(_) => return Err(waiter.timed_out(started.elapsed())),
             Ok(Err(e)) => return Err(e),
-            Ok(Ok(Step::Done { seen, conn })) => {
-                info!(
-                    release = gate.release(),
-                    waited_ms = started.elapsed().as_millis() as u64,
-                    "release is done; starting with the flag off"
-                );
-                return Ok(Role::Follower { seen, conn });
+            Ok(Ok(ControlFlow::Break(turn))) => {
+                let waited_ms = started.elapsed().as_millis() as u64;
+                match &turn {
+                    Turn::Follower { .. } => info!(
+                        release = gate.release(),
+                        waited_ms, "release is done; starting with the flag off"
+                    ),
+                    Turn::Holder(holding) => {
+                        info!(release = gate.release(), lock = %gate.lock(), attempt = holding.attempt(), waited_ms, "lock taken; this replica migrates")
+                    }
+                }
+                return Ok(turn);
             }
-            Ok(Ok(Step::Holder(holding))) => {
-                info!(release = gate.release(), lock = %gate.lock(), attempt = holding.attempt(), waited_ms = started.elapsed().as_millis() as u64, "lock taken; this replica migrates");
-                return Ok(Role::Holder(holding));
-            }
-            Ok(Ok(Step::Wait { pressure })) => pressure,
+            Ok(Ok(ControlFlow::Continue(pressure))) => pressure,
         };
         if started.elapsed() >= wait_timeout {
             return Err(waiter.timed_out(started.elapsed()));
@@ -125,21 +195,13 @@ struct Waiter<'g> {
     next_report: Instant,
 }
 
-enum Step {
-    Done {
-        seen: Seen,
-        conn: Option<Conn>,
-    },
-    Holder(Box<Holding>),
-    /// Wait and go again; `pressure`: share of `max_connections` in use, when known.
-    Wait {
-        pressure: f64,
-    },
-}
+/// What a step of the loop gives: a turn, or wait and go again (`pressure`: the share of
+/// `max_connections` in use, when known).
+type Next = ControlFlow<Turn, f64>;
 
 impl Waiter<'_> {
     /// One round on the kept connection or a new one, with the failure bookkeeping.
-    async fn step(&mut self, want: Want) -> Result<Step> {
+    async fn step(&mut self, want: Want) -> Result<Next> {
         let gate = self.gate;
         let conn = match self.conn.take() {
             Some(c) => Ok(c),
@@ -150,30 +212,31 @@ impl Waiter<'_> {
             }
         };
         let round = match conn {
-            Ok(conn) => gate.round(conn, &mut self.session, want).await,
+            Ok(conn) => round(gate, conn, &mut self.session, want).await,
             Err(failure) => Err(failure),
         };
         match round {
-            Ok((Round::Done(seen), conn)) => Ok(Step::Done { seen, conn }),
-            Ok((Round::Holder(holding), _)) => Ok(Step::Holder(holding)),
-            Ok((Round::Busy { keep, pressure }, conn)) => {
+            Ok(Round::Turn(turn)) => Ok(ControlFlow::Break(turn)),
+            Ok(Round::Busy {
+                mut conn,
+                keep,
+                pressure,
+            }) => {
                 self.trouble_since = None;
                 self.last_trouble = None;
-                if let Some(mut c) = conn {
-                    self.report(&mut c).await;
-                    if keep {
-                        if !c.listens() && !self.session.listen_tried && self.may_listen() {
-                            self.session.listen_tried = true;
-                            c = self.listen_instead(c, want.slots()).await;
-                        }
-                        self.conn = Some(c);
-                    } else {
-                        db::close(c).await;
+                self.report(&mut conn).await;
+                if keep {
+                    if !conn.listens() && !self.session.listen_tried && self.may_listen() {
+                        self.session.listen_tried = true;
+                        conn = self.listen_instead(conn, want.slots()).await;
                     }
+                    self.conn = Some(conn);
+                } else {
+                    db::close(conn).await;
                 }
-                Ok(Step::Wait { pressure })
+                Ok(ControlFlow::Continue(pressure))
             }
-            Ok((Round::Standby, _)) => self.trouble(
+            Ok(Round::Standby) => self.trouble(
                 "the server is a read-only standby (pg_is_in_recovery() is true)".into(),
                 |gate, since| {
                     Error::Unavailable(format!(
@@ -197,7 +260,7 @@ impl Waiter<'_> {
         &mut self,
         reason: String,
         give_up: impl FnOnce(&Gate, Duration) -> Error,
-    ) -> Result<Step> {
+    ) -> Result<Next> {
         let since = self
             .trouble_since
             .get_or_insert_with(Instant::now)
@@ -206,7 +269,7 @@ impl Waiter<'_> {
         if since >= self.gate.target.connect_timeout {
             return Err(give_up(self.gate, since));
         }
-        Ok(Step::Wait { pressure: 0.0 })
+        Ok(ControlFlow::Continue(0.0))
     }
 
     /// LISTEN only on a connection that is its own server session.
@@ -286,6 +349,108 @@ impl Waiter<'_> {
             hint,
         }
     }
+}
+
+/// One round of the protocol (steps 1 and 2 of the module documentation; step 3 is the
+/// holder's), on `conn`. Errors come sorted into "retry" and "give up".
+async fn round(
+    gate: &Gate,
+    mut conn: Conn,
+    session: &mut Session,
+    want: Want,
+) -> Result<Round, Failure> {
+    let sql = |e: sqlx::Error| gate.db.classify(&e);
+    if let Some(release) = gate.release() {
+        let seen = gate
+            .ledger
+            .is_done(conn.pg().await.map_err(sql)?, release, ReadKey::IfCompared)
+            .await
+            .map_err(sql)?;
+        match seen.done {
+            Some(true) => {
+                return Ok(Round::Turn(Turn::Follower {
+                    seen,
+                    conn: Some(conn),
+                }));
+            }
+            _ if seen.standby => return Ok(Round::Standby),
+            Some(false) => session.ensured = true,
+            None => {}
+        }
+    }
+    let (kill_grace, slots) = match want {
+        Want::Lock { kill_grace, slots } => (kill_grace, slots),
+        Want::Done { slots } => return busy(gate, conn, session, slots).await,
+    };
+    if !session.ensured {
+        // First run against this database: create the ledger before anyone locks, so that
+        // no DDL ever runs inside a lock transaction.
+        gate.create_ledger(&mut conn).await?;
+        session.ensured = true;
+    }
+    let (_, scope) = route(gate, &mut conn, session).await.map_err(sql)?;
+    let c = conn.pg().await.map_err(sql)?;
+    if !lock::try_acquire(c, gate.lock(), scope)
+        .await
+        .map_err(sql)?
+    {
+        return busy(gate, conn, session, slots).await;
+    }
+    Ok(Round::Turn(
+        match Holding::take_over(gate, conn, scope, kill_grace).await? {
+            TakeOver::Holding(holding) => Turn::Holder(holding),
+            TakeOver::AlreadyDone { seen, conn } => Turn::Follower {
+                seen,
+                conn: Some(conn),
+            },
+        },
+    ))
+}
+
+/// The lock is taken (or we only watch): may this waiter keep its connection? Only where a
+/// waiting connection costs no pooled server connection that the migration may need: on a
+/// direct connection with a waiting slot, or behind proven transaction pooling. Behind a
+/// session pooler or a proxy every waiter reconnects for each poll.
+async fn busy(
+    gate: &Gate,
+    mut conn: Conn,
+    session: &mut Session,
+    slots: WaitSlots,
+) -> Result<Round, Failure> {
+    let sql = |e: sqlx::Error| gate.db.classify(&e);
+    let (route, _) = route(gate, &mut conn, session).await.map_err(sql)?;
+    let (keep, pressure) = match route {
+        Route::TransactionPooling => (true, 0.0),
+        Route::Middlebox => (false, 0.0),
+        Route::Direct if session.slot => (true, 0.0),
+        Route::Direct => {
+            let c = conn.pg().await.map_err(sql)?;
+            let slot = lock::try_take_wait_slot(c, gate.lock(), slots)
+                .await
+                .map_err(sql)?;
+            session.slot = slot.taken;
+            (slot.taken, slot.pressure)
+        }
+    };
+    Ok(Round::Busy {
+        conn,
+        keep,
+        pressure,
+    })
+}
+
+/// The route and lock scope, decided on the first connection that needs them.
+async fn route(
+    gate: &Gate,
+    conn: &mut Conn,
+    session: &mut Session,
+) -> Result<(Route, Scope), sqlx::Error> {
+    if let Some(known) = session.route {
+        return Ok(known);
+    }
+    let known = gate.detect_route(conn).await?;
+    session.route = Some(known);
+    Ok(known)
 }
 
 /// The polling delay of a reconnecting waiter on a crowded server: from [`POLL_SLOW_MAX`] when

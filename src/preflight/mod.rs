@@ -85,11 +85,7 @@ pub(crate) struct Preflight {
 impl Preflight {
     /// Checks the flags and the presets' local rules: a failing rule is an error (78) before
     /// the gate connects; warnings are logged.
-    pub(crate) fn new(
-        args: &Settings,
-        mode: Mode,
-        release: Option<&str>,
-    ) -> Result<Preflight> {
+    pub(crate) fn new(args: &Settings, mode: Mode, release: Option<&str>) -> Result<Preflight> {
         let cx = Context {
             vars: Box::new(|name| std::env::var_os(name).map(|v| v.to_string_lossy().into_owned())),
             mode,
@@ -97,11 +93,7 @@ impl Preflight {
         Preflight::with_context(args, &cx, release)
     }
 
-    fn with_context(
-        args: &Settings,
-        cx: &Context,
-        release: Option<&str>,
-    ) -> Result<Preflight> {
+    fn with_context(args: &Settings, cx: &Context, release: Option<&str>) -> Result<Preflight> {
         let mut compared: Vec<Compared> = Vec::new();
         for name in &args.same_env {
             let name = name.trim();
