@@ -9,11 +9,11 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::error::{Error, Result};
-use crate::gate::{Target, hostname};
 use crate::lock::{LockKey, Scope, WaitSlots};
 use crate::preflight::{self, OnMismatch, Preset};
 use crate::probe::{self, Probe};
 use crate::release::release_from_path;
+use crate::replica::{Target, hostname};
 
 const AFTER_HELP: &str = "\
 Exit codes: 0 ok, 1 release not done (status --release), 64 usage, 69 database unavailable,
@@ -51,7 +51,7 @@ pub enum Command {
     /// every replica exits 0; a failing CMD is recorded and its exit code passed on.
     Migrate(MigrateArgs),
 
-    /// Gate the start of APP (Docker entrypoint, Swarm, Compose): followers exec APP with the flag off.
+    /// Replica the start of APP (Docker entrypoint, Swarm, Compose): followers exec APP with the flag off.
     ///
     /// The lock holder runs --migrate with the flag on and then execs APP with the flag off; or,
     /// with a --ready-* probe, starts APP itself (flag on, or off after --migrate), keeps the lock
@@ -95,9 +95,9 @@ impl Command {
     /// The log format the command asked for.
     pub fn log_format(&self) -> LogFormat {
         match self {
-            Command::Migrate(a) => a.gate.db.log_format,
-            Command::Run(a) => a.gate.db.log_format,
-            Command::Wait(a) => a.gate.db.log_format,
+            Command::Migrate(a) => a.replica.db.log_format,
+            Command::Run(a) => a.replica.db.log_format,
+            Command::Wait(a) => a.replica.db.log_format,
             Command::Status(a) => a.db.log_format,
             Command::Reset(a) => a.db.log_format,
             Command::Install { .. } | Command::Completions { .. } | Command::Man => LogFormat::Text,
@@ -477,7 +477,7 @@ impl RunArgs {
 impl WaitArgs {
     /// The release to wait for: required.
     pub fn release(&self) -> Result<String> {
-        self.gate.release.resolve()?.ok_or_else(|| {
+        self.replica.release.resolve()?.ok_or_else(|| {
             Error::Usage(
                 "wait needs --release ID or --release-from PATH: the release to wait for".into(),
             )

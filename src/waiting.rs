@@ -34,10 +34,10 @@ use tracing::info;
 use crate::db::{self, Conn, Failure, backoff};
 use crate::duration::short;
 use crate::error::{Error, Result};
-use crate::gate::Gate;
 use crate::holding::{Holding, TakeOver};
 use crate::ledger::{ReadKey, Seen};
 use crate::lock::{self, Route, Scope, WaitSlots};
+use crate::replica::Replica;
 
 /// How often a waiter logs who holds the lock.
 const REPORT_EVERY: Duration = Duration::from_secs(10);
@@ -128,11 +128,15 @@ struct Session {
 
 /// Waits until the release is done (follower) or, with [`Want::Lock`], this replica holds the
 /// lock (holder). Fails after `wait_timeout`, or after `--connect-timeout` of trouble.
-pub(crate) async fn wait_turn(gate: &Gate, want: Want, wait_timeout: Duration) -> Result<Turn> {
+pub(crate) async fn wait_turn(
+    replica: &Replica,
+    want: Want,
+    wait_timeout: Duration,
+) -> Result<Turn> {
     let started = Instant::now();
     let deadline = tokio::time::Instant::from_std(started + wait_timeout);
     let mut waiter = Waiter {
-        gate,
+        replica,
         conn: None,
         session: Session::default(),
         trouble_since: None,
@@ -140,8 +144,8 @@ pub(crate) async fn wait_turn(gate: &Gate, want: Want, wait_timeout: Duration) -
         last_holder: None,
         next_report: started,
     };
-    if gate.release().is_none() {
-        info!(lock = %gate.lock(), "no --release given: every replica runs the migration in turn under the lock (correct for idempotent migrators, slower)");
+    if replica.release().is_none() {
+        info!(lock = %replica.lock(), "no --release given: every replica runs the migration in turn under the lock (correct for idempotent migrators, slower)");
     }
     let mut fast = backoff(POLL_MIN, POLL_FAST_MAX);
     let mut listening_delays = backoff(POLL_MIN, POLL_LISTENING_MAX);
@@ -154,11 +158,11 @@ pub(crate) async fn wait_turn(gate: &Gate, want: Want, wait_timeout: Duration) -
                 let waited_ms = started.elapsed().as_millis() as u64;
                 match &turn {
                     Turn::Follower { .. } => info!(
-                        release = gate.release(),
+                        release = replica.release(),
                         waited_ms, "release is done; starting with the flag off"
                     ),
                     Turn::Holder(holding) => {
-                        info!(release = gate.release(), lock = %gate.lock(), attempt = holding.attempt(), waited_ms, "lock taken; this replica migrates")
+                        info!(release = replica.release(), lock = %replica.lock(), attempt = holding.attempt(), waited_ms, "lock taken; this replica migrates")
                     }
                 }
                 return Ok(turn);
@@ -182,7 +186,7 @@ pub(crate) async fn wait_turn(gate: &Gate, want: Want, wait_timeout: Duration) -
 
 /// The loop's state between rounds.
 struct Waiter<'g> {
-    gate: &'g Gate,
+    replica: &'g Replica,
     /// The connection kept between rounds, if this waiter may keep one.
     conn: Option<Conn>,
     session: Session,
@@ -202,17 +206,17 @@ type Next = ControlFlow<Turn, f64>;
 impl Waiter<'_> {
     /// One round on the kept connection or a new one, with the failure bookkeeping.
     async fn step(&mut self, want: Want) -> Result<Next> {
-        let gate = self.gate;
+        let replica = self.replica;
         let conn = match self.conn.take() {
             Some(c) => Ok(c),
             None => {
                 self.session.slot = false;
                 self.session.listen_tried = false;
-                gate.db.connect_once(gate.db.attempt_limit()).await
+                replica.db.connect_once(replica.db.attempt_limit()).await
             }
         };
         let round = match conn {
-            Ok(conn) => round(gate, conn, &mut self.session, want).await,
+            Ok(conn) => round(replica, conn, &mut self.session, want).await,
             Err(failure) => Err(failure),
         };
         match round {
@@ -238,10 +242,10 @@ impl Waiter<'_> {
             }
             Ok(Round::Standby) => self.trouble(
                 "the server is a read-only standby (pg_is_in_recovery() is true)".into(),
-                |gate, since| {
+                |replica, since| {
                     Error::Unavailable(format!(
                         "{} is a read-only standby (pg_is_in_recovery() is true) and has been for {}: point the gate at the primary (or at a proxy that follows the leader)",
-                        gate.db.redacted_url,
+                        replica.db.redacted_url,
                         short(since)
                     ))
                 },
@@ -250,7 +254,7 @@ impl Waiter<'_> {
             Err(Failure::Retry(reason)) => {
                 db::log_retry("lost the database connection while waiting", &reason);
                 let last = reason.clone();
-                self.trouble(reason, move |gate, _| gate.db.gave_up(&last))
+                self.trouble(reason, move |replica, _| replica.db.gave_up(&last))
             }
         }
     }
@@ -259,15 +263,15 @@ impl Waiter<'_> {
     fn trouble(
         &mut self,
         reason: String,
-        give_up: impl FnOnce(&Gate, Duration) -> Error,
+        give_up: impl FnOnce(&Replica, Duration) -> Error,
     ) -> Result<Next> {
         let since = self
             .trouble_since
             .get_or_insert_with(Instant::now)
             .elapsed();
         self.last_trouble = Some(reason);
-        if since >= self.gate.target.connect_timeout {
-            return Err(give_up(self.gate, since));
+        if since >= self.replica.target.connect_timeout {
+            return Err(give_up(self.replica, since));
         }
         Ok(ControlFlow::Continue(0.0))
     }
@@ -282,12 +286,16 @@ impl Waiter<'_> {
     /// connections never grows past the slots; without a free slot, or when the listening
     /// connection fails, it keeps polling on the plain one.
     async fn listen_instead(&mut self, plain: Conn, slots: WaitSlots) -> Conn {
-        let gate = self.gate;
-        let Ok(mut listening) = gate.db.connect_listening(&gate.lock().channel()).await else {
+        let replica = self.replica;
+        let Ok(mut listening) = replica
+            .db
+            .connect_listening(&replica.lock().channel())
+            .await
+        else {
             return plain;
         };
         let taken = match listening.pg().await {
-            Ok(c) => lock::try_take_wait_slot(c, gate.lock(), slots)
+            Ok(c) => lock::try_take_wait_slot(c, replica.lock(), slots)
                 .await
                 .is_ok_and(|s| s.taken),
             Err(_) => false,
@@ -306,12 +314,12 @@ impl Waiter<'_> {
         if Instant::now() < self.next_report {
             return;
         }
-        let holder = self.gate.describe_holder(conn).await;
+        let holder = self.replica.describe_holder(conn).await;
         info!(
-            release = self.gate.release(),
+            release = self.replica.release(),
             holder,
             "waiting for {}",
-            self.gate.waiting_for()
+            self.replica.waiting_for()
         );
         self.last_holder = Some(holder);
         self.next_report = Instant::now() + REPORT_EVERY;
@@ -344,7 +352,7 @@ impl Waiter<'_> {
             (None, _) => "check the replica that migrates, or raise --wait-timeout".into(),
         };
         Error::Timeout {
-            what: format!("timed out waiting for {}", self.gate.waiting_for()),
+            what: format!("timed out waiting for {}", self.replica.waiting_for()),
             waited,
             hint,
         }
@@ -354,14 +362,14 @@ impl Waiter<'_> {
 /// One round of the protocol (steps 1 and 2 of the module documentation; step 3 is the
 /// holder's), on `conn`. Errors come sorted into "retry" and "give up".
 async fn round(
-    gate: &Gate,
+    replica: &Replica,
     mut conn: Conn,
     session: &mut Session,
     want: Want,
 ) -> Result<Round, Failure> {
-    let sql = |e: sqlx::Error| gate.db.classify(&e);
-    if let Some(release) = gate.release() {
-        let seen = gate
+    let sql = |e: sqlx::Error| replica.db.classify(&e);
+    if let Some(release) = replica.release() {
+        let seen = replica
             .ledger
             .is_done(conn.pg().await.map_err(sql)?, release, ReadKey::IfCompared)
             .await
@@ -380,24 +388,24 @@ async fn round(
     }
     let (kill_grace, slots) = match want {
         Want::Lock { kill_grace, slots } => (kill_grace, slots),
-        Want::Done { slots } => return busy(gate, conn, session, slots).await,
+        Want::Done { slots } => return busy(replica, conn, session, slots).await,
     };
     if !session.ensured {
         // First run against this database: create the ledger before anyone locks, so that
         // no DDL ever runs inside a lock transaction.
-        gate.create_ledger(&mut conn).await?;
+        replica.create_ledger(&mut conn).await?;
         session.ensured = true;
     }
-    let (_, scope) = route(gate, &mut conn, session).await.map_err(sql)?;
+    let (_, scope) = route(replica, &mut conn, session).await.map_err(sql)?;
     let c = conn.pg().await.map_err(sql)?;
-    if !lock::try_acquire(c, gate.lock(), scope)
+    if !lock::try_acquire(c, replica.lock(), scope)
         .await
         .map_err(sql)?
     {
-        return busy(gate, conn, session, slots).await;
+        return busy(replica, conn, session, slots).await;
     }
     Ok(Round::Turn(
-        match Holding::take_over(gate, conn, scope, kill_grace).await? {
+        match Holding::take_over(replica, conn, scope, kill_grace).await? {
             TakeOver::Holding(holding) => Turn::Holder(holding),
             TakeOver::AlreadyDone { seen, conn } => Turn::Follower {
                 seen,
@@ -412,20 +420,20 @@ async fn round(
 /// direct connection with a waiting slot, or behind proven transaction pooling. Behind a
 /// session pooler or a proxy every waiter reconnects for each poll.
 async fn busy(
-    gate: &Gate,
+    replica: &Replica,
     mut conn: Conn,
     session: &mut Session,
     slots: WaitSlots,
 ) -> Result<Round, Failure> {
-    let sql = |e: sqlx::Error| gate.db.classify(&e);
-    let (route, _) = route(gate, &mut conn, session).await.map_err(sql)?;
+    let sql = |e: sqlx::Error| replica.db.classify(&e);
+    let (route, _) = route(replica, &mut conn, session).await.map_err(sql)?;
     let (keep, pressure) = match route {
         Route::TransactionPooling => (true, 0.0),
         Route::Middlebox => (false, 0.0),
         Route::Direct if session.slot => (true, 0.0),
         Route::Direct => {
             let c = conn.pg().await.map_err(sql)?;
-            let slot = lock::try_take_wait_slot(c, gate.lock(), slots)
+            let slot = lock::try_take_wait_slot(c, replica.lock(), slots)
                 .await
                 .map_err(sql)?;
             session.slot = slot.taken;
@@ -441,14 +449,14 @@ async fn busy(
 
 /// The route and lock scope, decided on the first connection that needs them.
 async fn route(
-    gate: &Gate,
+    replica: &Replica,
     conn: &mut Conn,
     session: &mut Session,
 ) -> Result<(Route, Scope), sqlx::Error> {
     if let Some(known) = session.route {
         return Ok(known);
     }
-    let known = gate.detect_route(conn).await?;
+    let known = replica.detect_route(conn).await?;
     session.route = Some(known);
     Ok(known)
 }

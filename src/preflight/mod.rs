@@ -32,8 +32,8 @@ use tracing::{info, warn};
 
 use crate::db::{Conn, close};
 use crate::error::{Error, Result};
-use crate::gate::Gate;
 use crate::ledger::Seen;
+use crate::replica::Replica;
 use crate::schema::Tables;
 use crate::sql::{is_missing_relation, is_read_only};
 
@@ -171,8 +171,13 @@ impl Preflight {
     /// A follower (or `wait`) whose release is done: the older-release check on what the
     /// ledger read saw, then the variables. With no `--same-env` and no preset this costs
     /// nothing: no connection, no round trip.
-    pub(crate) async fn follower(&self, gate: &Gate, seen: Seen, conn: Option<Conn>) -> Result<()> {
-        if let (Some(newer), Some(release)) = (&seen.newer, gate.release()) {
+    pub(crate) async fn follower(
+        &self,
+        replica: &Replica,
+        seen: Seen,
+        conn: Option<Conn>,
+    ) -> Result<()> {
+        if let (Some(newer), Some(release)) = (&seen.newer, replica.release()) {
             let line = format!(
                 "release {release:?} is older than release {:?}, which was migrated after it on this database \
                  (by {} at {}): an old replica must not start on a schema that moved on. Deploy {:?} everywhere \
@@ -186,27 +191,32 @@ impl Preflight {
             warn!("--allow-older-release: starting anyway; {line}");
         }
         let key = seen.env_key.and_then(|k| EnvKey::from_hex(&k.0));
-        self.compare(gate, key, conn).await
+        self.compare(replica, key, conn).await
     }
 
     /// The holder, before it migrates: the variables only (its release is not done, so it is
     /// the newest).
-    pub(crate) async fn holder(&self, gate: &Gate) -> Result<()> {
-        self.compare(gate, None, None).await
+    pub(crate) async fn holder(&self, replica: &Replica) -> Result<()> {
+        self.compare(replica, None, None).await
     }
 
     /// Records this replica's fingerprints and compares them with the release's reference.
-    async fn compare(&self, gate: &Gate, key: Option<EnvKey>, conn: Option<Conn>) -> Result<()> {
+    async fn compare(
+        &self,
+        replica: &Replica,
+        key: Option<EnvKey>,
+        conn: Option<Conn>,
+    ) -> Result<()> {
         if self.compared.is_empty() {
             return Ok(());
         }
-        let Some(release) = gate.release() else {
+        let Some(release) = replica.release() else {
             return Ok(());
         };
-        let store = Store::new(&gate.target.schema, gate.lock());
+        let store = Store::new(&replica.target.schema, replica.lock());
         let mut conn = match conn {
             Some(c) => c,
-            None => gate.db.connect().await?,
+            None => replica.db.connect().await?,
         };
         let result = async {
             let c = conn.pg().await?;
@@ -229,7 +239,7 @@ impl Preflight {
                     .map(|v| (v.name.clone(), k.fingerprint(&v.name)))
                     .collect();
                 match store
-                    .record(c, release, &mine, &gate.target.application_name, gate.host())
+                    .record(c, release, &mine, &replica.target.application_name, replica.host())
                     .await
                 {
                     // A read-only standby (followers may start there): compare, record nothing.
@@ -253,10 +263,14 @@ impl Preflight {
                 return Ok(());
             }
             Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42501") => {
-                let tables = Tables::new(&gate.target.schema);
+                let tables = Tables::new(&replica.target.schema);
                 return Err(Error::Auth(tables.preflight_grants(db.message())));
             }
-            Err(e) => return Err(gate.db.fail(&e, "while comparing --same-env fingerprints")),
+            Err(e) => {
+                return Err(replica
+                    .db
+                    .fail(&e, "while comparing --same-env fingerprints"));
+            }
         };
         self.judge(release, &seen)
     }

@@ -1,4 +1,4 @@
-//! One replica's view of the database, the lock and the ledger ([`Gate`]): what every step of
+//! One replica's view of the database, the lock and the ledger ([`Replica`]): what every step of
 //! the protocol shares, from the waiter's first read ([`crate::waiting`]) to the holder's last
 //! write ([`crate::holding`]).
 
@@ -40,7 +40,7 @@ pub(crate) fn hostname() -> String {
 }
 
 /// One replica's view of the lock and the ledger.
-pub(crate) struct Gate {
+pub(crate) struct Replica {
     pub(crate) target: Target,
     pub(crate) db: Db,
     pub(crate) ledger: Ledger,
@@ -48,16 +48,16 @@ pub(crate) struct Gate {
     host: String,
 }
 
-impl Gate {
-    /// Prepares a gate; fails on a malformed URL.
-    pub(crate) fn new(target: Target, release: Option<String>) -> Result<Gate> {
+impl Replica {
+    /// Prepares this replica's view; fails on a malformed URL.
+    pub(crate) fn new(target: Target, release: Option<String>) -> Result<Replica> {
         let db = Db::new(
             &target.database_url,
             &target.application_name,
             target.connect_timeout,
         )?;
         let ledger = Ledger::new(&target.schema, &target.lock);
-        Ok(Gate {
+        Ok(Replica {
             target,
             db,
             ledger,
