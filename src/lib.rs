@@ -1,23 +1,27 @@
 //! migrations-gate: run database migrations exactly once when many replicas start at once.
 //!
-//! A reader looking for a rule finds it in one module:
-//! - [`config`]: flags, environment twins, validation;
-//! - [`release`]: the release ID of `--release-from`, a hash of the files;
-//! - [`db`]: connecting, retrying, classifying errors, keepalives, redacting URLs;
-//! - [`sql`]: pooler-safe queries with deadlines, quoting, SQLSTATE predicates;
-//! - [`lock`]: the advisory lock key and who holds it;
-//! - [`ledger`]: which releases are done, and every attempt;
+//! A reader looking for a rule finds it in one module. Dependencies run one way, from the
+//! commands down (`ci/module-cycles` checks that no module reaches back up):
+//! - [`config`]: the command line (flags, environment twins, validation), turned into plain
+//!   settings; nothing below it sees clap;
+//! - [`commands`]: `migrate`, `run`, `wait`, `reset`, top to bottom; [`status`]: what the lock
+//!   and the ledger say, for people and scripts; [`install`]: copying the binary for the
+//!   wrapper pattern;
 //! - [`preflight`]: checks before the app starts (`--same-env`, presets, older releases);
-//! - [`gate`]: the protocol (who migrates, who waits, when is it done), one round of it;
-//! - [`waiting`]: the one loop of every waiting replica (`LISTEN`, polling, deadlines);
-//! - [`holding`]: the holder's life (heartbeat, supervise, complete, fence);
-//! - [`commands`]: `migrate`, `run`, `wait`, `reset`, top to bottom;
-//! - [`child`]: spawning, guarding, signal forwarding, reaping, `exec`;
-//! - [`probe`]: readiness checks;
-//! - [`install`]: copying the binary for the wrapper pattern;
-//! - [`status`]: what the lock and the ledger say, for people and scripts;
-//! - [`termination`]: the final one-line outcome in `/dev/termination-log`;
-//! - [`error`]: failures and their exit codes.
+//! - [`waiting`]: the protocol up to the lock, one round of it, and the one loop of every waiting
+//!   replica (`LISTEN`, polling, deadlines), ending in a [`waiting::Turn`];
+//! - [`holding`]: the holder's life from taking over to completing or fencing (heartbeat,
+//!   supervise, complete, fence);
+//! - [`probe`]: readiness checks; [`child`]: spawning, guarding, signal forwarding, reaping,
+//!   `exec`; [`termination`]: the final one-line outcome in `/dev/termination-log`;
+//! - [`replica`]: one replica's view of the database, the lock and the ledger, shared by every
+//!   step; [`release`]: the release ID of `--release-from`, a hash of the files;
+//! - [`ledger`]: which releases are done, and every attempt (its rows);
+//! - [`schema`]: every table the gate creates, its DDL and the grants it needs;
+//! - [`lock`]: the advisory lock key and who holds it;
+//! - [`db`]: connecting, retrying, classifying errors, keepalives, redacting URLs;
+//! - [`sql`]: pooler-safe queries with deadlines, reading rows, quoting, SQLSTATE predicates;
+//! - [`error`]: failures and their exit codes; [`duration`]: durations for people.
 
 #![warn(missing_docs)]
 

@@ -216,7 +216,7 @@ impl Waiter<'_> {
             }
         };
         let round = match conn {
-            Ok(conn) => round(replica, conn, &mut self.session, want).await,
+            Ok(conn) => self.round(conn, want).await,
             Err(failure) => Err(failure),
         };
         match round {
@@ -257,6 +257,96 @@ impl Waiter<'_> {
                 self.trouble(reason, move |replica, _| replica.db.gave_up(&last))
             }
         }
+    }
+
+    /// One round of the protocol (steps 1 and 2 of the module documentation; step 3 is the
+    /// holder's), on `conn`. Errors come sorted into "retry" and "give up".
+    async fn round(&mut self, mut conn: Conn, want: Want) -> Result<Round, Failure> {
+        let replica = self.replica;
+        let sql = |e: sqlx::Error| replica.db.classify(&e);
+        if let Some(release) = replica.release() {
+            let seen = replica
+                .ledger
+                .is_done(conn.pg().await.map_err(sql)?, release, ReadKey::IfCompared)
+                .await
+                .map_err(sql)?;
+            match seen.done {
+                Some(true) => {
+                    return Ok(Round::Turn(Turn::Follower {
+                        seen,
+                        conn: Some(conn),
+                    }));
+                }
+                _ if seen.standby => return Ok(Round::Standby),
+                Some(false) => self.session.ensured = true,
+                None => {}
+            }
+        }
+        let (kill_grace, slots) = match want {
+            Want::Lock { kill_grace, slots } => (kill_grace, slots),
+            Want::Done { slots } => return self.busy(conn, slots).await,
+        };
+        if !self.session.ensured {
+            // First run against this database: create the ledger before anyone locks, so that
+            // no DDL ever runs inside a lock transaction.
+            replica.create_ledger(&mut conn).await?;
+            self.session.ensured = true;
+        }
+        let (_, scope) = self.route(&mut conn).await.map_err(sql)?;
+        let c = conn.pg().await.map_err(sql)?;
+        if !lock::try_acquire(c, replica.lock(), scope)
+            .await
+            .map_err(sql)?
+        {
+            return self.busy(conn, slots).await;
+        }
+        Ok(Round::Turn(
+            match Holding::take_over(replica, conn, scope, kill_grace).await? {
+                TakeOver::Holding(holding) => Turn::Holder(holding),
+                TakeOver::AlreadyDone { seen, conn } => Turn::Follower {
+                    seen,
+                    conn: Some(conn),
+                },
+            },
+        ))
+    }
+
+    /// The lock is taken (or we only watch): may this waiter keep its connection? Only where a
+    /// waiting connection costs no pooled server connection that the migration may need: on a
+    /// direct connection with a waiting slot, or behind proven transaction pooling. Behind a
+    /// session pooler or a proxy every waiter reconnects for each poll.
+    async fn busy(&mut self, mut conn: Conn, slots: WaitSlots) -> Result<Round, Failure> {
+        let replica = self.replica;
+        let sql = |e: sqlx::Error| replica.db.classify(&e);
+        let (route, _) = self.route(&mut conn).await.map_err(sql)?;
+        let (keep, pressure) = match route {
+            Route::TransactionPooling => (true, 0.0),
+            Route::Middlebox => (false, 0.0),
+            Route::Direct if self.session.slot => (true, 0.0),
+            Route::Direct => {
+                let c = conn.pg().await.map_err(sql)?;
+                let slot = lock::try_take_wait_slot(c, replica.lock(), slots)
+                    .await
+                    .map_err(sql)?;
+                self.session.slot = slot.taken;
+                (slot.taken, slot.pressure)
+            }
+        };
+        Ok(Round::Busy {
+            conn,
+            keep,
+            pressure,
+        })
+    }
+
+    /// The route and lock scope, decided on the first connection that needs them.
+    async fn route(&mut self, conn: &mut Conn) -> Result<(Route, Scope), sqlx::Error> {
+        if let Some(known) = self.session.route {
+            return Ok(known);
+        }
+        let known = self.replica.detect_route(conn).await?;
+        self.session.route = Some(known);
+        Ok(known)
     }
 
     /// A transient failure: go on, unless failures have lasted `--connect-timeout`.
@@ -357,108 +447,6 @@ impl Waiter<'_> {
             hint,
         }
     }
-}
-
-/// One round of the protocol (steps 1 and 2 of the module documentation; step 3 is the
-/// holder's), on `conn`. Errors come sorted into "retry" and "give up".
-async fn round(
-    replica: &Replica,
-    mut conn: Conn,
-    session: &mut Session,
-    want: Want,
-) -> Result<Round, Failure> {
-    let sql = |e: sqlx::Error| replica.db.classify(&e);
-    if let Some(release) = replica.release() {
-        let seen = replica
-            .ledger
-            .is_done(conn.pg().await.map_err(sql)?, release, ReadKey::IfCompared)
-            .await
-            .map_err(sql)?;
-        match seen.done {
-            Some(true) => {
-                return Ok(Round::Turn(Turn::Follower {
-                    seen,
-                    conn: Some(conn),
-                }));
-            }
-            _ if seen.standby => return Ok(Round::Standby),
-            Some(false) => session.ensured = true,
-            None => {}
-        }
-    }
-    let (kill_grace, slots) = match want {
-        Want::Lock { kill_grace, slots } => (kill_grace, slots),
-        Want::Done { slots } => return busy(replica, conn, session, slots).await,
-    };
-    if !session.ensured {
-        // First run against this database: create the ledger before anyone locks, so that
-        // no DDL ever runs inside a lock transaction.
-        replica.create_ledger(&mut conn).await?;
-        session.ensured = true;
-    }
-    let (_, scope) = route(replica, &mut conn, session).await.map_err(sql)?;
-    let c = conn.pg().await.map_err(sql)?;
-    if !lock::try_acquire(c, replica.lock(), scope)
-        .await
-        .map_err(sql)?
-    {
-        return busy(replica, conn, session, slots).await;
-    }
-    Ok(Round::Turn(
-        match Holding::take_over(replica, conn, scope, kill_grace).await? {
-            TakeOver::Holding(holding) => Turn::Holder(holding),
-            TakeOver::AlreadyDone { seen, conn } => Turn::Follower {
-                seen,
-                conn: Some(conn),
-            },
-        },
-    ))
-}
-
-/// The lock is taken (or we only watch): may this waiter keep its connection? Only where a
-/// waiting connection costs no pooled server connection that the migration may need: on a
-/// direct connection with a waiting slot, or behind proven transaction pooling. Behind a
-/// session pooler or a proxy every waiter reconnects for each poll.
-async fn busy(
-    replica: &Replica,
-    mut conn: Conn,
-    session: &mut Session,
-    slots: WaitSlots,
-) -> Result<Round, Failure> {
-    let sql = |e: sqlx::Error| replica.db.classify(&e);
-    let (route, _) = route(replica, &mut conn, session).await.map_err(sql)?;
-    let (keep, pressure) = match route {
-        Route::TransactionPooling => (true, 0.0),
-        Route::Middlebox => (false, 0.0),
-        Route::Direct if session.slot => (true, 0.0),
-        Route::Direct => {
-            let c = conn.pg().await.map_err(sql)?;
-            let slot = lock::try_take_wait_slot(c, replica.lock(), slots)
-                .await
-                .map_err(sql)?;
-            session.slot = slot.taken;
-            (slot.taken, slot.pressure)
-        }
-    };
-    Ok(Round::Busy {
-        conn,
-        keep,
-        pressure,
-    })
-}
-
-/// The route and lock scope, decided on the first connection that needs them.
-async fn route(
-    replica: &Replica,
-    conn: &mut Conn,
-    session: &mut Session,
-) -> Result<(Route, Scope), sqlx::Error> {
-    if let Some(known) = session.route {
-        return Ok(known);
-    }
-    let known = replica.detect_route(conn).await?;
-    session.route = Some(known);
-    Ok(known)
 }
 
 /// The polling delay of a reconnecting waiter on a crowded server: from [`POLL_SLOW_MAX`] when
