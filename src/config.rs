@@ -95,9 +95,9 @@ impl Command {
     /// The log format the command asked for.
     pub fn log_format(&self) -> LogFormat {
         match self {
-            Command::Migrate(a) => a.replica.db.log_format,
-            Command::Run(a) => a.replica.db.log_format,
-            Command::Wait(a) => a.replica.db.log_format,
+            Command::Migrate(a) => a.gate.db.log_format,
+            Command::Run(a) => a.gate.db.log_format,
+            Command::Wait(a) => a.gate.db.log_format,
             Command::Status(a) => a.db.log_format,
             Command::Reset(a) => a.db.log_format,
             Command::Install { .. } | Command::Completions { .. } | Command::Man => LogFormat::Text,
@@ -477,7 +477,7 @@ impl RunArgs {
 impl WaitArgs {
     /// The release to wait for: required.
     pub fn release(&self) -> Result<String> {
-        self.replica.release.resolve()?.ok_or_else(|| {
+        self.gate.release.resolve()?.ok_or_else(|| {
             Error::Usage(
                 "wait needs --release ID or --release-from PATH: the release to wait for".into(),
             )

@@ -41,11 +41,6 @@ impl Tables {
         }
     }
 
-    /// The schema's name, unquoted.
-    pub(crate) fn schema(&self) -> &str {
-        &self.schema
-    }
-
     /// `<schema>.ledger`.
     pub(crate) fn ledger(&self) -> String {
         format!("{}.ledger", ident(&self.schema))
