@@ -32,7 +32,7 @@ const PROBE_EVERY: Duration = Duration::from_millis(250);
 
 /// How long after its last heartbeat a holder with this `--kill-grace` has surely noticed a
 /// lost session and stopped its child: a taker-over waits that long after a vanished holder.
-pub(crate) fn fence_time(kill_grace: Duration) -> Duration {
+fn fence_time(kill_grace: Duration) -> Duration {
     HEARTBEAT + HEARTBEAT_TIMEOUT + kill_grace + Duration::from_secs(1)
 }
 

@@ -1,4 +1,5 @@
-//! The release ledger: one row per migration attempt, in `<schema>.ledger`, created by the gate.
+//! The release ledger: one row per migration attempt, in `<schema>.ledger` (created by the gate:
+//! its DDL is in [`crate::schema`]); this module reads and writes its rows.
 //!
 //! A release is done when a row with outcome `done` exists for its lock key and release ID. Only
 //! the lock holder writes rows, and it commits the `done` row before it frees the lock, so a

@@ -9,17 +9,17 @@
 //!    crashed frees the lock without migrating.
 //! 3. The replica that gets the lock takes over ([`Holding::take_over`]): it re-reads the ledger
 //!    (the previous holder may have finished between 1 and 2), waits out a vanished holder's
-//!    fencing time, records its own attempt and migrates, checking on every heartbeat that its
-//!    lock session is alive. If that session is lost, another replica may take the lock, so it
+//!    fencing time and marks its attempts `abandoned`, records its own attempt and migrates,
+//!    checking on every heartbeat that its lock session is alive. If that session is lost, another replica may take the lock, so it
 //!    stops its migration at once (fencing) and fails.
 //! 4. It records the outcome and notifies the waiters on the lock session, commits, and only
 //!    then frees the lock ([`Holding::complete`]).
 //!
-//! Steps 1 and 2 are one [`round`]; a round ends in a [`Turn`] or in "not yet". Between rounds
-//! a waiter that keeps its connection on a direct connection `LISTEN`s: the holder notifies in
-//! the transaction that writes `done`, so the waiter wakes when it commits and needs one more
-//! round trip to read the row. Polling stays as the fallback (a lost notification, a holder that
-//! crashed, transaction pooling where `LISTEN` does not work).
+//! Steps 1 and 2 are one round (`Waiter::round`), which ends in a [`Turn`] or in "not yet".
+//! Between rounds a waiter that keeps its connection on a direct connection `LISTEN`s: the
+//! holder notifies in the transaction that writes `done`, so the waiter wakes when it commits and
+//! needs one more round trip to read the row. Polling stays as the fallback (a lost
+//! notification, a holder that crashed, transaction pooling where `LISTEN` does not work).
 //!
 //! Hard bounds: `--wait-timeout` bounds the whole wait, whatever the network does; every round
 //! trip has a deadline ([`crate::sql::ROUND_TRIP_TIMEOUT`]) after which its connection is dropped

@@ -1,6 +1,6 @@
-//! The preflight tables next to the ledger and their SQL: the key (`<schema>.env_key`), each
-//! release's reference fingerprints (`<schema>.env_reference`) and each replica's last
-//! comparison (`<schema>.env_checks`).
+//! The rows of the preflight tables next to the ledger (their DDL is in [`crate::schema`]): the
+//! key (`<schema>.env_key`), each release's reference fingerprints (`<schema>.env_reference`)
+//! and each replica's last comparison (`<schema>.env_checks`).
 
 use sqlx::postgres::{PgConnection, PgRow};
 
