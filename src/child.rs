@@ -238,7 +238,7 @@ impl Supervisor {
             kill_group(self.pid, libc::SIGKILL);
             return code;
         }
-        info!(pid = self.pid, grace = %crate::db::short(grace), grace_ms = grace.as_millis() as u64, "stopping the child (SIGTERM, then SIGKILL)");
+        info!(pid = self.pid, grace = %crate::duration::short(grace), grace_ms = grace.as_millis() as u64, "stopping the child (SIGTERM, then SIGKILL)");
         kill_group(self.pid, libc::SIGTERM);
         if let Ok(code) = tokio::time::timeout(grace, self.wait()).await {
             kill_group(self.pid, libc::SIGKILL);

@@ -9,51 +9,59 @@ use crate::child::{self, Program};
 use crate::config::{self, DbArgs, MigrateArgs, ResetArgs, RunArgs, WaitArgs};
 use crate::db::close;
 use crate::error::{EXIT_OK, Error, Result};
-use crate::gate::{Gate, Session, Want};
 use crate::holding::Holding;
 use crate::ledger::Outcome;
 use crate::lock;
 use crate::preflight::{Mode, Preflight, Store};
-use crate::probe::Probe;
+use crate::replica::Replica;
 use crate::termination;
-use crate::waiting::{Role, wait_turn};
+use crate::waiting::{Turn, Want, wait_turn};
 
 /// `migrate -- CMD`: the holder runs CMD with the flag on; every replica exits 0 once done.
 pub(crate) async fn migrate(args: MigrateArgs) -> Result<i32> {
     let flag = args.gate.flag.flag()?;
     check_program(&args.command)?;
     let release = args.gate.release.resolve()?;
-    let preflight = Preflight::new(&args.gate.preflight, Mode::Migrate, release.as_deref())?;
-    let gate = gate(&args.gate.db, release, &preflight)?;
+    let preflight = Preflight::new(
+        &args.gate.preflight.settings(),
+        Mode::Migrate,
+        release.as_deref(),
+    )?;
+    let replica = replica_for(&args.gate.db, release, &preflight)?;
     let kill_grace = args.kill_grace;
     let want = Want::Lock {
         kill_grace,
         slots: args.gate.waiting.waiting_connections,
     };
-    match wait_turn(&gate, want, args.gate.waiting.wait_timeout).await? {
-        Role::Follower { seen, conn } => {
-            preflight.follower(&gate, seen, conn).await?;
+    match wait_turn(&replica, want, args.gate.waiting.wait_timeout).await? {
+        Turn::Follower { seen, conn } => {
+            preflight.follower(&replica, seen, conn).await?;
             termination::write_success(&format!(
                 "{} is done; this replica did not migrate",
-                release_name(&gate)
+                release_name(&replica)
             ));
             Ok(EXIT_OK)
         }
-        Role::Holder(holding) => {
-            let holding = holder_preflight(&preflight, &gate, *holding).await?;
+        Turn::Holder(holding) => {
+            let holding = holder_preflight(&preflight, &replica, *holding).await?;
             let program = Program {
                 argv: &args.command,
                 flag: (&flag.name, &flag.on),
             };
             let holding = holding
-                .migrate(&gate, &program, "migration command", kill_grace)
+                .migrate(&replica, &program, "migration command", kill_grace)
                 .await?;
             holding
-                .complete(&gate, Outcome::Done, Some(0), "migration command exited 0")
+                .complete(
+                    &replica,
+                    Outcome::Done,
+                    Some(0),
+                    "migration command exited 0",
+                )
                 .await?;
             termination::write_success(&format!(
                 "migrated {} (this replica held the lock; the migration command exited 0)",
-                release_name(&gate)
+                release_name(&replica)
             ));
             Ok(EXIT_OK)
         }
@@ -63,7 +71,7 @@ pub(crate) async fn migrate(args: MigrateArgs) -> Result<i32> {
 /// `run [--migrate CMD] [--ready-*] -- APP`: gate the start of APP.
 pub(crate) async fn run(args: RunArgs) -> Result<i32> {
     let flag = args.gate.flag.flag()?;
-    let probe = Probe::from_args(&args)?;
+    let probe = args.probe()?;
     let migrate_argv = args
         .migrate
         .as_deref()
@@ -84,8 +92,8 @@ pub(crate) async fn run(args: RunArgs) -> Result<i32> {
     let mode = Mode::Run {
         migrate: migrate_argv.is_some(),
     };
-    let preflight = Preflight::new(&args.gate.preflight, mode, release.as_deref())?;
-    let gate = gate(&args.gate.db, release, &preflight)?;
+    let preflight = Preflight::new(&args.gate.preflight.settings(), mode, release.as_deref())?;
+    let replica = replica_for(&args.gate.db, release, &preflight)?;
     let kill_grace = args.kill_grace;
     let app_off = Program {
         argv: &args.command,
@@ -95,12 +103,12 @@ pub(crate) async fn run(args: RunArgs) -> Result<i32> {
         kill_grace,
         slots: args.gate.waiting.waiting_connections,
     };
-    let mut holding = match wait_turn(&gate, want, args.gate.waiting.wait_timeout).await? {
-        Role::Follower { seen, conn } => {
-            preflight.follower(&gate, seen, conn).await?;
+    let mut holding = match wait_turn(&replica, want, args.gate.waiting.wait_timeout).await? {
+        Turn::Follower { seen, conn } => {
+            preflight.follower(&replica, seen, conn).await?;
             return Err(child::exec(&app_off));
         }
-        Role::Holder(holding) => holder_preflight(&preflight, &gate, *holding).await?,
+        Turn::Holder(holding) => holder_preflight(&preflight, &replica, *holding).await?,
     };
 
     if let Some(argv) = &migrate_argv {
@@ -109,13 +117,18 @@ pub(crate) async fn run(args: RunArgs) -> Result<i32> {
             flag: (&flag.name, &flag.on),
         };
         holding = holding
-            .migrate(&gate, &program, "--migrate command", kill_grace)
+            .migrate(&replica, &program, "--migrate command", kill_grace)
             .await?;
     }
 
     let Some(probe) = probe else {
         holding
-            .complete(&gate, Outcome::Done, Some(0), "--migrate command exited 0")
+            .complete(
+                &replica,
+                Outcome::Done,
+                Some(0),
+                "--migrate command exited 0",
+            )
             .await?;
         return Err(child::exec(&app_off));
     };
@@ -134,7 +147,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<i32> {
         ),
     };
     let mut child = holding
-        .start_app(&gate, &app, &probe, args.ready_timeout, kill_grace)
+        .start_app(&replica, &app, &probe, args.ready_timeout, kill_grace)
         .await?;
     // Like tini: stay as APP's parent, forward signals, reap, exit with its code.
     let code = child.wait().await;
@@ -150,18 +163,18 @@ pub(crate) async fn wait(args: WaitArgs) -> Result<i32> {
     if !args.command.is_empty() {
         check_program(&args.command)?;
     }
-    let preflight = Preflight::new(&args.gate.preflight, Mode::Wait, Some(&release))?;
-    let gate = gate(&args.gate.db, Some(release), &preflight)?;
+    let preflight = Preflight::new(&args.gate.preflight.settings(), Mode::Wait, Some(&release))?;
+    let replica = replica_for(&args.gate.db, Some(release), &preflight)?;
     let want = Want::Done {
         slots: args.gate.waiting.waiting_connections,
     };
-    if let Role::Follower { seen, conn } =
-        wait_turn(&gate, want, args.gate.waiting.wait_timeout).await?
+    if let Turn::Follower { seen, conn } =
+        wait_turn(&replica, want, args.gate.waiting.wait_timeout).await?
     {
-        preflight.follower(&gate, seen, conn).await?;
+        preflight.follower(&replica, seen, conn).await?;
     }
     if args.command.is_empty() {
-        termination::write_success(&format!("{} is done", release_name(&gate)));
+        termination::write_success(&format!("{} is done", release_name(&replica)));
         return Ok(EXIT_OK);
     }
     Err(child::exec(&Program {
@@ -176,16 +189,16 @@ pub(crate) async fn wait(args: WaitArgs) -> Result<i32> {
 /// release stays done, and the next replica sets them anew).
 pub(crate) async fn reset(args: ResetArgs) -> Result<i32> {
     let release = args.release;
-    let gate = Gate::new(args.db.target()?, Some(release.clone()))?;
-    let store = Store::new(&gate.target.schema, gate.lock());
-    let mut conn = gate.db.connect().await?;
+    let replica = Replica::new(args.db.target()?, Some(release.clone()))?;
+    let store = Store::new(&replica.target.schema, replica.lock());
+    let mut conn = replica.db.connect().await?;
     if args.env {
         let forgotten = match conn.pg().await {
             Ok(c) => store.forget(c, &release).await,
             Err(e) => Err(e),
         };
         close(conn).await;
-        let n = forgotten.map_err(|e| gate.db.fail(&e, "during reset --env"))?;
+        let n = forgotten.map_err(|e| replica.db.fail(&e, "during reset --env"))?;
         info!(
             release,
             variables = n,
@@ -196,21 +209,25 @@ pub(crate) async fn reset(args: ResetArgs) -> Result<i32> {
         ));
         return Ok(EXIT_OK);
     }
-    let mut session = Session::default();
     let result = async {
-        let (_, scope) = gate.route(&mut conn, &mut session).await?;
+        let (_, scope) = replica.detect_route(&mut conn).await?;
         let c = conn.pg().await?;
         // Looked at before the lock: in transaction scope a missing ledger would abort the lock's
         // transaction, and then its COMMIT would silently roll back.
-        if gate.ledger.attempts(c, Some(&release), 1).await?.is_empty() {
+        if replica
+            .ledger
+            .attempts(c, Some(&release), 1)
+            .await?
+            .is_empty()
+        {
             store.forget(c, &release).await?;
             return Ok(Ok(Vec::new()));
         }
-        if !lock::try_acquire(c, gate.lock(), scope).await? {
+        if !lock::try_acquire(c, replica.lock(), scope).await? {
             return Ok(Err(()));
         }
-        let removed = gate.ledger.forget(c, &release).await?;
-        lock::release(c, gate.lock(), scope).await?;
+        let removed = replica.ledger.forget(c, &release).await?;
+        lock::release(c, replica.lock(), scope).await?;
         // Outside the lock's transaction, for the same reason (its tables may not exist).
         store.forget(c, &release).await?;
         Ok::<_, sqlx::Error>(Ok(removed))
@@ -219,15 +236,14 @@ pub(crate) async fn reset(args: ResetArgs) -> Result<i32> {
     let removed = match result {
         Ok(Ok(removed)) => removed,
         Ok(Err(())) => {
-            let holder = gate.describe_holder(&mut conn).await;
+            let holder = replica.describe_holder(&mut conn).await;
             close(conn).await;
-            return Err(Error::Timeout {
-                what: format!("reset refused: lock {} is held by {holder}", gate.lock()),
-                waited: std::time::Duration::ZERO,
-                hint: "a migration may be running; try again when it has finished".into(),
+            return Err(Error::LockHeld {
+                lock: replica.lock().to_string(),
+                holder,
             });
         }
-        Err(e) => return Err(gate.db.fail(&e, "during reset")),
+        Err(e) => return Err(replica.db.fail(&e, "during reset")),
     };
     close(conn).await;
     if removed.is_empty() {
@@ -246,23 +262,32 @@ pub(crate) async fn reset(args: ResetArgs) -> Result<i32> {
     Ok(EXIT_OK)
 }
 
-/// The gate for these flags; a replica that compares variables reads the key with the ledger.
-fn gate(db: &DbArgs, release: Option<String>, preflight: &Preflight) -> Result<Gate> {
-    let mut gate = Gate::new(db.target()?, release)?;
+/// The replica for these flags; one that compares variables reads the key with the ledger.
+fn replica_for(db: &DbArgs, release: Option<String>, preflight: &Preflight) -> Result<Replica> {
+    let mut replica = Replica::new(db.target()?, release)?;
     if preflight.compares() {
-        gate.ledger.read_env_key();
+        replica.ledger.read_env_key();
     }
-    Ok(gate)
+    Ok(replica)
 }
 
 /// The holder's preflight, before it migrates: a refusal is recorded as a failed attempt (which
 /// frees the lock for a replica that is configured right).
-async fn holder_preflight(preflight: &Preflight, gate: &Gate, holding: Holding) -> Result<Holding> {
-    match preflight.holder(gate).await {
+async fn holder_preflight(
+    preflight: &Preflight,
+    replica: &Replica,
+    holding: Holding,
+) -> Result<Holding> {
+    match preflight.holder(replica).await {
         Ok(()) => Ok(holding),
         Err(e) => {
             holding
-                .complete(gate, Outcome::Failed, Some(e.exit_code()), &e.to_string())
+                .complete(
+                    replica,
+                    Outcome::Failed,
+                    Some(e.exit_code()),
+                    &e.to_string(),
+                )
                 .await?;
             Err(e)
         }
@@ -270,8 +295,8 @@ async fn holder_preflight(preflight: &Preflight, gate: &Gate, holding: Holding) 
 }
 
 /// "release \"R\"", or what serial mode is, for summaries.
-fn release_name(gate: &Gate) -> String {
-    match gate.release() {
+fn release_name(replica: &Replica) -> String {
+    match replica.release() {
         Some(r) => format!("release {r:?}"),
         None => "the migration (no --release: serial mode)".into(),
     }

@@ -1,5 +1,7 @@
-//! Command-line flags, their `MIGRATIONS_GATE_*` environment twins, and their validation into
-//! values the rest of the crate can trust. Every default lives in a clap attribute here.
+//! The command line, the top layer: flags, their `MIGRATIONS_GATE_*` environment twins, and their
+//! validation into the plain settings the rest of the crate receives ([`Target`], the probe's
+//! and the preflight's settings). Nothing below this module sees a clap type. Every default
+//! lives in a clap attribute here.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -8,8 +10,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::error::{Error, Result};
 use crate::lock::{LockKey, Scope, WaitSlots};
-use crate::preflight::{OnMismatch, Preset};
+use crate::preflight::{self, OnMismatch, Preset};
+use crate::probe::{self, Probe};
 use crate::release::release_from_path;
+use crate::replica::{Target, hostname};
 
 const AFTER_HELP: &str = "\
 Exit codes: 0 ok, 1 release not done (status --release), 64 usage, 69 database unavailable,
@@ -47,7 +51,7 @@ pub enum Command {
     /// every replica exits 0; a failing CMD is recorded and its exit code passed on.
     Migrate(MigrateArgs),
 
-    /// Gate the start of APP (Docker entrypoint, Swarm, Compose): followers exec APP with the flag off.
+    /// Replica the start of APP (Docker entrypoint, Swarm, Compose): followers exec APP with the flag off.
     ///
     /// The lock holder runs --migrate with the flag on and then execs APP with the flag off; or,
     /// with a --ready-* probe, starts APP itself (flag on, or off after --migrate), keeps the lock
@@ -346,23 +350,6 @@ fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 30s, 5m, 1h)"))
 }
 
-/// Where the database and the lock are: validated [`DbArgs`], shared by every command.
-#[derive(Debug, Clone)]
-pub struct Target {
-    /// The database URL, exactly as given (never logged; see [`crate::db::redact_url`]).
-    pub database_url: String,
-    /// The advisory lock.
-    pub lock: LockKey,
-    /// Schema of the ledger.
-    pub schema: String,
-    /// See [`DbArgs::connect_timeout`].
-    pub connect_timeout: Duration,
-    /// application_name of our connections.
-    pub application_name: String,
-    /// See [`DbArgs::lock_scope`].
-    pub lock_scope: Scope,
-}
-
 /// The environment variable that turns the app's migrations on or off.
 #[derive(Debug, Clone)]
 pub struct Flag {
@@ -376,7 +363,7 @@ pub struct Flag {
 
 impl DbArgs {
     /// Checks the connection and lock flags.
-    pub fn target(&self) -> Result<Target> {
+    pub(crate) fn target(&self) -> Result<Target> {
         let database_url = self.resolve_database_url()?;
         let lock = match self.lock_id {
             Some(id) => LockKey::from_id(id),
@@ -464,6 +451,29 @@ impl FlagArgs {
     }
 }
 
+impl PreflightArgs {
+    /// The preflight's settings.
+    pub(crate) fn settings(&self) -> preflight::Settings {
+        preflight::Settings {
+            same_env: self.same_env.clone(),
+            on_mismatch: self.on_mismatch,
+            preset: self.preset,
+            allow_older_release: self.allow_older_release,
+        }
+    }
+}
+
+impl RunArgs {
+    /// The readiness probe of `--ready-http`, `--ready-tcp` or `--ready-sql`, if any.
+    pub(crate) fn probe(&self) -> Result<Option<Probe>> {
+        Probe::from_settings(&probe::Settings {
+            http: self.ready_http.clone(),
+            tcp: self.ready_tcp.clone(),
+            sql: self.ready_sql.clone(),
+        })
+    }
+}
+
 impl WaitArgs {
     /// The release to wait for: required.
     pub fn release(&self) -> Result<String> {
@@ -483,14 +493,4 @@ pub fn split_command(s: &str) -> Result<Vec<String>> {
         return Err(Error::Usage("--migrate is empty".into()));
     }
     Ok(words)
-}
-
-/// This machine's host name (the pod name in Kubernetes), for `application_name` and the ledger.
-pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .ok()
-        .filter(|s| !s.is_empty())
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| "unknown".into())
 }

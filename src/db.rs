@@ -10,6 +10,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPoolOptions};
 use sqlx::{Acquire, ConnectOptions, Connection};
 use tracing::{debug, warn};
 
+use crate::duration::short;
 use crate::error::{Error, Result};
 use crate::sql::{ROUND_TRIP_TIMEOUT, deadline};
 
@@ -448,20 +449,6 @@ pub(crate) fn backoff(min: Duration, max: Duration) -> impl Iterator<Item = Dura
         .build()
 }
 
-/// A duration for people: `250ms`, `2.0s`, `90s`, `5m 3s`. Exact values belong in JSON fields.
-pub(crate) fn short(d: Duration) -> String {
-    let ms = d.as_millis();
-    if ms < 1000 {
-        format!("{ms}ms")
-    } else if ms < 10_000 {
-        format!("{:.1}s", d.as_secs_f64())
-    } else if d.as_secs() < 120 {
-        format!("{}s", d.as_secs_f64().round() as u64)
-    } else {
-        humantime::format_duration(Duration::from_secs(d.as_secs())).to_string()
-    }
-}
-
 /// Logs a transient failure in one place so every retry loop reports the same way.
 pub(crate) fn log_retry(context: &str, reason: &str) {
     warn!(reason, "{context}; retrying");
@@ -483,14 +470,5 @@ mod tests {
         assert_eq!(redact_url("postgres://app@db/app"), "postgres://app@db/app");
         let bad = redact_url("not a url with s3cret");
         assert!(!bad.contains("s3cret"), "{bad}");
-    }
-
-    #[test]
-    fn short_durations_read_like_people_write_them() {
-        assert_eq!(short(Duration::from_micros(250_400)), "250ms");
-        assert_eq!(short(Duration::new(2, 1_604_459)), "2.0s");
-        assert_eq!(short(Duration::from_millis(9_960)), "10.0s");
-        assert_eq!(short(Duration::from_millis(60_003)), "60s");
-        assert_eq!(short(Duration::from_secs(303)), "5m 3s");
     }
 }

@@ -29,6 +29,23 @@ pub const EXIT_NOT_EXECUTABLE: i32 = 126;
 /// Exit code: the command was not found (as shells do).
 pub const EXIT_NOT_FOUND: i32 = 127;
 
+/// Every exit code of the gate's own; a failed migration passes on its command's code besides.
+/// `--help` and the README's "Exit codes" table list each one: the tests check both against
+/// this list, and that every [`Error`] maps into it.
+#[cfg(test)]
+pub const EXIT_CODES: [i32; 10] = [
+    EXIT_OK,
+    EXIT_NOT_DONE,
+    EXIT_USAGE,
+    EXIT_UNAVAILABLE,
+    EXIT_INTERNAL,
+    EXIT_TIMEOUT,
+    EXIT_AUTH,
+    EXIT_CONFIG,
+    EXIT_NOT_EXECUTABLE,
+    EXIT_NOT_FOUND,
+];
+
 /// A failure of the gate. Each variant's message is one line a human can act on; none ever
 /// contains a password.
 #[derive(Debug, thiserror::Error)]
@@ -50,7 +67,7 @@ pub enum Error {
     Config(String),
 
     /// Waited longer than the configured timeout.
-    #[error("{what} after {}; {hint}", crate::db::short(*waited))]
+    #[error("{what} after {}; {hint}", crate::duration::short(*waited))]
     Timeout {
         /// What we were waiting for.
         what: String,
@@ -58,6 +75,18 @@ pub enum Error {
         waited: Duration,
         /// What the operator can do about it.
         hint: String,
+    },
+
+    /// `reset` found the lock held: a migration may be running. It exits like a timeout (75,
+    /// `EX_TEMPFAIL`: the same command succeeds later), with the message it has always had.
+    #[error(
+        "reset refused: lock {lock} is held by {holder} after 0ms; a migration may be running; try again when it has finished"
+    )]
+    LockHeld {
+        /// The lock, as it prints.
+        lock: String,
+        /// Who holds it, as it prints.
+        holder: String,
     },
 
     /// The command to run does not exist.
@@ -100,7 +129,7 @@ impl Error {
             Error::Unavailable(_) => EXIT_UNAVAILABLE,
             Error::Auth(_) => EXIT_AUTH,
             Error::Config(_) => EXIT_CONFIG,
-            Error::Timeout { .. } => EXIT_TIMEOUT,
+            Error::Timeout { .. } | Error::LockHeld { .. } => EXIT_TIMEOUT,
             Error::CommandNotFound { .. } => EXIT_NOT_FOUND,
             Error::CommandNotExecutable { .. } => EXIT_NOT_EXECUTABLE,
             // A command that reports success but failed (killed by a signal maps to 128+n, so

@@ -1,21 +1,24 @@
-//! Holding the lock: the replica that migrates. A [`Holding`] exists only while this replica
-//! holds the lock; it owns the lock session, the lock's scope and the ledger row of its
-//! attempt. Its life: [`Holding::migrate`] (and/or [`Holding::start_app`]), checking the lock
-//! session on every heartbeat while a child runs, then [`Holding::complete`], which records the
-//! outcome, notifies the waiters and frees the lock, or [`Holding::fence`] when the session was
-//! lost. Both consume it: a holder cannot complete twice, nor fence and then complete.
+//! Holding the lock: the replica that migrates, from taking over to the end of its attempt. A
+//! [`Holding`] exists only while this replica holds the lock; it owns the lock session, the
+//! lock's scope and the ledger row of its attempt. Its life: [`Holding::take_over`] once the
+//! waiter got the lock, [`Holding::migrate`] (and/or [`Holding::start_app`]), checking the lock
+//! session on every heartbeat while a child runs, then the attempt ends in one of two places:
+//! [`Holding::complete`], which records the outcome, notifies the waiters and frees the lock, or
+//! [`Holding::fence`] when the session was lost. Both consume it: a holder cannot complete twice,
+//! nor fence and then complete.
 
 use std::time::{Duration, Instant};
 
 use tracing::{error, info, warn};
 
 use crate::child::{self, Program, Supervisor};
-use crate::db::{self, Conn, close};
+use crate::db::{Conn, Failure, close};
+use crate::duration;
 use crate::error::{Error, Result};
-use crate::gate::Gate;
-use crate::ledger::Outcome;
+use crate::ledger::{Attempt, Outcome, ReadKey, Seen};
 use crate::lock::{self, Scope};
 use crate::probe::Probe;
+use crate::replica::Replica;
 use crate::sql;
 
 /// How often the holder checks that its lock session is alive while a child runs.
@@ -29,19 +32,42 @@ const PROBE_EVERY: Duration = Duration::from_millis(250);
 
 /// How long after its last heartbeat a holder with this `--kill-grace` has surely noticed a
 /// lost session and stopped its child: a taker-over waits that long after a vanished holder.
-pub(crate) fn fence_time(kill_grace: Duration) -> Duration {
+fn fence_time(kill_grace: Duration) -> Duration {
     HEARTBEAT + HEARTBEAT_TIMEOUT + kill_grace + Duration::from_secs(1)
+}
+
+/// This replica's attempt, for the ledger.
+fn attempt(replica: &Replica, kill_grace: Duration) -> Attempt<'_> {
+    Attempt {
+        release: replica.release(),
+        holder: &replica.target.application_name,
+        host: replica.host(),
+        pid: std::process::id(),
+        fence_secs: fence_time(kill_grace)
+            .as_secs()
+            .try_into()
+            .unwrap_or(u32::MAX),
+    }
 }
 
 /// The lock session of the holder, its scope and its ledger row.
 pub(crate) struct Holding {
     conn: Conn,
     /// In transaction scope: the connection through which the attempt row and its heartbeats
-    /// commit, outside the lock's transaction (see [`crate::gate::Gate::round`]).
+    /// commit, outside the lock's transaction (see [`Holding::take_over`]).
     witness: Option<Conn>,
     scope: Scope,
     attempt: i64,
     since: Instant,
+}
+
+/// What taking over found.
+pub(crate) enum TakeOver {
+    /// We hold the lock and have recorded an attempt: migrate.
+    Holding(Box<Holding>),
+    /// The previous holder finished between the waiter's read and our lock: the lock is freed
+    /// again, and this replica is a follower after all.
+    AlreadyDone { seen: Seen, conn: Conn },
 }
 
 /// Why a supervised child stopped being watched.
@@ -57,14 +83,67 @@ enum StepEnd {
 }
 
 impl Holding {
-    pub(crate) fn new(conn: Conn, witness: Option<Conn>, scope: Scope, attempt: i64) -> Holding {
-        Holding {
+    /// Takes over once the waiter's `conn` holds the lock in `scope` (step 3 of the protocol,
+    /// [`crate::waiting`]): keepalives on the lock session, the ledger read again inside the
+    /// lock, the witness connection, the wait for a vanished holder's fencing time, and this
+    /// attempt's row. Errors come sorted into "retry" and "give up".
+    pub(crate) async fn take_over(
+        replica: &Replica,
+        mut conn: Conn,
+        scope: Scope,
+        kill_grace: Duration,
+    ) -> Result<TakeOver, Failure> {
+        let sql = |e: sqlx::Error| replica.db.classify(&e);
+        let c = conn.pg().await.map_err(sql)?;
+        lock::configure_keepalives(c, scope).await.map_err(sql)?;
+        if let Some(release) = replica.release() {
+            let seen = replica
+                .ledger
+                .is_done(c, release, ReadKey::No)
+                .await
+                .map_err(sql)?;
+            if seen.done == Some(true) {
+                // The previous holder finished between our read and our lock.
+                lock::release(c, replica.lock(), scope).await.map_err(sql)?;
+                return Ok(TakeOver::AlreadyDone { seen, conn });
+            }
+        }
+        // The attempt row and its heartbeats must be visible to a taker-over even if this
+        // holder vanishes. In session scope they commit on the lock session itself; in
+        // transaction scope everything written there rolls back with the lock, so they go
+        // through a second connection that commits on its own: the witness.
+        let mut witness = match scope {
+            Scope::Session => None,
+            _ => Some(replica.db.connect_once(replica.db.attempt_limit()).await?),
+        };
+        let book = match witness.as_mut() {
+            Some(w) => w.pg().await.map_err(sql)?,
+            None => conn.pg().await.map_err(sql)?,
+        };
+        let (stale, wait) = replica.ledger.stale(book).await.map_err(sql)?;
+        if stale > 0 {
+            warn!(
+                stale,
+                fence_wait_s = format!("{wait:.1}"),
+                "the previous holder vanished mid-migration; taking over once it has surely stopped its migration"
+            );
+            // Holding the lock, so nobody else starts meanwhile; the rows stay `running` until
+            // the wait is over, so a taker-over that dies meanwhile hands the wait on.
+            tokio::time::sleep(Duration::from_secs_f64(wait.min(3600.0))).await;
+            replica.ledger.abandon_stale(book).await.map_err(sql)?;
+        }
+        let attempt = replica
+            .ledger
+            .begin(book, &attempt(replica, kill_grace))
+            .await
+            .map_err(sql)?;
+        Ok(TakeOver::Holding(Box::new(Holding {
             conn,
             witness,
             scope,
             attempt,
             since: Instant::now(),
-        }
+        })))
     }
 
     /// The ledger row of this attempt.
@@ -77,7 +156,7 @@ impl Holding {
     /// command's code).
     pub(crate) async fn migrate(
         mut self,
-        gate: &Gate,
+        replica: &Replica,
         program: &Program<'_>,
         what: &str,
         kill_grace: Duration,
@@ -86,9 +165,9 @@ impl Holding {
         let started = Instant::now();
         let mut child = match child::spawn(program) {
             Ok(c) => c,
-            Err(e) => return Err(self.fail_to_start(gate, e).await),
+            Err(e) => return Err(self.fail_to_start(replica, e).await),
         };
-        match self.supervise(gate, &mut child, None).await {
+        match self.supervise(replica, &mut child, None).await {
             StepEnd::Exited(code) => {
                 child.finish();
                 info!(
@@ -99,15 +178,20 @@ impl Holding {
                 if code == 0 {
                     return Ok(self);
                 }
-                self.complete(gate, Outcome::Failed, Some(code), &format!("{what} failed"))
-                    .await?;
+                self.complete(
+                    replica,
+                    Outcome::Failed,
+                    Some(code),
+                    &format!("{what} failed"),
+                )
+                .await?;
                 Err(Error::MigrationFailed {
                     what: format!("{what} `{}`", program.display()),
                     code,
                 })
             }
             StepEnd::LockLost(reason) => {
-                Err(self.fence(gate, &mut child, &reason, kill_grace).await)
+                Err(self.fence(replica, &mut child, &reason, kill_grace).await)
             }
             StepEnd::Ready | StepEnd::ReadyTimeout => Err(Error::Internal(
                 "a probe ended a migration without a probe".into(),
@@ -119,7 +203,7 @@ impl Holding {
     /// returns the running app, which the caller stays the parent of.
     pub(crate) async fn start_app(
         mut self,
-        gate: &Gate,
+        replica: &Replica,
         app: &Program<'_>,
         probe: &Probe,
         ready_timeout: Duration,
@@ -129,10 +213,10 @@ impl Holding {
         let started = Instant::now();
         let mut child = match child::spawn(app) {
             Ok(c) => c,
-            Err(e) => return Err(self.fail_to_start(gate, e).await),
+            Err(e) => return Err(self.fail_to_start(replica, e).await),
         };
         match self
-            .supervise(gate, &mut child, Some((probe, ready_timeout)))
+            .supervise(replica, &mut child, Some((probe, ready_timeout)))
             .await
         {
             StepEnd::Ready => {
@@ -140,14 +224,14 @@ impl Holding {
                     secs = format!("{:.1}", started.elapsed().as_secs_f64()),
                     "the app is ready"
                 );
-                self.complete(gate, Outcome::Done, None, "the app became ready")
+                self.complete(replica, Outcome::Done, None, "the app became ready")
                     .await?;
                 Ok(child)
             }
             StepEnd::Exited(code) => {
                 child.finish();
                 self.complete(
-                    gate,
+                    replica,
                     Outcome::Failed,
                     Some(code),
                     "the app exited before it was ready",
@@ -165,7 +249,7 @@ impl Holding {
                 let code = child.stop(kill_grace).await;
                 child.finish();
                 self.complete(
-                    gate,
+                    replica,
                     Outcome::Failed,
                     Some(code),
                     "the app was not ready in time",
@@ -178,7 +262,7 @@ impl Holding {
                 })
             }
             StepEnd::LockLost(reason) => {
-                Err(self.fence(gate, &mut child, &reason, kill_grace).await)
+                Err(self.fence(replica, &mut child, &reason, kill_grace).await)
             }
         }
     }
@@ -187,18 +271,19 @@ impl Holding {
     /// the lock (step 4 of the protocol).
     pub(crate) async fn complete(
         mut self,
-        gate: &Gate,
+        replica: &Replica,
         outcome: Outcome,
         exit_code: Option<i32>,
         detail: &str,
     ) -> Result<()> {
         let result = async {
             let c = self.conn.pg().await?;
-            gate.ledger
+            replica
+                .ledger
                 .finish(c, self.attempt, outcome, exit_code, detail)
                 .await?;
             info!(attempt = self.attempt, outcome = ?outcome, "ledger written");
-            lock::release(c, gate.lock(), self.scope).await
+            lock::release(c, replica.lock(), self.scope).await
         }
         .await;
         close(self.conn).await;
@@ -222,9 +307,14 @@ impl Holding {
 
     /// The child could not be started: recorded as a failed attempt (best effort), and the
     /// start error is what the gate reports.
-    async fn fail_to_start(self, gate: &Gate, e: Error) -> Error {
+    async fn fail_to_start(self, replica: &Replica, e: Error) -> Error {
         let _ = self
-            .complete(gate, Outcome::Failed, Some(e.exit_code()), &e.to_string())
+            .complete(
+                replica,
+                Outcome::Failed,
+                Some(e.exit_code()),
+                &e.to_string(),
+            )
             .await;
         e
     }
@@ -233,7 +323,7 @@ impl Holding {
     /// record the failure from a new connection (best effort: the database may be gone too).
     async fn fence(
         self,
-        gate: &Gate,
+        replica: &Replica,
         child: &mut Supervisor,
         reason: &str,
         kill_grace: Duration,
@@ -249,16 +339,17 @@ impl Holding {
         let detail = format!("fenced: lost the lock session ({reason}); child stopped");
         // The database may be failing over: keep trying for a while, so that the record says
         // what happened ("failed", fenced) rather than a taker-over's guess ("abandoned").
-        let record_for = gate.target.connect_timeout.min(RECORD_FENCED_FOR);
-        match tokio::time::timeout(record_for, gate.db.connect()).await {
+        let record_for = replica.target.connect_timeout.min(RECORD_FENCED_FOR);
+        match tokio::time::timeout(record_for, replica.db.connect()).await {
             Ok(Ok(mut c)) => {
                 let recorded = match c.pg().await {
                     Ok(pg) => {
-                        gate.ledger
+                        replica
+                            .ledger
                             .record_fenced(
                                 pg,
                                 self.attempt,
-                                &gate.attempt(kill_grace),
+                                &attempt(replica, kill_grace),
                                 code,
                                 &detail,
                             )
@@ -273,7 +364,7 @@ impl Holding {
             }
             _ => warn!(
                 "could not reconnect within {} to record the failed attempt; the next holder marks it abandoned",
-                db::short(record_for)
+                duration::short(record_for)
             ),
         }
         Error::Unavailable(format!(
@@ -283,15 +374,15 @@ impl Holding {
 
     /// Checks that the lock session is alive and still holds the lock, and stamps the ledger
     /// row's heartbeat where others can see it.
-    async fn heartbeat(&mut self, gate: &Gate) -> Result<(), String> {
+    async fn heartbeat(&mut self, replica: &Replica) -> Result<(), String> {
         let check = async {
-            let held = lock::held_by_us(self.conn.pg().await?, gate.lock()).await?;
+            let held = lock::held_by_us(self.conn.pg().await?, replica.lock()).await?;
             if held {
                 let book = match self.witness.as_mut() {
                     Some(w) => w.pg().await?,
                     None => self.conn.pg().await?,
                 };
-                gate.ledger.heartbeat(book, self.attempt).await?;
+                replica.ledger.heartbeat(book, self.attempt).await?;
             }
             Ok::<_, sqlx::Error>(held)
         };
@@ -305,7 +396,7 @@ impl Holding {
     /// Watches `child` while holding the lock: heartbeats, and the readiness probe if any.
     async fn supervise(
         &mut self,
-        gate: &Gate,
+        replica: &Replica,
         child: &mut Supervisor,
         probe: Option<(&Probe, Duration)>,
     ) -> StepEnd {
@@ -319,13 +410,13 @@ impl Holding {
             tokio::select! {
                 code = child.wait() => return StepEnd::Exited(code),
                 _ = heartbeat.tick() => {
-                    if let Err(reason) = self.heartbeat(gate).await {
+                    if let Err(reason) = self.heartbeat(replica).await {
                         return StepEnd::LockLost(reason);
                     }
                 }
                 _ = probe_tick.tick(), if probe.is_some() => {
                     if let Some((p, _)) = probe
-                        && p.check(&gate.db, &mut sql_conn).await
+                        && p.check(&replica.db, &mut sql_conn).await
                     {
                         if let Some(c) = sql_conn.take() {
                             close(c).await;

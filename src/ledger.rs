@@ -1,4 +1,5 @@
-//! The release ledger: one row per migration attempt, in `<schema>.ledger`, created by the gate.
+//! The release ledger: one row per migration attempt, in `<schema>.ledger` (created by the gate:
+//! its DDL is in [`crate::schema`]); this module reads and writes its rows.
 //!
 //! A release is done when a row with outcome `done` exists for its lock key and release ID. Only
 //! the lock holder writes rows, and it commits the `done` row before it frees the lock, so a
@@ -8,16 +9,16 @@
 //! Outcomes: `running` (the holder is at it), `done`, `failed` (the command exited non-zero, or
 //! the holder fenced itself), `abandoned` (the holder vanished; marked by the next holder).
 
-use sqlx::Row;
 use sqlx::postgres::PgConnection;
 
 use crate::lock::LockKey;
-use crate::sql::{ident, is_missing_relation, lit, query, query_if_exists, query_scalar};
+use crate::schema::{StoredKey, Tables};
+use crate::sql::{Cols, is_missing_relation, lit, one_row, query, query_if_exists, query_scalar};
 
 /// The ledger of one lock in one schema.
 #[derive(Debug)]
 pub(crate) struct Ledger {
-    schema: String,
+    tables: Tables,
     lock: LockKey,
     /// Whether [`Ledger::is_done`] also reads the `--same-env` key ([`Ledger::read_env_key`]).
     env_key: bool,
@@ -61,7 +62,7 @@ impl Ledger {
     /// The ledger for `lock` in `schema`.
     pub(crate) fn new(schema: &str, lock: &LockKey) -> Ledger {
         Ledger {
-            schema: schema.to_string(),
+            tables: Tables::new(schema),
             lock: lock.clone(),
             env_key: false,
         }
@@ -73,8 +74,13 @@ impl Ledger {
         self.env_key = true;
     }
 
+    /// The tables of its schema (the ledger is created with [`Tables::create_ledger`]).
+    pub(crate) fn tables(&self) -> &Tables {
+        &self.tables
+    }
+
     fn table(&self) -> String {
-        format!("{}.ledger", ident(&self.schema))
+        self.tables.ledger()
     }
 
     /// Whether `release` is recorded done (`None` when the ledger does not exist yet), and
@@ -95,7 +101,7 @@ impl Ledger {
             let key_column = if with_key {
                 format!(
                     ", (SELECT encode(key, 'hex') FROM {})",
-                    crate::preflight::key_table(&self.schema)
+                    self.tables.env_key()
                 )
             } else {
                 String::new()
@@ -111,11 +117,9 @@ impl Ledger {
             );
             match query(conn, sql).await {
                 Ok(rows) => {
-                    let text = |i: usize| {
-                        rows.first()
-                            .and_then(|r| r.try_get::<Option<String>, _>(i).ok().flatten())
-                    };
-                    let newer = match (text(2), text(3), text(4)) {
+                    let row = one_row(&rows)?;
+                    let text = |i: usize| row.opt(i);
+                    let newer = match (text(2)?, text(3)?, text(4)?) {
                         (Some(release), Some(holder), finished_at) => Some(Newer {
                             release,
                             holder,
@@ -124,11 +128,11 @@ impl Ledger {
                         _ => None,
                     };
                     return Ok(Seen {
-                        done: Some(text(0).as_deref() == Some("true")),
-                        standby: text(1).as_deref() == Some("true"),
+                        done: Some(text(0)?.as_deref() == Some("true")),
+                        standby: text(1)?.as_deref() == Some("true"),
                         newer,
                         env_key: if with_key {
-                            text(5).and_then(|h| crate::preflight::EnvKey::from_hex(&h))
+                            text(5)?.map(StoredKey)
                         } else {
                             None
                         },
@@ -149,65 +153,6 @@ impl Ledger {
         })
     }
 
-    /// Creates what is missing of the schema, the table and its index, and nothing else: a
-    /// role without `CREATE` on the database can use a schema a DBA made for it, and
-    /// `CREATE SCHEMA IF NOT EXISTS` would check that privilege even when the schema exists.
-    /// Concurrent gates with different lock names may race here, so the DDL runs under a
-    /// transaction-scoped advisory lock of its own.
-    pub(crate) async fn ensure(&self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
-        let schema = ident(&self.schema);
-        let table = self.table();
-        let index = format!("{schema}.ledger_one_done_per_release");
-        let objects = [
-            (
-                format!("to_regnamespace({})::text", lit(&schema)),
-                format!("CREATE SCHEMA IF NOT EXISTS {schema};"),
-            ),
-            (
-                format!("to_regclass({})", lit(&table)),
-                format!(
-                    "CREATE TABLE IF NOT EXISTS {table} (
-                 id          bigserial PRIMARY KEY,
-                 lock_key    bigint NOT NULL,
-                 lock_name   text NOT NULL,
-                 release     text,
-                 outcome     text NOT NULL CHECK (outcome IN ('running', 'done', 'failed', 'abandoned')),
-                 holder      text NOT NULL,
-                 host        text NOT NULL,
-                 pid         integer NOT NULL,
-                 started_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
-                 finished_at timestamptz,
-                 exit_code   integer,
-                 detail      text,
-                 heartbeat_at timestamptz,
-                 fence_secs  integer NOT NULL DEFAULT 0
-             );"
-                ),
-            ),
-            (
-                format!("to_regclass({})", lit(&index)),
-                format!(
-                    "CREATE UNIQUE INDEX IF NOT EXISTS ledger_one_done_per_release \
-                     ON {table} (lock_key, release) WHERE outcome = 'done';"
-                ),
-            ),
-        ];
-        create_missing(conn, &self.schema, &objects).await
-    }
-
-    /// What to tell an operator whose role may not create the ledger: the grants, as SQL a DBA
-    /// can run once (README "Privileges").
-    pub(crate) fn grants_needed(&self, role: &str, at: &str, denied: &str) -> String {
-        let schema = ident(&self.schema);
-        let role = ident(role);
-        format!(
-            "the role {role} may not create the gate's ledger {} at {at} ({denied}): ask a DBA to run once \
-             `CREATE SCHEMA {schema} AUTHORIZATION {role};` (or, if the schema exists, \
-             `GRANT USAGE, CREATE ON SCHEMA {schema} TO {role};`), or pass --schema naming a schema where it may create tables; see \"Privileges\" in the README",
-            self.table()
-        )
-    }
-
     /// How many attempts were left `running` by a holder that vanished, and how long to wait
     /// before migrating: until the latest vanished holder's last heartbeat plus its fencing time
     /// (heartbeat timeout + kill grace), by which point a holder that merely lost its session has
@@ -225,12 +170,8 @@ impl Ledger {
             self.lock.key
         );
         let rows = query(conn, sql).await?;
-        let text = |i: usize| -> Option<String> {
-            rows.first().and_then(|r| r.try_get::<String, _>(i).ok())
-        };
-        let count = text(0).and_then(|s| s.parse().ok()).unwrap_or(0);
-        let wait = text(1).and_then(|s| s.parse().ok()).unwrap_or(0.0);
-        Ok((count, wait))
+        let row = one_row(&rows)?;
+        Ok((row.parse(0)?, row.parse(1)?))
     }
 
     /// Marks attempts left `running` by a vanished holder as `abandoned`, once
@@ -371,18 +312,19 @@ impl Ledger {
             .await?
             .iter()
             .map(|r| {
-                let t = |i: usize| r.try_get::<String, _>(i);
+                let row = Cols(r);
+                let t = |i: usize| row.text(i);
                 Ok(AttemptRow {
-                    id: t(0)?.parse().unwrap_or(0),
+                    id: row.parse(0)?,
                     release: Some(t(1)?).filter(|s| !s.is_empty()),
                     outcome: t(2)?,
                     holder: t(3)?,
                     host: t(4)?,
-                    pid: t(5)?.parse().unwrap_or(0),
+                    pid: row.parse(5)?,
                     started_at: t(6)?,
                     finished_at: Some(t(7)?).filter(|s| !s.is_empty()),
-                    duration_secs: t(8)?.parse().ok(),
-                    exit_code: t(9)?.parse().ok(),
+                    duration_secs: row.parse_opt(8)?,
+                    exit_code: row.parse_opt(9)?,
                     detail: t(10)?,
                 })
             })
@@ -413,40 +355,6 @@ impl Ledger {
     }
 }
 
-/// Creates each object of `objects` that does not exist yet, and nothing else: `(check, ddl)`,
-/// where `check` is a SQL expression that is NULL while the object is missing. Concurrent gates
-/// with different lock names may race here, so the DDL runs in one transaction under an
-/// advisory lock of its own, one per schema (the ledger's and the preflight tables next to it).
-pub(crate) async fn create_missing(
-    conn: &mut PgConnection,
-    schema: &str,
-    objects: &[(String, String)],
-) -> Result<(), sqlx::Error> {
-    let checks: Vec<String> = objects
-        .iter()
-        .map(|(check, _)| format!("({check} IS NULL)::text"))
-        .collect();
-    let rows = query(conn, format!("SELECT {}", checks.join(", "))).await?;
-    let missing: Vec<&str> = (0..objects.len())
-        .filter(|&i| {
-            rows.first()
-                .and_then(|r| r.try_get::<String, _>(i).ok())
-                .as_deref()
-                == Some("true")
-        })
-        .map(|i| objects[i].1.as_str())
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    let ddl_key = LockKey::from_name(&format!("migrations-gate ledger ddl {schema}")).key;
-    let sql = format!(
-        "BEGIN; SELECT pg_advisory_xact_lock({ddl_key});{}COMMIT;",
-        missing.concat()
-    );
-    query(conn, sql).await.map(|_| ())
-}
-
 /// Whether [`Ledger::is_done`] may read the `--same-env` key. Not inside the lock's
 /// transaction: a missing key table there would abort it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -468,7 +376,7 @@ pub(crate) struct Seen {
     /// replica of an older release must not start on a schema that moved on).
     pub(crate) newer: Option<Newer>,
     /// The `--same-env` key, when asked for ([`Ledger::read_env_key`]) and it exists.
-    pub(crate) env_key: Option<crate::preflight::EnvKey>,
+    pub(crate) env_key: Option<StoredKey>,
 }
 
 /// A release done after the one a replica asked about.

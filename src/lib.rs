@@ -1,23 +1,27 @@
 //! migrations-gate: run database migrations exactly once when many replicas start at once.
 //!
-//! A reader looking for a rule finds it in one module:
-//! - [`config`]: flags, environment twins, validation;
-//! - [`release`]: the release ID of `--release-from`, a hash of the files;
-//! - [`db`]: connecting, retrying, classifying errors, keepalives, redacting URLs;
-//! - [`sql`]: pooler-safe queries with deadlines, quoting, SQLSTATE predicates;
-//! - [`lock`]: the advisory lock key and who holds it;
-//! - [`ledger`]: which releases are done, and every attempt;
+//! A reader looking for a rule finds it in one module. Dependencies run one way, from the
+//! commands down (`ci/module-cycles` checks that no module reaches back up):
+//! - [`config`]: the command line (flags, environment twins, validation), turned into plain
+//!   settings; nothing below it sees clap;
+//! - [`commands`]: `migrate`, `run`, `wait`, `reset`, top to bottom; [`status`]: what the lock
+//!   and the ledger say, for people and scripts; [`install`]: copying the binary for the
+//!   wrapper pattern;
 //! - [`preflight`]: checks before the app starts (`--same-env`, presets, older releases);
-//! - [`gate`]: the protocol (who migrates, who waits, when is it done), one round of it;
-//! - [`waiting`]: the one loop of every waiting replica (`LISTEN`, polling, deadlines);
-//! - [`holding`]: the holder's life (heartbeat, supervise, complete, fence);
-//! - [`commands`]: `migrate`, `run`, `wait`, `reset`, top to bottom;
-//! - [`child`]: spawning, guarding, signal forwarding, reaping, `exec`;
-//! - [`probe`]: readiness checks;
-//! - [`install`]: copying the binary for the wrapper pattern;
-//! - [`status`]: what the lock and the ledger say, for people and scripts;
-//! - [`termination`]: the final one-line outcome in `/dev/termination-log`;
-//! - [`error`]: failures and their exit codes.
+//! - [`waiting`]: the protocol up to the lock, one round of it, and the one loop of every waiting
+//!   replica (`LISTEN`, polling, deadlines), ending in a [`waiting::Turn`];
+//! - [`holding`]: the holder's life from taking over to completing or fencing (heartbeat,
+//!   supervise, complete, fence);
+//! - [`probe`]: readiness checks; [`child`]: spawning, guarding, signal forwarding, reaping,
+//!   `exec`; [`termination`]: the final one-line outcome in `/dev/termination-log`;
+//! - [`replica`]: one replica's view of the database, the lock and the ledger, shared by every
+//!   step; [`release`]: the release ID of `--release-from`, a hash of the files;
+//! - [`ledger`]: which releases are done, and every attempt (its rows);
+//! - [`schema`]: every table the gate creates, its DDL and the grants it needs;
+//! - [`lock`]: the advisory lock key and who holds it;
+//! - [`db`]: connecting, retrying, classifying errors, keepalives, redacting URLs;
+//! - [`sql`]: pooler-safe queries with deadlines, reading rows, quoting, SQLSTATE predicates;
+//! - [`error`]: failures and their exit codes; [`duration`]: durations for people.
 
 #![warn(missing_docs)]
 
@@ -25,8 +29,8 @@ mod child;
 mod commands;
 mod config;
 mod db;
+mod duration;
 mod error;
-mod gate;
 mod holding;
 mod install;
 mod ledger;
@@ -34,6 +38,8 @@ mod lock;
 mod preflight;
 mod probe;
 mod release;
+mod replica;
+mod schema;
 mod sql;
 mod status;
 mod termination;
@@ -144,5 +150,83 @@ fn init_logging(format: LogFormat) {
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use error::{EXIT_CODES, Error};
+
+    /// The numbers in the part of `text` that starts at `from` and ends at `to`.
+    fn numbers_between(text: &str, from: &str, to: &str) -> Vec<i32> {
+        let start = text.find(from).unwrap_or(text.len());
+        let part = &text[start..];
+        let part = &part[..part[from.len().min(part.len())..]
+            .find(to)
+            .map_or(part.len(), |end| end + from.len())];
+        part.split(|c: char| !c.is_ascii_digit())
+            .filter_map(|n| n.parse().ok())
+            .collect()
+    }
+
+    #[test]
+    fn every_exit_code_is_in_the_help_and_the_readme_table() {
+        let help = cli_command().render_long_help().to_string();
+        let in_help = numbers_between(&help, "Exit codes:", "\n\n");
+        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+            .expect("README.md next to Cargo.toml");
+        let section = readme
+            .split("\n## ")
+            .find(|s| s.starts_with("Exit codes"))
+            .expect("README has an \"## Exit codes\" section");
+        // The first cell of each row: `| 64 |`, `| 126 / 127 |`.
+        let in_table: Vec<i32> = section
+            .lines()
+            .filter_map(|l| l.strip_prefix('|'))
+            .filter_map(|l| l.split('|').next())
+            .flat_map(|cell| cell.split('/').map(|n| n.trim().parse().ok()))
+            .flatten()
+            .collect();
+        for code in EXIT_CODES {
+            assert!(
+                in_help.contains(&code),
+                "exit code {code} is not in --help: {help}"
+            );
+            assert!(
+                in_table.contains(&code),
+                "exit code {code} is not in the README's table"
+            );
+        }
+    }
+
+    #[test]
+    fn every_error_exits_with_a_listed_code() {
+        let errors = [
+            Error::Usage(String::new()),
+            Error::Unavailable(String::new()),
+            Error::Auth(String::new()),
+            Error::Config(String::new()),
+            Error::Timeout {
+                what: String::new(),
+                waited: std::time::Duration::ZERO,
+                hint: String::new(),
+            },
+            Error::LockHeld {
+                lock: String::new(),
+                holder: String::new(),
+            },
+            Error::CommandNotFound {
+                program: String::new(),
+            },
+            Error::CommandNotExecutable {
+                program: String::new(),
+                source: std::io::ErrorKind::PermissionDenied.into(),
+            },
+            Error::Internal(String::new()),
+        ];
+        for e in errors {
+            assert!(EXIT_CODES.contains(&e.exit_code()), "{e:?}");
+        }
     }
 }

@@ -16,10 +16,9 @@
 use std::fmt;
 
 use sha2::{Digest, Sha256};
-use sqlx::Row;
 use sqlx::postgres::PgConnection;
 
-use crate::sql::{query, query_scalar};
+use crate::sql::{Cols, one_row, query, query_scalar};
 
 /// An advisory lock key, with the name it came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -188,13 +187,13 @@ pub(crate) async fn detect_route(
         "SELECT pg_backend_pid()::text, coalesce(inet_server_port()::text, '')".into(),
     )
     .await?;
-    let text = |i: usize| -> Result<String, sqlx::Error> {
-        match rows.first() {
-            Some(r) => Ok(r.try_get::<Option<String>, _>(i)?.unwrap_or_default()),
-            None => Ok(String::new()),
-        }
+    let (pid, server_port) = match rows.first().map(Cols) {
+        Some(row) => (
+            row.opt(0)?.unwrap_or_default(),
+            row.opt(1)?.unwrap_or_default(),
+        ),
+        None => Default::default(),
     };
-    let (pid, server_port) = (text(0)?, text(1)?);
     let again = query_scalar(conn, "SELECT pg_backend_pid()::text".into())
         .await?
         .unwrap_or_default();
@@ -311,11 +310,10 @@ pub(crate) async fn try_take_wait_slot(
         ),
     )
     .await?;
-    let text =
-        |i: usize| -> Option<String> { rows.first().and_then(|r| r.try_get::<String, _>(i).ok()) };
+    let row = one_row(&rows)?;
     Ok(Slot {
-        taken: text(0).as_deref() == Some("1"),
-        pressure: text(1).and_then(|v| v.parse().ok()).unwrap_or(0.0),
+        taken: row.text(0)? == "1",
+        pressure: row.parse(1)?,
     })
 }
 
@@ -377,18 +375,17 @@ pub(crate) async fn holder(
         lock.pg_locks_filter()
     );
     let rows = query(conn, sql).await?;
-    let Some(row) = rows.first() else {
+    let Some(row) = rows.first().map(Cols) else {
         return Ok(None);
     };
-    let text = |i: usize| -> Result<String, sqlx::Error> {
-        Ok(row.try_get::<Option<String>, _>(i)?.unwrap_or_default())
-    };
+    let text = |i: usize| Ok::<_, sqlx::Error>(row.opt(i)?.unwrap_or_default());
     Ok(Some(Holder {
-        pid: text(0)?.parse().unwrap_or(0),
+        // NULL when the session left pg_stat_activity between the two reads: shown as 0.
+        pid: row.parse_opt(0)?.unwrap_or(0),
         application_name: text(1)?,
         client_addr: text(2)?,
         backend_start: text(3)?,
-        connected_secs: text(4)?.parse().unwrap_or(0.0),
+        connected_secs: row.parse(4)?,
         state: text(5)?,
     }))
 }

@@ -6,13 +6,24 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::config::RunArgs;
 use crate::db::{Conn, Db};
 use crate::error::{Error, Result};
 use crate::sql::query_scalar;
 
 /// Longest single probe; a hung app counts as not ready yet.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Which readiness probe the command line asked for (`--ready-http`, `--ready-tcp`,
+/// `--ready-sql`: at most one).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Settings {
+    /// `--ready-http URL`.
+    pub(crate) http: Option<String>,
+    /// `--ready-tcp HOST:PORT`.
+    pub(crate) tcp: Option<String>,
+    /// `--ready-sql SQL`.
+    pub(crate) sql: Option<String>,
+}
 
 /// One readiness check.
 #[derive(Debug, Clone)]
@@ -34,8 +45,8 @@ pub(crate) enum Probe {
 
 impl Probe {
     /// The probe configured by `--ready-http`, `--ready-tcp` or `--ready-sql`, if any.
-    pub(crate) fn from_args(args: &RunArgs) -> Result<Option<Probe>> {
-        if let Some(raw) = &args.ready_http {
+    pub(crate) fn from_settings(args: &Settings) -> Result<Option<Probe>> {
+        if let Some(raw) = &args.http {
             let url = url::Url::parse(raw)
                 .map_err(|e| Error::Usage(format!("--ready-http {raw:?} is not a URL: {e}")))?;
             if url.scheme() != "http" {
@@ -58,7 +69,7 @@ impl Probe {
                 path,
             }));
         }
-        if let Some(addr) = &args.ready_tcp {
+        if let Some(addr) = &args.tcp {
             if !addr.contains(':') {
                 return Err(Error::Usage(format!(
                     "--ready-tcp {addr:?} must be HOST:PORT, e.g. 127.0.0.1:8080"
@@ -66,7 +77,7 @@ impl Probe {
             }
             return Ok(Some(Probe::Tcp(addr.clone())));
         }
-        if let Some(sql) = &args.ready_sql {
+        if let Some(sql) = &args.sql {
             if sql.trim().is_empty() {
                 return Err(Error::Usage("--ready-sql is empty".into()));
             }

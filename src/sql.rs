@@ -13,7 +13,7 @@ use sqlx::{AssertSqlSafe, Row};
 
 use tracing::trace;
 
-use crate::db::short;
+use crate::duration::short;
 
 /// Longest round trip of any query of the gate's. Its queries are tiny; one that takes longer
 /// rides on a dead socket (a node's network blip, a blackholed address after a failover), and
@@ -64,6 +64,64 @@ pub(crate) async fn query_if_exists(
         Err(e) if is_missing_relation(&e) => Ok(Vec::new()),
         other => other,
     }
+}
+
+/// One row of a query, read column by column. The simple query protocol sends every value as
+/// text, so every column is read as text and parsed here: a column the caller needs that is
+/// NULL or does not parse is a decode error, never a silent default.
+#[derive(Clone, Copy)]
+pub(crate) struct Cols<'r>(pub(crate) &'r PgRow);
+
+impl Cols<'_> {
+    /// Column `i`; NULL is `None`.
+    pub(crate) fn opt(&self, i: usize) -> Result<Option<String>, sqlx::Error> {
+        self.0.try_get::<Option<String>, _>(i)
+    }
+
+    /// Column `i`; NULL is a decode error.
+    pub(crate) fn text(&self, i: usize) -> Result<String, sqlx::Error> {
+        self.0.try_get::<String, _>(i)
+    }
+
+    /// Column `i` parsed; NULL or text that does not parse is a decode error.
+    pub(crate) fn parse<T>(&self, i: usize) -> Result<T, sqlx::Error>
+    where
+        T: std::str::FromStr,
+        T::Err: std::error::Error + Send + Sync + 'static,
+    {
+        parse_column(i, &self.text(i)?)
+    }
+
+    /// Column `i` parsed, where NULL or empty text means "none"; other text that does not parse
+    /// is a decode error.
+    pub(crate) fn parse_opt<T>(&self, i: usize) -> Result<Option<T>, sqlx::Error>
+    where
+        T: std::str::FromStr,
+        T::Err: std::error::Error + Send + Sync + 'static,
+    {
+        match self.opt(i)? {
+            Some(t) if !t.is_empty() => parse_column(i, &t).map(Some),
+            _ => Ok(None),
+        }
+    }
+}
+
+/// The first row of `rows`, which a query that always returns one must have.
+pub(crate) fn one_row(rows: &[PgRow]) -> Result<Cols<'_>, sqlx::Error> {
+    rows.first()
+        .map(Cols)
+        .ok_or_else(|| sqlx::Error::Protocol("the query returned no row".into()))
+}
+
+fn parse_column<T>(i: usize, text: &str) -> Result<T, sqlx::Error>
+where
+    T: std::str::FromStr,
+    T::Err: std::error::Error + Send + Sync + 'static,
+{
+    text.parse().map_err(|e: T::Err| sqlx::Error::ColumnDecode {
+        index: i.to_string(),
+        source: Box::new(e),
+    })
 }
 
 /// `SQLSTATE`s that mean "a table of ours does not exist yet" (nor, perhaps, its schema).

@@ -9,10 +9,10 @@ use serde::Serialize;
 use crate::config::StatusArgs;
 use crate::db::close;
 use crate::error::{EXIT_NOT_DONE, EXIT_OK, Error, Result};
-use crate::gate::Gate;
 use crate::ledger::{AttemptRow, ReadKey};
 use crate::lock::{self, Holder};
 use crate::preflight::{EnvCheck, Store};
+use crate::replica::Replica;
 
 /// The JSON document `status --json` prints. Field names are a stable interface.
 #[derive(Debug, Serialize)]
@@ -34,16 +34,20 @@ pub(crate) struct Report {
 
 /// Prints the status and returns the exit code.
 pub(crate) async fn status(args: StatusArgs) -> Result<i32> {
-    let gate = Gate::new(args.db.target()?, args.release.resolve()?)?;
-    let store = Store::new(&gate.target.schema, gate.lock());
-    let mut conn = gate.db.connect().await?;
+    let replica = Replica::new(args.db.target()?, args.release.resolve()?)?;
+    let store = Store::new(&replica.target.schema, replica.lock());
+    let mut conn = replica.db.connect().await?;
     let gathered = async {
         let c = conn.pg().await?;
-        let holder = lock::holder(c, gate.lock()).await?;
-        let attempts = gate.ledger.attempts(c, gate.release(), args.limit).await?;
-        let release_done = match gate.release() {
+        let holder = lock::holder(c, replica.lock()).await?;
+        let attempts = replica
+            .ledger
+            .attempts(c, replica.release(), args.limit)
+            .await?;
+        let release_done = match replica.release() {
             Some(r) => Some(
-                gate.ledger
+                replica
+                    .ledger
                     .is_done(c, r, ReadKey::No)
                     .await?
                     .done
@@ -51,7 +55,7 @@ pub(crate) async fn status(args: StatusArgs) -> Result<i32> {
             ),
             None => None,
         };
-        let releases: Vec<String> = match gate.release() {
+        let releases: Vec<String> = match replica.release() {
             Some(r) => vec![r.to_string()],
             None => {
                 let mut shown: Vec<String> =
@@ -67,10 +71,10 @@ pub(crate) async fn status(args: StatusArgs) -> Result<i32> {
     .await;
     close(conn).await;
     let (holder, attempts, release_done, env_checks) =
-        gathered.map_err(|e| gate.db.fail(&e, "while reading the status"))?;
+        gathered.map_err(|e| replica.db.fail(&e, "while reading the status"))?;
     let report = Report {
-        lock: gate.lock().name.clone(),
-        lock_key: gate.lock().key,
+        lock: replica.lock().name.clone(),
+        lock_key: replica.lock().key,
         holder,
         release_done,
         attempts,
@@ -80,7 +84,7 @@ pub(crate) async fn status(args: StatusArgs) -> Result<i32> {
         serde_json::to_string_pretty(&report)
             .map_err(|e| Error::Internal(format!("cannot encode the status as JSON: {e}")))?
     } else {
-        render(&report, gate.release())
+        render(&report, replica.release())
     };
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{text}");

@@ -11,6 +11,8 @@
 
 use std::io::Write;
 
+use crate::error::EXIT_OK;
+
 /// Where Kubernetes reads the message by default (`terminationMessagePath`).
 const DEFAULT_PATH: &str = "/dev/termination-log";
 /// The variable naming another file.
@@ -25,7 +27,7 @@ pub(crate) fn write_failure(code: i32, message: &str) {
 
 /// A success that ends the gate: `exit 0: <summary>`.
 pub(crate) fn write_success(summary: &str) {
-    write(&format!("exit 0: {summary}"));
+    write(&format!("exit {EXIT_OK}: {summary}"));
 }
 
 fn write(message: &str) {

@@ -1,9 +1,23 @@
-//! Waiting: the one loop of every replica that is not the holder yet (`migrate`, `run`) and of
-//! `wait`, which never takes the lock.
+//! Waiting: the protocol up to the lock, and the one loop of every replica that is not the
+//! holder yet (`migrate`, `run`) and of `wait`, which never takes the lock.
 //!
-//! Each round ([`Gate::round`]) reads the ledger and, when it may, tries the lock. Between
-//! rounds a waiter that keeps its connection on a direct connection `LISTEN`s: the holder
-//! notifies in the transaction that writes `done`, so the waiter wakes when it commits and
+//! 1. Every replica connects and reads the ledger. Release done: it is a follower, at once
+//!    (also on a read-only standby: the `done` row is replayed after the migration's commits).
+//! 2. Otherwise it tries `pg_try_advisory_lock` (never the blocking form). Busy: it waits for a
+//!    notification or a jittered, growing delay and goes back to 1. It only goes on when the
+//!    release is recorded done, never merely because the lock became free: a holder that
+//!    crashed frees the lock without migrating.
+//! 3. The replica that gets the lock takes over ([`Holding::take_over`]): it re-reads the ledger
+//!    (the previous holder may have finished between 1 and 2), waits out a vanished holder's
+//!    fencing time and marks its attempts `abandoned`, records its own attempt and migrates,
+//!    checking on every heartbeat that its lock session is alive. If that session is lost, another replica may take the lock, so it
+//!    stops its migration at once (fencing) and fails.
+//! 4. It records the outcome and notifies the waiters on the lock session, commits, and only
+//!    then frees the lock ([`Holding::complete`]).
+//!
+//! Steps 1 and 2 are one round (`Waiter::round`), which ends in a [`Turn`] or in "not yet".
+//! Between rounds a waiter that keeps its connection on a direct connection `LISTEN`s: the
+//! holder notifies in the transaction that writes `done`, so the waiter wakes when it commits and
 //! needs one more round trip to read the row. Polling stays as the fallback (a lost
 //! notification, a holder that crashed, transaction pooling where `LISTEN` does not work).
 //!
@@ -12,16 +26,18 @@
 //! and a new one made; `--connect-timeout` bounds a streak of failures (no connection, lost
 //! connections, a read-only standby).
 
+use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
 use tracing::info;
 
-use crate::db::{self, Conn, Failure, backoff, short};
+use crate::db::{self, Conn, Failure, backoff};
+use crate::duration::short;
 use crate::error::{Error, Result};
-use crate::gate::{Gate, Round, Session, Want};
-use crate::holding::Holding;
-use crate::ledger::Seen;
-use crate::lock::{self, Route, WaitSlots};
+use crate::holding::{Holding, TakeOver};
+use crate::ledger::{ReadKey, Seen};
+use crate::lock::{self, Route, Scope, WaitSlots};
+use crate::replica::Replica;
 
 /// How often a waiter logs who holds the lock.
 const REPORT_EVERY: Duration = Duration::from_secs(10);
@@ -46,23 +62,81 @@ const CROWDED: f64 = 0.5;
 /// Share of `max_connections` in use at which reconnecting waiters poll most gently.
 const PACKED: f64 = 0.9;
 
-/// What a replica turned out to be.
-pub(crate) enum Role {
-    /// The release is done: go on with the flag off. `seen`: what the ledger read saw; `conn`:
-    /// its connection, for a preflight check that needs one more round trip (dropped otherwise:
-    /// a follower execs or exits next, and both close the socket).
+/// What the replica wants from a round.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Want {
+    /// Its turn to migrate (`migrate`, `run`): take the lock when it is free.
+    Lock {
+        /// `--kill-grace`, recorded so that a taker-over knows how long fencing takes.
+        kill_grace: Duration,
+        /// `--waiting-connections`.
+        slots: WaitSlots,
+    },
+    /// Only to see the release done (`wait`): never take the lock.
+    Done {
+        /// `--waiting-connections`.
+        slots: WaitSlots,
+    },
+}
+
+impl Want {
+    /// `--waiting-connections`.
+    fn slots(self) -> WaitSlots {
+        match self {
+            Want::Lock { slots, .. } | Want::Done { slots } => slots,
+        }
+    }
+}
+
+/// Whose turn it is: what a replica turns out to be, the one outcome of waiting.
+pub(crate) enum Turn {
+    /// The release is done: go on with the flag off. `seen`: what the ledger read saw, for the
+    /// preflight checks; `conn`: its connection, for a preflight check that needs one more round
+    /// trip (dropped otherwise: a follower execs or exits next, and both close the socket).
     Follower { seen: Seen, conn: Option<Conn> },
     /// We hold the lock and have recorded an attempt: migrate.
     Holder(Box<Holding>),
 }
 
+/// What one round saw: a turn, or not yet.
+enum Round {
+    Turn(Turn),
+    /// Not yet. `conn`: the connection to go on with; `keep`: whether this waiter may keep it;
+    /// `pressure`: the share of `max_connections` in use, when known.
+    Busy {
+        conn: Conn,
+        keep: bool,
+        pressure: f64,
+    },
+    /// The server is a read-only standby and the release is not done there.
+    Standby,
+}
+
+/// The state a waiter carries from round to round on one connection.
+#[derive(Default)]
+struct Session {
+    /// What sits between us and PostgreSQL, and the lock scope: decided once per gate.
+    route: Option<(Route, Scope)>,
+    /// Whether this connection holds a waiting slot.
+    slot: bool,
+    /// Whether this connection already tried to move to a listening one (once per connection:
+    /// without a free slot it would open a connection on every poll).
+    listen_tried: bool,
+    /// Whether the ledger is known to exist.
+    ensured: bool,
+}
+
 /// Waits until the release is done (follower) or, with [`Want::Lock`], this replica holds the
 /// lock (holder). Fails after `wait_timeout`, or after `--connect-timeout` of trouble.
-pub(crate) async fn wait_turn(gate: &Gate, want: Want, wait_timeout: Duration) -> Result<Role> {
+pub(crate) async fn wait_turn(
+    replica: &Replica,
+    want: Want,
+    wait_timeout: Duration,
+) -> Result<Turn> {
     let started = Instant::now();
     let deadline = tokio::time::Instant::from_std(started + wait_timeout);
     let mut waiter = Waiter {
-        gate,
+        replica,
         conn: None,
         session: Session::default(),
         trouble_since: None,
@@ -70,8 +144,8 @@ pub(crate) async fn wait_turn(gate: &Gate, want: Want, wait_timeout: Duration) -
         last_holder: None,
         next_report: started,
     };
-    if gate.release().is_none() {
-        info!(lock = %gate.lock(), "no --release given: every replica runs the migration in turn under the lock (correct for idempotent migrators, slower)");
+    if replica.release().is_none() {
+        info!(lock = %replica.lock(), "no --release given: every replica runs the migration in turn under the lock (correct for idempotent migrators, slower)");
     }
     let mut fast = backoff(POLL_MIN, POLL_FAST_MAX);
     let mut listening_delays = backoff(POLL_MIN, POLL_LISTENING_MAX);
@@ -80,19 +154,20 @@ pub(crate) async fn wait_turn(gate: &Gate, want: Want, wait_timeout: Duration) -
         let pressure = match tokio::time::timeout_at(deadline, waiter.step(want)).await {
             Err(_) => return Err(waiter.timed_out(started.elapsed())),
             Ok(Err(e)) => return Err(e),
-            Ok(Ok(Step::Done { seen, conn })) => {
-                info!(
-                    release = gate.release(),
-                    waited_ms = started.elapsed().as_millis() as u64,
-                    "release is done; starting with the flag off"
-                );
-                return Ok(Role::Follower { seen, conn });
+            Ok(Ok(ControlFlow::Break(turn))) => {
+                let waited_ms = started.elapsed().as_millis() as u64;
+                match &turn {
+                    Turn::Follower { .. } => info!(
+                        release = replica.release(),
+                        waited_ms, "release is done; starting with the flag off"
+                    ),
+                    Turn::Holder(holding) => {
+                        info!(release = replica.release(), lock = %replica.lock(), attempt = holding.attempt(), waited_ms, "lock taken; this replica migrates")
+                    }
+                }
+                return Ok(turn);
             }
-            Ok(Ok(Step::Holder(holding))) => {
-                info!(release = gate.release(), lock = %gate.lock(), attempt = holding.attempt(), waited_ms = started.elapsed().as_millis() as u64, "lock taken; this replica migrates");
-                return Ok(Role::Holder(holding));
-            }
-            Ok(Ok(Step::Wait { pressure })) => pressure,
+            Ok(Ok(ControlFlow::Continue(pressure))) => pressure,
         };
         if started.elapsed() >= wait_timeout {
             return Err(waiter.timed_out(started.elapsed()));
@@ -111,7 +186,7 @@ pub(crate) async fn wait_turn(gate: &Gate, want: Want, wait_timeout: Duration) -
 
 /// The loop's state between rounds.
 struct Waiter<'g> {
-    gate: &'g Gate,
+    replica: &'g Replica,
     /// The connection kept between rounds, if this waiter may keep one.
     conn: Option<Conn>,
     session: Session,
@@ -124,60 +199,53 @@ struct Waiter<'g> {
     next_report: Instant,
 }
 
-enum Step {
-    Done {
-        seen: Seen,
-        conn: Option<Conn>,
-    },
-    Holder(Box<Holding>),
-    /// Wait and go again; `pressure`: share of `max_connections` in use, when known.
-    Wait {
-        pressure: f64,
-    },
-}
+/// What a step of the loop gives: a turn, or wait and go again (`pressure`: the share of
+/// `max_connections` in use, when known).
+type Next = ControlFlow<Turn, f64>;
 
 impl Waiter<'_> {
     /// One round on the kept connection or a new one, with the failure bookkeeping.
-    async fn step(&mut self, want: Want) -> Result<Step> {
-        let gate = self.gate;
+    async fn step(&mut self, want: Want) -> Result<Next> {
+        let replica = self.replica;
         let conn = match self.conn.take() {
             Some(c) => Ok(c),
             None => {
                 self.session.slot = false;
                 self.session.listen_tried = false;
-                gate.db.connect_once(gate.db.attempt_limit()).await
+                replica.db.connect_once(replica.db.attempt_limit()).await
             }
         };
         let round = match conn {
-            Ok(conn) => gate.round(conn, &mut self.session, want).await,
+            Ok(conn) => self.round(conn, want).await,
             Err(failure) => Err(failure),
         };
         match round {
-            Ok((Round::Done(seen), conn)) => Ok(Step::Done { seen, conn }),
-            Ok((Round::Holder(holding), _)) => Ok(Step::Holder(holding)),
-            Ok((Round::Busy { keep, pressure }, conn)) => {
+            Ok(Round::Turn(turn)) => Ok(ControlFlow::Break(turn)),
+            Ok(Round::Busy {
+                mut conn,
+                keep,
+                pressure,
+            }) => {
                 self.trouble_since = None;
                 self.last_trouble = None;
-                if let Some(mut c) = conn {
-                    self.report(&mut c).await;
-                    if keep {
-                        if !c.listens() && !self.session.listen_tried && self.may_listen() {
-                            self.session.listen_tried = true;
-                            c = self.listen_instead(c, want.slots()).await;
-                        }
-                        self.conn = Some(c);
-                    } else {
-                        db::close(c).await;
+                self.report(&mut conn).await;
+                if keep {
+                    if !conn.listens() && !self.session.listen_tried && self.may_listen() {
+                        self.session.listen_tried = true;
+                        conn = self.listen_instead(conn, want.slots()).await;
                     }
+                    self.conn = Some(conn);
+                } else {
+                    db::close(conn).await;
                 }
-                Ok(Step::Wait { pressure })
+                Ok(ControlFlow::Continue(pressure))
             }
-            Ok((Round::Standby, _)) => self.trouble(
+            Ok(Round::Standby) => self.trouble(
                 "the server is a read-only standby (pg_is_in_recovery() is true)".into(),
-                |gate, since| {
+                |replica, since| {
                     Error::Unavailable(format!(
                         "{} is a read-only standby (pg_is_in_recovery() is true) and has been for {}: point the gate at the primary (or at a proxy that follows the leader)",
-                        gate.db.redacted_url,
+                        replica.db.redacted_url,
                         short(since)
                     ))
                 },
@@ -186,26 +254,116 @@ impl Waiter<'_> {
             Err(Failure::Retry(reason)) => {
                 db::log_retry("lost the database connection while waiting", &reason);
                 let last = reason.clone();
-                self.trouble(reason, move |gate, _| gate.db.gave_up(&last))
+                self.trouble(reason, move |replica, _| replica.db.gave_up(&last))
             }
         }
+    }
+
+    /// One round of the protocol (steps 1 and 2 of the module documentation; step 3 is the
+    /// holder's), on `conn`. Errors come sorted into "retry" and "give up".
+    async fn round(&mut self, mut conn: Conn, want: Want) -> Result<Round, Failure> {
+        let replica = self.replica;
+        let sql = |e: sqlx::Error| replica.db.classify(&e);
+        if let Some(release) = replica.release() {
+            let seen = replica
+                .ledger
+                .is_done(conn.pg().await.map_err(sql)?, release, ReadKey::IfCompared)
+                .await
+                .map_err(sql)?;
+            match seen.done {
+                Some(true) => {
+                    return Ok(Round::Turn(Turn::Follower {
+                        seen,
+                        conn: Some(conn),
+                    }));
+                }
+                _ if seen.standby => return Ok(Round::Standby),
+                Some(false) => self.session.ensured = true,
+                None => {}
+            }
+        }
+        let (kill_grace, slots) = match want {
+            Want::Lock { kill_grace, slots } => (kill_grace, slots),
+            Want::Done { slots } => return self.busy(conn, slots).await,
+        };
+        if !self.session.ensured {
+            // First run against this database: create the ledger before anyone locks, so that
+            // no DDL ever runs inside a lock transaction.
+            replica.create_ledger(&mut conn).await?;
+            self.session.ensured = true;
+        }
+        let (_, scope) = self.route(&mut conn).await.map_err(sql)?;
+        let c = conn.pg().await.map_err(sql)?;
+        if !lock::try_acquire(c, replica.lock(), scope)
+            .await
+            .map_err(sql)?
+        {
+            return self.busy(conn, slots).await;
+        }
+        Ok(Round::Turn(
+            match Holding::take_over(replica, conn, scope, kill_grace).await? {
+                TakeOver::Holding(holding) => Turn::Holder(holding),
+                TakeOver::AlreadyDone { seen, conn } => Turn::Follower {
+                    seen,
+                    conn: Some(conn),
+                },
+            },
+        ))
+    }
+
+    /// The lock is taken (or we only watch): may this waiter keep its connection? Only where a
+    /// waiting connection costs no pooled server connection that the migration may need: on a
+    /// direct connection with a waiting slot, or behind proven transaction pooling. Behind a
+    /// session pooler or a proxy every waiter reconnects for each poll.
+    async fn busy(&mut self, mut conn: Conn, slots: WaitSlots) -> Result<Round, Failure> {
+        let replica = self.replica;
+        let sql = |e: sqlx::Error| replica.db.classify(&e);
+        let (route, _) = self.route(&mut conn).await.map_err(sql)?;
+        let (keep, pressure) = match route {
+            Route::TransactionPooling => (true, 0.0),
+            Route::Middlebox => (false, 0.0),
+            Route::Direct if self.session.slot => (true, 0.0),
+            Route::Direct => {
+                let c = conn.pg().await.map_err(sql)?;
+                let slot = lock::try_take_wait_slot(c, replica.lock(), slots)
+                    .await
+                    .map_err(sql)?;
+                self.session.slot = slot.taken;
+                (slot.taken, slot.pressure)
+            }
+        };
+        Ok(Round::Busy {
+            conn,
+            keep,
+            pressure,
+        })
+    }
+
+    /// The route and lock scope, decided on the first connection that needs them.
+    async fn route(&mut self, conn: &mut Conn) -> Result<(Route, Scope), sqlx::Error> {
+        if let Some(known) = self.session.route {
+            return Ok(known);
+        }
+        let known = self.replica.detect_route(conn).await?;
+        self.session.route = Some(known);
+        Ok(known)
     }
 
     /// A transient failure: go on, unless failures have lasted `--connect-timeout`.
     fn trouble(
         &mut self,
         reason: String,
-        give_up: impl FnOnce(&Gate, Duration) -> Error,
-    ) -> Result<Step> {
+        give_up: impl FnOnce(&Replica, Duration) -> Error,
+    ) -> Result<Next> {
         let since = self
             .trouble_since
             .get_or_insert_with(Instant::now)
             .elapsed();
         self.last_trouble = Some(reason);
-        if since >= self.gate.target.connect_timeout {
-            return Err(give_up(self.gate, since));
+        if since >= self.replica.target.connect_timeout {
+            return Err(give_up(self.replica, since));
         }
-        Ok(Step::Wait { pressure: 0.0 })
+        Ok(ControlFlow::Continue(0.0))
     }
 
     /// LISTEN only on a connection that is its own server session.
@@ -218,12 +376,16 @@ impl Waiter<'_> {
     /// connections never grows past the slots; without a free slot, or when the listening
     /// connection fails, it keeps polling on the plain one.
     async fn listen_instead(&mut self, plain: Conn, slots: WaitSlots) -> Conn {
-        let gate = self.gate;
-        let Ok(mut listening) = gate.db.connect_listening(&gate.lock().channel()).await else {
+        let replica = self.replica;
+        let Ok(mut listening) = replica
+            .db
+            .connect_listening(&replica.lock().channel())
+            .await
+        else {
             return plain;
         };
         let taken = match listening.pg().await {
-            Ok(c) => lock::try_take_wait_slot(c, gate.lock(), slots)
+            Ok(c) => lock::try_take_wait_slot(c, replica.lock(), slots)
                 .await
                 .is_ok_and(|s| s.taken),
             Err(_) => false,
@@ -242,12 +404,12 @@ impl Waiter<'_> {
         if Instant::now() < self.next_report {
             return;
         }
-        let holder = self.gate.describe_holder(conn).await;
+        let holder = self.replica.describe_holder(conn).await;
         info!(
-            release = self.gate.release(),
+            release = self.replica.release(),
             holder,
             "waiting for {}",
-            self.gate.waiting_for()
+            self.replica.waiting_for()
         );
         self.last_holder = Some(holder);
         self.next_report = Instant::now() + REPORT_EVERY;
@@ -280,7 +442,7 @@ impl Waiter<'_> {
             (None, _) => "check the replica that migrates, or raise --wait-timeout".into(),
         };
         Error::Timeout {
-            what: format!("timed out waiting for {}", self.gate.waiting_for()),
+            what: format!("timed out waiting for {}", self.replica.waiting_for()),
             waited,
             hint,
         }

@@ -30,18 +30,18 @@ mod store;
 use clap::ValueEnum;
 use tracing::{info, warn};
 
-use crate::config::PreflightArgs;
 use crate::db::{Conn, close};
 use crate::error::{Error, Result};
-use crate::gate::Gate;
 use crate::ledger::Seen;
-use crate::sql::{ident, is_missing_relation, is_read_only};
+use crate::replica::Replica;
+use crate::schema::Tables;
+use crate::sql::{is_missing_relation, is_read_only};
 
 pub(crate) use fingerprint::EnvKey;
 use presets::{Check, Context, Level, Rule, broken};
 pub(crate) use presets::{Mode, Preset};
 use store::Reference;
-pub(crate) use store::{EnvCheck, Store, key_table};
+pub(crate) use store::{EnvCheck, Store};
 
 /// What a `--same-env` difference does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -50,6 +50,20 @@ pub enum OnMismatch {
     Fail,
     /// Log a warning and start the app.
     Warn,
+}
+
+/// What the preflight checks, as the command line asked (`--same-env`, `--on-mismatch`,
+/// `--preset`, `--allow-older-release`).
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    /// Variables that must be the same on every replica of a release.
+    pub(crate) same_env: Vec<String>,
+    /// What a difference does.
+    pub(crate) on_mismatch: OnMismatch,
+    /// A known app's rules.
+    pub(crate) preset: Option<Preset>,
+    /// Start even when a newer release was migrated on this database.
+    pub(crate) allow_older_release: bool,
 }
 
 /// A variable compared across replicas, and what a difference does.
@@ -71,11 +85,7 @@ pub(crate) struct Preflight {
 impl Preflight {
     /// Checks the flags and the presets' local rules: a failing rule is an error (78) before
     /// the gate connects; warnings are logged.
-    pub(crate) fn new(
-        args: &PreflightArgs,
-        mode: Mode,
-        release: Option<&str>,
-    ) -> Result<Preflight> {
+    pub(crate) fn new(args: &Settings, mode: Mode, release: Option<&str>) -> Result<Preflight> {
         let cx = Context {
             vars: Box::new(|name| std::env::var_os(name).map(|v| v.to_string_lossy().into_owned())),
             mode,
@@ -83,11 +93,7 @@ impl Preflight {
         Preflight::with_context(args, &cx, release)
     }
 
-    fn with_context(
-        args: &PreflightArgs,
-        cx: &Context,
-        release: Option<&str>,
-    ) -> Result<Preflight> {
+    fn with_context(args: &Settings, cx: &Context, release: Option<&str>) -> Result<Preflight> {
         let mut compared: Vec<Compared> = Vec::new();
         for name in &args.same_env {
             let name = name.trim();
@@ -165,8 +171,13 @@ impl Preflight {
     /// A follower (or `wait`) whose release is done: the older-release check on what the
     /// ledger read saw, then the variables. With no `--same-env` and no preset this costs
     /// nothing: no connection, no round trip.
-    pub(crate) async fn follower(&self, gate: &Gate, seen: Seen, conn: Option<Conn>) -> Result<()> {
-        if let (Some(newer), Some(release)) = (&seen.newer, gate.release()) {
+    pub(crate) async fn follower(
+        &self,
+        replica: &Replica,
+        seen: Seen,
+        conn: Option<Conn>,
+    ) -> Result<()> {
+        if let (Some(newer), Some(release)) = (&seen.newer, replica.release()) {
             let line = format!(
                 "release {release:?} is older than release {:?}, which was migrated after it on this database \
                  (by {} at {}): an old replica must not start on a schema that moved on. Deploy {:?} everywhere \
@@ -179,27 +190,33 @@ impl Preflight {
             }
             warn!("--allow-older-release: starting anyway; {line}");
         }
-        self.compare(gate, seen.env_key, conn).await
+        let key = seen.env_key.and_then(|k| EnvKey::from_hex(&k.0));
+        self.compare(replica, key, conn).await
     }
 
     /// The holder, before it migrates: the variables only (its release is not done, so it is
     /// the newest).
-    pub(crate) async fn holder(&self, gate: &Gate) -> Result<()> {
-        self.compare(gate, None, None).await
+    pub(crate) async fn holder(&self, replica: &Replica) -> Result<()> {
+        self.compare(replica, None, None).await
     }
 
     /// Records this replica's fingerprints and compares them with the release's reference.
-    async fn compare(&self, gate: &Gate, key: Option<EnvKey>, conn: Option<Conn>) -> Result<()> {
+    async fn compare(
+        &self,
+        replica: &Replica,
+        key: Option<EnvKey>,
+        conn: Option<Conn>,
+    ) -> Result<()> {
         if self.compared.is_empty() {
             return Ok(());
         }
-        let Some(release) = gate.release() else {
+        let Some(release) = replica.release() else {
             return Ok(());
         };
-        let store = Store::new(&gate.target.schema, gate.lock());
+        let store = Store::new(&replica.target.schema, replica.lock());
         let mut conn = match conn {
             Some(c) => c,
-            None => gate.db.connect().await?,
+            None => replica.db.connect().await?,
         };
         let result = async {
             let c = conn.pg().await?;
@@ -222,7 +239,7 @@ impl Preflight {
                     .map(|v| (v.name.clone(), k.fingerprint(&v.name)))
                     .collect();
                 match store
-                    .record(c, release, &mine, &gate.target.application_name)
+                    .record(c, release, &mine, &replica.target.application_name, replica.host())
                     .await
                 {
                     // A read-only standby (followers may start there): compare, record nothing.
@@ -246,15 +263,14 @@ impl Preflight {
                 return Ok(());
             }
             Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42501") => {
-                return Err(Error::Auth(format!(
-                    "the role may not create or write the gate's --same-env tables in schema {} ({}): \
-                     ask a DBA to `GRANT USAGE, CREATE ON SCHEMA {} TO <role>;` (see \"Privileges\" in the README)",
-                    ident(&gate.target.schema),
-                    db.message(),
-                    ident(&gate.target.schema)
-                )));
+                let tables = Tables::new(&replica.target.schema);
+                return Err(Error::Auth(tables.preflight_grants(db.message())));
             }
-            Err(e) => return Err(gate.db.fail(&e, "while comparing --same-env fingerprints")),
+            Err(e) => {
+                return Err(replica
+                    .db
+                    .fail(&e, "while comparing --same-env fingerprints"));
+            }
         };
         self.judge(release, &seen)
     }
@@ -341,8 +357,8 @@ mod tests {
         }
     }
 
-    fn args(preset: Option<Preset>) -> PreflightArgs {
-        PreflightArgs {
+    fn args(preset: Option<Preset>) -> Settings {
+        Settings {
             same_env: Vec::new(),
             on_mismatch: OnMismatch::Fail,
             preset,

@@ -1,25 +1,19 @@
-//! The preflight tables next to the ledger and their SQL: the key (`<schema>.env_key`), each
-//! release's reference fingerprints (`<schema>.env_reference`) and each replica's last
-//! comparison (`<schema>.env_checks`).
+//! The rows of the preflight tables next to the ledger (their DDL is in [`crate::schema`]): the
+//! key (`<schema>.env_key`), each release's reference fingerprints (`<schema>.env_reference`)
+//! and each replica's last comparison (`<schema>.env_checks`).
 
-use sqlx::Row;
 use sqlx::postgres::{PgConnection, PgRow};
 
 use super::fingerprint::{EnvKey, hex, random_key};
-use crate::ledger::create_missing;
 use crate::lock::LockKey;
-use crate::sql::{ident, lit, query_if_exists, query_secret};
+use crate::schema::Tables;
+use crate::sql::{Cols, lit, query_if_exists, query_secret};
 
 /// The preflight tables next to the ledger: the key, each release's reference fingerprints,
 /// and each replica's last comparison.
 pub(crate) struct Store {
-    schema: String,
+    tables: Tables,
     lock: LockKey,
-}
-
-/// The key table's name in `schema` (for the ledger's fast-path read).
-pub(crate) fn key_table(schema: &str) -> String {
-    format!("{}.env_key", ident(schema))
 }
 
 const TIME: &str = "'YYYY-MM-DD HH24:MI:SS \"UTC\"'";
@@ -28,68 +22,34 @@ const TIME_JSON: &str = "'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'";
 impl Store {
     pub(crate) fn new(schema: &str, lock: &LockKey) -> Store {
         Store {
-            schema: schema.to_string(),
+            tables: Tables::new(schema),
             lock: lock.clone(),
         }
     }
 
     fn reference(&self) -> String {
-        format!("{}.env_reference", ident(&self.schema))
+        self.tables.env_reference()
     }
 
     fn checks(&self) -> String {
-        format!("{}.env_checks", ident(&self.schema))
+        self.tables.env_checks()
     }
 
-    /// Creates the tables that are missing, and nothing else (like [`crate::ledger::Ledger::ensure`]:
-    /// a role owning only the schema can do it), under the ledger's DDL lock.
+    /// Creates the tables that are missing ([`Tables::create_preflight`]).
     pub(super) async fn ensure(&self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
-        let key = format!(
-            "CREATE TABLE IF NOT EXISTS {} (
-                 only_row   boolean PRIMARY KEY DEFAULT true CHECK (only_row),
-                 key        bytea NOT NULL,
-                 created_at timestamptz NOT NULL DEFAULT clock_timestamp()
-             );",
-            key_table(&self.schema)
-        );
-        let reference = format!(
-            "CREATE TABLE IF NOT EXISTS {} (
-                 lock_key bigint NOT NULL, release text NOT NULL, variable text NOT NULL,
-                 fingerprint text NOT NULL,
-                 replica text NOT NULL, host text NOT NULL, pid integer NOT NULL,
-                 set_at timestamptz NOT NULL DEFAULT clock_timestamp(),
-                 PRIMARY KEY (lock_key, release, variable)
-             );",
-            self.reference()
-        );
-        let checks = format!(
-            "CREATE TABLE IF NOT EXISTS {} (
-                 lock_key bigint NOT NULL, release text NOT NULL, variable text NOT NULL,
-                 replica text NOT NULL, host text NOT NULL, pid integer NOT NULL,
-                 agrees boolean NOT NULL,
-                 checked_at timestamptz NOT NULL DEFAULT clock_timestamp(),
-                 PRIMARY KEY (lock_key, release, variable, replica)
-             );",
-            self.checks()
-        );
-        let regclass = |table: String| format!("to_regclass({})", lit(&table));
-        let objects = [
-            (regclass(key_table(&self.schema)), key),
-            (regclass(self.reference()), reference),
-            (regclass(self.checks()), checks),
-        ];
-        create_missing(conn, &self.schema, &objects).await
+        self.tables.create_preflight(conn).await
     }
 
     /// The key, created (32 random bytes) by the first gate that needs it. Looks first, so
     /// that a read-only standby can read it.
     pub(super) async fn key(&self, conn: &mut PgConnection) -> Result<EnvKey, sqlx::Error> {
-        let table = key_table(&self.schema);
+        let table = self.tables.env_key();
         let existing =
             query_secret(conn, format!("SELECT encode(key, 'hex') FROM {table}")).await?;
         if let Some(k) = existing
-            .iter()
-            .find_map(|r| r.try_get::<String, _>(0).ok())
+            .first()
+            .map(|r| Cols(r).text(0))
+            .transpose()?
             .and_then(|h| EnvKey::from_hex(&h))
         {
             return Ok(k);
@@ -104,8 +64,9 @@ impl Store {
             ),
         )
         .await?;
-        rows.iter()
-            .find_map(|r| r.try_get::<String, _>(0).ok())
+        rows.first()
+            .map(|r| Cols(r).text(0))
+            .transpose()?
             .and_then(|h| EnvKey::from_hex(&h))
             .ok_or_else(|| sqlx::Error::Protocol("the --same-env key could not be read".into()))
     }
@@ -119,9 +80,10 @@ impl Store {
         release: &str,
         mine: &[(String, String)],
         replica: &str,
+        host: &str,
     ) -> Result<Vec<Reference>, sqlx::Error> {
         let (key, release, replica) = (self.lock.key, lit(release), lit(replica));
-        let host = lit(&crate::config::hostname());
+        let host = lit(host);
         let pid = std::process::id();
         let sql = format!(
             "WITH mine (variable, fingerprint) AS (VALUES {values}), \
@@ -184,12 +146,9 @@ impl Store {
             key = self.lock.key,
             rel = lit(release),
         );
+        // No row: the tables do not exist yet, so nothing was forgotten.
         let rows = query_if_exists(conn, sql).await?;
-        Ok(rows
-            .first()
-            .and_then(|r| r.try_get::<String, _>(0).ok())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0))
+        rows.first().map_or(Ok(0), |r| Cols(r).parse(0))
     }
 
     /// What `status` shows: per release and variable, who set the reference, how many
@@ -249,11 +208,12 @@ pub(super) struct Reference {
 fn references(rows: &[PgRow]) -> Result<Vec<Reference>, sqlx::Error> {
     rows.iter()
         .map(|r| {
+            let row = Cols(r);
             Ok(Reference {
-                variable: r.try_get(0)?,
-                agrees: r.try_get::<String, _>(1)? == "true",
-                replica: r.try_get(2)?,
-                set_at: r.try_get(3)?,
+                variable: row.text(0)?,
+                agrees: row.text(1)? == "true",
+                replica: row.text(2)?,
+                set_at: row.text(3)?,
             })
         })
         .collect()
@@ -261,7 +221,12 @@ fn references(rows: &[PgRow]) -> Result<Vec<Reference>, sqlx::Error> {
 
 /// A row of [`Store::summary`].
 fn env_check(r: &PgRow) -> Result<EnvCheck, sqlx::Error> {
-    let t = |i: usize| r.try_get::<String, _>(i);
+    let row = Cols(r);
+    let t = |i: usize| row.text(i);
+    let disagreed = serde_json::from_str(&t(6)?).map_err(|e| sqlx::Error::ColumnDecode {
+        index: "6".into(),
+        source: Box::new(e),
+    })?;
     Ok(EnvCheck {
         release: t(0)?,
         variable: t(1)?,
@@ -270,8 +235,8 @@ fn env_check(r: &PgRow) -> Result<EnvCheck, sqlx::Error> {
             host: t(3)?,
             at: t(4)?,
         },
-        agreed: t(5)?.parse().unwrap_or(0),
-        disagreed: serde_json::from_str(&t(6)?).unwrap_or_default(),
+        agreed: row.parse(5)?,
+        disagreed,
     })
 }
 

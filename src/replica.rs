@@ -1,0 +1,134 @@
+//! One replica's view of the database, the lock and the ledger ([`Replica`]): what every step of
+//! the protocol shares, from the waiter's first read ([`crate::waiting`]) to the holder's last
+//! write ([`crate::holding`]).
+
+use std::time::Duration;
+
+use tracing::info;
+
+use crate::db::{Conn, Db, Failure};
+use crate::error::{Error, Result};
+use crate::ledger::Ledger;
+use crate::lock::{self, LockKey, Route, Scope};
+
+/// Where the database and the lock are, as the command line gave them (validated by the CLI),
+/// shared by every command.
+#[derive(Debug, Clone)]
+pub(crate) struct Target {
+    /// The database URL, exactly as given (never logged; see [`crate::db::redact_url`]).
+    pub(crate) database_url: String,
+    /// The advisory lock.
+    pub(crate) lock: LockKey,
+    /// Schema of the ledger.
+    pub(crate) schema: String,
+    /// How long to keep retrying a database that is not up yet (`--connect-timeout`).
+    pub(crate) connect_timeout: Duration,
+    /// application_name of our connections.
+    pub(crate) application_name: String,
+    /// How the lock is held (`--lock-scope`).
+    pub(crate) lock_scope: Scope,
+}
+
+/// This machine's host name (the pod name in Kubernetes), for `application_name` and the ledger.
+pub(crate) fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// One replica's view of the lock and the ledger.
+pub(crate) struct Replica {
+    pub(crate) target: Target,
+    pub(crate) db: Db,
+    pub(crate) ledger: Ledger,
+    pub(crate) release: Option<String>,
+    host: String,
+}
+
+impl Replica {
+    /// Prepares this replica's view; fails on a malformed URL.
+    pub(crate) fn new(target: Target, release: Option<String>) -> Result<Replica> {
+        let db = Db::new(
+            &target.database_url,
+            &target.application_name,
+            target.connect_timeout,
+        )?;
+        let ledger = Ledger::new(&target.schema, &target.lock);
+        Ok(Replica {
+            target,
+            db,
+            ledger,
+            release,
+            host: hostname(),
+        })
+    }
+
+    pub(crate) fn lock(&self) -> &LockKey {
+        &self.target.lock
+    }
+
+    /// This machine's host name, for the records.
+    pub(crate) fn host(&self) -> &str {
+        &self.host
+    }
+
+    pub(crate) fn release(&self) -> Option<&str> {
+        self.release.as_deref()
+    }
+
+    /// What a waiter waits for, for messages.
+    pub(crate) fn waiting_for(&self) -> String {
+        match self.release() {
+            Some(r) => format!("release {r:?} to be migrated"),
+            None => "our turn to migrate".into(),
+        }
+    }
+
+    /// Who holds the lock, for messages.
+    pub(crate) async fn describe_holder(&self, conn: &mut Conn) -> String {
+        let holder = match conn.pg().await {
+            Ok(c) => lock::holder(c, self.lock()).await,
+            Err(e) => Err(e),
+        };
+        match holder {
+            Ok(Some(h)) => h.to_string(),
+            Ok(None) => "nobody (about to be taken)".into(),
+            Err(e) => format!("unknown ({e})"),
+        }
+    }
+
+    /// What sits between us and PostgreSQL, and the lock scope it implies (unless
+    /// `--lock-scope` fixes it).
+    pub(crate) async fn detect_route(
+        &self,
+        conn: &mut Conn,
+    ) -> Result<(Route, Scope), sqlx::Error> {
+        let (route, why) = lock::detect_route(conn.pg().await?, self.db.dialled_port()).await?;
+        let scope = match self.target.lock_scope {
+            Scope::Auto => route.scope(),
+            fixed => fixed,
+        };
+        info!(?route, ?scope, why, "connection route detected");
+        Ok((route, scope))
+    }
+
+    /// Creates what is missing of the ledger ([`crate::schema::Tables::create_ledger`]); a
+    /// missing privilege gets the grants to ask for.
+    pub(crate) async fn create_ledger(&self, conn: &mut Conn) -> Result<(), Failure> {
+        let c = conn.pg().await.map_err(|e| self.db.classify(&e))?;
+        match self.ledger.tables().create_ledger(c).await {
+            Ok(()) => Ok(()),
+            Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42501") => Err(
+                Failure::Fatal(Error::Auth(self.ledger.tables().ledger_grants(
+                    self.db.username(),
+                    &self.db.redacted_url,
+                    db.message(),
+                ))),
+            ),
+            Err(e) => Err(self.db.classify(&e)),
+        }
+    }
+}
