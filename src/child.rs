@@ -33,16 +33,35 @@ pub(crate) const FORWARDED: [libc::c_int; 6] = [
     libc::SIGUSR2,
 ];
 
-/// A program and the environment variable it gets.
+/// A program and the environment variables it gets.
 #[derive(Debug, Clone)]
 pub(crate) struct Program<'a> {
     /// argv, program first.
     pub argv: &'a [String],
     /// `(name, value)` set in the child's environment.
     pub flag: (&'a str, &'a str),
+    /// More `(name, value)` pairs for its environment: the session tag (`PGAPPNAME`) and
+    /// `PGOPTIONS` ([`crate::sessions`]).
+    pub env: Vec<(String, String)>,
 }
 
-impl Program<'_> {
+impl<'a> Program<'a> {
+    /// `argv` with `flag` set.
+    pub(crate) fn new(argv: &'a [String], flag: (&'a str, &'a str)) -> Program<'a> {
+        Program {
+            argv,
+            flag,
+            env: Vec::new(),
+        }
+    }
+
+    /// The same program with `env` added to its environment.
+    pub(crate) fn with_env(&self, env: Vec<(String, String)>) -> Program<'a> {
+        let mut p = self.clone();
+        p.env.extend(env);
+        p
+    }
+
     fn command(&self) -> Result<Command> {
         let (program, args) = self
             .argv
@@ -50,6 +69,7 @@ impl Program<'_> {
             .ok_or_else(|| Error::Usage("no command given after `--`".into()))?;
         let mut cmd = Command::new(program);
         cmd.args(args).env(self.flag.0, self.flag.1);
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         Ok(cmd)
     }
 
@@ -192,6 +212,11 @@ fn kill_group(pgid: i32, sig: libc::c_int) {
 }
 
 impl Supervisor {
+    /// The child's process group (its own PID): the child and what it started.
+    pub(crate) fn pgid(&self) -> i32 {
+        self.pid
+    }
+
     /// Reaps every exited child without blocking; records our child's code.
     fn reap(&mut self) {
         loop {

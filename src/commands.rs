@@ -14,6 +14,7 @@ use crate::ledger::Outcome;
 use crate::lock;
 use crate::preflight::{Mode, Preflight, Store};
 use crate::replica::Replica;
+use crate::sessions;
 use crate::termination;
 use crate::waiting::{Turn, Want, wait_turn};
 
@@ -32,6 +33,7 @@ pub(crate) async fn migrate(args: MigrateArgs) -> Result<i32> {
     let want = Want::Lock {
         kill_grace,
         slots: args.gate.waiting.waiting_connections,
+        wait_timeout: args.gate.waiting.wait_timeout,
     };
     match wait_turn(&replica, want, args.gate.waiting.wait_timeout).await? {
         Turn::Follower { seen, conn } => {
@@ -44,10 +46,7 @@ pub(crate) async fn migrate(args: MigrateArgs) -> Result<i32> {
         }
         Turn::Holder(holding) => {
             let holding = holder_preflight(&preflight, &replica, *holding).await?;
-            let program = Program {
-                argv: &args.command,
-                flag: (&flag.name, &flag.on),
-            };
+            let program = Program::new(&args.command, (&flag.name, &flag.on));
             let holding = holding
                 .migrate(&replica, &program, "migration command", kill_grace)
                 .await?;
@@ -95,13 +94,13 @@ pub(crate) async fn run(args: RunArgs) -> Result<i32> {
     let preflight = Preflight::new(&args.gate.preflight.settings(), mode, release.as_deref())?;
     let replica = replica_for(&args.gate.db, release, &preflight)?;
     let kill_grace = args.kill_grace;
-    let app_off = Program {
-        argv: &args.command,
-        flag: (&flag.name, &flag.off),
-    };
+    // The app started with the flag off is no attempt: its sessions carry the release only.
+    let app_off = Program::new(&args.command, (&flag.name, &flag.off))
+        .with_env(sessions::follower_env(replica.lock(), replica.release()));
     let want = Want::Lock {
         kill_grace,
         slots: args.gate.waiting.waiting_connections,
+        wait_timeout: args.gate.waiting.wait_timeout,
     };
     let mut holding = match wait_turn(&replica, want, args.gate.waiting.wait_timeout).await? {
         Turn::Follower { seen, conn } => {
@@ -112,10 +111,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<i32> {
     };
 
     if let Some(argv) = &migrate_argv {
-        let program = Program {
-            argv,
-            flag: (&flag.name, &flag.on),
-        };
+        let program = Program::new(argv, (&flag.name, &flag.on));
         holding = holding
             .migrate(&replica, &program, "--migrate command", kill_grace)
             .await?;
@@ -135,9 +131,9 @@ pub(crate) async fn run(args: RunArgs) -> Result<i32> {
 
     // The holder starts APP itself and keeps the lock until APP is ready: with the flag on if
     // APP migrates on start-up, off if --migrate already did.
-    let app = Program {
-        argv: &args.command,
-        flag: (
+    let app = Program::new(
+        &args.command,
+        (
             &flag.name,
             if migrate_argv.is_some() {
                 &flag.off
@@ -145,7 +141,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<i32> {
                 &flag.on
             },
         ),
-    };
+    );
     let mut child = holding
         .start_app(&replica, &app, &probe, args.ready_timeout, kill_grace)
         .await?;
@@ -177,10 +173,10 @@ pub(crate) async fn wait(args: WaitArgs) -> Result<i32> {
         termination::write_success(&format!("{} is done", release_name(&replica)));
         return Ok(EXIT_OK);
     }
-    Err(child::exec(&Program {
-        argv: &args.command,
-        flag: (&flag.name, &flag.off),
-    }))
+    Err(child::exec(
+        &Program::new(&args.command, (&flag.name, &flag.off))
+            .with_env(sessions::follower_env(replica.lock(), replica.release())),
+    ))
 }
 
 /// `reset --release R`: forget R so that it migrates again. Takes the lock (refusing if anyone

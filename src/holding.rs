@@ -7,6 +7,7 @@
 //! [`Holding::fence`] when the session was lost. Both consume it: a holder cannot complete twice,
 //! nor fence and then complete.
 
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use tracing::{error, info, warn};
@@ -16,9 +17,10 @@ use crate::db::{Conn, Failure, close};
 use crate::duration;
 use crate::error::{Error, Result};
 use crate::ledger::{Attempt, Outcome, ReadKey, Seen};
-use crate::lock::{self, Scope};
+use crate::lock::{self, Route, Scope};
 use crate::probe::Probe;
 use crate::replica::Replica;
+use crate::sessions::{self, EndError, Ended, Which};
 use crate::sql;
 
 /// How often the holder checks that its lock session is alive while a child runs.
@@ -27,6 +29,11 @@ const HEARTBEAT: Duration = Duration::from_secs(1);
 const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a fenced holder keeps trying to record its failed attempt.
 const RECORD_FENCED_FOR: Duration = Duration::from_secs(15);
+/// How long sessions a migration left running after it exited 0 get to finish before the
+/// attempt counts as failed.
+const SETTLE_AFTER_SUCCESS: Duration = Duration::from_secs(10);
+/// How often a holder that may not end a session looks again.
+const RETRY_END: Duration = Duration::from_secs(1);
 /// How often the holder probes the app for readiness.
 const PROBE_EVERY: Duration = Duration::from_millis(250);
 
@@ -59,6 +66,19 @@ pub(crate) struct Holding {
     scope: Scope,
     attempt: i64,
     since: Instant,
+    /// The database sessions of this attempt: its tag, and those seen on the child's sockets.
+    sessions: sessions::Attempt,
+    /// Local ports of the child's TCP connections already looked up.
+    ports_seen: BTreeSet<u16>,
+    /// Whether the gate reaches PostgreSQL without a pooler or proxy between (so do, we
+    /// assume, its children on the same URL).
+    direct: bool,
+    /// The server's `server_version_num`, from the connection's start-up (0: unknown).
+    server_version: u32,
+    /// `--wait-timeout`: how long to keep the lock waiting for sessions we may not end.
+    wait_timeout: Duration,
+    /// What taking over ended of earlier attempts, for this attempt's record.
+    note: Option<String>,
 }
 
 /// What taking over found.
@@ -90,11 +110,13 @@ impl Holding {
     pub(crate) async fn take_over(
         replica: &Replica,
         mut conn: Conn,
-        scope: Scope,
+        (route, scope): (Route, Scope),
         kill_grace: Duration,
+        wait_timeout: Duration,
     ) -> Result<TakeOver, Failure> {
         let sql = |e: sqlx::Error| replica.db.classify(&e);
         let c = conn.pg().await.map_err(sql)?;
+        let server_version = c.server_version_num().unwrap_or(0);
         lock::configure_keepalives(c, scope).await.map_err(sql)?;
         if let Some(release) = replica.release() {
             let seen = replica
@@ -130,7 +152,20 @@ impl Holding {
             // Holding the lock, so nobody else starts meanwhile; the rows stay `running` until
             // the wait is over, so a taker-over that dies meanwhile hands the wait on.
             tokio::time::sleep(Duration::from_secs_f64(wait.min(3600.0))).await;
-            replica.ledger.abandon_stale(book).await.map_err(sql)?;
+        }
+        // An attempt is over only when its sessions are: a vanished, fenced or failed holder's
+        // statement may still run (or sit in a lock queue) on the server.
+        let tag = sessions::Tag::new(replica.lock(), replica.release(), None);
+        let earlier = Which::unfinished(&tag, &replica.ledger.unfinished_ids());
+        let ended = end_sessions(book, &earlier, replica.db.username(), wait_timeout)
+            .await
+            .map_err(Failure::Fatal)?;
+        if stale > 0 {
+            replica
+                .ledger
+                .abandon_stale(book, &ended.to_string())
+                .await
+                .map_err(sql)?;
         }
         let attempt = replica
             .ledger
@@ -143,7 +178,29 @@ impl Holding {
             scope,
             attempt,
             since: Instant::now(),
+            sessions: sessions::Attempt::new(replica.lock(), replica.release(), attempt),
+            ports_seen: BTreeSet::new(),
+            direct: route == Route::Direct,
+            server_version,
+            wait_timeout,
+            note: (ended != Ended::default())
+                .then(|| format!("before it, earlier attempts' sessions: {ended}")),
         })))
+    }
+
+    /// The environment of this attempt's children: the session tag and `PGOPTIONS`.
+    fn child_env(&self) -> Vec<(String, String)> {
+        sessions::child_env(self.sessions.tag(), self.direct, self.server_version)
+    }
+
+    /// The connection that commits on its own: the witness in transaction scope, else the lock
+    /// session. `pg_stat_activity` is read through it: inside the lock's transaction it would
+    /// show the same snapshot on every read.
+    async fn book(&mut self) -> Result<&mut sqlx::PgConnection, sqlx::Error> {
+        match self.witness.as_mut() {
+            Some(w) => w.pg().await,
+            None => self.conn.pg().await,
+        }
     }
 
     /// The ledger row of this attempt.
@@ -161,9 +218,10 @@ impl Holding {
         what: &str,
         kill_grace: Duration,
     ) -> Result<Holding> {
-        info!(command = %program.display(), flag = %format!("{}={}", program.flag.0, program.flag.1), "migration started");
+        info!(command = %program.display(), flag = %format!("{}={}", program.flag.0, program.flag.1), tag = %self.sessions.tag(), "migration started");
         let started = Instant::now();
-        let mut child = match child::spawn(program) {
+        let program = program.with_env(self.child_env());
+        let mut child = match child::spawn(&program) {
             Ok(c) => c,
             Err(e) => return Err(self.fail_to_start(replica, e).await),
         };
@@ -176,7 +234,7 @@ impl Holding {
                     "migration finished"
                 );
                 if code == 0 {
-                    return Ok(self);
+                    return self.settle_after_success(replica, what).await;
                 }
                 self.complete(
                     replica,
@@ -209,8 +267,9 @@ impl Holding {
         ready_timeout: Duration,
         kill_grace: Duration,
     ) -> Result<Supervisor> {
-        info!(command = %app.display(), probe = %probe.describe(), flag = %format!("{}={}", app.flag.0, app.flag.1), "starting the app; holding the lock until it is ready");
+        info!(command = %app.display(), probe = %probe.describe(), flag = %format!("{}={}", app.flag.0, app.flag.1), tag = %self.sessions.tag(), "starting the app; holding the lock until it is ready");
         let started = Instant::now();
+        let app = &app.with_env(self.child_env());
         let mut child = match child::spawn(app) {
             Ok(c) => c,
             Err(e) => return Err(self.fail_to_start(replica, e).await),
@@ -267,8 +326,10 @@ impl Holding {
         }
     }
 
-    /// Records the outcome and notifies the waiters on the lock session, commits, then frees
-    /// the lock (step 4 of the protocol).
+    /// Ends the attempt: when it failed, first ends its database sessions and confirms they are
+    /// gone (keeping the lock meanwhile); then records the outcome and notifies the waiters on
+    /// the lock session, commits, and only then frees the lock (step 4 of the protocol). Every
+    /// way an attempt ends but fencing passes here.
     pub(crate) async fn complete(
         mut self,
         replica: &Replica,
@@ -276,11 +337,36 @@ impl Holding {
         exit_code: Option<i32>,
         detail: &str,
     ) -> Result<()> {
+        let mut detail = detail.to_string();
+        if outcome == Outcome::Failed {
+            let (which, bound) = (self.sessions.which(), self.wait_timeout);
+            let ended = match self.book().await {
+                Ok(c) => end_sessions(c, &which, replica.db.username(), bound).await,
+                Err(e) => Err(Error::Unavailable(format!(
+                    "could not look at the attempt's sessions: {e}"
+                ))),
+            };
+            match ended {
+                Ok(ended) => detail = format!("{detail}; sessions: {ended}"),
+                Err(e) => {
+                    // The row stays `running`: the next holder waits out our fencing time and
+                    // ends what is left before it migrates.
+                    close(self.conn).await;
+                    if let Some(w) = self.witness {
+                        close(w).await;
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        if let Some(note) = &self.note {
+            detail = format!("{detail}; {note}");
+        }
         let result = async {
             let c = self.conn.pg().await?;
             replica
                 .ledger
-                .finish(c, self.attempt, outcome, exit_code, detail)
+                .finish(c, self.attempt, outcome, exit_code, &detail)
                 .await?;
             info!(attempt = self.attempt, outcome = ?outcome, "ledger written");
             lock::release(c, replica.lock(), self.scope).await
@@ -303,6 +389,35 @@ impl Holding {
                  the lock is freed with the session and the next holder will migrate again"
             ))),
         }
+    }
+
+    /// The migration exited 0: a session of it still running a statement or inside a
+    /// transaction could still change the schema, so the attempt is not done before it ends.
+    /// Waits [`SETTLE_AFTER_SUCCESS`] for such sessions; if any is left, ends it and records
+    /// the attempt failed.
+    async fn settle_after_success(mut self, replica: &Replica, what: &str) -> Result<Holding> {
+        let sessions = self.sessions.clone();
+        let busy = match self.book().await {
+            Ok(c) => sessions.busy_after_success(c, SETTLE_AFTER_SUCCESS).await,
+            Err(e) => Err(e),
+        };
+        let left = match busy {
+            Ok(left) if left.is_empty() => return Ok(self),
+            Ok(left) => left
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
+            Err(e) => format!("its sessions could not be checked ({e})"),
+        };
+        let detail = format!("{what} exited 0 but left {left} running");
+        self.complete(replica, Outcome::Failed, Some(0), &detail)
+            .await?;
+        Err(Error::Timeout {
+            what: detail,
+            waited: SETTLE_AFTER_SUCCESS,
+            hint: "the sessions were ended and the attempt recorded as failed; make the migration wait for its statements before it exits".into(),
+        })
     }
 
     /// The child could not be started: recorded as a failed attempt (best effort), and the
@@ -344,6 +459,15 @@ impl Holding {
             Ok(Ok(mut c)) => {
                 let recorded = match c.pg().await {
                     Ok(pg) => {
+                        // No lock to keep any more: one try; the taker-over ends what is left.
+                        let detail = match sessions::end(pg, &self.sessions.which()).await {
+                            Ok(ended) => format!("{detail}; sessions: {ended}"),
+                            Err(e) => {
+                                let line = e.describe(replica.db.username());
+                                warn!("{line}");
+                                format!("{detail}; sessions: {line}")
+                            }
+                        };
                         replica
                             .ledger
                             .record_fenced(
@@ -393,6 +517,22 @@ impl Holding {
         }
     }
 
+    /// Notes the sessions of the child's own TCP connections ([`sessions::Attempt::remember`]),
+    /// for clients that do not send the tag. Best effort: a failure here is the heartbeat's to
+    /// notice.
+    async fn remember_sessions(&mut self, pgid: i32) {
+        let mut sessions = self.sessions.clone();
+        let mut ports = std::mem::take(&mut self.ports_seen);
+        if let Ok(c) = self.book().await
+            && let Err(e) =
+                sql::deadline(HEARTBEAT_TIMEOUT, sessions.remember(c, pgid, &mut ports)).await
+        {
+            tracing::debug!(error = %e, "could not match the child's sockets to sessions");
+        }
+        self.sessions = sessions;
+        self.ports_seen = ports;
+    }
+
     /// Watches `child` while holding the lock: heartbeats, and the readiness probe if any.
     async fn supervise(
         &mut self,
@@ -413,6 +553,9 @@ impl Holding {
                     if let Err(reason) = self.heartbeat(replica).await {
                         return StepEnd::LockLost(reason);
                     }
+                    if self.direct {
+                        self.remember_sessions(child.pgid()).await;
+                    }
                 }
                 _ = probe_tick.tick(), if probe.is_some() => {
                     if let Some((p, _)) = probe
@@ -427,5 +570,45 @@ impl Holding {
                 _ = tokio::time::sleep_until(ready_deadline), if probe.is_some() => return StepEnd::ReadyTimeout,
             }
         }
+    }
+}
+
+/// Ends the sessions `which` selects, from `conn`, while this replica holds the lock. Where our
+/// role may not end one (or it will not go), keeps trying every [`RETRY_END`] for up to
+/// `bound` (`--wait-timeout`), saying once which session and what to grant; then gives up with
+/// the lock never freed while they ran: exit 77 when not allowed, 69 otherwise.
+async fn end_sessions(
+    conn: &mut sqlx::PgConnection,
+    which: &Which,
+    role: &str,
+    bound: Duration,
+) -> Result<Ended> {
+    let until = Instant::now() + bound;
+    let mut said = false;
+    loop {
+        let e = match sessions::end(conn, which).await {
+            Ok(ended) => return Ok(ended),
+            Err(e) => e,
+        };
+        let line = e.describe(role);
+        match e {
+            EndError::Sql(_) => return Err(Error::Unavailable(line)),
+            _ if Instant::now() >= until => {
+                let line = format!(
+                    "{line}; gave up after --wait-timeout ({}) without freeing the lock while they ran",
+                    duration::short(bound)
+                );
+                return Err(match e {
+                    EndError::Denied(_) => Error::Auth(line),
+                    _ => Error::Unavailable(line),
+                });
+            }
+            _ if !said => {
+                error!("{line}; keeping the lock until they end (up to --wait-timeout)");
+                said = true;
+            }
+            _ => {}
+        }
+        tokio::time::sleep(RETRY_END).await;
     }
 }

@@ -175,16 +175,35 @@ impl Ledger {
     }
 
     /// Marks attempts left `running` by a vanished holder as `abandoned`, once
-    /// [`Ledger::stale`]'s wait is over.
-    pub(crate) async fn abandon_stale(&self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    /// [`Ledger::stale`]'s wait is over and their sessions are gone (`sessions`: how they were
+    /// ended, for the record).
+    pub(crate) async fn abandon_stale(
+        &self,
+        conn: &mut PgConnection,
+        sessions: &str,
+    ) -> Result<(), sqlx::Error> {
+        let detail = format!(
+            "the holder vanished (crash, kill or lost connection); taken over; sessions: {sessions}"
+        );
         let sql = format!(
-            "UPDATE {} SET outcome = 'abandoned', finished_at = clock_timestamp(), \
-                 detail = 'the holder vanished (crash, kill or lost connection); taken over' \
+            "UPDATE {} SET outcome = 'abandoned', finished_at = clock_timestamp(), detail = {} \
              WHERE lock_key = {} AND outcome = 'running'",
             self.table(),
+            lit(&detail),
             self.lock.key
         );
         query(conn, sql).await.map(|_| ())
+    }
+
+    /// A subquery of the IDs (as text) of this lock's attempts that did not end `done`: the
+    /// attempts whose sessions a taker-over must see gone before it migrates
+    /// ([`crate::sessions::Which::unfinished`]).
+    pub(crate) fn unfinished_ids(&self) -> String {
+        format!(
+            "SELECT id::text FROM {} WHERE lock_key = {} AND outcome IN ('running', 'failed', 'abandoned')",
+            self.table(),
+            self.lock.key
+        )
     }
 
     /// Proves the holder alive to a future taker-over: stamps `heartbeat_at`. Returns whether

@@ -12,6 +12,8 @@
 //!   replica (`LISTEN`, polling, deadlines), ending in a [`waiting::Turn`];
 //! - [`holding`]: the holder's life from taking over to completing or fencing (heartbeat,
 //!   supervise, complete, fence);
+//! - [`sessions`]: the database sessions of an attempt: their tag (`PGAPPNAME`), finding them,
+//!   ending them; [`sockets`]: the TCP connections of a child's process group, from `/proc`;
 //! - [`probe`]: readiness checks; [`child`]: spawning, guarding, signal forwarding, reaping,
 //!   `exec`; [`termination`]: the final one-line outcome in `/dev/termination-log`;
 //! - [`replica`]: one replica's view of the database, the lock and the ledger, shared by every
@@ -40,6 +42,8 @@ mod probe;
 mod release;
 mod replica;
 mod schema;
+mod sessions;
+mod sockets;
 mod sql;
 mod status;
 mod termination;

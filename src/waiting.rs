@@ -71,6 +71,9 @@ pub(crate) enum Want {
         kill_grace: Duration,
         /// `--waiting-connections`.
         slots: WaitSlots,
+        /// `--wait-timeout`: also how long a holder keeps the lock waiting for an earlier
+        /// attempt's sessions that it may not end.
+        wait_timeout: Duration,
     },
     /// Only to see the release done (`wait`): never take the lock.
     Done {
@@ -282,8 +285,12 @@ impl Waiter<'_> {
                 None => {}
             }
         }
-        let (kill_grace, slots) = match want {
-            Want::Lock { kill_grace, slots } => (kill_grace, slots),
+        let (kill_grace, slots, wait_timeout) = match want {
+            Want::Lock {
+                kill_grace,
+                slots,
+                wait_timeout,
+            } => (kill_grace, slots, wait_timeout),
             Want::Done { slots } => return self.busy(conn, slots).await,
         };
         if !self.session.ensured {
@@ -292,7 +299,7 @@ impl Waiter<'_> {
             replica.create_ledger(&mut conn).await?;
             self.session.ensured = true;
         }
-        let (_, scope) = self.route(&mut conn).await.map_err(sql)?;
+        let (route, scope) = self.route(&mut conn).await.map_err(sql)?;
         let c = conn.pg().await.map_err(sql)?;
         if !lock::try_acquire(c, replica.lock(), scope)
             .await
@@ -301,7 +308,9 @@ impl Waiter<'_> {
             return self.busy(conn, slots).await;
         }
         Ok(Round::Turn(
-            match Holding::take_over(replica, conn, scope, kill_grace).await? {
+            match Holding::take_over(replica, conn, (route, scope), kill_grace, wait_timeout)
+                .await?
+            {
                 TakeOver::Holding(holding) => Turn::Holder(holding),
                 TakeOver::AlreadyDone { seen, conn } => Turn::Follower {
                     seen,

@@ -1,0 +1,522 @@
+//! The database sessions of an attempt: the tag every session of a child carries, finding those
+//! sessions in `pg_stat_activity`, and ending them.
+//!
+//! A backend whose client died keeps executing its statement until it next writes to the client
+//! (PostgreSQL, "Connections and Authentication": `client_connection_check_interval`), so a
+//! stopped migration's `INSERT` or a queued `ALTER TABLE` would run on, and commit, after the
+//! gate recorded the attempt and freed the lock. An attempt is therefore over only when every
+//! session it opened is gone: the holder cancels them (`pg_cancel_backend`), terminates what is
+//! left after a short grace (`pg_terminate_backend`), and confirms they are gone before it
+//! records the outcome (PostgreSQL, "Server Signaling Functions").
+//!
+//! # The tag
+//! The gate sets `PGAPPNAME` in the environment of every program it starts, which libpq-based
+//! clients (psql, psycopg 2 and 3, SQLAlchemy, Alembic, Django, Rails' pg, pgx, node-postgres)
+//! send as `application_name`:
+//!
+//! ```text
+//! mgate:<lock>:<release>:<attempt>[ <the operator's PGAPPNAME>]
+//! mgate:1a2b3c4d:9f86d081:42 alembic
+//! ```
+//!
+//! `<lock>` is the lock key's high 32 bits in hex (`pg_locks.classid`), `<release>` the first 32
+//! bits of the release ID's SHA-256 in hex (`-` without a release), `<attempt>` the ledger row
+//! of the holder's attempt (`-` for a follower's app, which is no attempt). The tag comes first
+//! because the server cuts `application_name` to 63 bytes: the operator's own name is cut, ours
+//! never is. A client that sets `application_name` itself overrides `PGAPPNAME`; see
+//! [`Attempt::remember`] for how the holder finds those sessions anyway.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use sqlx::postgres::PgConnection;
+use tracing::{info, warn};
+
+use crate::lock::LockKey;
+use crate::sql::{Cols, lit, query, query_scalar};
+
+/// The prefix that marks a session as started by a gate's child.
+const PREFIX: &str = "mgate";
+/// How long cancelled sessions get to end before they are terminated.
+const CANCEL_GRACE: Duration = Duration::from_secs(2);
+/// How long terminated sessions get to disappear from `pg_stat_activity`.
+const TERMINATE_GRACE: Duration = Duration::from_secs(5);
+/// How often the holder looks again while sessions end.
+const POLL: Duration = Duration::from_millis(100);
+
+/// The tag of the sessions a gate's child opens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Tag {
+    lock: String,
+    release: String,
+    attempt: Option<i64>,
+}
+
+impl Tag {
+    /// The tag for a child of `lock`'s gate migrating (or starting the app of) `release`, as
+    /// attempt `attempt` (`None`: a follower's app).
+    pub(crate) fn new(lock: &LockKey, release: Option<&str>, attempt: Option<i64>) -> Tag {
+        Tag {
+            lock: format!("{:08x}", lock.classid()),
+            release: release.map(release_hash).unwrap_or_else(|| "-".into()),
+            attempt,
+        }
+    }
+
+    /// The `PGAPPNAME` for the child: the tag, then the operator's own `PGAPPNAME` if any.
+    pub(crate) fn app_name(&self, operator: Option<&str>) -> String {
+        match operator.map(str::trim).filter(|s| !s.is_empty()) {
+            Some(own) => format!("{self} {own}"),
+            None => self.to_string(),
+        }
+    }
+
+    /// The start of the `application_name` of every session of this lock's children.
+    fn lock_prefix(&self) -> String {
+        format!("{PREFIX}:{}:", self.lock)
+    }
+}
+
+impl fmt::Display for Tag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.attempt {
+            Some(id) => write!(f, "{}{}:{id}", self.lock_prefix(), self.release),
+            None => write!(f, "{}{}:-", self.lock_prefix(), self.release),
+        }
+    }
+}
+
+/// `client_connection_check_interval` passed to a child's sessions, in milliseconds: a backend
+/// whose client died aborts its statement within about this long, even when the gate itself is
+/// gone (PostgreSQL 14+, "Connections and Authentication").
+const CLIENT_CHECK_MS: u32 = 1000;
+/// The first server version that knows `client_connection_check_interval`.
+const CLIENT_CHECK_SINCE: u32 = 140_000;
+
+/// The environment a child of the gate gets for its sessions: `PGAPPNAME` with `tag` (then the
+/// operator's own `PGAPPNAME`), and, when the child reaches PostgreSQL `server_version` (as
+/// `server_version_num`) 14+ without a pooler between, `-c client_connection_check_interval=1s`
+/// appended to the operator's `PGOPTIONS`. Never behind a pooler: PgBouncer refuses the
+/// `options` startup parameter. An operator's own `client_connection_check_interval` in
+/// `PGOPTIONS` wins (`=0` turns it off).
+pub(crate) fn child_env(tag: &Tag, direct: bool, server_version: u32) -> Vec<(String, String)> {
+    let own = |name: &str| std::env::var(name).ok();
+    let mut env = vec![(
+        "PGAPPNAME".to_string(),
+        tag.app_name(own("PGAPPNAME").as_deref()),
+    )];
+    let options = own("PGOPTIONS").unwrap_or_default();
+    if direct
+        && server_version >= CLIENT_CHECK_SINCE
+        && !options.contains("client_connection_check_interval")
+    {
+        let check = format!("-c client_connection_check_interval={CLIENT_CHECK_MS}");
+        env.push((
+            "PGOPTIONS".to_string(),
+            format!("{options} {check}").trim().to_string(),
+        ));
+    }
+    env
+}
+
+/// The environment of an app started with the flag off (a follower's, or the holder's once the
+/// release is done): the tag names the lock and the release, and no attempt.
+pub(crate) fn follower_env(lock: &LockKey, release: Option<&str>) -> Vec<(String, String)> {
+    child_env(&Tag::new(lock, release, None), false, 0)
+}
+
+/// The first 32 bits of the release ID's SHA-256, in hex: short enough for
+/// `application_name`, and the same in every replica of a release.
+pub(crate) fn release_hash(release: &str) -> String {
+    let digest = Sha256::digest(release.as_bytes());
+    digest[..4].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// SQL: the `<part>` field (1 lock, 2 release, 3 attempt) of a tagged `application_name` of
+/// `pg_stat_activity` aliased `a`.
+fn field(part: u8) -> String {
+    format!(
+        "split_part(split_part(a.application_name, ' ', 1), ':', {})",
+        part + 1
+    )
+}
+
+/// One session of an attempt, as `pg_stat_activity` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct Session {
+    /// Backend PID.
+    pub pid: i32,
+    /// Its role (`usename`).
+    pub role: String,
+    /// Its `application_name`.
+    pub application_name: String,
+    /// `active`, `idle in transaction`, `idle`, ... (empty when hidden from our role).
+    pub state: String,
+    /// When its current (or last) statement started, UTC.
+    pub query_start: String,
+    /// Whether it is inside a transaction (which it could still commit).
+    pub in_transaction: bool,
+}
+
+impl fmt::Display for Session {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "pid {} (role {:?}, application_name {:?}, {}",
+            self.pid,
+            self.role,
+            self.application_name,
+            if self.state.is_empty() {
+                "state hidden"
+            } else {
+                &self.state
+            }
+        )?;
+        if !self.query_start.is_empty() {
+            write!(f, " since {}", self.query_start)?;
+        }
+        write!(f, ")")
+    }
+}
+
+impl Session {
+    /// Whether the session could still change something: a statement running, or a transaction
+    /// open. An idle session outside a transaction does nothing until its client speaks, and its
+    /// client is gone (or is a pooler that hands the server connection to someone else).
+    fn busy(&self) -> bool {
+        self.in_transaction || !matches!(self.state.as_str(), "idle" | "")
+    }
+}
+
+/// Which sessions to look at: a SQL condition on `pg_stat_activity` aliased `a`.
+#[derive(Debug, Clone)]
+pub(crate) struct Which(String);
+
+impl Which {
+    /// The sessions of one attempt: tagged with it, or seen by [`Attempt::remember`] on the
+    /// child's own sockets.
+    fn attempt(tag: &Tag, id: i64, seen: &BTreeSet<(i32, String)>) -> Which {
+        let mut cond = format!(
+            "(left(a.application_name, {}) = {} AND {} = {})",
+            tag.lock_prefix().len(),
+            lit(&tag.lock_prefix()),
+            field(3),
+            lit(&id.to_string())
+        );
+        for (pid, start) in seen {
+            cond.push_str(&format!(
+                " OR (a.pid = {pid} AND a.backend_start = {}::timestamptz)",
+                lit(start)
+            ));
+        }
+        Which(cond)
+    }
+
+    /// The sessions of this lock's attempts that the ledger does not record `done`: what a
+    /// holder that takes over must see gone before it migrates. `unfinished` is a SQL subquery
+    /// of attempt IDs (text) recorded `running`, `failed` or `abandoned`.
+    pub(crate) fn unfinished(tag: &Tag, unfinished: &str) -> Which {
+        Which(format!(
+            "(left(a.application_name, {}) = {} AND {} IN ({unfinished}))",
+            tag.lock_prefix().len(),
+            lit(&tag.lock_prefix()),
+            field(3),
+        ))
+    }
+}
+
+/// Lists the sessions `which` selects, except our own.
+pub(crate) async fn list(
+    conn: &mut PgConnection,
+    which: &Which,
+) -> Result<Vec<Session>, sqlx::Error> {
+    let sql = format!(
+        "SELECT a.pid::text, coalesce(a.usename::text, ''), coalesce(a.application_name, ''), \
+                coalesce(a.state, ''), \
+                coalesce(to_char(a.query_start AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), ''), \
+                (a.xact_start IS NOT NULL)::text \
+         FROM pg_stat_activity a WHERE a.pid <> pg_backend_pid() AND ({}) ORDER BY a.pid",
+        which.0
+    );
+    query(conn, sql)
+        .await?
+        .iter()
+        .map(|r| {
+            let c = Cols(r);
+            Ok(Session {
+                pid: c.parse(0)?,
+                role: c.text(1)?,
+                application_name: c.text(2)?,
+                state: c.text(3)?,
+                query_start: c.text(4)?,
+                in_transaction: c.parse(5)?,
+            })
+        })
+        .collect()
+}
+
+/// How an attempt's sessions ended, for the ledger and `status`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Ended {
+    /// Sessions that ended after `pg_cancel_backend`.
+    pub cancelled: usize,
+    /// Sessions that had to be terminated.
+    pub terminated: usize,
+}
+
+impl fmt::Display for Ended {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.cancelled, self.terminated) {
+            (0, 0) => write!(f, "no session left"),
+            (c, 0) => write!(f, "{c} session(s) cancelled"),
+            (0, t) => write!(f, "{t} session(s) terminated"),
+            (c, t) => write!(f, "{c} session(s) cancelled, {t} terminated"),
+        }
+    }
+}
+
+/// Why sessions could not be ended.
+#[derive(Debug)]
+pub(crate) enum EndError {
+    /// The database could not be asked.
+    Sql(sqlx::Error),
+    /// Our role may not signal these sessions (SQLSTATE 42501): they belong to another role and
+    /// ours lacks `pg_signal_backend`, or to a superuser.
+    Denied(Vec<Session>),
+    /// Signalled, but still there after the grace.
+    Stuck(Vec<Session>),
+}
+
+impl From<sqlx::Error> for EndError {
+    fn from(e: sqlx::Error) -> Self {
+        EndError::Sql(e)
+    }
+}
+
+impl EndError {
+    /// One line for the log and the error: which sessions, and what to do.
+    pub(crate) fn describe(&self, role: &str) -> String {
+        let list = |s: &[Session]| {
+            s.iter()
+                .map(Session::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match self {
+            EndError::Sql(e) => format!("could not look at the attempt's sessions: {e}"),
+            EndError::Denied(s) => format!(
+                "the role {role:?} may not end {}: ask a DBA to run `GRANT pg_signal_backend TO {};` \
+                 (or run the migration as the gate's role), or end them yourself with \
+                 `SELECT pg_terminate_backend(pid)`",
+                list(s),
+                crate::sql::ident(role)
+            ),
+            EndError::Stuck(s) => format!(
+                "{} did not end within {} of pg_terminate_backend",
+                list(s),
+                crate::duration::short(TERMINATE_GRACE)
+            ),
+        }
+    }
+}
+
+/// Sends `pg_cancel_backend` or `pg_terminate_backend` to `pid`. `Ok(false)`: not allowed.
+async fn signal(conn: &mut PgConnection, function: &str, pid: i32) -> Result<bool, sqlx::Error> {
+    match query_scalar(conn, format!("SELECT {function}({pid})::text")).await {
+        Ok(_) => Ok(true),
+        Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42501") => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Waits up to `limit` until none of `which`'s sessions is left that `keep` selects; returns
+/// those still there.
+async fn settle(
+    conn: &mut PgConnection,
+    which: &Which,
+    limit: Duration,
+    keep: fn(&Session) -> bool,
+) -> Result<Vec<Session>, sqlx::Error> {
+    let until = tokio::time::Instant::now() + limit;
+    loop {
+        let left: Vec<Session> = list(conn, which).await?.into_iter().filter(keep).collect();
+        if left.is_empty() || tokio::time::Instant::now() >= until {
+            return Ok(left);
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Ends every session `which` selects: cancels what runs, waits [`CANCEL_GRACE`], terminates
+/// what is left (idle ones too: their client is gone), and confirms they are gone.
+pub(crate) async fn end(conn: &mut PgConnection, which: &Which) -> Result<Ended, EndError> {
+    let found = list(conn, which).await?;
+    if found.is_empty() {
+        return Ok(Ended::default());
+    }
+    let mut denied = Vec::new();
+    for s in found.iter().filter(|s| s.busy()) {
+        if !signal(conn, "pg_cancel_backend", s.pid).await? {
+            denied.push(s.clone());
+        }
+    }
+    if !denied.is_empty() {
+        return Err(EndError::Denied(denied));
+    }
+    let left = settle(conn, which, CANCEL_GRACE, Session::busy).await?;
+    let cancelled = found.iter().filter(|s| s.busy()).count() - left.len();
+    // Busy ones that ignored the cancel, and idle ones (a dead client's, or a pooled server
+    // connection still carrying the tag): terminate them all.
+    let rest = list(conn, which).await?;
+    for s in &rest {
+        if !signal(conn, "pg_terminate_backend", s.pid).await? {
+            denied.push(s.clone());
+        }
+    }
+    if !denied.is_empty() {
+        return Err(EndError::Denied(denied));
+    }
+    let stuck = settle(conn, which, TERMINATE_GRACE, |_| true).await?;
+    if !stuck.is_empty() {
+        return Err(EndError::Stuck(stuck));
+    }
+    let ended = Ended {
+        cancelled,
+        terminated: rest.len(),
+    };
+    if ended != Ended::default() {
+        info!(%ended, "ended the attempt's remaining database sessions");
+    }
+    Ok(ended)
+}
+
+/// The sessions of the holder's attempt: its tag, and the sessions seen on the child's own
+/// sockets for clients that set `application_name` themselves.
+#[derive(Debug, Clone)]
+pub(crate) struct Attempt {
+    tag: Tag,
+    id: i64,
+    seen: BTreeSet<(i32, String)>,
+}
+
+impl Attempt {
+    /// The sessions of attempt `id` of `lock`'s gate, migrating `release`.
+    pub(crate) fn new(lock: &LockKey, release: Option<&str>, id: i64) -> Attempt {
+        Attempt {
+            tag: Tag::new(lock, release, Some(id)),
+            id,
+            seen: BTreeSet::new(),
+        }
+    }
+
+    /// The tag of this attempt's children.
+    pub(crate) fn tag(&self) -> &Tag {
+        &self.tag
+    }
+
+    /// Which sessions belong to this attempt.
+    pub(crate) fn which(&self) -> Which {
+        Which::attempt(&self.tag, self.id, &self.seen)
+    }
+
+    /// Remembers the sessions whose client is a TCP socket of process group `pgid` (the child
+    /// and what it started), matched on client address and port in `pg_stat_activity`: that
+    /// finds a client that ignores `PGAPPNAME` (JDBC, asyncpg) or sets `application_name`
+    /// itself, while it is connected directly over TCP. Cheap when nothing changed: no query
+    /// unless the child has a socket not seen before.
+    pub(crate) async fn remember(
+        &mut self,
+        conn: &mut PgConnection,
+        pgid: i32,
+        ports_seen: &mut BTreeSet<u16>,
+    ) -> Result<(), sqlx::Error> {
+        let fresh: Vec<u16> = crate::sockets::local_tcp_ports(pgid)
+            .into_iter()
+            .filter(|p| ports_seen.insert(*p))
+            .collect();
+        if fresh.is_empty() {
+            return Ok(());
+        }
+        let ports = fresh
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        let rows = query(
+            conn,
+            format!(
+                "SELECT a.pid::text, a.backend_start::text FROM pg_stat_activity a \
+                 WHERE a.client_port IN ({ports}) AND a.pid <> pg_backend_pid() \
+                   AND a.client_addr = inet_client_addr()"
+            ),
+        )
+        .await?;
+        for r in &rows {
+            let c = Cols(r);
+            self.seen.insert((c.parse(0)?, c.text(1)?));
+        }
+        Ok(())
+    }
+
+    /// Warns about sessions still busy after the child exited 0, and waits up to `limit` for
+    /// them to finish. Returns those still busy: the attempt must not be recorded `done` while
+    /// they could change the schema.
+    pub(crate) async fn busy_after_success(
+        &self,
+        conn: &mut PgConnection,
+        limit: Duration,
+    ) -> Result<Vec<Session>, sqlx::Error> {
+        let which = self.which();
+        let busy: Vec<Session> = list(conn, &which)
+            .await?
+            .into_iter()
+            .filter(Session::busy)
+            .collect();
+        if busy.is_empty() {
+            return Ok(busy);
+        }
+        for s in &busy {
+            warn!(session = %s, "the migration exited 0 but left this session running; waiting for it");
+        }
+        settle(conn, &which, limit, Session::busy).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tag_names_lock_release_and_attempt_and_keeps_the_operators_name_after_it() {
+        let lock = LockKey::from_name("migrations-gate");
+        let tag = Tag::new(&lock, Some("r1"), Some(42));
+        let s = tag.to_string();
+        assert!(
+            s.starts_with(&format!("mgate:{:08x}:", lock.classid())),
+            "{s}"
+        );
+        assert!(s.ends_with(":42"), "{s}");
+        assert_eq!(s.split(':').nth(2), Some(release_hash("r1").as_str()));
+        assert_eq!(tag.app_name(None), s);
+        assert_eq!(tag.app_name(Some("alembic")), format!("{s} alembic"));
+        assert_eq!(tag.app_name(Some("  ")), s);
+        let follower = Tag::new(&lock, None, None).to_string();
+        assert!(follower.ends_with(":-:-"), "{follower}");
+        // The server keeps 63 bytes of application_name: ours always fits, with room to spare
+        // for the operator's own name.
+        let longest = Tag::new(&lock, Some("x"), Some(i64::MAX)).to_string();
+        assert!(longest.len() <= 45, "{longest}");
+    }
+
+    #[test]
+    fn ended_reads_like_the_ledger_says_it() {
+        assert_eq!(Ended::default().to_string(), "no session left");
+        let e = Ended {
+            cancelled: 1,
+            terminated: 2,
+        };
+        assert_eq!(e.to_string(), "1 session(s) cancelled, 2 terminated");
+    }
+}
