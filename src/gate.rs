@@ -197,7 +197,7 @@ impl Gate {
         {
             return self.busy(conn, session, slots).await;
         }
-        lock::configure_keepalives(c, scope).await.map_err(sql)?;
+        lock::configure_lock_session(c, scope).await.map_err(sql)?;
         if let Some(release) = self.release() {
             let seen = self
                 .ledger
