@@ -201,12 +201,17 @@ impl Db {
     /// the `server_version` the server announced at startup (no round trip).
     fn check_server_version(&self, conn: &PgConnection) -> Result<(), Failure> {
         match conn.server_version_num() {
-            Some(v) if v < OLDEST_SERVER => Err(Failure::Fatal(Error::Config(format!(
-                "PostgreSQL {}.{} at {} is not supported: the gate supports PostgreSQL 13 to 18; upgrade the server",
-                v / 10_000,
-                v % 10_000,
-                self.redacted_url
-            )))),
+            Some(v) if v < OLDEST_SERVER => {
+                // 120022 is 12.22; before 10 the middle digits were part of the major: 90624 is 9.6.24.
+                let version = match v {
+                    100_000.. => format!("{}.{}", v / 10_000, v % 10_000),
+                    _ => format!("{}.{}.{}", v / 10_000, v / 100 % 100, v % 100),
+                };
+                Err(Failure::Fatal(Error::Config(format!(
+                    "PostgreSQL {version} at {} is not supported: the gate supports PostgreSQL 13 to 18; upgrade the server",
+                    self.redacted_url
+                ))))
+            }
             _ => Ok(()),
         }
     }

@@ -152,20 +152,6 @@ fn hydrate_symlinks(package: &Path) {
     }
 }
 
-/// The major version of the server binaries in `bindir` (`postgres --version`).
-pub fn major_of(bindir: &Path) -> u32 {
-    let out = Command::new(bindir.join("postgres"))
-        .arg("--version")
-        .output()
-        .expect("run postgres --version");
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.split_whitespace()
-        .last()
-        .and_then(|v| v.split('.').next())
-        .and_then(|m| m.parse().ok())
-        .unwrap_or_else(|| panic!("unexpected `postgres --version`: {text}"))
-}
-
 /// A base backup of the primary at `primary_url` (data directory `primary_data`) into
 /// `standby_data`, for servers without `pg_basebackup` (the npm packages): the low-level backup
 /// API (`pg_backup_start` on 15+, `pg_start_backup` before) around a file copy made as
