@@ -41,6 +41,9 @@ fn contract_holds_on(major: u32) {
         timeouts.push("transaction_timeout");
     }
     transaction_scope_through_pgbouncer_outlasts_shorter_timeouts(&cluster, &timeouts);
+    if major >= 14 {
+        session_scope_outlasts_a_shorter_idle_session_timeout(&cluster);
+    }
     least_privilege_role_with_a_schema_the_dba_made(&cluster);
     hot_standby_refuses_a_holder_and_lets_a_follower_of_a_done_release_pass(&cluster);
 }
@@ -261,6 +264,25 @@ fn transaction_scope_through_pgbouncer_outlasts_shorter_timeouts(
     assert_eq!(db.one("SELECT count(*) FROM app_starts"), "4");
     db.assert_no_gate_locks();
     assert_all_ok(&outs);
+}
+
+/// `idle_session_timeout` (14+) shorter than the lock session's heartbeat interval (1 s), on a
+/// direct connection (session scope), under a migration of about 2.5 s whose own connection is
+/// never idle that long.
+fn session_scope_outlasts_a_shorter_idle_session_timeout(cluster: &Cluster) {
+    let db = cluster.new_db("idle_session");
+    sql(
+        &db.url,
+        &format!(
+            "ALTER DATABASE {} SET idle_session_timeout = '700ms'",
+            db.name
+        ),
+    );
+    let mut c = migrate_cmd(&db);
+    c.env("STANDIN_STEP_MS", "400");
+    let out = wait_output(spawn(&mut c), HANG_GUARD);
+    assert_migrated_once(&db, "migrations_gate.ledger");
+    assert_all_ok(&[out]);
 }
 
 fn least_privilege_role_with_a_schema_the_dba_made(cluster: &Cluster) {
