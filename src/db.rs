@@ -24,6 +24,10 @@ const KEEPALIVE_INTERVAL_S: libc::c_int = 5;
 const KEEPALIVE_COUNT: libc::c_int = 3;
 const USER_TIMEOUT_MS: libc::c_int = 30_000;
 
+/// The oldest PostgreSQL the gate supports (`server_version_num` format): 13. The README's
+/// supported range is 13 to 18; newer majors are not refused.
+const OLDEST_SERVER: u32 = 13_00_00;
+
 /// How to reach the database.
 #[derive(Debug, Clone)]
 pub(crate) struct Db {
@@ -186,10 +190,30 @@ impl Db {
         match tokio::time::timeout(limit, self.options.connect()).await {
             Ok(Ok(conn)) => {
                 set_client_keepalives();
+                self.check_server_version(&conn)?;
                 Ok(Conn::Plain(conn))
             }
             Ok(Err(e)) => Err(self.classify(&e)),
             Err(_) => Err(Failure::Retry(format!("no answer within {}", short(limit)))),
+        }
+    }
+
+    /// Refuses a server older than [`OLDEST_SERVER`], before any query: the version comes from
+    /// the `server_version` the server announced at startup (no round trip).
+    fn check_server_version(&self, conn: &PgConnection) -> Result<(), Failure> {
+        match conn.server_version_num() {
+            Some(v) if v < OLDEST_SERVER => {
+                // 120022 is 12.22; before 10 the middle digits were part of the major: 90624 is 9.6.24.
+                let version = match v {
+                    100_000.. => format!("{}.{}", v / 10_000, v % 10_000),
+                    _ => format!("{}.{}.{}", v / 10_000, v / 100 % 100, v % 100),
+                };
+                Err(Failure::Fatal(Error::Config(format!(
+                    "PostgreSQL {version} at {} is not supported: the gate supports PostgreSQL 13 to 18; upgrade the server",
+                    self.redacted_url
+                ))))
+            }
+            _ => Ok(()),
         }
     }
 

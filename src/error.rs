@@ -22,7 +22,8 @@ pub const EXIT_TIMEOUT: i32 = 75;
 pub const EXIT_AUTH: i32 = 77;
 /// Exit code: a preflight check refused this replica's configuration (`EX_CONFIG`): a
 /// `--same-env` variable differs from the release's first replica, a preset rule fails, or the
-/// release is older than one already migrated.
+/// release is older than one already migrated; or the server is older than the supported range
+/// (PostgreSQL 13 to 18), refused right after connecting, before any DDL.
 pub const EXIT_CONFIG: i32 = 78;
 /// Exit code: the command exists but could not be executed (as shells do).
 pub const EXIT_NOT_EXECUTABLE: i32 = 126;

@@ -117,7 +117,7 @@ impl Holding {
         let sql = |e: sqlx::Error| replica.db.classify(&e);
         let c = conn.pg().await.map_err(sql)?;
         let server_version = c.server_version_num().unwrap_or(0);
-        lock::configure_keepalives(c, scope).await.map_err(sql)?;
+        lock::configure_lock_session(c, scope).await.map_err(sql)?;
         if let Some(release) = replica.release() {
             let seen = replica
                 .ledger

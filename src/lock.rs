@@ -235,29 +235,59 @@ pub(crate) async fn held_by_us(
     Ok(n.is_some_and(|n| n != "0"))
 }
 
-/// Sets keepalives on the lock session so that PostgreSQL frees the lock within about 25 s
-/// when the holder's host vanishes without closing its socket (TCP's default is two hours).
-/// Settings the server does not know (older versions) are skipped.
-pub(crate) async fn configure_keepalives(
+/// Sets up the lock session right after the lock is taken: keepalives, so that PostgreSQL frees
+/// the lock within about 25 s when the holder's host vanishes without closing its socket (TCP's
+/// default is two hours), and no server-side timeout that could end the lock while a long
+/// migration runs. Role- or database-level settings (`ALTER DATABASE app SET transaction_timeout
+/// = '5min'`, common on managed services) would otherwise terminate the session that holds the
+/// lock in the middle of the migration; heartbeats do not reset `transaction_timeout`. The gate's
+/// own queries stay bounded client-side ([`crate::sql::ROUND_TRIP_TIMEOUT`]).
+///
+/// In transaction scope every setting is local to the lock transaction (`set_config(.., true)`,
+/// as `SET LOCAL`): behind a transaction pooler a session setting would leak onto a server
+/// connection that other clients use next. Settings newer than the server (read from the
+/// `server_version` it announced at startup: no round trip) are never sent.
+pub(crate) async fn configure_lock_session(
     conn: &mut PgConnection,
     scope: Scope,
 ) -> Result<(), sqlx::Error> {
     let local = scope == Scope::Transaction;
-    let settings = [
+    let version = conn.server_version_num().unwrap_or(0);
+    let sql: String = lock_session_settings(version)
+        .into_iter()
+        .map(|(name, value)| {
+            format!(
+                "DO $$ BEGIN PERFORM set_config('{name}', '{value}', {local}); \
+                 EXCEPTION WHEN OTHERS THEN NULL; END $$;"
+            )
+        })
+        .collect();
+    query(conn, sql).await.map(|_| ())
+}
+
+/// The settings of [`configure_lock_session`] that a server of `version` (`server_version_num`
+/// format, e.g. 170010) knows.
+fn lock_session_settings(version: u32) -> Vec<(&'static str, &'static str)> {
+    let mut settings = vec![
         ("tcp_keepalives_idle", "10"),
         ("tcp_keepalives_interval", "5"),
         ("tcp_keepalives_count", "3"),
         ("tcp_user_timeout", "25000"),
-        ("client_connection_check_interval", "5000"),
+        // The lock transaction is open for the whole migration; its statements are short.
+        ("statement_timeout", "0"),
+        ("idle_in_transaction_session_timeout", "0"),
     ];
-    let mut sql = String::new();
-    for (name, value) in settings {
-        sql.push_str(&format!(
-            "DO $$ BEGIN PERFORM set_config('{name}', '{value}', {local}); \
-             EXCEPTION WHEN OTHERS THEN NULL; END $$;"
-        ));
+    if version >= 14_00_00 {
+        settings.push(("client_connection_check_interval", "5000"));
+        // A session-scope lock session is idle between heartbeats.
+        settings.push(("idle_session_timeout", "0"));
     }
-    query(conn, sql).await.map(|_| ())
+    if version >= 17_00_00 {
+        // Counts from BEGIN whatever the heartbeats do; set inside the transaction it stops the
+        // timer already running.
+        settings.push(("transaction_timeout", "0"));
+    }
+    settings
 }
 
 /// How many waiters may keep a connection open while they wait.
@@ -401,6 +431,28 @@ mod tests {
         let digest = Sha256::digest(b"migrations-gate");
         assert_eq!(k.key.to_be_bytes(), digest[..8]);
         assert_ne!(LockKey::from_name("other").key, k.key);
+    }
+
+    #[test]
+    fn lock_session_settings_only_name_parameters_the_server_knows() {
+        let names = |v| -> Vec<&str> {
+            lock_session_settings(v)
+                .into_iter()
+                .map(|(n, _)| n)
+                .collect()
+        };
+        for v in [13_00_00, 13_00_22] {
+            assert!(names(v).contains(&"idle_in_transaction_session_timeout"));
+            assert!(!names(v).contains(&"idle_session_timeout"));
+            assert!(!names(v).contains(&"client_connection_check_interval"));
+            assert!(!names(v).contains(&"transaction_timeout"));
+        }
+        assert!(names(16_00_14).contains(&"idle_session_timeout"));
+        assert!(!names(16_00_14).contains(&"transaction_timeout"));
+        for v in [17_00_00, 17_00_10, 18_00_04] {
+            assert!(names(v).contains(&"transaction_timeout"));
+            assert!(names(v).contains(&"statement_timeout"));
+        }
     }
 
     #[test]

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod postgres;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -37,32 +39,9 @@ pub struct Cluster {
 static CLUSTER: OnceLock<Cluster> = OnceLock::new();
 static DB_COUNTER: AtomicUsize = AtomicUsize::new(0);
 
-/// Where the PostgreSQL server binaries are.
+/// Where the default PostgreSQL server binaries are (see [`postgres`] for other versions).
 pub fn pg_bindir() -> PathBuf {
-    if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
-        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-        if dir.join("initdb").exists() {
-            return dir;
-        }
-    }
-    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .map(|e| e.path().join("bin"))
-                .collect()
-        })
-        .unwrap_or_default();
-    found.retain(|p| p.join("initdb").exists());
-    found.sort_by_key(|p| {
-        p.parent()
-            .and_then(|v| v.file_name())
-            .and_then(|v| v.to_str())
-            .and_then(|v| v.parse::<u32>().ok())
-            .unwrap_or(0)
-    });
-    found
-        .pop()
-        .expect("PostgreSQL server binaries not found: install `postgresql` (see .ci/run)")
+    postgres::default_bindir()
 }
 
 fn is_root() -> bool {
@@ -145,7 +124,11 @@ pub fn cluster() -> &'static Cluster {
 impl Cluster {
     /// initdb + pg_ctl start on a free port; `extra` are `-c name=value` settings.
     pub fn start(extra: &[&str]) -> Cluster {
-        let bindir = pg_bindir();
+        Cluster::start_with(pg_bindir(), extra)
+    }
+
+    /// [`Cluster::start`] with the server binaries in `bindir` (see [`postgres::bindir_for`]).
+    pub fn start_with(bindir: PathBuf, extra: &[&str]) -> Cluster {
         let dir = server_dir("mg-pg");
         let data = dir.join("data");
         let pwfile = dir.join("pw");
@@ -256,22 +239,34 @@ impl Cluster {
             opts,
             owned: true,
         };
-        let out = as_postgres(&self.bindir.join("pg_basebackup"))
-            .arg("-D")
-            .arg(standby.dir.join("data"))
-            .args(["-R", "-c", "fast", "-X", "stream", "--no-sync"])
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                "postgres",
-            ])
-            .env("PGPASSWORD", PASSWORD)
-            .output()
-            .expect("run pg_basebackup");
-        assert_succeeded(&out, "pg_basebackup failed");
+        if self.bindir.join("pg_basebackup").exists() {
+            let out = as_postgres(&self.bindir.join("pg_basebackup"))
+                .arg("-D")
+                .arg(standby.dir.join("data"))
+                .args(["-R", "-c", "fast", "-X", "stream", "--no-sync"])
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &self.port.to_string(),
+                    "-U",
+                    "postgres",
+                ])
+                .env("PGPASSWORD", PASSWORD)
+                .output()
+                .expect("run pg_basebackup");
+            assert_succeeded(&out, "pg_basebackup failed");
+        } else {
+            postgres::copy_for_standby(
+                &self.url("postgres"),
+                &self.dir.join("data"),
+                &standby.dir.join("data"),
+                &format!(
+                    "host=127.0.0.1 port={} user=postgres password={PASSWORD}",
+                    self.port
+                ),
+            );
+        }
         let out = standby.pg_ctl(&["-w", "-t", "60", "start"]);
         assert!(
             out.status.success(),
