@@ -383,3 +383,93 @@ fn a_migration_client_that_sets_its_own_application_name_is_ended_too() {
     assert_eq!(runs.len(), 1, "{runs:?}");
     assert_codes(&[(&a, 137), (&b, 0)]);
 }
+
+/// Two roles of one test, dropped on drop (also when the test fails).
+struct Roles {
+    admin_url: String,
+    names: Vec<String>,
+}
+
+impl Drop for Roles {
+    fn drop(&mut self) {
+        for name in &self.names {
+            let _ = std::panic::catch_unwind(|| {
+                sql(
+                    &self.admin_url,
+                    &format!(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{name}'"
+                    ),
+                );
+                sql(
+                    &self.admin_url,
+                    &format!("DROP OWNED BY {name} CASCADE; DROP ROLE {name}"),
+                );
+            });
+        }
+    }
+}
+
+#[test]
+fn a_session_the_gate_may_not_end_keeps_the_lock_and_exits_77_naming_the_grant() {
+    let case = Case::new("denied", Route::Direct);
+    let n = std::process::id();
+    let (gate_role, mig_role) = (format!("mg_gate_{n}"), format!("mg_mig_{n}"));
+    case.db.rows(&format!(
+        "CREATE ROLE {gate_role} LOGIN PASSWORD '{PASSWORD}'; \
+         CREATE ROLE {mig_role} LOGIN PASSWORD '{PASSWORD}'; \
+         CREATE SCHEMA migrations_gate AUTHORIZATION {gate_role}; \
+         GRANT SELECT, INSERT ON runs TO {mig_role}"
+    ));
+    let _roles = Roles {
+        admin_url: case.db.url.clone(),
+        names: vec![gate_role.clone(), mig_role.clone()],
+    };
+    let as_role = |role: &str| {
+        case.db.url.replacen(
+            &format!("postgres:{PASSWORD}@"),
+            &format!("{role}:{PASSWORD}@"),
+            1,
+        )
+    };
+    let mut a = case.gate("a.pid", &backfill(10.0), &["--wait-timeout", "3s"]);
+    a.env("MIGRATIONS_GATE_DATABASE_URL", as_role(&gate_role))
+        .env("DATABASE_URL", as_role(&gate_role))
+        .env("MIG_URL", as_role(&mig_role))
+        // The operator's own setting wins: without it the server would end the statement itself.
+        .env("PGOPTIONS", "-c client_connection_check_interval=0");
+    let a = spawn(&mut a);
+    case.wait_active("INSERT INTO runs%");
+    kill(case.pid("a.pid"), libc::SIGKILL);
+    let locked = "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+                  WHERE l.locktype = 'advisory' AND l.granted AND a.datname = current_database()";
+    // The migration is dead but its statement runs on: the gate keeps the lock meanwhile.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        case.db.one(locked),
+        "1",
+        "the lock is kept while the statement runs"
+    );
+    let a = wait_output(a, HANG_GUARD);
+    // It gave up before the statement ended, and said so; the ledger does not claim it failed.
+    assert_eq!(
+        case.db.one(&format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = '{mig_role}' AND state = 'active'"
+        )),
+        "1",
+        "the statement still runs when the gate gives up"
+    );
+    assert_eq!(
+        case.db.one("SELECT outcome FROM migrations_gate.ledger"),
+        "running"
+    );
+    assert_codes(&[(&a, 77)]);
+    assert_mentions(
+        &stderr(&a),
+        &[
+            &mig_role,
+            "pg_signal_backend",
+            &format!("GRANT pg_signal_backend TO \"{gate_role}\""),
+        ],
+    );
+    assert!(!stderr(&a).contains(PASSWORD), "{}", stderr(&a));
+}
