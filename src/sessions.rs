@@ -190,7 +190,10 @@ impl Session {
     }
 }
 
-/// Which sessions to look at: a SQL condition on `pg_stat_activity` aliased `a`.
+/// Which sessions to look at: a SQL condition on `pg_stat_activity` aliased `a`. Tagged
+/// sessions count only in the gate's own database: attempt IDs are rows of that database's
+/// ledger, and another database on the same server has a ledger (and a lock) of its own whose
+/// IDs collide with ours.
 #[derive(Debug, Clone)]
 pub(crate) struct Which(String);
 
@@ -199,7 +202,7 @@ impl Which {
     /// child's own sockets.
     fn attempt(tag: &Tag, id: i64, seen: &BTreeSet<(i32, String)>) -> Which {
         let mut cond = format!(
-            "(left(a.application_name, {}) = {} AND {} = {})",
+            "(a.datname = current_database() AND left(a.application_name, {}) = {} AND {} = {})",
             tag.lock_prefix().len(),
             lit(&tag.lock_prefix()),
             field(3),
@@ -219,7 +222,7 @@ impl Which {
     /// of attempt IDs (text) recorded `running`, `failed` or `abandoned`.
     pub(crate) fn unfinished(tag: &Tag, unfinished: &str) -> Which {
         Which(format!(
-            "(left(a.application_name, {}) = {} AND {} IN ({unfinished}))",
+            "(a.datname = current_database() AND left(a.application_name, {}) = {} AND {} IN ({unfinished}))",
             tag.lock_prefix().len(),
             lit(&tag.lock_prefix()),
             field(3),

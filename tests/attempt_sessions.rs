@@ -473,3 +473,30 @@ fn a_session_the_gate_may_not_end_keeps_the_lock_and_exits_77_naming_the_grant()
     );
     assert!(!stderr(&a).contains(PASSWORD), "{}", stderr(&a));
 }
+
+/// Attempt IDs are rows of one database's ledger: a taker-over in one database never ends the
+/// sessions of another database's attempt with the same ID (same lock name, same server).
+#[test]
+fn a_taker_over_never_ends_another_databases_attempt_with_the_same_id() {
+    let x = Case::new("other_db_x", Route::Direct);
+    let y = Case::new("other_db_y", Route::Direct);
+    // Attempt 1 of X fails: its ID is now "unfinished" in X's ledger.
+    let failed = wait_output(spawn(&mut x.gate("x1.pid", "SELECT 1/0", &[])), HANG_GUARD);
+    assert_codes(&[(&failed, 1)]);
+    // Attempt 1 of Y runs a backfill, tagged with the same lock and attempt ID.
+    let y1 = spawn(&mut y.gate("y1.pid", &backfill(3.0), &[]));
+    y.wait_active("INSERT INTO runs%");
+    // X's next holder ends X's unfinished attempts' sessions before it migrates.
+    let x2 = wait_output(spawn(&mut x.gate("x2.pid", "SELECT 1", &[])), HANG_GUARD);
+    let y1 = wait_output(y1, HANG_GUARD);
+    assert_eq!(
+        y.db.one("SELECT count(*) FROM runs"),
+        "1",
+        "Y's backfill committed"
+    );
+    assert_eq!(
+        y.db.one("SELECT outcome FROM migrations_gate.ledger"),
+        "done"
+    );
+    assert_codes(&[(&x2, 0), (&y1, 0)]);
+}
