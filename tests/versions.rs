@@ -267,19 +267,20 @@ fn transaction_scope_through_pgbouncer_outlasts_shorter_timeouts(
 }
 
 /// `idle_session_timeout` (14+) shorter than the lock session's heartbeat interval (1 s), on a
-/// direct connection (session scope), under a migration of about 2.5 s whose own connection is
-/// never idle that long.
+/// direct connection (session scope), under a migration of about 1.5 s whose own connection is
+/// idle for at most two 250 ms steps in a row (with room for a loaded machine): only the lock
+/// session, idle for about 1 s between heartbeats, would reach the timeout.
 fn session_scope_outlasts_a_shorter_idle_session_timeout(cluster: &Cluster) {
     let db = cluster.new_db("idle_session");
     sql(
         &db.url,
         &format!(
-            "ALTER DATABASE {} SET idle_session_timeout = '700ms'",
+            "ALTER DATABASE {} SET idle_session_timeout = '900ms'",
             db.name
         ),
     );
     let mut c = migrate_cmd(&db);
-    c.env("STANDIN_STEP_MS", "400");
+    c.env("STANDIN_STEP_MS", "250");
     let out = wait_output(spawn(&mut c), HANG_GUARD);
     assert_migrated_once(&db, "migrations_gate.ledger");
     assert_all_ok(&[out]);
