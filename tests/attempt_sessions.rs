@@ -267,6 +267,15 @@ fn holder_killed(route: Route) {
         "SELECT outcome, detail FROM migrations_gate.ledger WHERE release = 'r1' ORDER BY id",
     );
     assert_eq!(ledger[0][0], "abandoned", "{ledger:?}");
+    if let Route::Transaction = route {
+        // No client_connection_check_interval behind a pooler: the statement was still running
+        // when the taker-over came, which ended it and said so in both rows.
+        assert_mentions(&ledger[0][1], &["sessions: 1 session(s) cancelled"]);
+        assert_mentions(
+            &ledger[1][1],
+            &["earlier attempts' sessions: 1 session(s) cancelled"],
+        );
+    }
     assert_codes(&[(&b, 0)]);
     assert!(sampler.most() <= 1, "two attempts' statements ran at once");
     // The dead holder's statement never commits.
