@@ -29,7 +29,8 @@ pub(crate) async fn migrate(args: MigrateArgs) -> Result<i32> {
         release.as_deref(),
     )?;
     let replica = replica_for(&args.gate.db, release, &preflight)?;
-    let kill_grace = args.kill_grace;
+    let bounds = args.holder.bounds();
+    let kill_grace = bounds.kill_grace;
     let want = Want::Lock {
         kill_grace,
         slots: args.gate.waiting.waiting_connections,
@@ -48,7 +49,7 @@ pub(crate) async fn migrate(args: MigrateArgs) -> Result<i32> {
             let holding = holder_preflight(&preflight, &replica, *holding).await?;
             let program = Program::new(&args.command, (&flag.name, &flag.on));
             let holding = holding
-                .migrate(&replica, &program, "migration command", kill_grace)
+                .migrate(&replica, &program, "migration command", &bounds)
                 .await?;
             holding
                 .complete(
@@ -93,7 +94,8 @@ pub(crate) async fn run(args: RunArgs) -> Result<i32> {
     };
     let preflight = Preflight::new(&args.gate.preflight.settings(), mode, release.as_deref())?;
     let replica = replica_for(&args.gate.db, release, &preflight)?;
-    let kill_grace = args.kill_grace;
+    let bounds = args.holder.bounds();
+    let kill_grace = bounds.kill_grace;
     // The app started with the flag off is no attempt: its sessions carry the release only.
     let app_off = Program::new(&args.command, (&flag.name, &flag.off))
         .with_env(sessions::follower_env(replica.lock(), replica.release()));
@@ -113,7 +115,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<i32> {
     if let Some(argv) = &migrate_argv {
         let program = Program::new(argv, (&flag.name, &flag.on));
         holding = holding
-            .migrate(&replica, &program, "--migrate command", kill_grace)
+            .migrate(&replica, &program, "--migrate command", &bounds)
             .await?;
     }
 
@@ -143,7 +145,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<i32> {
         ),
     );
     let mut child = holding
-        .start_app(&replica, &app, &probe, args.ready_timeout, kill_grace)
+        .start_app(&replica, &app, &probe, args.ready_timeout, &bounds)
         .await?;
     // Like tini: stay as APP's parent, forward signals, reap, exit with its code.
     let code = child.wait().await;

@@ -18,6 +18,7 @@ use crate::duration;
 use crate::error::{Error, Result};
 use crate::ledger::{Attempt, Outcome, ReadKey, Seen};
 use crate::lock::{self, Route, Scope};
+use crate::lockwaits;
 use crate::probe::Probe;
 use crate::replica::Replica;
 use crate::sessions::{self, EndError, Ended, Which};
@@ -34,8 +35,24 @@ const RECORD_FENCED_FOR: Duration = Duration::from_secs(15);
 const SETTLE_AFTER_SUCCESS: Duration = Duration::from_secs(10);
 /// How often a holder that may not end a session looks again.
 const RETRY_END: Duration = Duration::from_secs(1);
+/// How often, at most, the holder looks at what the migration's sessions wait on.
+const LOOK_AT_WAITS: Duration = Duration::from_secs(5);
 /// How often the holder probes the app for readiness.
 const PROBE_EVERY: Duration = Duration::from_millis(250);
+
+/// How the holder stops, bounds and watches a migration: the plain settings of
+/// `--kill-grace`, `--migration-timeout`, `--lock-timeout` and `--report-waits-after`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Bounds {
+    /// After SIGTERM, how long before SIGKILL.
+    pub kill_grace: Duration,
+    /// How long the migration command may run (`None`: no bound).
+    pub migration_timeout: Option<Duration>,
+    /// `lock_timeout` for the migration command's sessions (direct routes only).
+    pub lock_timeout: Option<Duration>,
+    /// How long a session of the attempt waits on a lock before the holder reports it.
+    pub report_waits_after: Duration,
+}
 
 /// How long after its last heartbeat a holder with this `--kill-grace` has surely noticed a
 /// lost session and stopped its child: a taker-over waits that long after a vanished holder.
@@ -100,6 +117,17 @@ enum StepEnd {
     LockLost(String),
     /// The app did not become ready in time.
     ReadyTimeout,
+    /// The migration ran longer than `--migration-timeout` (this long).
+    TimedOut(Duration),
+}
+
+/// What [`Holding::supervise`] bounds and watches besides the heartbeat.
+#[derive(Debug, Clone, Copy)]
+struct Watch {
+    /// How long the child may run.
+    limit: Option<Duration>,
+    /// How long a session waits on a lock before it is reported.
+    report_waits_after: Duration,
 }
 
 impl Holding {
@@ -188,9 +216,15 @@ impl Holding {
         })))
     }
 
-    /// The environment of this attempt's children: the session tag and `PGOPTIONS`.
-    fn child_env(&self) -> Vec<(String, String)> {
-        sessions::child_env(self.sessions.tag(), self.direct, self.server_version)
+    /// The environment of this attempt's children: the session tag and `PGOPTIONS` (with
+    /// `lock_timeout`, for the migration command).
+    fn child_env(&self, lock_timeout: Option<Duration>) -> Vec<(String, String)> {
+        sessions::child_env(
+            self.sessions.tag(),
+            self.direct,
+            self.server_version,
+            lock_timeout,
+        )
     }
 
     /// The connection that commits on its own: the witness in transaction scope, else the lock
@@ -208,24 +242,33 @@ impl Holding {
         self.attempt
     }
 
-    /// Runs a migration command to completion with the flag on. Success hands the lock back
-    /// for the next step; failure is recorded, frees the lock, and becomes the error (with the
-    /// command's code).
+    /// Runs a migration command to completion with the flag on, within `--migration-timeout`.
+    /// Success hands the lock back for the next step; failure (or the bound) is recorded,
+    /// frees the lock, and becomes the error (with the command's code, or 75).
     pub(crate) async fn migrate(
         mut self,
         replica: &Replica,
         program: &Program<'_>,
         what: &str,
-        kill_grace: Duration,
+        bounds: &Bounds,
     ) -> Result<Holding> {
         info!(command = %program.display(), flag = %format!("{}={}", program.flag.0, program.flag.1), tag = %self.sessions.tag(), "migration started");
+        if bounds.lock_timeout.is_some() && !self.direct {
+            warn!(
+                "--lock-timeout is not passed to the migration: the gate reaches PostgreSQL through a pooler or proxy, and PgBouncer refuses the PGOPTIONS it travels in; set lock_timeout in the migration itself (SET lock_timeout = ...) or connect it directly"
+            );
+        }
         let started = Instant::now();
-        let program = program.with_env(self.child_env());
+        let program = program.with_env(self.child_env(bounds.lock_timeout));
         let mut child = match child::spawn(&program) {
             Ok(c) => c,
             Err(e) => return Err(self.fail_to_start(replica, e).await),
         };
-        match self.supervise(replica, &mut child, None).await {
+        let watch = Watch {
+            limit: bounds.migration_timeout,
+            report_waits_after: bounds.report_waits_after,
+        };
+        match self.supervise(replica, &mut child, None, watch).await {
             StepEnd::Exited(code) => {
                 child.finish();
                 info!(
@@ -248,9 +291,25 @@ impl Holding {
                     code,
                 })
             }
-            StepEnd::LockLost(reason) => {
-                Err(self.fence(replica, &mut child, &reason, kill_grace).await)
+            StepEnd::TimedOut(limit) => {
+                let code = child.stop(bounds.kill_grace).await;
+                child.finish();
+                let reason = format!(
+                    "{what} ran longer than --migration-timeout ({}) and was stopped",
+                    duration::short(limit)
+                );
+                error!(code, "{reason}");
+                self.complete(replica, Outcome::Failed, Some(code), &reason)
+                    .await?;
+                Err(Error::Timeout {
+                    what: format!("{what} `{}` did not finish", program.display()),
+                    waited: limit,
+                    hint: "it was stopped, its database sessions ended and the attempt recorded as failed; the next replica migrates again (raise --migration-timeout if it needs longer)".into(),
+                })
             }
+            StepEnd::LockLost(reason) => Err(self
+                .fence(replica, &mut child, &reason, bounds.kill_grace)
+                .await),
             StepEnd::Ready | StepEnd::ReadyTimeout => Err(Error::Internal(
                 "a probe ended a migration without a probe".into(),
             )),
@@ -265,17 +324,22 @@ impl Holding {
         app: &Program<'_>,
         probe: &Probe,
         ready_timeout: Duration,
-        kill_grace: Duration,
+        bounds: &Bounds,
     ) -> Result<Supervisor> {
+        let (kill_grace, report_waits_after) = (bounds.kill_grace, bounds.report_waits_after);
         info!(command = %app.display(), probe = %probe.describe(), flag = %format!("{}={}", app.flag.0, app.flag.1), tag = %self.sessions.tag(), "starting the app; holding the lock until it is ready");
         let started = Instant::now();
-        let app = &app.with_env(self.child_env());
+        let watch = Watch {
+            limit: None,
+            report_waits_after,
+        };
+        let app = &app.with_env(self.child_env(None));
         let mut child = match child::spawn(app) {
             Ok(c) => c,
             Err(e) => return Err(self.fail_to_start(replica, e).await),
         };
         match self
-            .supervise(replica, &mut child, Some((probe, ready_timeout)))
+            .supervise(replica, &mut child, Some((probe, ready_timeout)), watch)
             .await
         {
             StepEnd::Ready => {
@@ -304,7 +368,7 @@ impl Holding {
                     code,
                 })
             }
-            StepEnd::ReadyTimeout => {
+            StepEnd::ReadyTimeout | StepEnd::TimedOut(_) => {
                 let code = child.stop(kill_grace).await;
                 child.finish();
                 self.complete(
@@ -533,22 +597,55 @@ impl Holding {
         self.ports_seen = ports;
     }
 
+    /// Looks at what the attempt's sessions wait on and logs what changed. Best effort: a
+    /// failure here is the heartbeat's to notice.
+    async fn report_waits(&mut self, reporter: &mut lockwaits::Reporter, after: Duration) {
+        let (which, version) = (self.sessions.which(), self.server_version);
+        let found = match self.book().await {
+            Ok(c) => {
+                sql::deadline(
+                    HEARTBEAT_TIMEOUT,
+                    lockwaits::waits(c, &which, after, version),
+                )
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        match found {
+            Ok(waits) => reporter.observe(waits),
+            Err(e) => tracing::debug!(error = %e, "could not look at what the migration waits on"),
+        }
+    }
+
     /// Watches `child` while holding the lock: heartbeats, and the readiness probe if any.
     async fn supervise(
         &mut self,
         replica: &Replica,
         child: &mut Supervisor,
         probe: Option<(&Probe, Duration)>,
+        watch: Watch,
     ) -> StepEnd {
+        let limit = watch.limit.unwrap_or(Duration::MAX / 4);
+        let limit_deadline = tokio::time::Instant::now() + limit;
         let mut heartbeat = tokio::time::interval(HEARTBEAT);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut probe_tick = tokio::time::interval(PROBE_EVERY);
         let ready_deadline =
             tokio::time::Instant::now() + probe.map(|p| p.1).unwrap_or(Duration::MAX / 4);
         let mut sql_conn = None;
+        // What the migration waits on: every 5 s, or sooner for a shorter threshold (not on
+        // every heartbeat: one query with pg_blocking_pids, on the holder only).
+        let every = LOOK_AT_WAITS.min(watch.report_waits_after.max(HEARTBEAT));
+        let mut waits_tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        waits_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut reporter = lockwaits::Reporter::default();
         loop {
             tokio::select! {
-                code = child.wait() => return StepEnd::Exited(code),
+                code = child.wait() => {
+                    // Its statements are over, and with them every wait.
+                    reporter.observe(Vec::new());
+                    return StepEnd::Exited(code);
+                }
                 _ = heartbeat.tick() => {
                     if let Err(reason) = self.heartbeat(replica).await {
                         return StepEnd::LockLost(reason);
@@ -556,6 +653,9 @@ impl Holding {
                     if self.direct {
                         self.remember_sessions(child.pgid()).await;
                     }
+                }
+                _ = waits_tick.tick() => {
+                    self.report_waits(&mut reporter, watch.report_waits_after).await;
                 }
                 _ = probe_tick.tick(), if probe.is_some() => {
                     if let Some((p, _)) = probe
@@ -568,6 +668,7 @@ impl Holding {
                     }
                 }
                 _ = tokio::time::sleep_until(ready_deadline), if probe.is_some() => return StepEnd::ReadyTimeout,
+                _ = tokio::time::sleep_until(limit_deadline), if watch.limit.is_some() => return StepEnd::TimedOut(limit),
             }
         }
     }

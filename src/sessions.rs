@@ -98,25 +98,36 @@ const CLIENT_CHECK_SINCE: u32 = 140_000;
 /// The environment a child of the gate gets for its sessions: `PGAPPNAME` with `tag` (then the
 /// operator's own `PGAPPNAME`), and, when the child reaches PostgreSQL `server_version` (as
 /// `server_version_num`) 14+ without a pooler between, `-c client_connection_check_interval=1s`
-/// appended to the operator's `PGOPTIONS`. Never behind a pooler: PgBouncer refuses the
-/// `options` startup parameter. An operator's own `client_connection_check_interval` in
-/// `PGOPTIONS` wins (`=0` turns it off).
-pub(crate) fn child_env(tag: &Tag, direct: bool, server_version: u32) -> Vec<(String, String)> {
+/// appended to the operator's `PGOPTIONS`; on a direct route too, `-c lock_timeout=<ms>` for
+/// `lock_timeout` (`--lock-timeout`), after the operator's options so that the flag wins. Never
+/// behind a pooler: PgBouncer refuses the `options` startup parameter. An operator's own
+/// `client_connection_check_interval` in `PGOPTIONS` wins (`=0` turns it off).
+pub(crate) fn child_env(
+    tag: &Tag,
+    direct: bool,
+    server_version: u32,
+    lock_timeout: Option<Duration>,
+) -> Vec<(String, String)> {
     let own = |name: &str| std::env::var(name).ok();
     let mut env = vec![(
         "PGAPPNAME".to_string(),
         tag.app_name(own("PGAPPNAME").as_deref()),
     )];
-    let options = own("PGOPTIONS").unwrap_or_default();
+    let mut options = own("PGOPTIONS").unwrap_or_default();
+    let before = options.clone();
     if direct
         && server_version >= CLIENT_CHECK_SINCE
         && !options.contains("client_connection_check_interval")
     {
-        let check = format!("-c client_connection_check_interval={CLIENT_CHECK_MS}");
-        env.push((
-            "PGOPTIONS".to_string(),
-            format!("{options} {check}").trim().to_string(),
-        ));
+        options = format!("{options} -c client_connection_check_interval={CLIENT_CHECK_MS}");
+    }
+    if let (true, Some(limit)) = (direct, lock_timeout) {
+        // At least 1 ms: 0 would mean no limit.
+        let ms = limit.as_millis().max(1);
+        options = format!("{options} -c lock_timeout={ms}");
+    }
+    if options != before {
+        env.push(("PGOPTIONS".to_string(), options.trim().to_string()));
     }
     env
 }
@@ -124,7 +135,7 @@ pub(crate) fn child_env(tag: &Tag, direct: bool, server_version: u32) -> Vec<(St
 /// The environment of an app started with the flag off (a follower's, or the holder's once the
 /// release is done): the tag names the lock and the release, and no attempt.
 pub(crate) fn follower_env(lock: &LockKey, release: Option<&str>) -> Vec<(String, String)> {
-    child_env(&Tag::new(lock, release, None), false, 0)
+    child_env(&Tag::new(lock, release, None), false, 0, None)
 }
 
 /// The first 32 bits of the release ID's SHA-256, in hex: short enough for
@@ -190,6 +201,10 @@ impl Session {
     }
 }
 
+/// SQL: the session of `pg_stat_activity` aliased `a` is in our database. Tags are per lock,
+/// and the same lock name (and attempt numbers) recur in every database of a cluster.
+const SAME_DATABASE: &str = "a.datname = current_database()";
+
 /// Which sessions to look at: a SQL condition on `pg_stat_activity` aliased `a`.
 #[derive(Debug, Clone)]
 pub(crate) struct Which(String);
@@ -199,7 +214,7 @@ impl Which {
     /// child's own sockets.
     fn attempt(tag: &Tag, id: i64, seen: &BTreeSet<(i32, String)>) -> Which {
         let mut cond = format!(
-            "(left(a.application_name, {}) = {} AND {} = {})",
+            "(left(a.application_name, {}) = {} AND {} = {} AND {SAME_DATABASE})",
             tag.lock_prefix().len(),
             lit(&tag.lock_prefix()),
             field(3),
@@ -214,12 +229,17 @@ impl Which {
         Which(cond)
     }
 
+    /// The SQL condition, on `pg_stat_activity` aliased `a`.
+    pub(crate) fn condition(&self) -> &str {
+        &self.0
+    }
+
     /// The sessions of this lock's attempts that the ledger does not record `done`: what a
     /// holder that takes over must see gone before it migrates. `unfinished` is a SQL subquery
     /// of attempt IDs (text) recorded `running`, `failed` or `abandoned`.
     pub(crate) fn unfinished(tag: &Tag, unfinished: &str) -> Which {
         Which(format!(
-            "(left(a.application_name, {}) = {} AND {} IN ({unfinished}))",
+            "(left(a.application_name, {}) = {} AND {} IN ({unfinished}) AND {SAME_DATABASE})",
             tag.lock_prefix().len(),
             lit(&tag.lock_prefix()),
             field(3),

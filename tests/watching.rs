@@ -1,0 +1,223 @@
+//! Watching and bounding a running migration: what it waits on and who blocks it (logged by the
+//! holder, shown by `status`), `--migration-timeout`, `--lock-timeout`. Every migration is
+//! `psql` running one statement against a real PostgreSQL, through the real gate.
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// One test's database (with a table `runs`) and a scratch folder.
+struct Case {
+    db: TestDb,
+    dir: PathBuf,
+}
+
+impl Case {
+    fn new(name: &str) -> Case {
+        let db = cluster().new_db(name);
+        db.rows("CREATE TABLE runs (id int)");
+        let dir =
+            std::env::temp_dir().join(format!("mg-watching-{}-{}", std::process::id(), db.name));
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        // Written only when it exists, as in Kubernetes.
+        std::fs::write(dir.join("termination-log"), "").expect("termination log");
+        Case { db, dir }
+    }
+
+    /// A gate migrating release `r1` with `statement` run by psql, plus `flags`.
+    fn gate(&self, statement: &str, flags: &[&str]) -> Command {
+        let psql = pg_bindir().join("psql");
+        let mut c = self.db.gate();
+        c.env("MIG_URL", &self.db.url)
+            .env("MIG_SQL", statement)
+            .env(
+                "MIGRATIONS_GATE_TERMINATION_LOG",
+                self.dir.join("termination-log"),
+            )
+            .args(["migrate", "--release", "r1", "--kill-grace", "1s"])
+            .args(flags)
+            .args(["--", "sh", "-c"])
+            .arg(format!(
+                "exec {} -X -q -v ON_ERROR_STOP=1 \"$MIG_URL\" -c \"$MIG_SQL\"",
+                psql.display()
+            ));
+        c
+    }
+
+    /// An old release's open transaction on `runs`, as an app's long transaction would be,
+    /// under application_name `old-app`. Returns the session and its backend PID.
+    fn open_transaction(&self, secret: &str) -> (Session, String) {
+        let mut old = Session::open(&format!("{}?application_name=old-app", self.db.url));
+        let pid = old.one("SELECT pg_backend_pid()::text");
+        old.one("BEGIN");
+        old.one(&format!(
+            "SELECT count(*)::text FROM runs WHERE '{secret}' IS NOT NULL"
+        ));
+        (old, pid)
+    }
+
+    /// Waits until an `ALTER TABLE runs` waits on a lock.
+    fn wait_for_queued_alter(&self) {
+        eventually(HANG_GUARD, "the ALTER waits on a lock", || {
+            self.db.one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                 AND wait_event_type = 'Lock' AND query LIKE 'ALTER TABLE runs%'",
+            ) == "1"
+        });
+    }
+
+    fn termination_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("termination-log")).unwrap_or_default()
+    }
+
+    /// `status --json`, parsed.
+    fn status_json(&self) -> serde_json::Value {
+        let out = self.db.gate_output(&["status", "--json"]);
+        serde_json::from_str(&stdout(&out)).expect("status --json prints JSON")
+    }
+}
+
+impl Drop for Case {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn tagged_sessions(db: &TestDb) -> String {
+    db.one(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+         AND application_name LIKE 'mgate:%' AND pid <> pg_backend_pid()",
+    )
+}
+
+#[test]
+fn a_migration_blocked_behind_an_open_transaction_is_reported_with_its_blocker_until_it_commits() {
+    let case = Case::new("blocked_report");
+    let (mut old, old_pid) = case.open_transaction("sk_live_4f9a22");
+    let gate = spawn(&mut case.gate(
+        "ALTER TABLE runs ADD COLUMN note text DEFAULT 'alice@example.com'",
+        &["--report-waits-after", "1s"],
+    ));
+    case.wait_for_queued_alter();
+    // A second operator looks: the running attempt's session, and who blocks it.
+    let status = case.status_json();
+    let running = &status["running"][0];
+    assert_eq!(
+        running["sessions"].as_array().map(Vec::len),
+        Some(1),
+        "{status}"
+    );
+    let wait = &running["waits"][0];
+    assert_eq!(wait["command"], "ALTER TABLE", "{status}");
+    assert_eq!(wait["lock"], "runs", "{status}");
+    assert_eq!(wait["mode"], "AccessExclusiveLock", "{status}");
+    assert_eq!(
+        wait["blocked_by"][0]["pid"].to_string(),
+        old_pid,
+        "{status}"
+    );
+    assert_eq!(
+        wait["blocked_by"][0]["application_name"], "old-app",
+        "{status}"
+    );
+    assert_eq!(
+        wait["blocked_by"][0]["state"], "idle in transaction",
+        "{status}"
+    );
+    // Past the 1 s threshold and a look (every second for this threshold).
+    std::thread::sleep(Duration::from_millis(3000));
+    old.one("COMMIT");
+    let out = wait_output(gate, HANG_GUARD);
+    assert_eq!(
+        case.db.one("SELECT count(*) FROM information_schema.columns WHERE table_name = 'runs' AND column_name = 'note'"),
+        "1"
+    );
+    assert_eq!(case.db.ledger().outcomes(), ["done"]);
+    assert_codes(&[(&out, 0)]);
+    let log = stderr(&out);
+    assert_mentions(
+        &log,
+        &[
+            "a session of the migration waits for a lock: pid ",
+            "(ALTER TABLE) has waited ",
+            "for AccessExclusiveLock on runs; blocked by pid ",
+            &format!("blocked by pid {old_pid} (application_name \"old-app\", client "),
+            "idle in transaction, transaction open ",
+            "a session of the migration no longer waits for a lock",
+        ],
+    );
+    assert_eq!(
+        log.matches("WARN a session of the migration waits for a lock").count(),
+        1,
+        "one report within 30 s: {log}"
+    );
+    for secret in ["sk_live_4f9a22", "alice@example.com"] {
+        assert!(
+            !log.contains(secret),
+            "a query's text reached the log: {log}"
+        );
+    }
+}
+
+#[test]
+fn migration_timeout_stops_a_stuck_migration_ends_its_sessions_and_the_next_replica_migrates() {
+    let case = Case::new("migration_timeout");
+    let started = Instant::now();
+    let out = wait_output(
+        spawn(&mut case.gate("SELECT pg_sleep(60)", &["--migration-timeout", "2s"])),
+        HANG_GUARD,
+    );
+    let took = started.elapsed();
+    assert_eq!(
+        tagged_sessions(&case.db),
+        "0",
+        "the migration's session is gone"
+    );
+    let attempts = case.db.ledger().attempts();
+    assert_eq!(attempts.len(), 1, "{attempts:?}");
+    assert_eq!(attempts[0].outcome, "failed");
+    assert_mentions(
+        &attempts[0].detail,
+        &["--migration-timeout (2.0s)", "session"],
+    );
+    assert_codes(&[(&out, 75)]);
+    assert!(took < Duration::from_secs(20), "stopped in {took:?}");
+    assert_mentions(&case.termination_log(), &["did not finish after 2.0s"]);
+    assert_stderr_has(
+        &out,
+        "ran longer than --migration-timeout (2.0s) and was stopped",
+    );
+    // The next replica takes over and migrates.
+    let next = wait_output(spawn(&mut case.gate("SELECT 1", &[])), HANG_GUARD);
+    assert_eq!(case.db.ledger().outcomes(), ["failed", "done"]);
+    assert_codes(&[(&next, 0)]);
+    case.db.assert_no_gate_locks();
+}
+
+#[test]
+fn lock_timeout_makes_a_blocked_alter_fail_fast_on_a_direct_route() {
+    let case = Case::new("lock_timeout");
+    let (mut old, _) = case.open_transaction("x");
+    let started = Instant::now();
+    let out: Output = wait_output(
+        spawn(&mut case.gate(
+            "ALTER TABLE runs ADD COLUMN late int",
+            &["--lock-timeout", "500ms"],
+        )),
+        HANG_GUARD,
+    );
+    let took = started.elapsed();
+    old.one("COMMIT");
+    assert_eq!(
+        case.db.one("SELECT count(*) FROM information_schema.columns WHERE table_name = 'runs' AND column_name = 'late'"),
+        "0"
+    );
+    assert_eq!(case.db.ledger().outcomes(), ["failed"]);
+    assert_ne!(code(&out), 0, "{}", stderr(&out));
+    assert!(took < Duration::from_secs(10), "failed after {took:?}");
+    assert_stderr_has(&out, "lock timeout");
+}
