@@ -29,7 +29,7 @@ pub(crate) async fn migrate(args: MigrateArgs) -> Result<i32> {
         release.as_deref(),
     )?;
     let replica = replica_for(&args.gate.db, release, &preflight)?;
-    let bounds = args.holder.bounds();
+    let bounds = args.holder.bounds(args.gate.preflight.preset);
     let kill_grace = bounds.kill_grace;
     let want = Want::Lock {
         kill_grace,
@@ -46,7 +46,14 @@ pub(crate) async fn migrate(args: MigrateArgs) -> Result<i32> {
             Ok(EXIT_OK)
         }
         Turn::Holder(holding) => {
-            let holding = holder_preflight(&preflight, &replica, *holding).await?;
+            let holding = holder_preflight(&preflight, &replica, *holding)
+                .await?
+                .no_other_releases(
+                    &replica,
+                    bounds.other_releases,
+                    args.gate.waiting.wait_timeout,
+                )
+                .await?;
             let program = Program::new(&args.command, (&flag.name, &flag.on));
             let holding = holding
                 .migrate(&replica, &program, "migration command", &bounds)
@@ -94,7 +101,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<i32> {
     };
     let preflight = Preflight::new(&args.gate.preflight.settings(), mode, release.as_deref())?;
     let replica = replica_for(&args.gate.db, release, &preflight)?;
-    let bounds = args.holder.bounds();
+    let bounds = args.holder.bounds(args.gate.preflight.preset);
     let kill_grace = bounds.kill_grace;
     // The app started with the flag off is no attempt: its sessions carry the release only.
     let app_off = Program::new(&args.command, (&flag.name, &flag.off))
@@ -109,7 +116,16 @@ pub(crate) async fn run(args: RunArgs) -> Result<i32> {
             preflight.follower(&replica, seen, conn).await?;
             return Err(child::exec(&app_off));
         }
-        Turn::Holder(holding) => holder_preflight(&preflight, &replica, *holding).await?,
+        Turn::Holder(holding) => {
+            holder_preflight(&preflight, &replica, *holding)
+                .await?
+                .no_other_releases(
+                    &replica,
+                    bounds.other_releases,
+                    args.gate.waiting.wait_timeout,
+                )
+                .await?
+        }
     };
 
     if let Some(argv) = &migrate_argv {
@@ -234,7 +250,7 @@ pub(crate) async fn reset(args: ResetArgs) -> Result<i32> {
     let removed = match result {
         Ok(Ok(removed)) => removed,
         Ok(Err(())) => {
-            let holder = replica.describe_holder(&mut conn).await;
+            let holder = replica.describe_holder(&mut conn).await.text;
             close(conn).await;
             return Err(Error::LockHeld {
                 lock: replica.lock().to_string(),

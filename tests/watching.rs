@@ -30,6 +30,11 @@ impl Case {
 
     /// A gate migrating release `r1` with `statement` run by psql, plus `flags`.
     fn gate(&self, statement: &str, flags: &[&str]) -> Command {
+        self.gate_release("r1", statement, flags)
+    }
+
+    /// A gate migrating `release` with `statement` run by psql, plus `flags`.
+    fn gate_release(&self, release: &str, statement: &str, flags: &[&str]) -> Command {
         let psql = pg_bindir().join("psql");
         let mut c = self.db.gate();
         c.env("MIG_URL", &self.db.url)
@@ -38,7 +43,7 @@ impl Case {
                 "MIGRATIONS_GATE_TERMINATION_LOG",
                 self.dir.join("termination-log"),
             )
-            .args(["migrate", "--release", "r1", "--kill-grace", "1s"])
+            .args(["migrate", "--release", release, "--kill-grace", "1s"])
             .args(flags)
             .args(["--", "sh", "-c"])
             .arg(format!(
@@ -46,6 +51,40 @@ impl Case {
                 psql.display()
             ));
         c
+    }
+
+    /// A replica of `release` started through the gate as a follower (the release is done):
+    /// its app is psql running `statement`, with the gate's tag for `release`.
+    fn app(&self, release: &str, statement: &str) -> std::process::Child {
+        let psql = pg_bindir().join("psql");
+        let mut c = self.db.gate();
+        c.env("MIG_URL", &self.db.url)
+            .env("APP_SQL", statement)
+            .args([
+                "run",
+                "--release",
+                release,
+                "--migrate",
+                "true",
+                "--",
+                "sh",
+                "-c",
+            ])
+            .arg(format!(
+                "exec {} -X -q \"$MIG_URL\" -c \"$APP_SQL\"",
+                psql.display()
+            ));
+        spawn(&mut c)
+    }
+
+    /// Waits until `n` sessions of apps (tag without attempt) are connected.
+    fn wait_apps(&self, n: usize) {
+        eventually(HANG_GUARD, "the old release's app is connected", || {
+            self.db.one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                 AND application_name LIKE 'mgate:%:-'",
+            ) == n.to_string()
+        });
     }
 
     /// An old release's open transaction on `runs`, as an app's long transaction would be,
@@ -151,7 +190,8 @@ fn a_migration_blocked_behind_an_open_transaction_is_reported_with_its_blocker_u
         ],
     );
     assert_eq!(
-        log.matches("WARN a session of the migration waits for a lock").count(),
+        log.matches("WARN a session of the migration waits for a lock")
+            .count(),
         1,
         "one report within 30 s: {log}"
     );
@@ -220,4 +260,98 @@ fn lock_timeout_makes_a_blocked_alter_fail_fast_on_a_direct_route() {
     assert_ne!(code(&out), 0, "{}", stderr(&out));
     assert!(took < Duration::from_secs(10), "failed after {took:?}");
     assert_stderr_has(&out, "lock timeout");
+}
+
+#[test]
+fn a_new_release_waits_for_the_old_releases_app_refuses_under_fail_and_goes_on_under_ignore() {
+    let case = Case::new("other_releases");
+    case.db.rows("CREATE TABLE seen (who text, at timestamptz)");
+    let v1 = wait_output(
+        spawn(&mut case.gate_release("v1", "SELECT 1", &[])),
+        HANG_GUARD,
+    );
+    assert_codes(&[(&v1, 0)]);
+    // A replica of v1 serving, started through the gate: its session carries v1's tag.
+    let v1_app = case.app(
+        "v1",
+        "SELECT pg_sleep(5); INSERT INTO seen VALUES ('v1 app', clock_timestamp())",
+    );
+    case.wait_apps(1);
+    let migration = "INSERT INTO seen VALUES ('v2 migration', clock_timestamp())";
+
+    // fail: refused, recorded, nothing migrated, the old app untouched.
+    let refused = wait_output(
+        spawn(&mut case.gate_release("v2", migration, &["--other-releases", "fail"])),
+        HANG_GUARD,
+    );
+    assert_eq!(case.db.one("SELECT count(*) FROM seen"), "0");
+    assert_eq!(case.db.ledger().outcomes_at("v2"), ["failed"]);
+    case.wait_apps(1);
+    assert_codes(&[(&refused, 78)]);
+    assert_stderr_has(&refused, "release \"v1\": 1 session(s) from 127.0.0.1");
+    assert_stderr_has(&refused, "strategy Recreate");
+
+    // wait (the default): migrates once the old app has disconnected.
+    let waited = wait_output(
+        spawn(&mut case.gate_release("v2", migration, &["--wait-timeout", "60s"])),
+        HANG_GUARD,
+    );
+    let v1_app = wait_output(v1_app, HANG_GUARD);
+    let seen = case.db.rows("SELECT who FROM seen ORDER BY at");
+    assert_eq!(
+        seen,
+        [["v1 app"], ["v2 migration"]],
+        "migrated after the old app left"
+    );
+    assert_eq!(case.db.ledger().outcomes_at("v2"), ["failed", "done"]);
+    assert_codes(&[(&waited, 0), (&v1_app, 0)]);
+    assert_mentions(
+        &stderr(&waited),
+        &[
+            "apps of another release are still connected; waiting for them to disconnect",
+            "release \"v1\": 1 session(s) from 127.0.0.1",
+            "no app of another release is connected any more; migrating",
+            // The refused attempt, before migrating again.
+            "failed with exit code 78 at ",
+            ": refusing to migrate release \"v2\"",
+        ],
+    );
+
+    // ignore: v3 migrates while a v2 app is connected.
+    let mut v2_app = case.app("v2", "SELECT pg_sleep(30)");
+    case.wait_apps(1);
+    let ignored = wait_output(
+        spawn(&mut case.gate_release("v3", "SELECT 1", &["--other-releases", "ignore"])),
+        HANG_GUARD,
+    );
+    assert_eq!(case.db.ledger().outcomes_at("v3"), ["done"]);
+    let _ = v2_app.kill();
+    let _ = v2_app.wait();
+    assert_codes(&[(&ignored, 0)]);
+}
+
+#[test]
+fn a_lock_held_by_a_session_that_is_not_a_gate_is_named_with_how_to_end_it() {
+    let case = Case::new("foreign_holder");
+    let (mut holder, _) = hold_lock(&case.db.url, "migrations-gate");
+    let pid = holder.one("SELECT pg_backend_pid()::text");
+    let out = wait_output(
+        spawn(&mut case.gate("SELECT 1", &["--wait-timeout", "2s"])),
+        HANG_GUARD,
+    );
+    drop(holder);
+    assert!(!case.db.ledger().exists() || case.db.ledger().attempts().is_empty());
+    assert_codes(&[(&out, 75)]);
+    assert_mentions(
+        &stderr(&out),
+        &[
+            "which is not a migrations-gate (no attempt is running)",
+            &format!("end it with `SELECT pg_terminate_backend({pid})`"),
+        ],
+    );
+    assert!(
+        !stderr(&out).contains("check that replica's logs"),
+        "{}",
+        stderr(&out)
+    );
 }

@@ -7,7 +7,8 @@ use std::time::Duration;
 use clap::Args;
 
 use super::parse_duration;
-use crate::holding::Bounds;
+use crate::holding::{Bounds, OtherReleases};
+use crate::preflight::Preset;
 
 /// How the holder stops, bounds and watches the migration.
 #[derive(Debug, Clone, Args)]
@@ -27,16 +28,25 @@ pub struct HolderArgs {
     /// While the migration runs, log (WARN) each of its sessions that has waited on a lock for longer than this, with who blocks it; repeated every 30s while it lasts.
     #[arg(long, env = "MIGRATIONS_GATE_REPORT_WAITS_AFTER", value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     pub report_waits_after: Duration,
+
+    /// Before migrating, what to do while apps of another release of this lock are connected (their sessions' tags name it; the gate's own and untagged clients never count; needs --release): wait for them to disconnect (up to --wait-timeout), fail (exit 78, recorded failed), or ignore. [default: wait; fail with --preset open-webui]
+    #[arg(long, env = "MIGRATIONS_GATE_OTHER_RELEASES", value_enum, value_name = "POLICY")]
+    pub other_releases: Option<OtherReleases>,
 }
 
 impl HolderArgs {
-    /// The holder's plain settings.
-    pub(crate) fn bounds(&self) -> Bounds {
+    /// The holder's plain settings; `preset` picks the default of `--other-releases`.
+    pub(crate) fn bounds(&self, preset: Option<Preset>) -> Bounds {
+        let other_releases = self.other_releases.unwrap_or(match preset {
+            Some(Preset::OpenWebui) => OtherReleases::Fail,
+            None => OtherReleases::Wait,
+        });
         Bounds {
             kill_grace: self.kill_grace,
             migration_timeout: self.migration_timeout,
             lock_timeout: self.lock_timeout,
             report_waits_after: self.report_waits_after,
+            other_releases,
         }
     }
 }

@@ -17,7 +17,7 @@ use crate::lock::{LockKey, Scope, WaitSlots};
 use crate::preflight::{self, OnMismatch, Preset};
 use crate::probe::{self, Probe};
 use crate::release::release_from_path;
-use crate::replica::{Target, hostname};
+use crate::replica::{GATE_NAME_PREFIX, Target, hostname};
 
 const AFTER_HELP: &str = "\
 Exit codes: 0 ok, 1 release not done (status --release), 64 usage, 69 database unavailable,
@@ -389,7 +389,7 @@ impl DbArgs {
             application_name: self
                 .application_name
                 .clone()
-                .unwrap_or_else(|| format!("migrations-gate/{}", hostname())),
+                .unwrap_or_else(|| format!("{GATE_NAME_PREFIX}{}", hostname())),
             lock_scope: self.lock_scope,
         })
     }
