@@ -355,3 +355,23 @@ fn a_lock_held_by_a_session_that_is_not_a_gate_is_named_with_how_to_end_it() {
         stderr(&out)
     );
 }
+
+#[test]
+fn the_open_webui_preset_refuses_forked_workers_that_would_migrate_on_start_up() {
+    let case = Case::new("preset_workers");
+    let out = case
+        .db
+        .gate()
+        .env("UVICORN_WORKERS", "4")
+        .env("VECTOR_DB", "pgvector")
+        .args(["run", "--release", "r1", "--preset", "open-webui"])
+        .args(["--ready-tcp", "127.0.0.1:9", "--", "true"])
+        .output()
+        .expect("run the gate");
+    assert!(!case.db.ledger().exists(), "refused before the database");
+    assert_codes(&[(&out, 78)]);
+    assert_stderr_has(
+        &out,
+        "wants `run` has --migrate \"python -c 'import open_webui.config'\" when UVICORN_WORKERS > 1",
+    );
+}
