@@ -32,17 +32,20 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use sqlx::postgres::PgConnection;
-use tracing::{info, warn};
+use tracing::warn;
 
 use crate::lock::LockKey;
-use crate::sql::{Cols, lit, query, query_scalar};
+use crate::sql::{Cols, lit, query};
+
+mod ending;
+mod others;
+
+use ending::settle;
+pub(crate) use ending::{EndError, Ended, end};
+pub(crate) use others::other_releases;
 
 /// The prefix that marks a session as started by a gate's child.
 const PREFIX: &str = "mgate";
-/// How long cancelled sessions get to end before they are terminated.
-const CANCEL_GRACE: Duration = Duration::from_secs(2);
-/// How long terminated sessions get to disappear from `pg_stat_activity`.
-const TERMINATE_GRACE: Duration = Duration::from_secs(5);
 /// How often the holder looks again while sessions end.
 const POLL: Duration = Duration::from_millis(100);
 
@@ -247,61 +250,6 @@ impl Which {
     }
 }
 
-/// Sessions of another release of the same lock, connected now.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct OtherRelease {
-    /// The release field of their tag (the first 32 bits of the release ID's SHA-256).
-    pub hash: String,
-    /// The release's name, when the ledger knows one with this hash.
-    pub name: Option<String>,
-    /// How many sessions.
-    pub sessions: i64,
-    /// Their client addresses (`local` for a Unix socket), comma-separated.
-    pub clients: String,
-}
-
-impl fmt::Display for OtherRelease {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.name {
-            Some(name) => write!(f, "release {name:?}")?,
-            None => write!(f, "a release with hash {}", self.hash)?,
-        }
-        write!(f, ": {} session(s) from {}", self.sessions, self.clients)
-    }
-}
-
-/// The sessions in our database tagged with `tag`'s lock but another release than `tag`'s
-/// (apps of an older release still running): sessions without a release (`-`), the gate's own
-/// (never tagged) and other clients' (untagged) do not count. `releases` is a SQL subquery of
-/// release names, to name the hashes.
-pub(crate) async fn other_releases(
-    conn: &mut PgConnection,
-    tag: &Tag,
-    releases: &str,
-) -> Result<Vec<OtherRelease>, sqlx::Error> {
-    let sql = format!(
-        "WITH s AS (SELECT {hash} AS hash, coalesce(host(a.client_addr), 'local') AS client                     FROM pg_stat_activity a                     WHERE left(a.application_name, {len}) = {prefix} AND {SAME_DATABASE}                       AND {hash} NOT IN ({own}, '-', '') AND a.pid <> pg_backend_pid()),               n AS (SELECT DISTINCT ON (h) h, release                     FROM (SELECT left(encode(sha256(convert_to(r.release, 'UTF8')), 'hex'), 8) AS h,                                  r.release FROM ({releases}) r(release)) x                     ORDER BY h, release)          SELECT s.hash, coalesce(n.release, ''), count(*)::text,                 string_agg(DISTINCT s.client, ', ')          FROM s LEFT JOIN n ON n.h = s.hash GROUP BY s.hash, n.release ORDER BY s.hash",
-        hash = field(2),
-        len = tag.lock_prefix().len(),
-        prefix = lit(&tag.lock_prefix()),
-        own = lit(&tag.release),
-    );
-    query(conn, sql)
-        .await?
-        .iter()
-        .map(|r| {
-            let c = Cols(r);
-            let name = c.text(1)?;
-            Ok(OtherRelease {
-                hash: c.text(0)?,
-                name: (!name.is_empty()).then_some(name),
-                sessions: c.parse(2)?,
-                clients: c.text(3)?,
-            })
-        })
-        .collect()
-}
-
 /// Lists the sessions `which` selects, except our own.
 pub(crate) async fn list(
     conn: &mut PgConnection,
@@ -330,141 +278,6 @@ pub(crate) async fn list(
             })
         })
         .collect()
-}
-
-/// How an attempt's sessions ended, for the ledger and `status`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct Ended {
-    /// Sessions that ended after `pg_cancel_backend`.
-    pub cancelled: usize,
-    /// Sessions that had to be terminated.
-    pub terminated: usize,
-}
-
-impl fmt::Display for Ended {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match (self.cancelled, self.terminated) {
-            (0, 0) => write!(f, "no session left"),
-            (c, 0) => write!(f, "{c} session(s) cancelled"),
-            (0, t) => write!(f, "{t} session(s) terminated"),
-            (c, t) => write!(f, "{c} session(s) cancelled, {t} terminated"),
-        }
-    }
-}
-
-/// Why sessions could not be ended.
-#[derive(Debug)]
-pub(crate) enum EndError {
-    /// The database could not be asked.
-    Sql(sqlx::Error),
-    /// Our role may not signal these sessions (SQLSTATE 42501): they belong to another role and
-    /// ours lacks `pg_signal_backend`, or to a superuser.
-    Denied(Vec<Session>),
-    /// Signalled, but still there after the grace.
-    Stuck(Vec<Session>),
-}
-
-impl From<sqlx::Error> for EndError {
-    fn from(e: sqlx::Error) -> Self {
-        EndError::Sql(e)
-    }
-}
-
-impl EndError {
-    /// One line for the log and the error: which sessions, and what to do.
-    pub(crate) fn describe(&self, role: &str) -> String {
-        let list = |s: &[Session]| {
-            s.iter()
-                .map(Session::to_string)
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        match self {
-            EndError::Sql(e) => format!("could not look at the attempt's sessions: {e}"),
-            EndError::Denied(s) => format!(
-                "the role {role:?} may not end {}: ask a DBA to run `GRANT pg_signal_backend TO {};` \
-                 (or run the migration as the gate's role), or end them yourself with \
-                 `SELECT pg_terminate_backend(pid)`",
-                list(s),
-                crate::sql::ident(role)
-            ),
-            EndError::Stuck(s) => format!(
-                "{} did not end within {} of pg_terminate_backend",
-                list(s),
-                crate::duration::short(TERMINATE_GRACE)
-            ),
-        }
-    }
-}
-
-/// Sends `pg_cancel_backend` or `pg_terminate_backend` to `pid`. `Ok(false)`: not allowed.
-async fn signal(conn: &mut PgConnection, function: &str, pid: i32) -> Result<bool, sqlx::Error> {
-    match query_scalar(conn, format!("SELECT {function}({pid})::text")).await {
-        Ok(_) => Ok(true),
-        Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42501") => Ok(false),
-        Err(e) => Err(e),
-    }
-}
-
-/// Waits up to `limit` until none of `which`'s sessions is left that `keep` selects; returns
-/// those still there.
-async fn settle(
-    conn: &mut PgConnection,
-    which: &Which,
-    limit: Duration,
-    keep: fn(&Session) -> bool,
-) -> Result<Vec<Session>, sqlx::Error> {
-    let until = tokio::time::Instant::now() + limit;
-    loop {
-        let left: Vec<Session> = list(conn, which).await?.into_iter().filter(keep).collect();
-        if left.is_empty() || tokio::time::Instant::now() >= until {
-            return Ok(left);
-        }
-        tokio::time::sleep(POLL).await;
-    }
-}
-
-/// Ends every session `which` selects: cancels what runs, waits [`CANCEL_GRACE`], terminates
-/// what is left (idle ones too: their client is gone), and confirms they are gone.
-pub(crate) async fn end(conn: &mut PgConnection, which: &Which) -> Result<Ended, EndError> {
-    let found = list(conn, which).await?;
-    if found.is_empty() {
-        return Ok(Ended::default());
-    }
-    let mut denied = Vec::new();
-    for s in found.iter().filter(|s| s.busy()) {
-        if !signal(conn, "pg_cancel_backend", s.pid).await? {
-            denied.push(s.clone());
-        }
-    }
-    if !denied.is_empty() {
-        return Err(EndError::Denied(denied));
-    }
-    let left = settle(conn, which, CANCEL_GRACE, Session::busy).await?;
-    let cancelled = found.iter().filter(|s| s.busy()).count() - left.len();
-    // Busy ones that ignored the cancel, and idle ones (a dead client's, or a pooled server
-    // connection still carrying the tag): terminate them all.
-    let rest = list(conn, which).await?;
-    for s in &rest {
-        if !signal(conn, "pg_terminate_backend", s.pid).await? {
-            denied.push(s.clone());
-        }
-    }
-    if !denied.is_empty() {
-        return Err(EndError::Denied(denied));
-    }
-    let stuck = settle(conn, which, TERMINATE_GRACE, |_| true).await?;
-    if !stuck.is_empty() {
-        return Err(EndError::Stuck(stuck));
-    }
-    let ended = Ended {
-        cancelled,
-        terminated: rest.len(),
-    };
-    if ended != Ended::default() {
-        info!(%ended, "ended the attempt's remaining database sessions");
-    }
-    Ok(ended)
 }
 
 /// The sessions of the holder's attempt: its tag, and the sessions seen on the child's own

@@ -21,8 +21,14 @@ use crate::lock::{self, Route, Scope};
 use crate::lockwaits;
 use crate::probe::Probe;
 use crate::replica::Replica;
-use crate::sessions::{self, EndError, Ended, Which};
-use crate::sql;
+use crate::sessions::{self, Ended, Which};
+
+mod ending;
+mod watch;
+
+use ending::end_sessions;
+use watch::Watch;
+pub(crate) use watch::{Bounds, OtherReleases};
 
 /// How often the holder checks that its lock session is alive while a child runs.
 const HEARTBEAT: Duration = Duration::from_secs(1);
@@ -39,39 +45,6 @@ const RETRY_END: Duration = Duration::from_secs(1);
 const LOOK_AT_WAITS: Duration = Duration::from_secs(5);
 /// How often the holder probes the app for readiness.
 const PROBE_EVERY: Duration = Duration::from_millis(250);
-
-/// How the holder stops, bounds and watches a migration: the plain settings of
-/// `--kill-grace`, `--migration-timeout`, `--lock-timeout` and `--report-waits-after`.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Bounds {
-    /// After SIGTERM, how long before SIGKILL.
-    pub kill_grace: Duration,
-    /// How long the migration command may run (`None`: no bound).
-    pub migration_timeout: Option<Duration>,
-    /// `lock_timeout` for the migration command's sessions (direct routes only).
-    pub lock_timeout: Option<Duration>,
-    /// How long a session of the attempt waits on a lock before the holder reports it.
-    pub report_waits_after: Duration,
-    /// What to do while apps of another release are connected.
-    pub other_releases: OtherReleases,
-}
-
-/// What the holder does when apps of another release of the same lock are still connected
-/// before it migrates (`--other-releases`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub(crate) enum OtherReleases {
-    /// Wait until they have disconnected (bounded by --wait-timeout), then migrate.
-    Wait,
-    /// Refuse (exit 78): record the attempt failed and free the lock.
-    Fail,
-    /// Migrate anyway (migrations that old releases survive).
-    Ignore,
-}
-
-/// How often the holder looks again while other releases are connected.
-const OTHER_RELEASES_POLL: Duration = Duration::from_secs(1);
-/// How often it says who is still connected.
-const OTHER_RELEASES_REPORT: Duration = Duration::from_secs(10);
 
 /// How long after its last heartbeat a holder with this `--kill-grace` has surely noticed a
 /// lost session and stopped its child: a taker-over waits that long after a vanished holder.
@@ -138,15 +111,6 @@ enum StepEnd {
     ReadyTimeout,
     /// The migration ran longer than `--migration-timeout` (this long).
     TimedOut(Duration),
-}
-
-/// What [`Holding::supervise`] bounds and watches besides the heartbeat.
-#[derive(Debug, Clone, Copy)]
-struct Watch {
-    /// How long the child may run.
-    limit: Option<Duration>,
-    /// How long a session waits on a lock before it is reported.
-    report_waits_after: Duration,
 }
 
 impl Holding {
@@ -220,25 +184,7 @@ impl Holding {
             .begin(book, &attempt(replica, kill_grace))
             .await
             .map_err(sql)?;
-        // Repeated failures are visible: the attempt before ours, if it did not succeed.
-        let previous = previous
-            .ok()
-            .and_then(|rows| rows.into_iter().next())
-            .filter(|a| a.outcome == "failed" || a.outcome == "abandoned");
-        if let Some(p) = &previous {
-            warn!(
-                previous_attempt = p.id,
-                "the previous attempt {} by {} (host {}, pid {}) {} with exit code {} at {}: {}; migrating again",
-                p.id,
-                p.holder,
-                p.host,
-                p.pid,
-                p.outcome,
-                p.exit_code.map_or("-".into(), |c| c.to_string()),
-                p.finished_at.as_deref().unwrap_or(&p.started_at),
-                p.detail.lines().next().unwrap_or("no detail")
-            );
-        }
+        watch::say_previous_failure(previous.ok());
         Ok(TakeOver::Holding(Box::new(Holding {
             conn,
             witness,
@@ -279,111 +225,6 @@ impl Holding {
     /// The ledger row of this attempt.
     pub(crate) fn attempt(&self) -> i64 {
         self.attempt
-    }
-
-    /// Before the migration: looks for sessions of this lock's apps of another release (their
-    /// tag's release differs from ours) and waits for them to disconnect, refuses, or goes on,
-    /// as `policy` says. Without a release there is nothing to compare. A refusal, or a wait
-    /// longer than `bound` (`--wait-timeout`), is recorded as a failed attempt (which frees the
-    /// lock) and exits 78 or 75.
-    pub(crate) async fn no_other_releases(
-        mut self,
-        replica: &Replica,
-        policy: OtherReleases,
-        bound: Duration,
-    ) -> Result<Holding> {
-        let Some(release) = replica.release() else {
-            return Ok(self);
-        };
-        if policy == OtherReleases::Ignore {
-            return Ok(self);
-        }
-        let (tag, names) = (self.sessions.tag().clone(), replica.ledger.release_names());
-        let started = Instant::now();
-        let mut said: Option<Instant> = None;
-        loop {
-            let found = match self.book().await {
-                Ok(c) => {
-                    sql::deadline(HEARTBEAT_TIMEOUT, sessions::other_releases(c, &tag, &names))
-                        .await
-                }
-                Err(e) => Err(e),
-            };
-            let others = match found {
-                Ok(o) if o.is_empty() => {
-                    if said.is_some() {
-                        info!(
-                            waited_s = started.elapsed().as_secs(),
-                            "no app of another release is connected any more; migrating"
-                        );
-                    }
-                    return Ok(self);
-                }
-                Ok(o) => o
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join("; "),
-                Err(e) => {
-                    let e = Error::Unavailable(format!(
-                        "could not look for apps of other releases: {e}"
-                    ));
-                    self.complete(
-                        replica,
-                        Outcome::Failed,
-                        Some(e.exit_code()),
-                        &e.to_string(),
-                    )
-                    .await?;
-                    return Err(e);
-                }
-            };
-            if policy == OtherReleases::Fail {
-                let e = Error::Config(format!(
-                    "refusing to migrate release {release:?} while apps of another release are connected ({others}) (--other-releases fail):                      stop the old replicas before the new ones start (Kubernetes: strategy Recreate; Swarm: update_config order stop-first; or scale the old release to 0),                      or use --other-releases wait or ignore"
-                ));
-                self.complete(
-                    replica,
-                    Outcome::Failed,
-                    Some(e.exit_code()),
-                    &e.to_string(),
-                )
-                .await?;
-                return Err(e);
-            }
-            if started.elapsed() >= bound {
-                let e = Error::Timeout {
-                    what: format!("apps of another release were still connected ({others})"),
-                    waited: bound,
-                    hint: "nothing was migrated; stop the old replicas (strategy Recreate, or scale them down) or raise --wait-timeout".into(),
-                };
-                self.complete(
-                    replica,
-                    Outcome::Failed,
-                    Some(e.exit_code()),
-                    &e.to_string(),
-                )
-                .await?;
-                return Err(e);
-            }
-            if said.is_none_or(|at| at.elapsed() >= OTHER_RELEASES_REPORT) {
-                warn!(
-                    waited_s = started.elapsed().as_secs(),
-                    "apps of another release are still connected; waiting for them to disconnect before migrating (--other-releases wait, up to --wait-timeout): {others}"
-                );
-                said = Some(Instant::now());
-            }
-            if let Err(reason) = self.heartbeat(replica).await {
-                close(self.conn).await;
-                if let Some(w) = self.witness {
-                    close(w).await;
-                }
-                return Err(Error::Unavailable(format!(
-                    "lost the lock session while waiting for apps of other releases to disconnect ({reason}); nothing was migrated"
-                )));
-            }
-            tokio::time::sleep(OTHER_RELEASES_POLL).await;
-        }
     }
 
     /// Runs a migration command to completion with the flag on, within `--migration-timeout`.
@@ -599,168 +440,6 @@ impl Holding {
         }
     }
 
-    /// The migration exited 0: a session of it still running a statement or inside a
-    /// transaction could still change the schema, so the attempt is not done before it ends.
-    /// Waits [`SETTLE_AFTER_SUCCESS`] for such sessions; if any is left, ends it and records
-    /// the attempt failed.
-    async fn settle_after_success(mut self, replica: &Replica, what: &str) -> Result<Holding> {
-        let sessions = self.sessions.clone();
-        let busy = match self.book().await {
-            Ok(c) => sessions.busy_after_success(c, SETTLE_AFTER_SUCCESS).await,
-            Err(e) => Err(e),
-        };
-        let left = match busy {
-            Ok(left) if left.is_empty() => return Ok(self),
-            Ok(left) => left
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(", "),
-            Err(e) => format!("its sessions could not be checked ({e})"),
-        };
-        let detail = format!("{what} exited 0 but left {left} running");
-        self.complete(replica, Outcome::Failed, Some(0), &detail)
-            .await?;
-        Err(Error::Timeout {
-            what: detail,
-            waited: SETTLE_AFTER_SUCCESS,
-            hint: "the sessions were ended and the attempt recorded as failed; make the migration wait for its statements before it exits".into(),
-        })
-    }
-
-    /// The child could not be started: recorded as a failed attempt (best effort), and the
-    /// start error is what the gate reports.
-    async fn fail_to_start(self, replica: &Replica, e: Error) -> Error {
-        let _ = self
-            .complete(
-                replica,
-                Outcome::Failed,
-                Some(e.exit_code()),
-                &e.to_string(),
-            )
-            .await;
-        e
-    }
-
-    /// The lock session is lost, so another replica may take the lock: stop the child at once,
-    /// record the failure from a new connection (best effort: the database may be gone too).
-    async fn fence(
-        self,
-        replica: &Replica,
-        child: &mut Supervisor,
-        reason: &str,
-        kill_grace: Duration,
-    ) -> Error {
-        error!(
-            reason,
-            "lost the lock session while migrating: another replica may take the lock now, so the migration is stopped"
-        );
-        drop(self.conn);
-        drop(self.witness);
-        let code = child.stop(kill_grace).await;
-        child.finish();
-        let detail = format!("fenced: lost the lock session ({reason}); child stopped");
-        // The database may be failing over: keep trying for a while, so that the record says
-        // what happened ("failed", fenced) rather than a taker-over's guess ("abandoned").
-        let record_for = replica.target.connect_timeout.min(RECORD_FENCED_FOR);
-        match tokio::time::timeout(record_for, replica.db.connect()).await {
-            Ok(Ok(mut c)) => {
-                let recorded = match c.pg().await {
-                    Ok(pg) => {
-                        // No lock to keep any more: one try; the taker-over ends what is left.
-                        let detail = match sessions::end(pg, &self.sessions.which()).await {
-                            Ok(ended) => format!("{detail}; sessions: {ended}"),
-                            Err(e) => {
-                                let line = e.describe(replica.db.username());
-                                warn!("{line}");
-                                format!("{detail}; sessions: {line}")
-                            }
-                        };
-                        replica
-                            .ledger
-                            .record_fenced(
-                                pg,
-                                self.attempt,
-                                &attempt(replica, kill_grace),
-                                code,
-                                &detail,
-                            )
-                            .await
-                    }
-                    Err(e) => Err(e),
-                };
-                if let Err(e) = recorded {
-                    warn!(error = %e, "could not record the failed attempt");
-                }
-                close(c).await;
-            }
-            _ => warn!(
-                "could not reconnect within {} to record the failed attempt; the next holder marks it abandoned",
-                duration::short(record_for)
-            ),
-        }
-        Error::Unavailable(format!(
-            "lost the database session holding the lock ({reason}); stopped the migration (exit {code}) so that two migrations never overlap; the next holder will retry"
-        ))
-    }
-
-    /// Checks that the lock session is alive and still holds the lock, and stamps the ledger
-    /// row's heartbeat where others can see it.
-    async fn heartbeat(&mut self, replica: &Replica) -> Result<(), String> {
-        let check = async {
-            let held = lock::held_by_us(self.conn.pg().await?, replica.lock()).await?;
-            if held {
-                let book = match self.witness.as_mut() {
-                    Some(w) => w.pg().await?,
-                    None => self.conn.pg().await?,
-                };
-                replica.ledger.heartbeat(book, self.attempt).await?;
-            }
-            Ok::<_, sqlx::Error>(held)
-        };
-        match sql::deadline(HEARTBEAT_TIMEOUT, check).await {
-            Ok(true) => Ok(()),
-            Ok(false) => Err("the lock is no longer held by our session".into()),
-            Err(e) => Err(e.to_string()),
-        }
-    }
-
-    /// Notes the sessions of the child's own TCP connections ([`sessions::Attempt::remember`]),
-    /// for clients that do not send the tag. Best effort: a failure here is the heartbeat's to
-    /// notice.
-    async fn remember_sessions(&mut self, pgid: i32) {
-        let mut sessions = self.sessions.clone();
-        let mut ports = std::mem::take(&mut self.ports_seen);
-        if let Ok(c) = self.book().await
-            && let Err(e) =
-                sql::deadline(HEARTBEAT_TIMEOUT, sessions.remember(c, pgid, &mut ports)).await
-        {
-            tracing::debug!(error = %e, "could not match the child's sockets to sessions");
-        }
-        self.sessions = sessions;
-        self.ports_seen = ports;
-    }
-
-    /// Looks at what the attempt's sessions wait on and logs what changed. Best effort: a
-    /// failure here is the heartbeat's to notice.
-    async fn report_waits(&mut self, reporter: &mut lockwaits::Reporter, after: Duration) {
-        let (which, version) = (self.sessions.which(), self.server_version);
-        let found = match self.book().await {
-            Ok(c) => {
-                sql::deadline(
-                    HEARTBEAT_TIMEOUT,
-                    lockwaits::waits(c, &which, after, version),
-                )
-                .await
-            }
-            Err(e) => Err(e),
-        };
-        match found {
-            Ok(waits) => reporter.observe(waits),
-            Err(e) => tracing::debug!(error = %e, "could not look at what the migration waits on"),
-        }
-    }
-
     /// Watches `child` while holding the lock: heartbeats, and the readiness probe if any.
     async fn supervise(
         &mut self,
@@ -815,45 +494,5 @@ impl Holding {
                 _ = tokio::time::sleep_until(limit_deadline), if watch.limit.is_some() => return StepEnd::TimedOut(limit),
             }
         }
-    }
-}
-
-/// Ends the sessions `which` selects, from `conn`, while this replica holds the lock. Where our
-/// role may not end one (or it will not go), keeps trying every [`RETRY_END`] for up to
-/// `bound` (`--wait-timeout`), saying once which session and what to grant; then gives up with
-/// the lock never freed while they ran: exit 77 when not allowed, 69 otherwise.
-async fn end_sessions(
-    conn: &mut sqlx::PgConnection,
-    which: &Which,
-    role: &str,
-    bound: Duration,
-) -> Result<Ended> {
-    let until = Instant::now() + bound;
-    let mut said = false;
-    loop {
-        let e = match sessions::end(conn, which).await {
-            Ok(ended) => return Ok(ended),
-            Err(e) => e,
-        };
-        let line = e.describe(role);
-        match e {
-            EndError::Sql(_) => return Err(Error::Unavailable(line)),
-            _ if Instant::now() >= until => {
-                let line = format!(
-                    "{line}; gave up after --wait-timeout ({}) without freeing the lock while they ran",
-                    duration::short(bound)
-                );
-                return Err(match e {
-                    EndError::Denied(_) => Error::Auth(line),
-                    _ => Error::Unavailable(line),
-                });
-            }
-            _ if !said => {
-                error!("{line}; keeping the lock until they end (up to --wait-timeout)");
-                said = true;
-            }
-            _ => {}
-        }
-        tokio::time::sleep(RETRY_END).await;
     }
 }
