@@ -58,6 +58,10 @@ pub(crate) async fn migrate(args: MigrateArgs) -> Result<i32> {
             let holding = holding
                 .migrate(&replica, &program, "migration command", &bounds)
                 .await?;
+            let after = holding
+                .previous_failure()
+                .map(|p| format!(", after attempt {p} had failed"))
+                .unwrap_or_default();
             holding
                 .complete(
                     &replica,
@@ -67,7 +71,7 @@ pub(crate) async fn migrate(args: MigrateArgs) -> Result<i32> {
                 )
                 .await?;
             termination::write_success(&format!(
-                "migrated {} (this replica held the lock; the migration command exited 0)",
+                "migrated {} (this replica held the lock; the migration command exited 0{after})",
                 release_name(&replica)
             ));
             Ok(EXIT_OK)

@@ -231,10 +231,15 @@ fn migration_timeout_stops_a_stuck_migration_ends_its_sessions_and_the_next_repl
         &out,
         "ran longer than --migration-timeout (2.0s) and was stopped",
     );
-    // The next replica takes over and migrates.
+    // The next replica takes over, says what happened before it, and migrates.
     let next = wait_output(spawn(&mut case.gate("SELECT 1", &[])), HANG_GUARD);
     assert_eq!(case.db.ledger().outcomes(), ["failed", "done"]);
     assert_codes(&[(&next, 0)]);
+    assert_stderr_has(&next, " failed with exit code ");
+    assert_stderr_has(
+        &next,
+        "ran longer than --migration-timeout (2.0s) and was stopped; sessions: ",
+    );
     case.db.assert_no_gate_locks();
 }
 
@@ -317,6 +322,11 @@ fn a_new_release_waits_for_the_old_releases_app_refuses_under_fail_and_goes_on_u
         ],
     );
 
+    assert_mentions(
+        &case.termination_log(),
+        &["migrated release \"v2\"", ", after attempt 2 by "],
+    );
+
     // ignore: v3 migrates while a v2 app is connected.
     let mut v2_app = case.app("v2", "SELECT pg_sleep(30)");
     case.wait_apps(1);
@@ -373,5 +383,30 @@ fn the_open_webui_preset_refuses_forked_workers_that_would_migrate_on_start_up()
     assert_stderr_has(
         &out,
         "wants `run` has --migrate \"python -c 'import open_webui.config'\" when UVICORN_WORKERS > 1",
+    );
+}
+
+#[test]
+fn lock_timeout_behind_pgbouncer_is_not_passed_and_says_why() {
+    let case = Case::new("lock_timeout_pooled");
+    let bouncer = PgBouncer::start(cluster(), "transaction", 4);
+    let url = bouncer.url(&case.db.name);
+    let out = wait_output(
+        spawn(
+            case.gate(
+                "ALTER TABLE runs ADD COLUMN pooled int",
+                &["--lock-timeout", "500ms"],
+            )
+            .env("MIGRATIONS_GATE_DATABASE_URL", &url)
+            .env("MIG_URL", &url),
+        ),
+        HANG_GUARD,
+    );
+    drop(bouncer);
+    assert_eq!(case.db.ledger().outcomes(), ["done"]);
+    assert_codes(&[(&out, 0)]);
+    assert_stderr_has(
+        &out,
+        "--lock-timeout is not passed to the migration: the gate reaches PostgreSQL through a pooler or proxy",
     );
 }

@@ -88,6 +88,9 @@ pub(crate) struct Holding {
     wait_timeout: Duration,
     /// What taking over ended of earlier attempts, for this attempt's record.
     note: Option<String>,
+    /// The attempt before ours when it failed, for the termination message ("the previous
+    /// attempt 3 failed too").
+    previous_failure: Option<String>,
 }
 
 /// What taking over found.
@@ -184,7 +187,7 @@ impl Holding {
             .begin(book, &attempt(replica, kill_grace))
             .await
             .map_err(sql)?;
-        watch::say_previous_failure(previous.ok());
+        let previous_failure = watch::say_previous_failure(previous.ok());
         Ok(TakeOver::Holding(Box::new(Holding {
             conn,
             witness,
@@ -196,6 +199,7 @@ impl Holding {
             direct: route == Route::Direct,
             server_version,
             wait_timeout,
+            previous_failure,
             note: (ended != Ended::default())
                 .then(|| format!("before it, earlier attempts' sessions: {ended}")),
         })))
@@ -222,6 +226,20 @@ impl Holding {
         }
     }
 
+    /// `" (the previous attempt N failed too)"` after a failed attempt, else empty: for the
+    /// final messages, so that repeated failures show in the termination message too.
+    pub(crate) fn failed_too(&self) -> String {
+        self.previous_failure
+            .as_ref()
+            .map(|p| format!(" (the previous attempt {p} failed too)"))
+            .unwrap_or_default()
+    }
+
+    /// The attempt before ours, when it failed (`3 by <holder>`).
+    pub(crate) fn previous_failure(&self) -> Option<&str> {
+        self.previous_failure.as_deref()
+    }
+
     /// The ledger row of this attempt.
     pub(crate) fn attempt(&self) -> i64 {
         self.attempt
@@ -244,6 +262,7 @@ impl Holding {
             );
         }
         let started = Instant::now();
+        let too = self.failed_too();
         let program = program.with_env(self.child_env(bounds.lock_timeout));
         let mut child = match child::spawn(&program) {
             Ok(c) => c,
@@ -272,7 +291,7 @@ impl Holding {
                 )
                 .await?;
                 Err(Error::MigrationFailed {
-                    what: format!("{what} `{}`", program.display()),
+                    what: format!("{what} `{}`{}", program.display(), too),
                     code,
                 })
             }
@@ -287,7 +306,7 @@ impl Holding {
                 self.complete(replica, Outcome::Failed, Some(code), &reason)
                     .await?;
                 Err(Error::Timeout {
-                    what: format!("{what} `{}` did not finish", program.display()),
+                    what: format!("{what} `{}` did not finish{}", program.display(), too),
                     waited: limit,
                     hint: "it was stopped, its database sessions ended and the attempt recorded as failed; the next replica migrates again (raise --migration-timeout if it needs longer)".into(),
                 })

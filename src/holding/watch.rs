@@ -117,7 +117,9 @@ impl Holding {
             };
             if policy == OtherReleases::Fail {
                 let e = Error::Config(format!(
-                    "refusing to migrate release {release:?} while apps of another release are connected ({others}) (--other-releases fail):                      stop the old replicas before the new ones start (Kubernetes: strategy Recreate; Swarm: update_config order stop-first; or scale the old release to 0),                      or use --other-releases wait or ignore"
+                    "refusing to migrate release {release:?} while apps of another release are connected ({others}) (--other-releases fail): \
+                     stop the old replicas before the new ones start (Kubernetes: strategy Recreate; Swarm: update_config order stop-first; or scale the old release to 0), \
+                     or use --other-releases wait or ignore"
                 ));
                 self.complete(
                     replica,
@@ -190,13 +192,11 @@ impl Holding {
 
 /// Repeated failures are visible: logs the attempt before ours (`previous`, the newest row of
 /// the release before ours was written) if it did not succeed, before we migrate again.
-pub(super) fn say_previous_failure(previous: Option<Vec<AttemptRow>>) {
-    let Some(p) = previous
+/// Returns it in short (`3 by <holder>`), for the final messages.
+pub(super) fn say_previous_failure(previous: Option<Vec<AttemptRow>>) -> Option<String> {
+    let p = previous
         .and_then(|rows| rows.into_iter().next())
-        .filter(|a| a.outcome == "failed" || a.outcome == "abandoned")
-    else {
-        return;
-    };
+        .filter(|a| a.outcome == "failed" || a.outcome == "abandoned")?;
     warn!(
         previous_attempt = p.id,
         "the previous attempt {} by {} (host {}, pid {}) {} with exit code {} at {}: {}; migrating again",
@@ -209,4 +209,5 @@ pub(super) fn say_previous_failure(previous: Option<Vec<AttemptRow>>) {
         p.finished_at.as_deref().unwrap_or(&p.started_at),
         p.detail.lines().next().unwrap_or("no detail")
     );
+    Some(format!("{} by {}", p.id, p.holder))
 }

@@ -41,7 +41,17 @@ pub(crate) async fn other_releases(
     releases: &str,
 ) -> Result<Vec<OtherRelease>, sqlx::Error> {
     let sql = format!(
-        "WITH s AS (SELECT {hash} AS hash, coalesce(host(a.client_addr), 'local') AS client                     FROM pg_stat_activity a                     WHERE left(a.application_name, {len}) = {prefix} AND {same}                       AND {hash} NOT IN ({own}, '-', '') AND a.pid <> pg_backend_pid()),               n AS (SELECT DISTINCT ON (h) h, release                     FROM (SELECT left(encode(sha256(convert_to(r.release, 'UTF8')), 'hex'), 8) AS h,                                  r.release FROM ({releases}) r(release)) x                     ORDER BY h, release)          SELECT s.hash, coalesce(n.release, ''), count(*)::text,                 string_agg(DISTINCT s.client, ', ')          FROM s LEFT JOIN n ON n.h = s.hash GROUP BY s.hash, n.release ORDER BY s.hash",
+        "WITH s AS (SELECT {hash} AS hash, coalesce(host(a.client_addr), 'local') AS client \
+                    FROM pg_stat_activity a \
+                    WHERE left(a.application_name, {len}) = {prefix} AND {same} \
+                      AND {hash} NOT IN ({own}, '-', '') AND a.pid <> pg_backend_pid()), \
+              n AS (SELECT DISTINCT ON (h) h, release \
+                    FROM (SELECT left(encode(sha256(convert_to(r.release, 'UTF8')), 'hex'), 8) AS h, \
+                                 r.release FROM ({releases}) r(release)) x \
+                    ORDER BY h, release) \
+         SELECT s.hash, coalesce(n.release, ''), count(*)::text, \
+                string_agg(DISTINCT s.client, ', ') \
+         FROM s LEFT JOIN n ON n.h = s.hash GROUP BY s.hash, n.release ORDER BY s.hash",
         hash = field(2),
         len = tag.lock_prefix().len(),
         prefix = lit(&tag.lock_prefix()),
