@@ -167,6 +167,17 @@ fn a_migration_blocked_behind_an_open_transaction_is_reported_with_its_blocker_u
         wait["blocked_by"][0]["state"], "idle in transaction",
         "{status}"
     );
+    let text = stdout(&case.db.gate_output(&["status"]));
+    assert_mentions(
+        &text,
+        &[
+            "attempt 1 is running; its database sessions:",
+            "  waiting: pid ",
+            &format!(
+                "for AccessExclusiveLock on runs; blocked by pid {old_pid} (application_name \"old-app\""
+            ),
+        ],
+    );
     // Past the 1 s threshold and a look (every second for this threshold).
     std::thread::sleep(Duration::from_millis(3000));
     old.one("COMMIT");

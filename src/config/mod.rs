@@ -23,8 +23,8 @@ const AFTER_HELP: &str = "\
 Exit codes: 0 ok, 1 release not done (status --release), 64 usage, 69 database unavailable,
 70 internal, 75 timed out (waiting, readiness, or --migration-timeout), 77 authentication or
 permission refused, 78 configuration refused by a preflight check (--same-env, --preset, an
-older release), 126 command not executable, 127 command not found; a failed migration passes
-on its own exit code (128+N if killed by signal N).
+older release) or by --other-releases fail, 126 command not executable, 127 command not found;
+a failed migration passes on its own exit code (128+N if killed by signal N).
 
 The final one-line outcome is also written to /dev/termination-log when that file exists and is
 writable (Kubernetes shows it in `kubectl describe pod`); MIGRATIONS_GATE_TERMINATION_LOG names

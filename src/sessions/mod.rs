@@ -124,8 +124,8 @@ pub(crate) fn child_env(
     {
         options = format!("{options} -c client_connection_check_interval={CLIENT_CHECK_MS}");
     }
-    if let (true, Some(limit)) = (direct, lock_timeout) {
-        // At least 1 ms: 0 would mean no limit.
+    if let (true, Some(limit)) = (direct, lock_timeout.filter(|l| !l.is_zero())) {
+        // At least 1 ms: 0 would mean no limit (a zero --lock-timeout passes nothing).
         let ms = limit.as_millis().max(1);
         options = format!("{options} -c lock_timeout={ms}");
     }
