@@ -7,17 +7,37 @@ use std::time::{Duration, Instant};
 use tracing::{error, warn};
 
 use super::{
-    HEARTBEAT_TIMEOUT, Holding, RECORD_FENCED_FOR, RETRY_END, SETTLE_AFTER_SUCCESS, attempt,
+    HEARTBEAT, HEARTBEAT_TIMEOUT, Holding, RECORD_FENCED_FOR, RETRY_END, SETTLE_AFTER_SUCCESS,
 };
 use crate::child::Supervisor;
 use crate::db::close;
 use crate::duration;
 use crate::error::{Error, Result};
-use crate::ledger::Outcome;
+use crate::ledger::{Attempt, Outcome};
 use crate::lock;
 use crate::replica::Replica;
 use crate::sessions::{self, EndError, Ended, Which};
 use crate::sql;
+
+/// How long after its last heartbeat a holder with this `--kill-grace` has surely noticed a
+/// lost session and stopped its child: a taker-over waits that long after a vanished holder.
+fn fence_time(kill_grace: Duration) -> Duration {
+    HEARTBEAT + HEARTBEAT_TIMEOUT + kill_grace + Duration::from_secs(1)
+}
+
+/// This replica's attempt, for the ledger.
+pub(super) fn attempt(replica: &Replica, kill_grace: Duration) -> Attempt<'_> {
+    Attempt {
+        release: replica.release(),
+        holder: &replica.target.application_name,
+        host: replica.host(),
+        pid: std::process::id(),
+        fence_secs: fence_time(kill_grace)
+            .as_secs()
+            .try_into()
+            .unwrap_or(u32::MAX),
+    }
+}
 
 impl Holding {
     /// The migration exited 0: a session of it still running a statement or inside a

@@ -16,7 +16,7 @@ use crate::child::{self, Program, Supervisor};
 use crate::db::{Conn, Failure, close};
 use crate::duration;
 use crate::error::{Error, Result};
-use crate::ledger::{Attempt, Outcome, ReadKey, Seen};
+use crate::ledger::{Outcome, ReadKey, Seen};
 use crate::lock::{self, Route, Scope};
 use crate::lockwaits;
 use crate::probe::Probe;
@@ -26,7 +26,7 @@ use crate::sessions::{self, Ended, Which};
 mod ending;
 mod watch;
 
-use ending::end_sessions;
+use ending::{attempt, end_sessions};
 use watch::Watch;
 pub(crate) use watch::{Bounds, OtherReleases};
 
@@ -45,26 +45,6 @@ const RETRY_END: Duration = Duration::from_secs(1);
 const LOOK_AT_WAITS: Duration = Duration::from_secs(5);
 /// How often the holder probes the app for readiness.
 const PROBE_EVERY: Duration = Duration::from_millis(250);
-
-/// How long after its last heartbeat a holder with this `--kill-grace` has surely noticed a
-/// lost session and stopped its child: a taker-over waits that long after a vanished holder.
-fn fence_time(kill_grace: Duration) -> Duration {
-    HEARTBEAT + HEARTBEAT_TIMEOUT + kill_grace + Duration::from_secs(1)
-}
-
-/// This replica's attempt, for the ledger.
-fn attempt(replica: &Replica, kill_grace: Duration) -> Attempt<'_> {
-    Attempt {
-        release: replica.release(),
-        holder: &replica.target.application_name,
-        host: replica.host(),
-        pid: std::process::id(),
-        fence_secs: fence_time(kill_grace)
-            .as_secs()
-            .try_into()
-            .unwrap_or(u32::MAX),
-    }
-}
 
 /// The lock session of the holder, its scope and its ledger row.
 pub(crate) struct Holding {
@@ -224,20 +204,6 @@ impl Holding {
             Some(w) => w.pg().await,
             None => self.conn.pg().await,
         }
-    }
-
-    /// `" (the previous attempt N failed too)"` after a failed attempt, else empty: for the
-    /// final messages, so that repeated failures show in the termination message too.
-    pub(crate) fn failed_too(&self) -> String {
-        self.previous_failure
-            .as_ref()
-            .map(|p| format!(" (the previous attempt {p} failed too)"))
-            .unwrap_or_default()
-    }
-
-    /// The attempt before ours, when it failed (`3 by <holder>`).
-    pub(crate) fn previous_failure(&self) -> Option<&str> {
-        self.previous_failure.as_deref()
     }
 
     /// The ledger row of this attempt.

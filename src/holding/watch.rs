@@ -58,6 +58,20 @@ pub(super) struct Watch {
 }
 
 impl Holding {
+    /// `" (the previous attempt N failed too)"` after a failed attempt, else empty: for the
+    /// final messages, so that repeated failures show in the termination message too.
+    pub(crate) fn failed_too(&self) -> String {
+        self.previous_failure
+            .as_ref()
+            .map(|p| format!(" (the previous attempt {p} failed too)"))
+            .unwrap_or_default()
+    }
+
+    /// The attempt before ours, when it failed (`3 by <holder>`).
+    pub(crate) fn previous_failure(&self) -> Option<&str> {
+        self.previous_failure.as_deref()
+    }
+
     /// Before the migration: looks for sessions of this lock's apps of another release (their
     /// tag's release differs from ours) and waits for them to disconnect, refuses, or goes on,
     /// as `policy` says. Without a release there is nothing to compare. A refusal, or a wait
