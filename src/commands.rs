@@ -29,7 +29,8 @@ pub(crate) async fn migrate(args: MigrateArgs) -> Result<i32> {
         release.as_deref(),
     )?;
     let replica = replica_for(&args.gate.db, release, &preflight)?;
-    let kill_grace = args.kill_grace;
+    let bounds = args.holder.bounds(args.gate.preflight.preset);
+    let kill_grace = bounds.kill_grace;
     let want = Want::Lock {
         kill_grace,
         slots: args.gate.waiting.waiting_connections,
@@ -45,11 +46,22 @@ pub(crate) async fn migrate(args: MigrateArgs) -> Result<i32> {
             Ok(EXIT_OK)
         }
         Turn::Holder(holding) => {
-            let holding = holder_preflight(&preflight, &replica, *holding).await?;
+            let holding = holder_preflight(&preflight, &replica, *holding)
+                .await?
+                .no_other_releases(
+                    &replica,
+                    bounds.other_releases,
+                    args.gate.waiting.wait_timeout,
+                )
+                .await?;
             let program = Program::new(&args.command, (&flag.name, &flag.on));
             let holding = holding
-                .migrate(&replica, &program, "migration command", kill_grace)
+                .migrate(&replica, &program, "migration command", &bounds)
                 .await?;
+            let after = holding
+                .previous_failure()
+                .map(|p| format!(", after attempt {p} had failed"))
+                .unwrap_or_default();
             holding
                 .complete(
                     &replica,
@@ -59,7 +71,7 @@ pub(crate) async fn migrate(args: MigrateArgs) -> Result<i32> {
                 )
                 .await?;
             termination::write_success(&format!(
-                "migrated {} (this replica held the lock; the migration command exited 0)",
+                "migrated {} (this replica held the lock; the migration command exited 0{after})",
                 release_name(&replica)
             ));
             Ok(EXIT_OK)
@@ -93,7 +105,8 @@ pub(crate) async fn run(args: RunArgs) -> Result<i32> {
     };
     let preflight = Preflight::new(&args.gate.preflight.settings(), mode, release.as_deref())?;
     let replica = replica_for(&args.gate.db, release, &preflight)?;
-    let kill_grace = args.kill_grace;
+    let bounds = args.holder.bounds(args.gate.preflight.preset);
+    let kill_grace = bounds.kill_grace;
     // The app started with the flag off is no attempt: its sessions carry the release only.
     let app_off = Program::new(&args.command, (&flag.name, &flag.off))
         .with_env(sessions::follower_env(replica.lock(), replica.release()));
@@ -107,13 +120,22 @@ pub(crate) async fn run(args: RunArgs) -> Result<i32> {
             preflight.follower(&replica, seen, conn).await?;
             return Err(child::exec(&app_off));
         }
-        Turn::Holder(holding) => holder_preflight(&preflight, &replica, *holding).await?,
+        Turn::Holder(holding) => {
+            holder_preflight(&preflight, &replica, *holding)
+                .await?
+                .no_other_releases(
+                    &replica,
+                    bounds.other_releases,
+                    args.gate.waiting.wait_timeout,
+                )
+                .await?
+        }
     };
 
     if let Some(argv) = &migrate_argv {
         let program = Program::new(argv, (&flag.name, &flag.on));
         holding = holding
-            .migrate(&replica, &program, "--migrate command", kill_grace)
+            .migrate(&replica, &program, "--migrate command", &bounds)
             .await?;
     }
 
@@ -143,7 +165,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<i32> {
         ),
     );
     let mut child = holding
-        .start_app(&replica, &app, &probe, args.ready_timeout, kill_grace)
+        .start_app(&replica, &app, &probe, args.ready_timeout, &bounds)
         .await?;
     // Like tini: stay as APP's parent, forward signals, reap, exit with its code.
     let code = child.wait().await;
@@ -232,7 +254,7 @@ pub(crate) async fn reset(args: ResetArgs) -> Result<i32> {
     let removed = match result {
         Ok(Ok(removed)) => removed,
         Ok(Err(())) => {
-            let holder = replica.describe_holder(&mut conn).await;
+            let holder = replica.describe_holder(&mut conn).await.text;
             close(conn).await;
             return Err(Error::LockHeld {
                 lock: replica.lock().to_string(),

@@ -206,6 +206,16 @@ impl Ledger {
         )
     }
 
+    /// A subquery of every release this lock's ledger names (column `release`), for mapping
+    /// a session tag's release hash back to a name.
+    pub(crate) fn release_names(&self) -> String {
+        format!(
+            "SELECT DISTINCT release FROM {} WHERE lock_key = {} AND release IS NOT NULL",
+            self.table(),
+            self.lock.key
+        )
+    }
+
     /// Proves the holder alive to a future taker-over: stamps `heartbeat_at`. Returns whether
     /// the row was there to stamp.
     pub(crate) async fn heartbeat(

@@ -13,7 +13,8 @@
 //! - [`holding`]: the holder's life from taking over to completing or fencing (heartbeat,
 //!   supervise, complete, fence);
 //! - [`sessions`]: the database sessions of an attempt: their tag (`PGAPPNAME`), finding them,
-//!   ending them; [`sockets`]: the TCP connections of a child's process group, from `/proc`;
+//!   ending them; [`lockwaits`]: what those sessions wait on, and who blocks them;
+//!   [`sockets`]: the TCP connections of a child's process group, from `/proc`;
 //! - [`probe`]: readiness checks; [`child`]: spawning, guarding, signal forwarding, reaping,
 //!   `exec`; [`termination`]: the final one-line outcome in `/dev/termination-log`;
 //! - [`replica`]: one replica's view of the database, the lock and the ledger, shared by every
@@ -37,6 +38,7 @@ mod holding;
 mod install;
 mod ledger;
 mod lock;
+mod lockwaits;
 mod preflight;
 mod probe;
 mod release;

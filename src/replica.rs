@@ -11,6 +11,27 @@ use crate::error::{Error, Result};
 use crate::ledger::Ledger;
 use crate::lock::{self, LockKey, Route, Scope};
 
+/// The start of the gate's default `application_name` (`migrations-gate/<hostname>`).
+pub(crate) const GATE_NAME_PREFIX: &str = "migrations-gate/";
+
+/// Who holds the lock, for messages.
+#[derive(Debug, Clone)]
+pub(crate) struct HolderNote {
+    /// The holder, and what to do when it is not a gate.
+    pub(crate) text: String,
+    /// The backend PID of a holder that is not a gate.
+    pub(crate) foreign: Option<i32>,
+}
+
+impl HolderNote {
+    fn plain(text: String) -> HolderNote {
+        HolderNote {
+            text,
+            foreign: None,
+        }
+    }
+}
+
 /// Where the database and the lock are, as the command line gave them (validated by the CLI),
 /// shared by every command.
 #[derive(Debug, Clone)]
@@ -87,16 +108,38 @@ impl Replica {
         }
     }
 
-    /// Who holds the lock, for messages.
-    pub(crate) async fn describe_holder(&self, conn: &mut Conn) -> String {
-        let holder = match conn.pg().await {
-            Ok(c) => lock::holder(c, self.lock()).await,
-            Err(e) => Err(e),
+    /// Who holds the lock, for messages. A holder whose `application_name` is not a gate's
+    /// (neither [`GATE_NAME_PREFIX`] nor ours) while no attempt is `running` is not a gate: a
+    /// leftover `psql` holding the same key, say. The message says so, and how to end it.
+    pub(crate) async fn describe_holder(&self, conn: &mut Conn) -> HolderNote {
+        let c = match conn.pg().await {
+            Ok(c) => c,
+            Err(e) => return HolderNote::plain(format!("unknown ({e})")),
         };
-        match holder {
-            Ok(Some(h)) => h.to_string(),
-            Ok(None) => "nobody (about to be taken)".into(),
-            Err(e) => format!("unknown ({e})"),
+        let h = match lock::holder(c, self.lock()).await {
+            Ok(Some(h)) => h,
+            Ok(None) => return HolderNote::plain("nobody (about to be taken)".into()),
+            Err(e) => return HolderNote::plain(format!("unknown ({e})")),
+        };
+        let named_like_a_gate = h.application_name.starts_with(GATE_NAME_PREFIX)
+            || h.application_name == self.target.application_name;
+        // A gate with another --application-name has its attempt `running`; no ledger yet
+        // means no gate ever held this lock here.
+        let gate = named_like_a_gate
+            || self
+                .ledger
+                .attempts(c, None, 1)
+                .await
+                .is_ok_and(|a| a.first().is_some_and(|a| a.outcome == "running"));
+        if gate {
+            return HolderNote::plain(h.to_string());
+        }
+        HolderNote {
+            text: format!(
+                "{h}, which is not a migrations-gate (no attempt is running): a session holding the same advisory lock key, such as a leftover psql; if it should not hold it, end it with `SELECT pg_terminate_backend({})`",
+                h.pid
+            ),
+            foreign: Some(h.pid),
         }
     }
 

@@ -11,8 +11,10 @@ use crate::db::close;
 use crate::error::{EXIT_NOT_DONE, EXIT_OK, Error, Result};
 use crate::ledger::{AttemptRow, ReadKey};
 use crate::lock::{self, Holder};
+use crate::lockwaits::{self, Wait};
 use crate::preflight::{EnvCheck, Store};
 use crate::replica::Replica;
+use crate::sessions::{self, Session};
 
 /// The JSON document `status --json` prints. Field names are a stable interface.
 #[derive(Debug, Serialize)]
@@ -27,9 +29,42 @@ pub(crate) struct Report {
     pub release_done: Option<bool>,
     /// Attempts, newest first.
     pub attempts: Vec<AttemptRow>,
+    /// The database sessions of each shown attempt that is `running`, and what they wait on.
+    pub running: Vec<Running>,
     /// `--same-env` comparisons of the shown releases (with `--release`, of that one): per
     /// release and variable, who set the reference, how many replicas agreed, which disagreed.
     pub env_checks: Vec<EnvCheck>,
+}
+
+/// A running attempt's database sessions (those that carry its tag) and their lock waits.
+#[derive(Debug, Serialize)]
+pub(crate) struct Running {
+    /// The attempt's ledger row.
+    pub attempt: i64,
+    /// Its sessions.
+    pub sessions: Vec<Session>,
+    /// Those of them waiting on a lock, with who blocks them.
+    pub waits: Vec<Wait>,
+}
+
+/// The sessions and waits of the `running` ones among `attempts`: two queries per running
+/// attempt, none when nothing runs.
+async fn running(
+    c: &mut sqlx::PgConnection,
+    replica: &Replica,
+    attempts: &[AttemptRow],
+) -> Result<Vec<Running>, sqlx::Error> {
+    let version = c.server_version_num().unwrap_or(0);
+    let mut found = Vec::new();
+    for a in attempts.iter().filter(|a| a.outcome == "running") {
+        let which = sessions::Attempt::new(replica.lock(), a.release.as_deref(), a.id).which();
+        found.push(Running {
+            attempt: a.id,
+            sessions: sessions::list(c, &which).await?,
+            waits: lockwaits::waits(c, &which, std::time::Duration::ZERO, version).await?,
+        });
+    }
+    Ok(found)
 }
 
 /// Prints the status and returns the exit code.
@@ -66,11 +101,12 @@ pub(crate) async fn status(args: StatusArgs) -> Result<i32> {
             }
         };
         let env_checks = store.summary(c, Some(&releases)).await?;
-        Ok::<_, sqlx::Error>((holder, attempts, release_done, env_checks))
+        let running = running(c, &replica, &attempts).await?;
+        Ok::<_, sqlx::Error>((holder, attempts, release_done, env_checks, running))
     }
     .await;
     close(conn).await;
-    let (holder, attempts, release_done, env_checks) =
+    let (holder, attempts, release_done, env_checks, running) =
         gathered.map_err(|e| replica.db.fail(&e, "while reading the status"))?;
     let report = Report {
         lock: replica.lock().name.clone(),
@@ -78,6 +114,7 @@ pub(crate) async fn status(args: StatusArgs) -> Result<i32> {
         holder,
         release_done,
         attempts,
+        running,
         env_checks,
     };
     let text = if args.json {
@@ -169,8 +206,28 @@ pub(crate) fn render(report: &Report, release: Option<&str>) -> String {
         s.push_str(&line(row));
         s.push('\n');
     }
+    render_running(&mut s, &report.running);
     render_env(&mut s, &report.env_checks);
     s
+}
+
+/// The sessions of running attempts, and what they wait on.
+fn render_running(s: &mut String, running: &[Running]) {
+    for r in running {
+        s.push_str(&format!(
+            "\nattempt {} is running; its database sessions:\n",
+            r.attempt
+        ));
+        if r.sessions.is_empty() {
+            s.push_str("  none\n");
+        }
+        for session in &r.sessions {
+            s.push_str(&format!("  {session}\n"));
+        }
+        for w in &r.waits {
+            s.push_str(&format!("  waiting: {w}\n"));
+        }
+    }
 }
 
 /// The `--same-env` section: one line per release and variable, then who disagreed.

@@ -37,7 +37,7 @@ use crate::error::{Error, Result};
 use crate::holding::{Holding, TakeOver};
 use crate::ledger::{ReadKey, Seen};
 use crate::lock::{self, Route, Scope, WaitSlots};
-use crate::replica::Replica;
+use crate::replica::{HolderNote, Replica};
 
 /// How often a waiter logs who holds the lock.
 const REPORT_EVERY: Duration = Duration::from_secs(10);
@@ -198,7 +198,7 @@ struct Waiter<'g> {
     /// The latest such reason.
     last_trouble: Option<String>,
     /// The lock holder as last seen, for the timeout message.
-    last_holder: Option<String>,
+    last_holder: Option<HolderNote>,
     next_report: Instant,
 }
 
@@ -416,7 +416,7 @@ impl Waiter<'_> {
         let holder = self.replica.describe_holder(conn).await;
         info!(
             release = self.replica.release(),
-            holder,
+            holder = holder.text,
             "waiting for {}",
             self.replica.waiting_for()
         );
@@ -445,8 +445,13 @@ impl Waiter<'_> {
                     "the database was not reachable ({reason}); check it, or raise --wait-timeout"
                 )
             }
+            (Some(holder), _) if holder.foreign.is_some() => format!(
+                "the lock is held by {}; or raise --wait-timeout",
+                holder.text
+            ),
             (Some(holder), _) => format!(
-                "the lock is held by {holder}: check that replica's logs, or raise --wait-timeout"
+                "the lock is held by {}: check that replica's logs, or raise --wait-timeout",
+                holder.text
             ),
             (None, _) => "check the replica that migrates, or raise --wait-timeout".into(),
         };

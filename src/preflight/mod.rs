@@ -423,6 +423,34 @@ mod tests {
         .err()
         .expect("local Chroma with forked workers fails");
         assert!(e.to_string().contains("UVICORN_WORKERS > 1"), "{e}");
+
+        // Forked workers and a holder that would start the app with the flag on: every worker
+        // would run Alembic at once. With --migrate (or one worker) it passes.
+        let workers = |n: &str, mode| {
+            Preflight::with_context(
+                &args(Some(Preset::OpenWebui)),
+                &cx(
+                    &[
+                        ("DATABASE_URL", "postgres://h/db"),
+                        ("VECTOR_DB", "pgvector"),
+                        ("UVICORN_WORKERS", n),
+                    ],
+                    mode,
+                ),
+                Some("r1"),
+            )
+        };
+        let e = workers("2", Mode::Run { migrate: false })
+            .err()
+            .expect("forked workers migrating on start-up fail");
+        assert_eq!(e.exit_code(), 78);
+        assert!(
+            e.to_string()
+                .contains("--migrate \"python -c 'import open_webui.config'\""),
+            "{e}"
+        );
+        assert!(workers("2", Mode::Run { migrate: true }).is_ok());
+        assert!(workers("1", Mode::Run { migrate: false }).is_ok());
     }
 
     #[test]

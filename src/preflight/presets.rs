@@ -150,6 +150,15 @@ const OPEN_WEBUI: &[Rule] = &[
         why: "the default local ChromaDB keeps its index in SQLite, and forked workers crash on it",
     },
     Rule {
+        vars: &["UVICORN_WORKERS"],
+        check: Check::Holds(|cx| {
+            cx.workers() <= 1 || !matches!(cx.mode, Mode::Run { migrate: false })
+        }),
+        level: Level::Fail,
+        wants: "`run` has --migrate \"python -c 'import open_webui.config'\" when UVICORN_WORKERS > 1",
+        why: "without it the holder starts the app with the flag on, and every uvicorn worker runs Alembic at once inside that one container (Open WebUI's Scaling & HA guide warns about exactly this)",
+    },
+    Rule {
         vars: &["VECTOR_DB", "CHROMA_HTTP_HOST"],
         check: Check::Holds(shared_vector_store),
         level: Level::Warn,

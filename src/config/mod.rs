@@ -8,19 +8,23 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+mod holder;
+
+pub use holder::HolderArgs;
+
 use crate::error::{Error, Result};
 use crate::lock::{LockKey, Scope, WaitSlots};
 use crate::preflight::{self, OnMismatch, Preset};
 use crate::probe::{self, Probe};
 use crate::release::release_from_path;
-use crate::replica::{Target, hostname};
+use crate::replica::{GATE_NAME_PREFIX, Target, hostname};
 
 const AFTER_HELP: &str = "\
 Exit codes: 0 ok, 1 release not done (status --release), 64 usage, 69 database unavailable,
-70 internal, 75 timed out, 77 authentication or permission refused, 78 configuration refused by
-a preflight check (--same-env, --preset, an older release), 126 command not executable,
-127 command not found; a failed migration passes on its own exit code (128+N if killed by
-signal N).
+70 internal, 75 timed out (waiting, readiness, or --migration-timeout), 77 authentication or
+permission refused, 78 configuration refused by a preflight check (--same-env, --preset, an
+older release) or by --other-releases fail, 126 command not executable, 127 command not found;
+a failed migration passes on its own exit code (128+N if killed by signal N).
 
 The final one-line outcome is also written to /dev/termination-log when that file exists and is
 writable (Kubernetes shows it in `kubectl describe pod`); MIGRATIONS_GATE_TERMINATION_LOG names
@@ -244,9 +248,9 @@ pub struct MigrateArgs {
     #[command(flatten)]
     pub gate: GateArgs,
 
-    /// After SIGTERM, wait this long before SIGKILL when the gate must stop its child.
-    #[arg(long, env = "MIGRATIONS_GATE_KILL_GRACE", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
-    pub kill_grace: Duration,
+    /// How the holder stops, bounds and watches the migration.
+    #[command(flatten)]
+    pub holder: HolderArgs,
 
     /// The migration command, run with the flag on by the lock holder only.
     #[arg(last = true, required = true, value_name = "CMD")]
@@ -260,9 +264,9 @@ pub struct RunArgs {
     #[command(flatten)]
     pub gate: GateArgs,
 
-    /// After SIGTERM, wait this long before SIGKILL when the gate must stop its child.
-    #[arg(long, env = "MIGRATIONS_GATE_KILL_GRACE", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
-    pub kill_grace: Duration,
+    /// How the holder stops, bounds and watches the migration.
+    #[command(flatten)]
+    pub holder: HolderArgs,
 
     /// Migration command the holder runs first (flag on); split like a POSIX shell, run without one.
     #[arg(long, env = "MIGRATIONS_GATE_MIGRATE", value_name = "CMD")]
@@ -346,7 +350,7 @@ pub enum LogFormat {
     Json,
 }
 
-fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 30s, 5m, 1h)"))
 }
 
@@ -385,7 +389,7 @@ impl DbArgs {
             application_name: self
                 .application_name
                 .clone()
-                .unwrap_or_else(|| format!("migrations-gate/{}", hostname())),
+                .unwrap_or_else(|| format!("{GATE_NAME_PREFIX}{}", hostname())),
             lock_scope: self.lock_scope,
         })
     }

@@ -32,17 +32,20 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use sqlx::postgres::PgConnection;
-use tracing::{info, warn};
+use tracing::warn;
 
 use crate::lock::LockKey;
-use crate::sql::{Cols, lit, query, query_scalar};
+use crate::sql::{Cols, lit, query};
+
+mod ending;
+mod others;
+
+use ending::settle;
+pub(crate) use ending::{EndError, Ended, end};
+pub(crate) use others::other_releases;
 
 /// The prefix that marks a session as started by a gate's child.
 const PREFIX: &str = "mgate";
-/// How long cancelled sessions get to end before they are terminated.
-const CANCEL_GRACE: Duration = Duration::from_secs(2);
-/// How long terminated sessions get to disappear from `pg_stat_activity`.
-const TERMINATE_GRACE: Duration = Duration::from_secs(5);
 /// How often the holder looks again while sessions end.
 const POLL: Duration = Duration::from_millis(100);
 
@@ -98,25 +101,36 @@ const CLIENT_CHECK_SINCE: u32 = 140_000;
 /// The environment a child of the gate gets for its sessions: `PGAPPNAME` with `tag` (then the
 /// operator's own `PGAPPNAME`), and, when the child reaches PostgreSQL `server_version` (as
 /// `server_version_num`) 14+ without a pooler between, `-c client_connection_check_interval=1s`
-/// appended to the operator's `PGOPTIONS`. Never behind a pooler: PgBouncer refuses the
-/// `options` startup parameter. An operator's own `client_connection_check_interval` in
-/// `PGOPTIONS` wins (`=0` turns it off).
-pub(crate) fn child_env(tag: &Tag, direct: bool, server_version: u32) -> Vec<(String, String)> {
+/// appended to the operator's `PGOPTIONS`; on a direct route too, `-c lock_timeout=<ms>` for
+/// `lock_timeout` (`--lock-timeout`), after the operator's options so that the flag wins. Never
+/// behind a pooler: PgBouncer refuses the `options` startup parameter. An operator's own
+/// `client_connection_check_interval` in `PGOPTIONS` wins (`=0` turns it off).
+pub(crate) fn child_env(
+    tag: &Tag,
+    direct: bool,
+    server_version: u32,
+    lock_timeout: Option<Duration>,
+) -> Vec<(String, String)> {
     let own = |name: &str| std::env::var(name).ok();
     let mut env = vec![(
         "PGAPPNAME".to_string(),
         tag.app_name(own("PGAPPNAME").as_deref()),
     )];
-    let options = own("PGOPTIONS").unwrap_or_default();
+    let mut options = own("PGOPTIONS").unwrap_or_default();
+    let before = options.clone();
     if direct
         && server_version >= CLIENT_CHECK_SINCE
         && !options.contains("client_connection_check_interval")
     {
-        let check = format!("-c client_connection_check_interval={CLIENT_CHECK_MS}");
-        env.push((
-            "PGOPTIONS".to_string(),
-            format!("{options} {check}").trim().to_string(),
-        ));
+        options = format!("{options} -c client_connection_check_interval={CLIENT_CHECK_MS}");
+    }
+    if let (true, Some(limit)) = (direct, lock_timeout.filter(|l| !l.is_zero())) {
+        // At least 1 ms: 0 would mean no limit (a zero --lock-timeout passes nothing).
+        let ms = limit.as_millis().max(1);
+        options = format!("{options} -c lock_timeout={ms}");
+    }
+    if options != before {
+        env.push(("PGOPTIONS".to_string(), options.trim().to_string()));
     }
     env
 }
@@ -124,7 +138,7 @@ pub(crate) fn child_env(tag: &Tag, direct: bool, server_version: u32) -> Vec<(St
 /// The environment of an app started with the flag off (a follower's, or the holder's once the
 /// release is done): the tag names the lock and the release, and no attempt.
 pub(crate) fn follower_env(lock: &LockKey, release: Option<&str>) -> Vec<(String, String)> {
-    child_env(&Tag::new(lock, release, None), false, 0)
+    child_env(&Tag::new(lock, release, None), false, 0, None)
 }
 
 /// The first 32 bits of the release ID's SHA-256, in hex: short enough for
@@ -190,10 +204,12 @@ impl Session {
     }
 }
 
+/// SQL: the session of `pg_stat_activity` aliased `a` is in our database. Tags are per lock,
+/// and the same lock name (and attempt numbers) recur in every database of a cluster.
+const SAME_DATABASE: &str = "a.datname = current_database()";
+
 /// Which sessions to look at: a SQL condition on `pg_stat_activity` aliased `a`. Tagged
-/// sessions count only in the gate's own database: attempt IDs are rows of that database's
-/// ledger, and another database on the same server has a ledger (and a lock) of its own whose
-/// IDs collide with ours.
+/// sessions count only in the gate's own database ([`SAME_DATABASE`]).
 #[derive(Debug, Clone)]
 pub(crate) struct Which(String);
 
@@ -202,7 +218,7 @@ impl Which {
     /// child's own sockets.
     fn attempt(tag: &Tag, id: i64, seen: &BTreeSet<(i32, String)>) -> Which {
         let mut cond = format!(
-            "(a.datname = current_database() AND left(a.application_name, {}) = {} AND {} = {})",
+            "(left(a.application_name, {}) = {} AND {} = {} AND {SAME_DATABASE})",
             tag.lock_prefix().len(),
             lit(&tag.lock_prefix()),
             field(3),
@@ -217,12 +233,17 @@ impl Which {
         Which(cond)
     }
 
+    /// The SQL condition, on `pg_stat_activity` aliased `a`.
+    pub(crate) fn condition(&self) -> &str {
+        &self.0
+    }
+
     /// The sessions of this lock's attempts that the ledger does not record `done`: what a
     /// holder that takes over must see gone before it migrates. `unfinished` is a SQL subquery
     /// of attempt IDs (text) recorded `running`, `failed` or `abandoned`.
     pub(crate) fn unfinished(tag: &Tag, unfinished: &str) -> Which {
         Which(format!(
-            "(a.datname = current_database() AND left(a.application_name, {}) = {} AND {} IN ({unfinished}))",
+            "(left(a.application_name, {}) = {} AND {} IN ({unfinished}) AND {SAME_DATABASE})",
             tag.lock_prefix().len(),
             lit(&tag.lock_prefix()),
             field(3),
@@ -258,141 +279,6 @@ pub(crate) async fn list(
             })
         })
         .collect()
-}
-
-/// How an attempt's sessions ended, for the ledger and `status`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct Ended {
-    /// Sessions that ended after `pg_cancel_backend`.
-    pub cancelled: usize,
-    /// Sessions that had to be terminated.
-    pub terminated: usize,
-}
-
-impl fmt::Display for Ended {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match (self.cancelled, self.terminated) {
-            (0, 0) => write!(f, "no session left"),
-            (c, 0) => write!(f, "{c} session(s) cancelled"),
-            (0, t) => write!(f, "{t} session(s) terminated"),
-            (c, t) => write!(f, "{c} session(s) cancelled, {t} terminated"),
-        }
-    }
-}
-
-/// Why sessions could not be ended.
-#[derive(Debug)]
-pub(crate) enum EndError {
-    /// The database could not be asked.
-    Sql(sqlx::Error),
-    /// Our role may not signal these sessions (SQLSTATE 42501): they belong to another role and
-    /// ours lacks `pg_signal_backend`, or to a superuser.
-    Denied(Vec<Session>),
-    /// Signalled, but still there after the grace.
-    Stuck(Vec<Session>),
-}
-
-impl From<sqlx::Error> for EndError {
-    fn from(e: sqlx::Error) -> Self {
-        EndError::Sql(e)
-    }
-}
-
-impl EndError {
-    /// One line for the log and the error: which sessions, and what to do.
-    pub(crate) fn describe(&self, role: &str) -> String {
-        let list = |s: &[Session]| {
-            s.iter()
-                .map(Session::to_string)
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        match self {
-            EndError::Sql(e) => format!("could not look at the attempt's sessions: {e}"),
-            EndError::Denied(s) => format!(
-                "the role {role:?} may not end {}: ask a DBA to run `GRANT pg_signal_backend TO {};` \
-                 (or run the migration as the gate's role), or end them yourself with \
-                 `SELECT pg_terminate_backend(pid)`",
-                list(s),
-                crate::sql::ident(role)
-            ),
-            EndError::Stuck(s) => format!(
-                "{} did not end within {} of pg_terminate_backend",
-                list(s),
-                crate::duration::short(TERMINATE_GRACE)
-            ),
-        }
-    }
-}
-
-/// Sends `pg_cancel_backend` or `pg_terminate_backend` to `pid`. `Ok(false)`: not allowed.
-async fn signal(conn: &mut PgConnection, function: &str, pid: i32) -> Result<bool, sqlx::Error> {
-    match query_scalar(conn, format!("SELECT {function}({pid})::text")).await {
-        Ok(_) => Ok(true),
-        Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42501") => Ok(false),
-        Err(e) => Err(e),
-    }
-}
-
-/// Waits up to `limit` until none of `which`'s sessions is left that `keep` selects; returns
-/// those still there.
-async fn settle(
-    conn: &mut PgConnection,
-    which: &Which,
-    limit: Duration,
-    keep: fn(&Session) -> bool,
-) -> Result<Vec<Session>, sqlx::Error> {
-    let until = tokio::time::Instant::now() + limit;
-    loop {
-        let left: Vec<Session> = list(conn, which).await?.into_iter().filter(keep).collect();
-        if left.is_empty() || tokio::time::Instant::now() >= until {
-            return Ok(left);
-        }
-        tokio::time::sleep(POLL).await;
-    }
-}
-
-/// Ends every session `which` selects: cancels what runs, waits [`CANCEL_GRACE`], terminates
-/// what is left (idle ones too: their client is gone), and confirms they are gone.
-pub(crate) async fn end(conn: &mut PgConnection, which: &Which) -> Result<Ended, EndError> {
-    let found = list(conn, which).await?;
-    if found.is_empty() {
-        return Ok(Ended::default());
-    }
-    let mut denied = Vec::new();
-    for s in found.iter().filter(|s| s.busy()) {
-        if !signal(conn, "pg_cancel_backend", s.pid).await? {
-            denied.push(s.clone());
-        }
-    }
-    if !denied.is_empty() {
-        return Err(EndError::Denied(denied));
-    }
-    let left = settle(conn, which, CANCEL_GRACE, Session::busy).await?;
-    let cancelled = found.iter().filter(|s| s.busy()).count() - left.len();
-    // Busy ones that ignored the cancel, and idle ones (a dead client's, or a pooled server
-    // connection still carrying the tag): terminate them all.
-    let rest = list(conn, which).await?;
-    for s in &rest {
-        if !signal(conn, "pg_terminate_backend", s.pid).await? {
-            denied.push(s.clone());
-        }
-    }
-    if !denied.is_empty() {
-        return Err(EndError::Denied(denied));
-    }
-    let stuck = settle(conn, which, TERMINATE_GRACE, |_| true).await?;
-    if !stuck.is_empty() {
-        return Err(EndError::Stuck(stuck));
-    }
-    let ended = Ended {
-        cancelled,
-        terminated: rest.len(),
-    };
-    if ended != Ended::default() {
-        info!(%ended, "ended the attempt's remaining database sessions");
-    }
-    Ok(ended)
 }
 
 /// The sessions of the holder's attempt: its tag, and the sessions seen on the child's own

@@ -16,12 +16,19 @@ use crate::child::{self, Program, Supervisor};
 use crate::db::{Conn, Failure, close};
 use crate::duration;
 use crate::error::{Error, Result};
-use crate::ledger::{Attempt, Outcome, ReadKey, Seen};
+use crate::ledger::{Outcome, ReadKey, Seen};
 use crate::lock::{self, Route, Scope};
+use crate::lockwaits;
 use crate::probe::Probe;
 use crate::replica::Replica;
-use crate::sessions::{self, EndError, Ended, Which};
-use crate::sql;
+use crate::sessions::{self, Ended, Which};
+
+mod ending;
+mod watch;
+
+use ending::{attempt, end_sessions};
+use watch::Watch;
+pub(crate) use watch::{Bounds, OtherReleases};
 
 /// How often the holder checks that its lock session is alive while a child runs.
 const HEARTBEAT: Duration = Duration::from_secs(1);
@@ -34,28 +41,10 @@ const RECORD_FENCED_FOR: Duration = Duration::from_secs(15);
 const SETTLE_AFTER_SUCCESS: Duration = Duration::from_secs(10);
 /// How often a holder that may not end a session looks again.
 const RETRY_END: Duration = Duration::from_secs(1);
+/// How often, at most, the holder looks at what the migration's sessions wait on.
+const LOOK_AT_WAITS: Duration = Duration::from_secs(5);
 /// How often the holder probes the app for readiness.
 const PROBE_EVERY: Duration = Duration::from_millis(250);
-
-/// How long after its last heartbeat a holder with this `--kill-grace` has surely noticed a
-/// lost session and stopped its child: a taker-over waits that long after a vanished holder.
-fn fence_time(kill_grace: Duration) -> Duration {
-    HEARTBEAT + HEARTBEAT_TIMEOUT + kill_grace + Duration::from_secs(1)
-}
-
-/// This replica's attempt, for the ledger.
-fn attempt(replica: &Replica, kill_grace: Duration) -> Attempt<'_> {
-    Attempt {
-        release: replica.release(),
-        holder: &replica.target.application_name,
-        host: replica.host(),
-        pid: std::process::id(),
-        fence_secs: fence_time(kill_grace)
-            .as_secs()
-            .try_into()
-            .unwrap_or(u32::MAX),
-    }
-}
 
 /// The lock session of the holder, its scope and its ledger row.
 pub(crate) struct Holding {
@@ -79,6 +68,9 @@ pub(crate) struct Holding {
     wait_timeout: Duration,
     /// What taking over ended of earlier attempts, for this attempt's record.
     note: Option<String>,
+    /// The attempt before ours when it failed, for the termination message ("the previous
+    /// attempt 3 failed too").
+    previous_failure: Option<String>,
 }
 
 /// What taking over found.
@@ -100,6 +92,8 @@ enum StepEnd {
     LockLost(String),
     /// The app did not become ready in time.
     ReadyTimeout,
+    /// The migration ran longer than `--migration-timeout` (this long).
+    TimedOut(Duration),
 }
 
 impl Holding {
@@ -167,11 +161,13 @@ impl Holding {
                 .await
                 .map_err(sql)?;
         }
+        let previous = replica.ledger.attempts(book, replica.release(), 1).await;
         let attempt = replica
             .ledger
             .begin(book, &attempt(replica, kill_grace))
             .await
             .map_err(sql)?;
+        let previous_failure = watch::say_previous_failure(previous.ok());
         Ok(TakeOver::Holding(Box::new(Holding {
             conn,
             witness,
@@ -183,14 +179,21 @@ impl Holding {
             direct: route == Route::Direct,
             server_version,
             wait_timeout,
+            previous_failure,
             note: (ended != Ended::default())
                 .then(|| format!("before it, earlier attempts' sessions: {ended}")),
         })))
     }
 
-    /// The environment of this attempt's children: the session tag and `PGOPTIONS`.
-    fn child_env(&self) -> Vec<(String, String)> {
-        sessions::child_env(self.sessions.tag(), self.direct, self.server_version)
+    /// The environment of this attempt's children: the session tag and `PGOPTIONS` (with
+    /// `lock_timeout`, for the migration command).
+    fn child_env(&self, lock_timeout: Option<Duration>) -> Vec<(String, String)> {
+        sessions::child_env(
+            self.sessions.tag(),
+            self.direct,
+            self.server_version,
+            lock_timeout,
+        )
     }
 
     /// The connection that commits on its own: the witness in transaction scope, else the lock
@@ -208,24 +211,34 @@ impl Holding {
         self.attempt
     }
 
-    /// Runs a migration command to completion with the flag on. Success hands the lock back
-    /// for the next step; failure is recorded, frees the lock, and becomes the error (with the
-    /// command's code).
+    /// Runs a migration command to completion with the flag on, within `--migration-timeout`.
+    /// Success hands the lock back for the next step; failure (or the bound) is recorded,
+    /// frees the lock, and becomes the error (with the command's code, or 75).
     pub(crate) async fn migrate(
         mut self,
         replica: &Replica,
         program: &Program<'_>,
         what: &str,
-        kill_grace: Duration,
+        bounds: &Bounds,
     ) -> Result<Holding> {
         info!(command = %program.display(), flag = %format!("{}={}", program.flag.0, program.flag.1), tag = %self.sessions.tag(), "migration started");
+        if bounds.lock_timeout.is_some() && !self.direct {
+            warn!(
+                "--lock-timeout is not passed to the migration: the gate reaches PostgreSQL through a pooler or proxy, and PgBouncer refuses the PGOPTIONS it travels in; set lock_timeout in the migration itself (SET lock_timeout = ...) or connect it directly"
+            );
+        }
         let started = Instant::now();
-        let program = program.with_env(self.child_env());
+        let too = self.failed_too();
+        let program = program.with_env(self.child_env(bounds.lock_timeout));
         let mut child = match child::spawn(&program) {
             Ok(c) => c,
             Err(e) => return Err(self.fail_to_start(replica, e).await),
         };
-        match self.supervise(replica, &mut child, None).await {
+        let watch = Watch {
+            limit: bounds.migration_timeout,
+            report_waits_after: bounds.report_waits_after,
+        };
+        match self.supervise(replica, &mut child, None, watch).await {
             StepEnd::Exited(code) => {
                 child.finish();
                 info!(
@@ -244,13 +257,29 @@ impl Holding {
                 )
                 .await?;
                 Err(Error::MigrationFailed {
-                    what: format!("{what} `{}`", program.display()),
+                    what: format!("{what} `{}`{}", program.display(), too),
                     code,
                 })
             }
-            StepEnd::LockLost(reason) => {
-                Err(self.fence(replica, &mut child, &reason, kill_grace).await)
+            StepEnd::TimedOut(limit) => {
+                let code = child.stop(bounds.kill_grace).await;
+                child.finish();
+                let reason = format!(
+                    "{what} ran longer than --migration-timeout ({}) and was stopped",
+                    duration::short(limit)
+                );
+                error!(code, "{reason}");
+                self.complete(replica, Outcome::Failed, Some(code), &reason)
+                    .await?;
+                Err(Error::Timeout {
+                    what: format!("{what} `{}` did not finish{}", program.display(), too),
+                    waited: limit,
+                    hint: "it was stopped, its database sessions ended and the attempt recorded as failed; the next replica migrates again (raise --migration-timeout if it needs longer)".into(),
+                })
             }
+            StepEnd::LockLost(reason) => Err(self
+                .fence(replica, &mut child, &reason, bounds.kill_grace)
+                .await),
             StepEnd::Ready | StepEnd::ReadyTimeout => Err(Error::Internal(
                 "a probe ended a migration without a probe".into(),
             )),
@@ -265,17 +294,22 @@ impl Holding {
         app: &Program<'_>,
         probe: &Probe,
         ready_timeout: Duration,
-        kill_grace: Duration,
+        bounds: &Bounds,
     ) -> Result<Supervisor> {
+        let (kill_grace, report_waits_after) = (bounds.kill_grace, bounds.report_waits_after);
         info!(command = %app.display(), probe = %probe.describe(), flag = %format!("{}={}", app.flag.0, app.flag.1), tag = %self.sessions.tag(), "starting the app; holding the lock until it is ready");
         let started = Instant::now();
-        let app = &app.with_env(self.child_env());
+        let watch = Watch {
+            limit: None,
+            report_waits_after,
+        };
+        let app = &app.with_env(self.child_env(None));
         let mut child = match child::spawn(app) {
             Ok(c) => c,
             Err(e) => return Err(self.fail_to_start(replica, e).await),
         };
         match self
-            .supervise(replica, &mut child, Some((probe, ready_timeout)))
+            .supervise(replica, &mut child, Some((probe, ready_timeout)), watch)
             .await
         {
             StepEnd::Ready => {
@@ -304,7 +338,7 @@ impl Holding {
                     code,
                 })
             }
-            StepEnd::ReadyTimeout => {
+            StepEnd::ReadyTimeout | StepEnd::TimedOut(_) => {
                 let code = child.stop(kill_grace).await;
                 child.finish();
                 self.complete(
@@ -391,164 +425,35 @@ impl Holding {
         }
     }
 
-    /// The migration exited 0: a session of it still running a statement or inside a
-    /// transaction could still change the schema, so the attempt is not done before it ends.
-    /// Waits [`SETTLE_AFTER_SUCCESS`] for such sessions; if any is left, ends it and records
-    /// the attempt failed.
-    async fn settle_after_success(mut self, replica: &Replica, what: &str) -> Result<Holding> {
-        let sessions = self.sessions.clone();
-        let busy = match self.book().await {
-            Ok(c) => sessions.busy_after_success(c, SETTLE_AFTER_SUCCESS).await,
-            Err(e) => Err(e),
-        };
-        let left = match busy {
-            Ok(left) if left.is_empty() => return Ok(self),
-            Ok(left) => left
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(", "),
-            Err(e) => format!("its sessions could not be checked ({e})"),
-        };
-        let detail = format!("{what} exited 0 but left {left} running");
-        self.complete(replica, Outcome::Failed, Some(0), &detail)
-            .await?;
-        Err(Error::Timeout {
-            what: detail,
-            waited: SETTLE_AFTER_SUCCESS,
-            hint: "the sessions were ended and the attempt recorded as failed; make the migration wait for its statements before it exits".into(),
-        })
-    }
-
-    /// The child could not be started: recorded as a failed attempt (best effort), and the
-    /// start error is what the gate reports.
-    async fn fail_to_start(self, replica: &Replica, e: Error) -> Error {
-        let _ = self
-            .complete(
-                replica,
-                Outcome::Failed,
-                Some(e.exit_code()),
-                &e.to_string(),
-            )
-            .await;
-        e
-    }
-
-    /// The lock session is lost, so another replica may take the lock: stop the child at once,
-    /// record the failure from a new connection (best effort: the database may be gone too).
-    async fn fence(
-        self,
-        replica: &Replica,
-        child: &mut Supervisor,
-        reason: &str,
-        kill_grace: Duration,
-    ) -> Error {
-        error!(
-            reason,
-            "lost the lock session while migrating: another replica may take the lock now, so the migration is stopped"
-        );
-        drop(self.conn);
-        drop(self.witness);
-        let code = child.stop(kill_grace).await;
-        child.finish();
-        let detail = format!("fenced: lost the lock session ({reason}); child stopped");
-        // The database may be failing over: keep trying for a while, so that the record says
-        // what happened ("failed", fenced) rather than a taker-over's guess ("abandoned").
-        let record_for = replica.target.connect_timeout.min(RECORD_FENCED_FOR);
-        match tokio::time::timeout(record_for, replica.db.connect()).await {
-            Ok(Ok(mut c)) => {
-                let recorded = match c.pg().await {
-                    Ok(pg) => {
-                        // No lock to keep any more: one try; the taker-over ends what is left.
-                        let detail = match sessions::end(pg, &self.sessions.which()).await {
-                            Ok(ended) => format!("{detail}; sessions: {ended}"),
-                            Err(e) => {
-                                let line = e.describe(replica.db.username());
-                                warn!("{line}");
-                                format!("{detail}; sessions: {line}")
-                            }
-                        };
-                        replica
-                            .ledger
-                            .record_fenced(
-                                pg,
-                                self.attempt,
-                                &attempt(replica, kill_grace),
-                                code,
-                                &detail,
-                            )
-                            .await
-                    }
-                    Err(e) => Err(e),
-                };
-                if let Err(e) = recorded {
-                    warn!(error = %e, "could not record the failed attempt");
-                }
-                close(c).await;
-            }
-            _ => warn!(
-                "could not reconnect within {} to record the failed attempt; the next holder marks it abandoned",
-                duration::short(record_for)
-            ),
-        }
-        Error::Unavailable(format!(
-            "lost the database session holding the lock ({reason}); stopped the migration (exit {code}) so that two migrations never overlap; the next holder will retry"
-        ))
-    }
-
-    /// Checks that the lock session is alive and still holds the lock, and stamps the ledger
-    /// row's heartbeat where others can see it.
-    async fn heartbeat(&mut self, replica: &Replica) -> Result<(), String> {
-        let check = async {
-            let held = lock::held_by_us(self.conn.pg().await?, replica.lock()).await?;
-            if held {
-                let book = match self.witness.as_mut() {
-                    Some(w) => w.pg().await?,
-                    None => self.conn.pg().await?,
-                };
-                replica.ledger.heartbeat(book, self.attempt).await?;
-            }
-            Ok::<_, sqlx::Error>(held)
-        };
-        match sql::deadline(HEARTBEAT_TIMEOUT, check).await {
-            Ok(true) => Ok(()),
-            Ok(false) => Err("the lock is no longer held by our session".into()),
-            Err(e) => Err(e.to_string()),
-        }
-    }
-
-    /// Notes the sessions of the child's own TCP connections ([`sessions::Attempt::remember`]),
-    /// for clients that do not send the tag. Best effort: a failure here is the heartbeat's to
-    /// notice.
-    async fn remember_sessions(&mut self, pgid: i32) {
-        let mut sessions = self.sessions.clone();
-        let mut ports = std::mem::take(&mut self.ports_seen);
-        if let Ok(c) = self.book().await
-            && let Err(e) =
-                sql::deadline(HEARTBEAT_TIMEOUT, sessions.remember(c, pgid, &mut ports)).await
-        {
-            tracing::debug!(error = %e, "could not match the child's sockets to sessions");
-        }
-        self.sessions = sessions;
-        self.ports_seen = ports;
-    }
-
     /// Watches `child` while holding the lock: heartbeats, and the readiness probe if any.
     async fn supervise(
         &mut self,
         replica: &Replica,
         child: &mut Supervisor,
         probe: Option<(&Probe, Duration)>,
+        watch: Watch,
     ) -> StepEnd {
+        let limit = watch.limit.unwrap_or(Duration::MAX / 4);
+        let limit_deadline = tokio::time::Instant::now() + limit;
         let mut heartbeat = tokio::time::interval(HEARTBEAT);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut probe_tick = tokio::time::interval(PROBE_EVERY);
         let ready_deadline =
             tokio::time::Instant::now() + probe.map(|p| p.1).unwrap_or(Duration::MAX / 4);
         let mut sql_conn = None;
+        // What the migration waits on: every 5 s, or sooner for a shorter threshold (not on
+        // every heartbeat: one query with pg_blocking_pids, on the holder only).
+        let every = LOOK_AT_WAITS.min(watch.report_waits_after.max(HEARTBEAT));
+        let mut waits_tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        waits_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut reporter = lockwaits::Reporter::default();
         loop {
             tokio::select! {
-                code = child.wait() => return StepEnd::Exited(code),
+                code = child.wait() => {
+                    // Its statements are over, and with them every wait.
+                    reporter.observe(Vec::new());
+                    return StepEnd::Exited(code);
+                }
                 _ = heartbeat.tick() => {
                     if let Err(reason) = self.heartbeat(replica).await {
                         return StepEnd::LockLost(reason);
@@ -556,6 +461,9 @@ impl Holding {
                     if self.direct {
                         self.remember_sessions(child.pgid()).await;
                     }
+                }
+                _ = waits_tick.tick() => {
+                    self.report_waits(&mut reporter, watch.report_waits_after).await;
                 }
                 _ = probe_tick.tick(), if probe.is_some() => {
                     if let Some((p, _)) = probe
@@ -568,47 +476,8 @@ impl Holding {
                     }
                 }
                 _ = tokio::time::sleep_until(ready_deadline), if probe.is_some() => return StepEnd::ReadyTimeout,
+                _ = tokio::time::sleep_until(limit_deadline), if watch.limit.is_some() => return StepEnd::TimedOut(limit),
             }
         }
-    }
-}
-
-/// Ends the sessions `which` selects, from `conn`, while this replica holds the lock. Where our
-/// role may not end one (or it will not go), keeps trying every [`RETRY_END`] for up to
-/// `bound` (`--wait-timeout`), saying once which session and what to grant; then gives up with
-/// the lock never freed while they ran: exit 77 when not allowed, 69 otherwise.
-async fn end_sessions(
-    conn: &mut sqlx::PgConnection,
-    which: &Which,
-    role: &str,
-    bound: Duration,
-) -> Result<Ended> {
-    let until = Instant::now() + bound;
-    let mut said = false;
-    loop {
-        let e = match sessions::end(conn, which).await {
-            Ok(ended) => return Ok(ended),
-            Err(e) => e,
-        };
-        let line = e.describe(role);
-        match e {
-            EndError::Sql(_) => return Err(Error::Unavailable(line)),
-            _ if Instant::now() >= until => {
-                let line = format!(
-                    "{line}; gave up after --wait-timeout ({}) without freeing the lock while they ran",
-                    duration::short(bound)
-                );
-                return Err(match e {
-                    EndError::Denied(_) => Error::Auth(line),
-                    _ => Error::Unavailable(line),
-                });
-            }
-            _ if !said => {
-                error!("{line}; keeping the lock until they end (up to --wait-timeout)");
-                said = true;
-            }
-            _ => {}
-        }
-        tokio::time::sleep(RETRY_END).await;
     }
 }

@@ -1,0 +1,228 @@
+//! How the holder's attempt ends other than by [`Holding::complete`] alone: sessions left busy
+//! after a successful migration, a child that could not start, a lost lock session (fencing),
+//! the heartbeat that notices it, and ending sessions while the lock is held.
+
+use std::time::{Duration, Instant};
+
+use tracing::{error, warn};
+
+use super::{
+    HEARTBEAT, HEARTBEAT_TIMEOUT, Holding, RECORD_FENCED_FOR, RETRY_END, SETTLE_AFTER_SUCCESS,
+};
+use crate::child::Supervisor;
+use crate::db::close;
+use crate::duration;
+use crate::error::{Error, Result};
+use crate::ledger::{Attempt, Outcome};
+use crate::lock;
+use crate::replica::Replica;
+use crate::sessions::{self, EndError, Ended, Which};
+use crate::sql;
+
+/// How long after its last heartbeat a holder with this `--kill-grace` has surely noticed a
+/// lost session and stopped its child: a taker-over waits that long after a vanished holder.
+fn fence_time(kill_grace: Duration) -> Duration {
+    HEARTBEAT + HEARTBEAT_TIMEOUT + kill_grace + Duration::from_secs(1)
+}
+
+/// This replica's attempt, for the ledger.
+pub(super) fn attempt(replica: &Replica, kill_grace: Duration) -> Attempt<'_> {
+    Attempt {
+        release: replica.release(),
+        holder: &replica.target.application_name,
+        host: replica.host(),
+        pid: std::process::id(),
+        fence_secs: fence_time(kill_grace)
+            .as_secs()
+            .try_into()
+            .unwrap_or(u32::MAX),
+    }
+}
+
+impl Holding {
+    /// The migration exited 0: a session of it still running a statement or inside a
+    /// transaction could still change the schema, so the attempt is not done before it ends.
+    /// Waits [`SETTLE_AFTER_SUCCESS`] for such sessions; if any is left, ends it and records
+    /// the attempt failed.
+    pub(super) async fn settle_after_success(
+        mut self,
+        replica: &Replica,
+        what: &str,
+    ) -> Result<Holding> {
+        let sessions = self.sessions.clone();
+        let busy = match self.book().await {
+            Ok(c) => sessions.busy_after_success(c, SETTLE_AFTER_SUCCESS).await,
+            Err(e) => Err(e),
+        };
+        let left = match busy {
+            Ok(left) if left.is_empty() => return Ok(self),
+            Ok(left) => left
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
+            Err(e) => format!("its sessions could not be checked ({e})"),
+        };
+        let detail = format!("{what} exited 0 but left {left} running");
+        self.complete(replica, Outcome::Failed, Some(0), &detail)
+            .await?;
+        Err(Error::Timeout {
+            what: detail,
+            waited: SETTLE_AFTER_SUCCESS,
+            hint: "the sessions were ended and the attempt recorded as failed; make the migration wait for its statements before it exits".into(),
+        })
+    }
+
+    /// The child could not be started: recorded as a failed attempt (best effort), and the
+    /// start error is what the gate reports.
+    pub(super) async fn fail_to_start(self, replica: &Replica, e: Error) -> Error {
+        let _ = self
+            .complete(
+                replica,
+                Outcome::Failed,
+                Some(e.exit_code()),
+                &e.to_string(),
+            )
+            .await;
+        e
+    }
+
+    /// The lock session is lost, so another replica may take the lock: stop the child at once,
+    /// record the failure from a new connection (best effort: the database may be gone too).
+    pub(super) async fn fence(
+        self,
+        replica: &Replica,
+        child: &mut Supervisor,
+        reason: &str,
+        kill_grace: Duration,
+    ) -> Error {
+        error!(
+            reason,
+            "lost the lock session while migrating: another replica may take the lock now, so the migration is stopped"
+        );
+        drop(self.conn);
+        drop(self.witness);
+        let code = child.stop(kill_grace).await;
+        child.finish();
+        let detail = format!("fenced: lost the lock session ({reason}); child stopped");
+        // The database may be failing over: keep trying for a while, so that the record says
+        // what happened ("failed", fenced) rather than a taker-over's guess ("abandoned").
+        let record_for = replica.target.connect_timeout.min(RECORD_FENCED_FOR);
+        match tokio::time::timeout(record_for, replica.db.connect()).await {
+            Ok(Ok(mut c)) => {
+                let recorded = match c.pg().await {
+                    Ok(pg) => {
+                        // No lock to keep any more: one try; the taker-over ends what is left.
+                        let detail = match sessions::end(pg, &self.sessions.which()).await {
+                            Ok(ended) => format!("{detail}; sessions: {ended}"),
+                            Err(e) => {
+                                let line = e.describe(replica.db.username());
+                                warn!("{line}");
+                                format!("{detail}; sessions: {line}")
+                            }
+                        };
+                        replica
+                            .ledger
+                            .record_fenced(
+                                pg,
+                                self.attempt,
+                                &attempt(replica, kill_grace),
+                                code,
+                                &detail,
+                            )
+                            .await
+                    }
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = recorded {
+                    warn!(error = %e, "could not record the failed attempt");
+                }
+                close(c).await;
+            }
+            _ => warn!(
+                "could not reconnect within {} to record the failed attempt; the next holder marks it abandoned",
+                duration::short(record_for)
+            ),
+        }
+        Error::Unavailable(format!(
+            "lost the database session holding the lock ({reason}); stopped the migration (exit {code}) so that two migrations never overlap; the next holder will retry"
+        ))
+    }
+
+    /// Checks that the lock session is alive and still holds the lock, and stamps the ledger
+    /// row's heartbeat where others can see it.
+    pub(super) async fn heartbeat(&mut self, replica: &Replica) -> Result<(), String> {
+        let check = async {
+            let held = lock::held_by_us(self.conn.pg().await?, replica.lock()).await?;
+            if held {
+                let book = match self.witness.as_mut() {
+                    Some(w) => w.pg().await?,
+                    None => self.conn.pg().await?,
+                };
+                replica.ledger.heartbeat(book, self.attempt).await?;
+            }
+            Ok::<_, sqlx::Error>(held)
+        };
+        match sql::deadline(HEARTBEAT_TIMEOUT, check).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err("the lock is no longer held by our session".into()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Notes the sessions of the child's own TCP connections ([`sessions::Attempt::remember`]),
+    /// for clients that do not send the tag. Best effort: a failure here is the heartbeat's to
+    /// notice.
+    pub(super) async fn remember_sessions(&mut self, pgid: i32) {
+        let mut sessions = self.sessions.clone();
+        let mut ports = std::mem::take(&mut self.ports_seen);
+        if let Ok(c) = self.book().await
+            && let Err(e) =
+                sql::deadline(HEARTBEAT_TIMEOUT, sessions.remember(c, pgid, &mut ports)).await
+        {
+            tracing::debug!(error = %e, "could not match the child's sockets to sessions");
+        }
+        self.sessions = sessions;
+        self.ports_seen = ports;
+    }
+}
+
+/// Ends the sessions `which` selects, from `conn`, while this replica holds the lock. Where our
+/// role may not end one (or it will not go), keeps trying every [`RETRY_END`] for up to
+/// `bound` (`--wait-timeout`), saying once which session and what to grant; then gives up with
+/// the lock never freed while they ran: exit 77 when not allowed, 69 otherwise.
+pub(super) async fn end_sessions(
+    conn: &mut sqlx::PgConnection,
+    which: &Which,
+    role: &str,
+    bound: Duration,
+) -> Result<Ended> {
+    let until = Instant::now() + bound;
+    let mut said = false;
+    loop {
+        let e = match sessions::end(conn, which).await {
+            Ok(ended) => return Ok(ended),
+            Err(e) => e,
+        };
+        let line = e.describe(role);
+        match e {
+            EndError::Sql(_) => return Err(Error::Unavailable(line)),
+            _ if Instant::now() >= until => {
+                let line = format!(
+                    "{line}; gave up after --wait-timeout ({}) without freeing the lock while they ran",
+                    duration::short(bound)
+                );
+                return Err(match e {
+                    EndError::Denied(_) => Error::Auth(line),
+                    _ => Error::Unavailable(line),
+                });
+            }
+            _ if !said => {
+                error!("{line}; keeping the lock until they end (up to --wait-timeout)");
+                said = true;
+            }
+            _ => {}
+        }
+        tokio::time::sleep(RETRY_END).await;
+    }
+}

@@ -1,0 +1,227 @@
+//! What bounds and watches the holder's migration: `--migration-timeout`, `--lock-timeout`,
+//! `--report-waits-after` ([`Bounds`]), what its sessions wait on, and apps of other releases
+//! still connected before it migrates (`--other-releases`).
+
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+
+use super::{HEARTBEAT_TIMEOUT, Holding};
+use crate::db::close;
+use crate::error::{Error, Result};
+use crate::ledger::{AttemptRow, Outcome};
+use crate::lockwaits;
+use crate::replica::Replica;
+use crate::sessions;
+use crate::sql;
+
+/// How the holder stops, bounds and watches a migration: the plain settings of
+/// `--kill-grace`, `--migration-timeout`, `--lock-timeout` and `--report-waits-after`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Bounds {
+    /// After SIGTERM, how long before SIGKILL.
+    pub kill_grace: Duration,
+    /// How long the migration command may run (`None`: no bound).
+    pub migration_timeout: Option<Duration>,
+    /// `lock_timeout` for the migration command's sessions (direct routes only).
+    pub lock_timeout: Option<Duration>,
+    /// How long a session of the attempt waits on a lock before the holder reports it.
+    pub report_waits_after: Duration,
+    /// What to do while apps of another release are connected.
+    pub other_releases: OtherReleases,
+}
+
+/// What the holder does when apps of another release of the same lock are still connected
+/// before it migrates (`--other-releases`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum OtherReleases {
+    /// Wait until they have disconnected (bounded by --wait-timeout), then migrate.
+    Wait,
+    /// Refuse (exit 78): record the attempt failed and free the lock.
+    Fail,
+    /// Migrate anyway (migrations that old releases survive).
+    Ignore,
+}
+
+/// How often the holder looks again while other releases are connected.
+const OTHER_RELEASES_POLL: Duration = Duration::from_secs(1);
+/// How often it says who is still connected.
+const OTHER_RELEASES_REPORT: Duration = Duration::from_secs(10);
+
+/// What [`Holding::supervise`] bounds and watches besides the heartbeat.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Watch {
+    /// How long the child may run.
+    pub(super) limit: Option<Duration>,
+    /// How long a session waits on a lock before it is reported.
+    pub(super) report_waits_after: Duration,
+}
+
+impl Holding {
+    /// `" (the previous attempt N failed too)"` after a failed attempt, else empty: for the
+    /// final messages, so that repeated failures show in the termination message too.
+    pub(crate) fn failed_too(&self) -> String {
+        self.previous_failure
+            .as_ref()
+            .map(|p| format!(" (the previous attempt {p} failed too)"))
+            .unwrap_or_default()
+    }
+
+    /// The attempt before ours, when it failed (`3 by <holder>`).
+    pub(crate) fn previous_failure(&self) -> Option<&str> {
+        self.previous_failure.as_deref()
+    }
+
+    /// Before the migration: looks for sessions of this lock's apps of another release (their
+    /// tag's release differs from ours) and waits for them to disconnect, refuses, or goes on,
+    /// as `policy` says. Without a release there is nothing to compare. A refusal, or a wait
+    /// longer than `bound` (`--wait-timeout`), is recorded as a failed attempt (which frees the
+    /// lock) and exits 78 or 75.
+    pub(crate) async fn no_other_releases(
+        mut self,
+        replica: &Replica,
+        policy: OtherReleases,
+        bound: Duration,
+    ) -> Result<Holding> {
+        let Some(release) = replica.release() else {
+            return Ok(self);
+        };
+        if policy == OtherReleases::Ignore {
+            return Ok(self);
+        }
+        let (tag, names) = (self.sessions.tag().clone(), replica.ledger.release_names());
+        let started = Instant::now();
+        let mut said: Option<Instant> = None;
+        loop {
+            let found = match self.book().await {
+                Ok(c) => {
+                    sql::deadline(HEARTBEAT_TIMEOUT, sessions::other_releases(c, &tag, &names))
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            let others = match found {
+                Ok(o) if o.is_empty() => {
+                    if said.is_some() {
+                        info!(
+                            waited_s = started.elapsed().as_secs(),
+                            "no app of another release is connected any more; migrating"
+                        );
+                    }
+                    return Ok(self);
+                }
+                Ok(o) => o
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; "),
+                Err(e) => {
+                    let e = Error::Unavailable(format!(
+                        "could not look for apps of other releases: {e}"
+                    ));
+                    self.complete(
+                        replica,
+                        Outcome::Failed,
+                        Some(e.exit_code()),
+                        &e.to_string(),
+                    )
+                    .await?;
+                    return Err(e);
+                }
+            };
+            if policy == OtherReleases::Fail {
+                let e = Error::Config(format!(
+                    "refusing to migrate release {release:?} while apps of another release are connected ({others}) (--other-releases fail): \
+                     stop the old replicas before the new ones start (Kubernetes: strategy Recreate; Swarm: update_config order stop-first; or scale the old release to 0), \
+                     or use --other-releases wait or ignore"
+                ));
+                self.complete(
+                    replica,
+                    Outcome::Failed,
+                    Some(e.exit_code()),
+                    &e.to_string(),
+                )
+                .await?;
+                return Err(e);
+            }
+            if started.elapsed() >= bound {
+                let e = Error::Timeout {
+                    what: format!("apps of another release were still connected ({others})"),
+                    waited: bound,
+                    hint: "nothing was migrated; stop the old replicas (strategy Recreate, or scale them down) or raise --wait-timeout".into(),
+                };
+                self.complete(
+                    replica,
+                    Outcome::Failed,
+                    Some(e.exit_code()),
+                    &e.to_string(),
+                )
+                .await?;
+                return Err(e);
+            }
+            if said.is_none_or(|at| at.elapsed() >= OTHER_RELEASES_REPORT) {
+                warn!(
+                    waited_s = started.elapsed().as_secs(),
+                    "apps of another release are still connected; waiting for them to disconnect before migrating (--other-releases wait, up to --wait-timeout): {others}"
+                );
+                said = Some(Instant::now());
+            }
+            if let Err(reason) = self.heartbeat(replica).await {
+                close(self.conn).await;
+                if let Some(w) = self.witness {
+                    close(w).await;
+                }
+                return Err(Error::Unavailable(format!(
+                    "lost the lock session while waiting for apps of other releases to disconnect ({reason}); nothing was migrated"
+                )));
+            }
+            tokio::time::sleep(OTHER_RELEASES_POLL).await;
+        }
+    }
+
+    /// Looks at what the attempt's sessions wait on and logs what changed. Best effort: a
+    /// failure here is the heartbeat's to notice.
+    pub(super) async fn report_waits(
+        &mut self,
+        reporter: &mut lockwaits::Reporter,
+        after: Duration,
+    ) {
+        let (which, version) = (self.sessions.which(), self.server_version);
+        let found = match self.book().await {
+            Ok(c) => {
+                sql::deadline(
+                    HEARTBEAT_TIMEOUT,
+                    lockwaits::waits(c, &which, after, version),
+                )
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        match found {
+            Ok(waits) => reporter.observe(waits),
+            Err(e) => tracing::debug!(error = %e, "could not look at what the migration waits on"),
+        }
+    }
+}
+
+/// Repeated failures are visible: logs the attempt before ours (`previous`, the newest row of
+/// the release before ours was written) if it did not succeed, before we migrate again.
+/// Returns it in short (`3 by <holder>`), for the final messages.
+pub(super) fn say_previous_failure(previous: Option<Vec<AttemptRow>>) -> Option<String> {
+    let p = previous
+        .and_then(|rows| rows.into_iter().next())
+        .filter(|a| a.outcome == "failed" || a.outcome == "abandoned")?;
+    warn!(
+        previous_attempt = p.id,
+        "the previous attempt {} by {} (host {}, pid {}) {} with exit code {} at {}: {}; migrating again",
+        p.id,
+        p.holder,
+        p.host,
+        p.pid,
+        p.outcome,
+        p.exit_code.map_or("-".into(), |c| c.to_string()),
+        p.finished_at.as_deref().unwrap_or(&p.started_at),
+        p.detail.lines().next().unwrap_or("no detail")
+    );
+    Some(format!("{} by {}", p.id, p.holder))
+}

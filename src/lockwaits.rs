@@ -1,0 +1,252 @@
+//! What an attempt's sessions wait on: the sessions of a running migration that wait on a lock,
+//! the lock (relation and mode) and who blocks them (`pg_blocking_pids`), in one query over
+//! `pg_stat_activity` and `pg_locks`. The holder reports them while the migration runs
+//! ([`Reporter`]), and `status` shows them for a running attempt.
+//!
+//! Never the text of a query: it can carry secrets and personal data, and logs are widely
+//! readable. A statement shows as its command tag only (`ALTER TABLE`, `SELECT`), cut from the
+//! start of the query on the server.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use sqlx::postgres::PgConnection;
+use tracing::{info, warn};
+
+use crate::sessions::Which;
+use crate::sql::{Cols, query};
+
+/// How often a wait that lasts is reported again.
+pub(crate) const REPEAT: Duration = Duration::from_secs(30);
+
+/// SQL: the command tag of the statement of the `pg_stat_activity` row aliased `alias`: its
+/// first word, and `TABLE` or `INDEX` after it (`ALTER TABLE`, `CREATE INDEX`); empty when the
+/// text is hidden from our role or starts otherwise (a comment).
+fn command(alias: &str) -> String {
+    format!(
+        "coalesce(substring(upper(ltrim({alias}.query, E' \\t\\r\\n')) from '^[A-Z]+(?:\\s+(?:TABLE|INDEX|MATERIALIZED VIEW))?'), '')"
+    )
+}
+
+/// A session that blocks a waiting one.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub(crate) struct Blocker {
+    /// Backend PID.
+    pub pid: i32,
+    /// Its `application_name`.
+    pub application_name: String,
+    /// Its client address (`local` for a Unix socket, empty when hidden).
+    pub client: String,
+    /// `active`, `idle in transaction`, ... (empty when hidden from our role).
+    pub state: String,
+    /// How long its transaction has been open, in seconds (`None`: no transaction, or hidden).
+    pub transaction_secs: Option<f64>,
+    /// The command tag of its current (or last) statement.
+    pub command: String,
+}
+
+impl fmt::Display for Blocker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "pid {} (application_name {:?}, client {}, {}",
+            self.pid,
+            self.application_name,
+            if self.client.is_empty() {
+                "hidden"
+            } else {
+                &self.client
+            },
+            if self.state.is_empty() {
+                "state hidden"
+            } else {
+                &self.state
+            }
+        )?;
+        if let Some(t) = self.transaction_secs {
+            write!(f, ", transaction open {t:.0}s")?;
+        }
+        if !self.command.is_empty() {
+            write!(f, ", {}", self.command)?;
+        }
+        write!(f, ")")
+    }
+}
+
+/// A session of the attempt waiting on a lock.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub(crate) struct Wait {
+    /// Backend PID of the waiting session.
+    pub pid: i32,
+    /// The command tag of its statement.
+    pub command: String,
+    /// How long it has waited, in seconds (since its statement started, before PostgreSQL 14).
+    pub waited_secs: f64,
+    /// The relation it waits for (`pg_locks.relation::regclass`), or the lock type.
+    pub lock: String,
+    /// The mode of its ungranted lock (`AccessExclusiveLock`).
+    pub mode: String,
+    /// Who blocks it (`pg_blocking_pids`).
+    pub blocked_by: Vec<Blocker>,
+}
+
+impl fmt::Display for Wait {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "pid {}", self.pid)?;
+        if !self.command.is_empty() {
+            write!(f, " ({})", self.command)?;
+        }
+        write!(
+            f,
+            " has waited {:.0}s for {} on {}",
+            self.waited_secs, self.mode, self.lock
+        )?;
+        if self.blocked_by.is_empty() {
+            return write!(f, "; blocked by: nobody visible");
+        }
+        let by: Vec<String> = self.blocked_by.iter().map(ToString::to_string).collect();
+        write!(f, "; blocked by {}", by.join(", "))
+    }
+}
+
+/// The sessions `which` selects that have waited on a lock for at least `after`, with their
+/// blockers: one query. `server_version` (`server_version_num`) 14+ knows when the wait began
+/// (`pg_locks.waitstart`); before, the statement's start stands in.
+pub(crate) async fn waits(
+    conn: &mut PgConnection,
+    which: &Which,
+    after: Duration,
+    server_version: u32,
+) -> Result<Vec<Wait>, sqlx::Error> {
+    let since = if server_version >= 140_000 {
+        "coalesce(l.waitstart, a.query_start)"
+    } else {
+        "a.query_start"
+    };
+    let sql = format!(
+        "SELECT w.pid::text, w.command, round(w.secs::numeric, 1)::text, w.lock, w.mode, \
+                coalesce(b.pid::text, ''), coalesce(b.application_name, ''), \
+                coalesce(host(b.client_addr), CASE WHEN b.pid IS NOT NULL AND b.client_port = -1 THEN 'local' ELSE '' END), \
+                coalesce(b.state, ''), \
+                coalesce(round(extract(epoch FROM now() - b.xact_start)::numeric, 1)::text, ''), \
+                {b_command} \
+         FROM (SELECT a.pid, {a_command} AS command, \
+                      extract(epoch FROM now() - {since}) AS secs, \
+                      coalesce(l.relation::regclass::text, l.locktype) AS lock, l.mode \
+               FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid AND NOT l.granted \
+               WHERE a.wait_event_type = 'Lock' AND a.pid <> pg_backend_pid() AND ({which})) w \
+         LEFT JOIN LATERAL unnest(pg_blocking_pids(w.pid)) AS bp(pid) ON true \
+         LEFT JOIN pg_stat_activity b ON b.pid = bp.pid \
+         WHERE w.secs >= {after} \
+         ORDER BY w.pid, b.pid",
+        a_command = command("a"),
+        b_command = command("b"),
+        which = which.condition(),
+        after = after.as_secs_f64(),
+    );
+    let mut found: Vec<Wait> = Vec::new();
+    for r in &query(conn, sql).await? {
+        let c = Cols(r);
+        let pid: i32 = c.parse(0)?;
+        if found.last().map(|w| w.pid) != Some(pid) {
+            found.push(Wait {
+                pid,
+                command: c.text(1)?,
+                waited_secs: c.parse(2)?,
+                lock: c.text(3)?,
+                mode: c.text(4)?,
+                blocked_by: Vec::new(),
+            });
+        }
+        let blocker = c.text(5)?;
+        if let (Some(w), Ok(bpid)) = (found.last_mut(), blocker.parse()) {
+            w.blocked_by.push(Blocker {
+                pid: bpid,
+                application_name: c.text(6)?,
+                client: c.text(7)?,
+                state: c.text(8)?,
+                transaction_secs: c.text(9)?.parse().ok(),
+                command: c.text(10)?,
+            });
+        }
+    }
+    Ok(found)
+}
+
+/// Reports the waits of a running migration: one WARN line per waiting session when it is
+/// first seen past the threshold, again every [`REPEAT`] while it lasts, and one INFO line when
+/// it ended.
+#[derive(Debug, Default)]
+pub(crate) struct Reporter {
+    /// Per waiting PID: when it was last reported, and the wait as last seen.
+    reported: BTreeMap<i32, (Instant, Wait)>,
+}
+
+impl Reporter {
+    /// Logs what changed since the last look: `waits` is every session waiting now.
+    pub(crate) fn observe(&mut self, waits: Vec<Wait>) {
+        let now = Instant::now();
+        let current: BTreeMap<i32, Wait> = waits.into_iter().map(|w| (w.pid, w)).collect();
+        self.reported.retain(|pid, (_, last)| {
+            let lasts = current.contains_key(pid);
+            if !lasts {
+                info!(
+                    pid,
+                    waited_s = format!("{:.0}", last.waited_secs),
+                    "a session of the migration no longer waits for a lock: pid {pid} ({}) on {}, after at least {:.0}s",
+                    last.command,
+                    last.lock,
+                    last.waited_secs
+                );
+            }
+            lasts
+        });
+        for (pid, w) in current {
+            let due = self
+                .reported
+                .get(&pid)
+                .is_none_or(|(at, _)| now.duration_since(*at) >= REPEAT);
+            let at = if due {
+                warn!(
+                    pid,
+                    waited_s = format!("{:.0}", w.waited_secs),
+                    "a session of the migration waits for a lock: {w}"
+                );
+                now
+            } else {
+                self.reported.get(&pid).map_or(now, |(at, _)| *at)
+            };
+            self.reported.insert(pid, (at, w));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wait_reads_with_its_blocker_and_never_a_query() {
+        let w = Wait {
+            pid: 42,
+            command: "ALTER TABLE".into(),
+            waited_secs: 6.4,
+            lock: "runs".into(),
+            mode: "AccessExclusiveLock".into(),
+            blocked_by: vec![Blocker {
+                pid: 7,
+                application_name: "psql".into(),
+                client: "10.0.0.5".into(),
+                state: "idle in transaction".into(),
+                transaction_secs: Some(12.2),
+                command: "SELECT".into(),
+            }],
+        };
+        assert_eq!(
+            w.to_string(),
+            "pid 42 (ALTER TABLE) has waited 6s for AccessExclusiveLock on runs; blocked by pid 7 \
+             (application_name \"psql\", client 10.0.0.5, idle in transaction, transaction open 12s, SELECT)"
+        );
+    }
+}

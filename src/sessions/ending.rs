@@ -1,0 +1,151 @@
+//! Ending an attempt's sessions: cancel what runs, terminate what is left after a grace, and
+//! confirm they are gone (PostgreSQL, "Server Signaling Functions").
+
+use std::fmt;
+use std::time::Duration;
+
+use sqlx::postgres::PgConnection;
+use tracing::info;
+
+use super::{POLL, Session, Which, list};
+use crate::sql::query_scalar;
+
+/// How long cancelled sessions get to end before they are terminated.
+const CANCEL_GRACE: Duration = Duration::from_secs(2);
+/// How long terminated sessions get to disappear from `pg_stat_activity`.
+const TERMINATE_GRACE: Duration = Duration::from_secs(5);
+
+/// How an attempt's sessions ended, for the ledger and `status`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Ended {
+    /// Sessions that ended after `pg_cancel_backend`.
+    pub cancelled: usize,
+    /// Sessions that had to be terminated.
+    pub terminated: usize,
+}
+
+impl fmt::Display for Ended {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.cancelled, self.terminated) {
+            (0, 0) => write!(f, "no session left"),
+            (c, 0) => write!(f, "{c} session(s) cancelled"),
+            (0, t) => write!(f, "{t} session(s) terminated"),
+            (c, t) => write!(f, "{c} session(s) cancelled, {t} terminated"),
+        }
+    }
+}
+
+/// Why sessions could not be ended.
+#[derive(Debug)]
+pub(crate) enum EndError {
+    /// The database could not be asked.
+    Sql(sqlx::Error),
+    /// Our role may not signal these sessions (SQLSTATE 42501): they belong to another role and
+    /// ours lacks `pg_signal_backend`, or to a superuser.
+    Denied(Vec<Session>),
+    /// Signalled, but still there after the grace.
+    Stuck(Vec<Session>),
+}
+
+impl From<sqlx::Error> for EndError {
+    fn from(e: sqlx::Error) -> Self {
+        EndError::Sql(e)
+    }
+}
+
+impl EndError {
+    /// One line for the log and the error: which sessions, and what to do.
+    pub(crate) fn describe(&self, role: &str) -> String {
+        let list = |s: &[Session]| {
+            s.iter()
+                .map(Session::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match self {
+            EndError::Sql(e) => format!("could not look at the attempt's sessions: {e}"),
+            EndError::Denied(s) => format!(
+                "the role {role:?} may not end {}: ask a DBA to run `GRANT pg_signal_backend TO {};` \
+                 (or run the migration as the gate's role), or end them yourself with \
+                 `SELECT pg_terminate_backend(pid)`",
+                list(s),
+                crate::sql::ident(role)
+            ),
+            EndError::Stuck(s) => format!(
+                "{} did not end within {} of pg_terminate_backend",
+                list(s),
+                crate::duration::short(TERMINATE_GRACE)
+            ),
+        }
+    }
+}
+
+/// Sends `pg_cancel_backend` or `pg_terminate_backend` to `pid`. `Ok(false)`: not allowed.
+async fn signal(conn: &mut PgConnection, function: &str, pid: i32) -> Result<bool, sqlx::Error> {
+    match query_scalar(conn, format!("SELECT {function}({pid})::text")).await {
+        Ok(_) => Ok(true),
+        Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42501") => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Waits up to `limit` until none of `which`'s sessions is left that `keep` selects; returns
+/// those still there.
+pub(super) async fn settle(
+    conn: &mut PgConnection,
+    which: &Which,
+    limit: Duration,
+    keep: fn(&Session) -> bool,
+) -> Result<Vec<Session>, sqlx::Error> {
+    let until = tokio::time::Instant::now() + limit;
+    loop {
+        let left: Vec<Session> = list(conn, which).await?.into_iter().filter(keep).collect();
+        if left.is_empty() || tokio::time::Instant::now() >= until {
+            return Ok(left);
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Ends every session `which` selects: cancels what runs, waits [`CANCEL_GRACE`], terminates
+/// what is left (idle ones too: their client is gone), and confirms they are gone.
+pub(crate) async fn end(conn: &mut PgConnection, which: &Which) -> Result<Ended, EndError> {
+    let found = list(conn, which).await?;
+    if found.is_empty() {
+        return Ok(Ended::default());
+    }
+    let mut denied = Vec::new();
+    for s in found.iter().filter(|s| s.busy()) {
+        if !signal(conn, "pg_cancel_backend", s.pid).await? {
+            denied.push(s.clone());
+        }
+    }
+    if !denied.is_empty() {
+        return Err(EndError::Denied(denied));
+    }
+    let left = settle(conn, which, CANCEL_GRACE, Session::busy).await?;
+    let cancelled = found.iter().filter(|s| s.busy()).count() - left.len();
+    // Busy ones that ignored the cancel, and idle ones (a dead client's, or a pooled server
+    // connection still carrying the tag): terminate them all.
+    let rest = list(conn, which).await?;
+    for s in &rest {
+        if !signal(conn, "pg_terminate_backend", s.pid).await? {
+            denied.push(s.clone());
+        }
+    }
+    if !denied.is_empty() {
+        return Err(EndError::Denied(denied));
+    }
+    let stuck = settle(conn, which, TERMINATE_GRACE, |_| true).await?;
+    if !stuck.is_empty() {
+        return Err(EndError::Stuck(stuck));
+    }
+    let ended = Ended {
+        cancelled,
+        terminated: rest.len(),
+    };
+    if ended != Ended::default() {
+        info!(%ended, "ended the attempt's remaining database sessions");
+    }
+    Ok(ended)
+}

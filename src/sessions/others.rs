@@ -1,0 +1,75 @@
+//! Sessions of another release of the same lock: apps of an older release still connected,
+//! found by the release field of their tag (`--other-releases`).
+
+use std::fmt;
+
+use sqlx::postgres::PgConnection;
+
+use super::{SAME_DATABASE, Tag, field};
+use crate::sql::{Cols, lit, query};
+
+/// Sessions of another release of the same lock, connected now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct OtherRelease {
+    /// The release field of their tag (the first 32 bits of the release ID's SHA-256).
+    pub hash: String,
+    /// The release's name, when the ledger knows one with this hash.
+    pub name: Option<String>,
+    /// How many sessions.
+    pub sessions: i64,
+    /// Their client addresses (`local` for a Unix socket), comma-separated.
+    pub clients: String,
+}
+
+impl fmt::Display for OtherRelease {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.name {
+            Some(name) => write!(f, "release {name:?}")?,
+            None => write!(f, "a release with hash {}", self.hash)?,
+        }
+        write!(f, ": {} session(s) from {}", self.sessions, self.clients)
+    }
+}
+
+/// The sessions in our database tagged with `tag`'s lock but another release than `tag`'s
+/// (apps of an older release still running): sessions without a release (`-`), the gate's own
+/// (never tagged) and other clients' (untagged) do not count. `releases` is a SQL subquery of
+/// release names, to name the hashes.
+pub(crate) async fn other_releases(
+    conn: &mut PgConnection,
+    tag: &Tag,
+    releases: &str,
+) -> Result<Vec<OtherRelease>, sqlx::Error> {
+    let sql = format!(
+        "WITH s AS (SELECT {hash} AS hash, coalesce(host(a.client_addr), 'local') AS client \
+                    FROM pg_stat_activity a \
+                    WHERE left(a.application_name, {len}) = {prefix} AND {same} \
+                      AND {hash} NOT IN ({own}, '-', '') AND a.pid <> pg_backend_pid()), \
+              n AS (SELECT DISTINCT ON (h) h, release \
+                    FROM (SELECT left(encode(sha256(convert_to(r.release, 'UTF8')), 'hex'), 8) AS h, \
+                                 r.release FROM ({releases}) r(release)) x \
+                    ORDER BY h, release) \
+         SELECT s.hash, coalesce(n.release, ''), count(*)::text, \
+                string_agg(DISTINCT s.client, ', ') \
+         FROM s LEFT JOIN n ON n.h = s.hash GROUP BY s.hash, n.release ORDER BY s.hash",
+        hash = field(2),
+        len = tag.lock_prefix().len(),
+        prefix = lit(&tag.lock_prefix()),
+        own = lit(&tag.release),
+        same = SAME_DATABASE,
+    );
+    query(conn, sql)
+        .await?
+        .iter()
+        .map(|r| {
+            let c = Cols(r);
+            let name = c.text(1)?;
+            Ok(OtherRelease {
+                hash: c.text(0)?,
+                name: (!name.is_empty()).then_some(name),
+                sessions: c.parse(2)?,
+                clients: c.text(3)?,
+            })
+        })
+        .collect()
+}
