@@ -35,6 +35,8 @@ const OLDEST_SERVER: u32 = 13_00_00;
 pub(crate) struct Db {
     options: PgConnectOptions,
     connect_timeout: Duration,
+    /// The URL's `connect_timeout`: the longest single attempt, when it sets one.
+    attempt_cap: Option<Duration>,
     /// The URL with its password replaced, safe to print.
     pub(crate) redacted_url: String,
 }
@@ -109,29 +111,17 @@ impl Conn {
 }
 
 impl Db {
-    /// Parses `url` and prepares connection options; a malformed URL is a usage error.
+    /// Parses `url` ([`ConnUrl::parse`]) and prepares connection options; a malformed URL or a
+    /// setting the gate cannot honour is a usage error.
     pub(crate) fn new(url: &str, application_name: &str, connect_timeout: Duration) -> Result<Db> {
         let redacted_url = redact_url(url);
-        match url::Url::parse(url) {
-            Ok(u) if matches!(u.scheme(), "postgres" | "postgresql") => {}
-            Ok(u) => {
-                return Err(Error::Usage(format!(
-                    "unsupported database URL scheme {:?} in {redacted_url}: use postgres:// or postgresql://",
-                    u.scheme()
-                )));
-            }
-            Err(e) => {
-                return Err(Error::Usage(format!(
-                    "malformed database URL {redacted_url}: {e}; expected postgres://USER:PASSWORD@HOST:PORT/DATABASE"
-                )));
-            }
-        }
-        check_tls_files(url)?;
-        let options = PgConnectOptions::from_str(url)
+        let parsed = ConnUrl::parse(url)?;
+        check_tls_files(&parsed.url)?;
+        let options = PgConnectOptions::from_str(&parsed.url)
             .map_err(|e| {
                 Error::Usage(format!(
-                    "malformed database URL {redacted_url}: {}; expected postgres://USER:PASSWORD@HOST:PORT/DATABASE",
-                    scrub(&e.to_string(), url)
+                    "malformed database URL {redacted_url}: {}; expected postgresql://USER:PASSWORD@HOST:PORT/DATABASE",
+                    scrub(&scrub(&e.to_string(), url), &parsed.url)
                 ))
             })?
             .application_name(application_name)
@@ -142,6 +132,7 @@ impl Db {
         Ok(Db {
             options,
             connect_timeout,
+            attempt_cap: parsed.attempt_cap,
             redacted_url,
         })
     }
@@ -214,8 +205,11 @@ impl Db {
 
     /// The longest single attempt: at most a third of `--connect-timeout`, so that an attempt
     /// that hangs (a dropped SYN, a stalled server) leaves room for more.
+    /// The URL's `connect_timeout`, when it has one, sets it instead (as in libpq).
     pub(crate) fn attempt_limit(&self) -> Duration {
-        (self.connect_timeout / 3).clamp(Duration::from_secs(1), ATTEMPT_TIMEOUT)
+        self.attempt_cap.unwrap_or_else(|| {
+            (self.connect_timeout / 3).clamp(Duration::from_secs(1), ATTEMPT_TIMEOUT)
+        })
     }
 
     /// One connection attempt, bounded by `limit` (and by [`Db::attempt_limit`]).
@@ -510,6 +504,201 @@ pub(crate) fn parent_pid(pid: i32) -> Option<i32> {
     rest.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// A database URL in one of the forms the gate accepts, rewritten for sqlx, with the settings the
+/// gate honours itself taken out. Accepted: `postgresql://` and `postgres://`, and SQLAlchemy's
+/// `postgresql+DRIVER://` (the driver is dropped). Every query parameter is either honoured or
+/// refused with a usage error that names it and says what to write instead (sqlx would ignore
+/// an unknown one with a warning that prints its value, which may be a secret).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ConnUrl {
+    /// The URL for sqlx: `postgresql://`, only the parameters sqlx honours as libpq does.
+    url: String,
+    /// `connect_timeout=N`: the longest single connection attempt (libpq: at least 2 s; 0 or
+    /// less: no limit of its own, so the gate's applies).
+    pub(crate) attempt_cap: Option<Duration>,
+    /// `application_name=`.
+    pub(crate) application_name: Option<String>,
+}
+
+/// The values of `sslmode`, as libpq spells them.
+const SSL_MODES: [&str; 6] = [
+    "disable",
+    "allow",
+    "prefer",
+    "require",
+    "verify-ca",
+    "verify-full",
+];
+
+impl ConnUrl {
+    /// Parses `raw`; the errors name the setting and never show the password.
+    pub(crate) fn parse(raw: &str) -> Result<ConnUrl> {
+        let shown = redact_url(raw);
+        let expected = "expected postgresql://USER:PASSWORD@HOST:PORT/DATABASE";
+        let Some((scheme, rest)) = raw.split_once("://") else {
+            return Err(Error::Usage(format!(
+                "malformed database URL {shown}: no scheme; {expected}"
+            )));
+        };
+        let scheme = scheme.to_ascii_lowercase();
+        let driver_ok =
+            |d: &str| !d.is_empty() && d.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        match scheme.split_once('+') {
+            None if matches!(scheme.as_str(), "postgres" | "postgresql") => {}
+            Some(("postgresql", driver)) if driver_ok(driver) => {}
+            _ => {
+                return Err(Error::Usage(format!(
+                    "unsupported database URL scheme {scheme:?} in {shown}: the gate needs PostgreSQL; write postgresql:// (postgres:// and SQLAlchemy's postgresql+DRIVER:// are accepted too)"
+                )));
+            }
+        }
+        let authority = rest.split(['/', '?']).next().unwrap_or_default();
+        let hosts = authority.rsplit('@').next().unwrap_or_default();
+        if hosts.contains(',') {
+            return Err(Error::Usage(format!(
+                "database URL {shown} lists several hosts: multi-host URLs are not supported yet; give one host (the primary, or a proxy that follows it)"
+            )));
+        }
+        // `user:password@/db?host=/run/postgresql` (an empty host: libpq's default, or the
+        // `host=` parameter) is valid for libpq and SQLAlchemy but not for the url crate: the
+        // user and password move to parameters.
+        let (rest, userinfo) = match authority.rsplit_once('@') {
+            Some((userinfo, "")) => (&rest[authority.len()..], Some(userinfo)),
+            _ => (rest, None),
+        };
+        let mut url = url::Url::parse(&format!("postgresql://{rest}")).map_err(|e| {
+            Error::Usage(format!("malformed database URL {shown}: {e}; {expected}"))
+        })?;
+        let mut kept: Vec<(String, String)> = Vec::new();
+        if let Some(userinfo) = userinfo {
+            let decode = |s: &str| {
+                url::form_urlencoded::parse(format!("v={}", s.replace('+', "%2B")).as_bytes())
+                    .map(|(_, v)| v.into_owned())
+                    .next()
+                    .unwrap_or_default()
+            };
+            let (user, password) = match userinfo.split_once(':') {
+                Some((u, p)) => (u, Some(p)),
+                None => (userinfo, None),
+            };
+            if !user.is_empty() {
+                kept.push(("user".into(), decode(user)));
+            }
+            if let Some(p) = password {
+                kept.push(("password".into(), decode(p)));
+            }
+        }
+        let mut sslmode: Option<(String, String)> = None;
+        let mut attempt_cap = None;
+        let mut application_name = None;
+        let mut hosts_given = 0;
+        for (key, value) in url.query_pairs() {
+            let (key, value) = (key.into_owned(), value.into_owned());
+            match key.as_str() {
+                "sslmode" | "ssl" => {
+                    let mode = ssl_mode(&key, &value)?;
+                    if let Some((other, was)) = &sslmode
+                        && *was != mode
+                    {
+                        return Err(Error::Usage(format!(
+                            "database URL {shown} sets both {other} and {key}, to different TLS modes ({was} and {mode}): keep one (sslmode={mode} or sslmode={was})"
+                        )));
+                    }
+                    sslmode = Some((key, mode));
+                }
+                "connect_timeout" => attempt_cap = connect_timeout(&value)?,
+                "application_name" => application_name = Some(value),
+                "target_session_attrs" => match value.as_str() {
+                    // A holder needs the primary whatever this says; on one host, a standby is
+                    // found out and said at once, and retried for --connect-timeout.
+                    "any" | "read-write" | "primary" => {}
+                    other => {
+                        return Err(Error::Usage(format!(
+                            "target_session_attrs={other} in the database URL is not supported: the replica that migrates needs the primary; write target_session_attrs=read-write, or remove it"
+                        )));
+                    }
+                },
+                "host" => {
+                    hosts_given += 1;
+                    if hosts_given > 1 {
+                        return Err(Error::Usage(format!(
+                            "database URL {shown} names several hosts (host= more than once): multi-host URLs are not supported yet; give one host"
+                        )));
+                    }
+                    kept.push((key, value));
+                }
+                "sslrootcert" | "sslcert" | "sslkey" | "options" | "port" | "dbname" | "user"
+                | "password" => kept.push((key, value)),
+                other => return Err(Error::Usage(unsupported_parameter(other))),
+            }
+        }
+        if let Some((_, mode)) = sslmode {
+            kept.push(("sslmode".into(), mode));
+        }
+        if kept.is_empty() {
+            url.set_query(None);
+        } else {
+            url.query_pairs_mut().clear().extend_pairs(kept);
+        }
+        Ok(ConnUrl {
+            url: url.to_string(),
+            attempt_cap,
+            application_name,
+        })
+    }
+}
+
+/// The `sslmode` that `key=value` asks for: `sslmode` takes libpq's names; `ssl` (asyncpg and
+/// other drivers) takes them too, and true/false.
+fn ssl_mode(key: &str, value: &str) -> Result<String> {
+    let v = value.to_ascii_lowercase();
+    if SSL_MODES.contains(&v.as_str()) {
+        return Ok(v);
+    }
+    if key == "ssl" {
+        match v.as_str() {
+            // A driver's `ssl=true` asks for TLS; checking the certificate needs verify-full.
+            "true" | "1" | "yes" | "on" => return Ok("require".into()),
+            "false" | "0" | "no" | "off" => return Ok("disable".into()),
+            _ => {}
+        }
+    }
+    Err(Error::Usage(format!(
+        "{key}={value:?} in the database URL is not a TLS mode: write sslmode= one of {}",
+        SSL_MODES.join(", ")
+    )))
+}
+
+/// libpq's `connect_timeout`: whole seconds; 0 or less means no limit of its own; 1 counts as
+/// 2 (libpq's minimum).
+fn connect_timeout(value: &str) -> Result<Option<Duration>> {
+    let secs: i64 = value.trim().parse().map_err(|_| {
+        Error::Usage(format!(
+            "connect_timeout={value:?} in the database URL is not a whole number of seconds: write e.g. connect_timeout=10"
+        ))
+    })?;
+    Ok((secs > 0).then(|| Duration::from_secs(secs.max(2) as u64)))
+}
+
+/// The message for a query parameter the gate cannot honour: its name and what to write
+/// instead, never its value.
+fn unsupported_parameter(key: &str) -> String {
+    let instead = match key {
+        "ssl-mode" => "write sslmode= (libpq's spelling)".to_string(),
+        "ssl-root-cert" | "ssl-ca" => "write sslrootcert= (libpq's spelling)".into(),
+        "ssl-cert" => "write sslcert= (libpq's spelling)".into(),
+        "ssl-key" => "write sslkey= (libpq's spelling)".into(),
+        "statement-cache-capacity" => "remove it: the gate never caches statements".into(),
+        "hostaddr" => "put the address in the URL's host part instead".into(),
+        "keepalives" | "keepalives_idle" | "keepalives_interval" | "keepalives_count"
+        | "tcp_user_timeout" => "remove it: the gate sets its own keepalives (10 s idle, 5 s interval, 3 probes) and a 30 s TCP user timeout".into(),
+        "service" => "give the URL itself: pg_service.conf is not read".into(),
+        _ if key.starts_with("options[") => "write options=-c NAME=VALUE".into(),
+        _ => "remove it (the gate honours sslmode, ssl, sslrootcert, sslcert, sslkey, connect_timeout, application_name, options, target_session_attrs, host, port, dbname, user and password)".into(),
+    };
+    format!("the database URL parameter {key:?} is not supported by the gate: {instead}")
+}
+
 /// Fails with a usage error naming the path when a TLS file named in the URL (or
 /// `PGSSLROOTCERT`) cannot be read: sqlx would report a bare "No such file or directory", and
 /// retrying cannot create the file.
@@ -625,6 +814,115 @@ pub(crate) fn log_retry(context: &str, reason: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn usage(url: &str) -> String {
+        match ConnUrl::parse(url) {
+            Err(Error::Usage(m)) => m,
+            other => panic!("{url}: expected a usage error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn sqlalchemy_and_postgres_schemes_reach_the_same_url() {
+        let plain = ConnUrl::parse("postgresql://u:p@db:5433/app").unwrap();
+        for url in [
+            "postgres://u:p@db:5433/app",
+            "postgresql+psycopg2://u:p@db:5433/app",
+            "postgresql+asyncpg://u:p@db:5433/app",
+            "POSTGRESQL+psycopg://u:p@db:5433/app",
+        ] {
+            assert_eq!(ConnUrl::parse(url).unwrap(), plain, "{url}");
+        }
+        for url in [
+            "mysql://u:p@db/app",
+            "postgresql+://u:p@db/app",
+            "sqlite:///app.db",
+        ] {
+            let m = usage(url);
+            assert!(m.contains("scheme") && m.contains("postgresql://"), "{m}");
+            assert!(!m.contains(":p@"), "{m}");
+        }
+    }
+
+    #[test]
+    fn an_empty_host_with_a_user_keeps_the_user_and_password() {
+        let u =
+            ConnUrl::parse("postgresql+psycopg2://app:p%40ss@/db?host=/run/postgresql").unwrap();
+        let o = PgConnectOptions::from_str(&u.url).unwrap();
+        assert_eq!(o.get_username(), "app");
+        assert_eq!(o.get_database(), Some("db"));
+        assert_eq!(
+            o.get_socket().map(|p| p.display().to_string()).as_deref(),
+            Some("/run/postgresql")
+        );
+        assert!(u.url.contains("password=p%40ss"), "{}", u.url);
+    }
+
+    #[test]
+    fn asyncpg_ssl_is_read_as_sslmode() {
+        let with = |q: &str| ConnUrl::parse(&format!("postgresql+asyncpg://u@db/app?{q}"));
+        for (q, mode) in [
+            ("ssl=disable", "disable"),
+            ("ssl=require", "require"),
+            ("ssl=verify-full", "verify-full"),
+            ("ssl=true", "require"),
+            ("ssl=false", "disable"),
+            ("sslmode=verify-ca", "verify-ca"),
+            ("ssl=require&sslmode=require", "require"),
+        ] {
+            let url = with(q).unwrap().url;
+            assert!(url.ends_with(&format!("?sslmode={mode}")), "{q}: {url}");
+        }
+        assert!(usage("postgresql://u@db/app?ssl=maybe").contains("sslmode="));
+        assert!(usage("postgresql://u@db/app?ssl=disable&sslmode=require").contains("both"));
+    }
+
+    #[test]
+    fn connect_timeout_and_application_name_are_the_gates_own() {
+        let u = ConnUrl::parse(
+            "postgresql://u:p@db/app?connect_timeout=5&application_name=web&sslmode=require",
+        )
+        .unwrap();
+        assert_eq!(u.attempt_cap, Some(Duration::from_secs(5)));
+        assert_eq!(u.application_name.as_deref(), Some("web"));
+        assert_eq!(u.url, "postgresql://u:p@db/app?sslmode=require");
+        let cap = |n: &str| {
+            ConnUrl::parse(&format!("postgresql://db/app?connect_timeout={n}"))
+                .unwrap()
+                .attempt_cap
+        };
+        assert_eq!(cap("1"), Some(Duration::from_secs(2)), "libpq's minimum");
+        assert_eq!(cap("0"), None);
+        assert_eq!(cap("-3"), None);
+        assert!(usage("postgresql://db/app?connect_timeout=5s").contains("connect_timeout"));
+    }
+
+    #[test]
+    fn a_parameter_the_gate_cannot_honour_is_named_with_what_to_write_and_no_password() {
+        for (q, says) in [
+            ("gssencmode=disable", "remove it"),
+            ("ssl-mode=require", "sslmode="),
+            ("statement-cache-capacity=0", "never caches"),
+            ("keepalives_idle=30", "its own keepalives"),
+            ("target_session_attrs=standby", "read-write"),
+        ] {
+            let m = usage(&format!("postgresql://u:hunter2@db/app?{q}"));
+            let key = q.split('=').next().unwrap();
+            assert!(m.contains(key) && m.contains(says), "{q}: {m}");
+            assert!(!m.contains("hunter2"), "{m}");
+        }
+        for url in [
+            "postgresql://u:hunter2@db1:5432,db2:5432/app",
+            "postgresql+asyncpg://u:hunter2@/app?host=a:5432&host=b:5432",
+        ] {
+            let m = usage(url);
+            assert!(m.contains("multi-host"), "{m}");
+            assert!(!m.contains("hunter2"), "{m}");
+        }
+        for ok in ["any", "read-write", "primary"] {
+            ConnUrl::parse(&format!("postgresql://db/app?target_session_attrs={ok}")).unwrap();
+        }
+    }
 
     #[test]
     fn redact_url_hides_passwords_in_userinfo_and_query() {
