@@ -109,7 +109,7 @@ impl Command {
 /// Where the database and the lock are: flags shared by every command that connects.
 #[derive(Debug, Clone, Args)]
 pub struct DbArgs {
-    /// PostgreSQL URL: postgresql://user:pass@host:port/db?sslmode=... (also postgres:// and SQLAlchemy's postgresql+DRIVER://; a parameter the gate cannot honour is refused). Falls back to DATABASE_URL.
+    /// PostgreSQL URL: postgresql://user:pass@host:port/db?sslmode=... (also postgres://, SQLAlchemy's postgresql+DRIVER://, and libpq's "host=... dbname=..."; a parameter the gate cannot honour is refused). Falls back to DATABASE_URL, then to PGHOST/PGPORT/PGDATABASE/PGUSER/PGPASSWORD.
     #[arg(long, env = "MIGRATIONS_GATE_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
 
@@ -424,12 +424,28 @@ impl DbArgs {
         }
         match std::env::var("DATABASE_URL") {
             Ok(url) if !url.is_empty() => Ok(url),
+            _ if libpq_environment_is_set() => Ok(String::new()),
             _ => Err(Error::Usage(
-                "no database URL: set --database-url, MIGRATIONS_GATE_DATABASE_URL, DATABASE_URL or --database-url-file"
+                "no database URL: set --database-url, MIGRATIONS_GATE_DATABASE_URL, DATABASE_URL or --database-url-file (or libpq's PGHOST, PGPORT, PGDATABASE, PGUSER)"
                     .into(),
             )),
         }
     }
+}
+
+/// Whether libpq's environment names a database without a URL (as psql connects with it): the
+/// empty URL then means "the environment alone" ([`ConnUrl::parse`]).
+fn libpq_environment_is_set() -> bool {
+    [
+        "PGHOST",
+        "PGHOSTADDR",
+        "PGPORT",
+        "PGDATABASE",
+        "PGUSER",
+        "PGSERVICE",
+    ]
+    .iter()
+    .any(|name| std::env::var(name).is_ok_and(|v| !v.is_empty()))
 }
 
 impl ReleaseArgs {

@@ -531,9 +531,22 @@ const SSL_MODES: [&str; 6] = [
 ];
 
 impl ConnUrl {
-    /// Parses `raw`; the errors name the setting and never show the password.
+    /// Parses `raw`: a URL, libpq's key/value form (`host=db port=5432 dbname=app user=u`), or
+    /// nothing (the empty string: the libpq environment alone, `PGHOST`, `PGPORT`, ...). The
+    /// errors name the setting and never show the password.
     pub(crate) fn parse(raw: &str) -> Result<ConnUrl> {
         let shown = redact_url(raw);
+        if !raw.contains("://") && (raw.trim().is_empty() || raw.contains('=')) {
+            let pairs = key_values(raw).map_err(|e| {
+                Error::Usage(format!(
+                    "malformed key/value connection string {shown}: {e}; expected host=HOST port=PORT dbname=DATABASE user=USER"
+                ))
+            })?;
+            // No `//`: no host of the URL's own, so sqlx starts from PGHOST and its defaults,
+            // as libpq does; every setting is a parameter.
+            let url = url::Url::parse("postgresql:").map_err(|e| Error::Internal(e.to_string()))?;
+            return ConnUrl::with_params(url, Vec::new(), pairs, &shown);
+        }
         let expected = "expected postgresql://USER:PASSWORD@HOST:PORT/DATABASE";
         let Some((scheme, rest)) = raw.split_once("://") else {
             return Err(Error::Usage(format!(
@@ -566,7 +579,7 @@ impl ConnUrl {
             Some((userinfo, "")) => (&rest[authority.len()..], Some(userinfo)),
             _ => (rest, None),
         };
-        let mut url = url::Url::parse(&format!("postgresql://{rest}")).map_err(|e| {
+        let url = url::Url::parse(&format!("postgresql://{rest}")).map_err(|e| {
             Error::Usage(format!("malformed database URL {shown}: {e}; {expected}"))
         })?;
         let mut kept: Vec<(String, String)> = Vec::new();
@@ -588,12 +601,50 @@ impl ConnUrl {
                 kept.push(("password".into(), decode(p)));
             }
         }
+        let pairs: Vec<(String, String)> = url
+            .query_pairs()
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        ConnUrl::with_params(url, kept, pairs, &shown)
+    }
+
+    /// Checks the settings `pairs` (the URL's query, or a key/value string) and puts those
+    /// sqlx honours as libpq does into `url`'s query, after `kept`. libpq's environment fills in
+    /// what `pairs` leaves unset: sqlx reads `PGHOST`, `PGHOSTADDR`, `PGPORT`, `PGDATABASE`,
+    /// `PGUSER`, `PGPASSWORD`, `PGPASSFILE` and the `PGSSL*` files and mode itself; the others
+    /// are read here.
+    fn with_params(
+        mut url: url::Url,
+        mut kept: Vec<(String, String)>,
+        pairs: Vec<(String, String)>,
+        shown: &str,
+    ) -> Result<ConnUrl> {
         let mut sslmode: Option<(String, String)> = None;
         let mut attempt_cap = None;
         let mut application_name = None;
         let mut hosts_given = 0;
-        for (key, value) in url.query_pairs() {
-            let (key, value) = (key.into_owned(), value.into_owned());
+        let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        for name in ["PGSERVICE", "PGSERVICEFILE"] {
+            if env(name).is_some() {
+                return Err(Error::Usage(format!(
+                    "{name} is set, but the gate does not read pg_service.conf: give the connection settings in the database URL and unset {name} for the gate"
+                )));
+            }
+        }
+        let mut pairs = pairs;
+        for (var, key) in [
+            ("PGTARGETSESSIONATTRS", "target_session_attrs"),
+            ("PGCONNECT_TIMEOUT", "connect_timeout"),
+            ("PGAPPNAME", "application_name"),
+            ("PGOPTIONS", "options"),
+        ] {
+            if let Some(value) = env(var)
+                && !pairs.iter().any(|(k, _)| k == key)
+            {
+                pairs.insert(0, (key.into(), value));
+            }
+        }
+        for (key, value) in pairs {
             match key.as_str() {
                 "sslmode" | "ssl" => {
                     let mode = ssl_mode(&key, &value)?;
@@ -620,9 +671,9 @@ impl ConnUrl {
                 },
                 "host" => {
                     hosts_given += 1;
-                    if hosts_given > 1 {
+                    if hosts_given > 1 || value.contains(',') {
                         return Err(Error::Usage(format!(
-                            "database URL {shown} names several hosts (host= more than once): multi-host URLs are not supported yet; give one host"
+                            "database URL {shown} names several hosts: multi-host lists are not supported yet; give one host"
                         )));
                     }
                     kept.push((key, value));
@@ -646,6 +697,102 @@ impl ConnUrl {
             application_name,
         })
     }
+}
+
+/// libpq's key/value form: `key = value` pairs separated by white space; a value may be in
+/// single quotes (to hold spaces or be empty), and `\\` escapes the next character. Errors name
+/// the key, never a value.
+fn key_values(s: &str) -> std::result::Result<Vec<(String, String)>, String> {
+    let mut pairs = Vec::new();
+    let mut chars = s.chars().peekable();
+    loop {
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if chars.peek().is_none() {
+            return Ok(pairs);
+        }
+        let mut key = String::new();
+        while let Some(c) = chars.next_if(|c| *c != '=' && !c.is_whitespace()) {
+            key.push(c);
+        }
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if chars.next() != Some('=') {
+            return Err(format!("{key:?} has no \"=\""));
+        }
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        let mut value = String::new();
+        if chars.next_if_eq(&'\'').is_some() {
+            loop {
+                match chars.next() {
+                    Some('\'') => break,
+                    Some('\\') => match chars.next() {
+                        Some(c) => value.push(c),
+                        None => return Err(format!("the value of {key:?} has no closing quote")),
+                    },
+                    Some(c) => value.push(c),
+                    None => return Err(format!("the value of {key:?} has no closing quote")),
+                }
+            }
+        } else {
+            while let Some(c) = chars.next_if(|c| !c.is_whitespace()) {
+                if c == '\\' {
+                    if let Some(next) = chars.next() {
+                        value.push(next);
+                    }
+                } else {
+                    value.push(c);
+                }
+            }
+        }
+        pairs.push((key, value));
+    }
+}
+
+/// A key/value string with the password's value replaced by `***`, or a placeholder when it is
+/// not readable.
+fn redact_key_values(s: &str) -> String {
+    match key_values(s) {
+        Ok(pairs) => pairs
+            .into_iter()
+            .map(|(k, v)| {
+                let v = if k == "password" {
+                    "***".to_string()
+                } else {
+                    v
+                };
+                if v.is_empty() || v.contains(char::is_whitespace) {
+                    format!("{k}='{v}'")
+                } else {
+                    format!("{k}={v}")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" "),
+        Err(_) => "(unreadable key/value string, not shown)".into(),
+    }
+}
+
+/// The libpq environment the gate connects with when no URL is given, for messages: every
+/// `PG*` connection variable that is set, `PGPASSWORD` as `***`.
+fn describe_environment() -> String {
+    let set: Vec<String> = [
+        "PGHOST",
+        "PGHOSTADDR",
+        "PGPORT",
+        "PGDATABASE",
+        "PGUSER",
+        "PGPASSWORD",
+    ]
+    .iter()
+    .filter_map(|name| {
+        let v = std::env::var(name).ok().filter(|v| !v.is_empty())?;
+        Some(if *name == "PGPASSWORD" {
+            format!("{name}=***")
+        } else {
+            format!("{name}={v}")
+        })
+    })
+    .collect();
+    format!("the libpq environment ({})", set.join(" "))
 }
 
 /// The `sslmode` that `key=value` asks for: `sslmode` takes libpq's names; `ssl` (asyncpg and
@@ -753,8 +900,15 @@ pub(crate) async fn close(conn: Conn) {
     }
 }
 
-/// The URL with any password replaced by `***`, for messages and logs.
+/// The URL (or key/value string, or for the empty string the libpq environment) with any
+/// password replaced by `***`, for messages and logs.
 pub(crate) fn redact_url(url: &str) -> String {
+    if url.trim().is_empty() {
+        return describe_environment();
+    }
+    if !url.contains("://") && url.contains('=') {
+        return redact_key_values(url);
+    }
     match url::Url::parse(url) {
         Ok(mut parsed) => {
             if parsed.password().is_some() {
@@ -856,6 +1010,29 @@ mod tests {
             Some("/run/postgresql")
         );
         assert!(u.url.contains("password=p%40ss"), "{}", u.url);
+    }
+
+    #[test]
+    fn the_key_value_form_reads_as_libpq_reads_it() {
+        let u = ConnUrl::parse(
+            "host=db.internal port = 5433 dbname=app user=u password='p w\\'d' sslmode=require connect_timeout=7",
+        )
+        .unwrap();
+        assert_eq!(u.attempt_cap, Some(Duration::from_secs(7)));
+        let o = PgConnectOptions::from_str(&u.url).unwrap();
+        assert_eq!(o.get_host(), "db.internal");
+        assert_eq!(o.get_port(), 5433);
+        assert_eq!(o.get_database(), Some("app"));
+        assert_eq!(o.get_username(), "u");
+        let shown = redact_url("host=db user=u password='p w\\'d'");
+        assert_eq!(shown, "host=db user=u password=***");
+        for bad in ["host=db dbname", "host=db password='unclosed"] {
+            let m = usage(bad);
+            assert!(m.contains("key/value") && !m.contains("unclosed"), "{m}");
+        }
+        let m = usage("host=db password=hunter2 gssencmode=disable");
+        assert!(m.contains("gssencmode") && !m.contains("hunter2"), "{m}");
+        assert!(usage("host=db1,db2 dbname=app").contains("multi-host"));
     }
 
     #[test]

@@ -153,3 +153,66 @@ fn a_url_parameter_the_gate_cannot_honour_exits_64_naming_it_without_the_passwor
     assert_mentions(&stderr(&out), &["gssencmode", "remove it"]);
     assert!(!stderr(&out).contains(PASSWORD), "{}", stderr(&out));
 }
+
+#[test]
+fn the_key_value_form_and_the_libpq_environment_alone_reach_what_psql_reaches() {
+    let db = cluster().new_db("kv");
+    let (role, password) = role_for(&db);
+    let port = cluster().port;
+    // Key/value: a quoted password with the characters a URL would need to escape.
+    let kv = format!(
+        "host=127.0.0.1 port={port} dbname={} user={role} password='{password}'",
+        db.name
+    );
+    let (seen, log) = reached(&db, &kv, &kv, "mg-kv");
+    assert_eq!(seen, format!("{}|{role}|{port}|1", db.name), "{log}");
+    assert!(!log.contains("pw-with"), "the password was printed:\n{log}");
+    // The environment alone, no URL anywhere: PGHOST, PGPORT, PGDATABASE, PGUSER, PGPASSWORD.
+    let probe = "SELECT current_database(), current_user, coalesce(inet_server_port(), 0), \
+         (SELECT count(*) FROM pg_stat_activity a WHERE a.application_name = 'mg-env' \
+          AND a.datname = current_database() AND a.usename = current_user)";
+    let env = [
+        ("PGHOST", "127.0.0.1".to_string()),
+        ("PGPORT", port.to_string()),
+        ("PGDATABASE", db.name.clone()),
+        ("PGUSER", role.clone()),
+        ("PGPASSWORD", password.clone()),
+    ];
+    let mut gate = db.gate();
+    gate.env_remove("MIGRATIONS_GATE_DATABASE_URL")
+        .env_remove("DATABASE_URL")
+        .env("PROBE", probe)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .args([
+            "migrate",
+            "--release",
+            "mg-env",
+            "--application-name",
+            "mg-env",
+            "--",
+            "sh",
+            "-c",
+            // psql with the same environment is the oracle.
+            r#"psql -v ON_ERROR_STOP=1 -Atc "$PROBE""#,
+        ]);
+    let out = gate.output().expect("run the gate");
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out).trim(),
+        format!("{}|{role}|{port}|1", db.name),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!stderr(&out).contains("pw-with"), "{}", stderr(&out));
+    // PGSERVICE is refused, not ignored.
+    let out = db
+        .gate()
+        .env_remove("MIGRATIONS_GATE_DATABASE_URL")
+        .env_remove("DATABASE_URL")
+        .env("PGSERVICE", "app")
+        .args(["migrate", "--release", "r1", "--", "true"])
+        .output()
+        .expect("run the gate");
+    assert_eq!(code(&out), 64, "{}", stderr(&out));
+    assert_mentions(&stderr(&out), &["PGSERVICE", "pg_service.conf"]);
+}
