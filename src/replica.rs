@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tracing::info;
 
-use crate::db::{Conn, Db, Failure};
+use crate::db::{self, Conn, Db, Failure, OwnEnd};
 use crate::error::{Error, Result};
 use crate::ledger::Ledger;
 use crate::lock::{self, LockKey, Route, Scope};
@@ -143,13 +143,19 @@ impl Replica {
         }
     }
 
-    /// What sits between us and PostgreSQL, and the lock scope it implies (unless
-    /// `--lock-scope` fixes it).
+    /// What sits between us and PostgreSQL ([`lock::judge_route`]: direct only when proven), and
+    /// the lock scope it implies (unless `--lock-scope` fixes it).
     pub(crate) async fn detect_route(
         &self,
         conn: &mut Conn,
     ) -> Result<(Route, Scope), sqlx::Error> {
-        let (route, why) = lock::detect_route(conn.pg().await?, self.db.dialled_port()).await?;
+        let server = lock::server_side(conn.pg().await?).await?;
+        let own = self.db.own_end();
+        let backend_parent = match own {
+            OwnEnd::Unix { .. } => db::parent_pid(server.pid),
+            OwnEnd::Tcp(_) => None,
+        };
+        let (route, why) = lock::judge_route(&server, &own, backend_parent);
         let scope = match self.target.lock_scope {
             Scope::Auto => route.scope(),
             fixed => fixed,

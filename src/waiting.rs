@@ -29,7 +29,7 @@
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::db::{self, Conn, Failure, backoff};
 use crate::duration::short;
@@ -146,6 +146,7 @@ pub(crate) async fn wait_turn(
         last_trouble: None,
         last_holder: None,
         next_report: started,
+        standby_said: false,
     };
     if replica.release().is_none() {
         info!(lock = %replica.lock(), "no --release given: every replica runs the migration in turn under the lock (correct for idempotent migrators, slower)");
@@ -200,6 +201,8 @@ struct Waiter<'g> {
     /// The lock holder as last seen, for the timeout message.
     last_holder: Option<HolderNote>,
     next_report: Instant,
+    /// Whether the warning that the server is a standby was logged (once per gate).
+    standby_said: bool,
 }
 
 /// What a step of the loop gives: a turn, or wait and go again (`pressure`: the share of
@@ -243,7 +246,17 @@ impl Waiter<'_> {
                 }
                 Ok(ControlFlow::Continue(pressure))
             }
-            Ok(Round::Standby) => self.trouble(
+            Ok(Round::Standby) => {
+                if !self.standby_said {
+                    self.standby_said = true;
+                    warn!(
+                        "{} is a read-only standby (pg_is_in_recovery() is true) and release {:?} is not done there: migrating needs the primary; retrying for up to {} (--connect-timeout) in case a failover is under way",
+                        replica.db.redacted_url,
+                        replica.release().unwrap_or_default(),
+                        short(replica.target.connect_timeout)
+                    );
+                }
+                self.trouble(
                 "the server is a read-only standby (pg_is_in_recovery() is true)".into(),
                 |replica, since| {
                     Error::Unavailable(format!(
@@ -252,7 +265,8 @@ impl Waiter<'_> {
                         short(since)
                     ))
                 },
-            ),
+                )
+            }
             Err(Failure::Fatal(e)) => Err(e),
             Err(Failure::Retry(reason)) => {
                 db::log_retry("lost the database connection while waiting", &reason);

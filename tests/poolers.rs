@@ -238,3 +238,87 @@ fn holder_killed_behind_transaction_pooling_with_a_pool_of_three_is_taken_over_a
         assert_eq!(code(out), 0, "{}", stderr(out));
     }
 }
+
+/// Replicas of the same-port tests: twice the pool.
+const SAME_PORT_REPLICAS: usize = 6;
+
+/// PostgreSQL and a PgBouncer in front of it on the same port number: PgBouncer listens in a
+/// network namespace of the test's own and reaches PostgreSQL over a veth pair, as an operator's
+/// PgBouncer Service on 5432 does. Fields drop in order: PgBouncer, the server, the namespace.
+struct SamePort {
+    bouncer: PgBouncer,
+    db: TestDb,
+    _cluster: Cluster,
+    _ns: support::netns::NetNs,
+}
+
+/// [`SamePort`], or `None` (with the reason on stderr) where `ip netns` is unusable.
+fn same_port_pooler(pool_mode: &str, pool_size: u32) -> Option<SamePort> {
+    let ns = match support::netns::NetNs::create() {
+        Ok(ns) => ns,
+        Err(why) => {
+            eprintln!("skipped: `ip netns` is unusable here ({why})");
+            return None;
+        }
+    };
+    let cluster = Cluster::start(&[&format!("listen_addresses=127.0.0.1,{}", ns.host_ip)]);
+    let hba = cluster.dir.join("data/pg_hba.conf");
+    let mut rules = std::fs::read_to_string(&hba).expect("read pg_hba.conf");
+    rules.push_str(&format!("host all all {} scram-sha-256\n", ns.subnet()));
+    std::fs::write(&hba, rules).expect("write pg_hba.conf");
+    sql(&cluster.url("postgres"), "SELECT pg_reload_conf()");
+    let at = Listen {
+        addr: ns.ns_ip.clone(),
+        port: cluster.port,
+        server: format!("host={} port={}", ns.host_ip, cluster.port),
+        netns: Some(ns.name.clone()),
+    };
+    let bouncer = PgBouncer::start_at(&at, pool_mode, pool_size);
+    let db = cluster.new_db("same_port");
+    Some(SamePort {
+        bouncer,
+        db,
+        _cluster: cluster,
+        _ns: ns,
+    })
+}
+
+/// Every gate that looked at the route said it was not proven direct, and the holder locked in
+/// transaction scope.
+fn assert_no_route_taken_for_direct(outs: &[Output]) {
+    for out in outs {
+        let err = stderr(out);
+        assert!(
+            !err.contains("route=Direct"),
+            "a pooler on the same port number was taken for a direct connection:\n{err}"
+        );
+    }
+    let holder = outs
+        .iter()
+        .find(|o| stderr(o).contains("this replica migrates"))
+        .expect("a holder");
+    // "not proven direct: the server sees the client ..." or "not direct: the backend PID changed".
+    assert_stderr_has(holder, "why=\"not ");
+    assert_stderr_has(holder, "scope=Transaction");
+}
+
+#[test]
+fn a_pooler_on_the_same_port_number_in_transaction_mode_is_not_taken_for_the_server() {
+    let Some(sp) = same_port_pooler("transaction", POOL) else {
+        return;
+    };
+    let outs = race(&sp.bouncer, &sp.db, SAME_PORT_REPLICAS);
+    assert_race_ok(&sp.db, &sp.bouncer, &outs, SAME_PORT_REPLICAS);
+    assert_no_route_taken_for_direct(&outs);
+}
+
+#[test]
+fn a_pooler_on_the_same_port_number_in_session_mode_with_a_pool_of_three_lets_six_replicas_migrate_once()
+ {
+    let Some(sp) = same_port_pooler("session", POOL) else {
+        return;
+    };
+    let outs = race(&sp.bouncer, &sp.db, SAME_PORT_REPLICAS);
+    assert_race_ok(&sp.db, &sp.bouncer, &outs, SAME_PORT_REPLICAS);
+    assert_no_route_taken_for_direct(&outs);
+}

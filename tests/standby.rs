@@ -119,3 +119,51 @@ fn status_on_a_standby_shows_a_done_release() {
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert_stdout_has(&out, "done");
 }
+
+#[test]
+fn a_would_be_holder_on_a_standby_says_so_at_once_and_that_it_retries_for_the_connect_timeout() {
+    use std::io::BufRead;
+    let (db, standby) = primary_and_standby("standby_said", "r0");
+    let started = Instant::now();
+    let mut child = spawn(gate_on(&standby, &db).args([
+        "migrate",
+        "--release",
+        "r1",
+        "--connect-timeout",
+        "5s",
+        "--",
+        standin(),
+        "migrate",
+    ]));
+    let err = child.stderr.take().expect("stderr");
+    let reader = std::thread::spawn(move || {
+        std::io::BufReader::new(err)
+            .lines()
+            .map_while(|l| l.ok())
+            .map(|l| (started.elapsed(), l))
+            .collect::<Vec<_>>()
+    });
+    let out = wait_output(child, HANG_GUARD);
+    let lines = reader.join().expect("stderr reader");
+    let all: String = lines.iter().map(|(_, l)| format!("{l}\n")).collect();
+    assert_eq!(db.migrations_started(), 0);
+    assert_eq!(code(&out), 69, "{all}");
+    let (when, said) = lines
+        .iter()
+        .find(|(_, l)| l.contains("WARN") && l.contains("is a read-only standby"))
+        .unwrap_or_else(|| panic!("no warning that the server is a standby:\n{all}"));
+    assert!(
+        *when < Duration::from_secs(3),
+        "the standby warning came after {when:?}, not at once:\n{all}"
+    );
+    assert_mentions(said, &["up to 5", "--connect-timeout", "failover"]);
+    assert!(!said.contains(PASSWORD), "{said}");
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|(_, l)| l.contains("is a read-only standby") && l.contains("WARN"))
+            .count(),
+        1,
+        "said once, not on every retry:\n{all}"
+    );
+}

@@ -12,6 +12,7 @@ mod holder;
 
 pub use holder::HolderArgs;
 
+use crate::db::ConnUrl;
 use crate::error::{Error, Result};
 use crate::lock::{LockKey, Scope, WaitSlots};
 use crate::preflight::{self, OnMismatch, Preset};
@@ -112,7 +113,7 @@ impl Command {
 /// Where the database and the lock are: flags shared by every command that connects.
 #[derive(Debug, Clone, Args)]
 pub struct DbArgs {
-    /// PostgreSQL URL (postgres://user:pass@host:port/db?sslmode=...). Falls back to DATABASE_URL.
+    /// PostgreSQL URL: postgresql://user:pass@host:port/db?sslmode=... (also postgres://, SQLAlchemy's postgresql+DRIVER://, and libpq's "host=... dbname=..."; a parameter the gate cannot honour is refused). Falls back to DATABASE_URL, then to PGHOST/PGPORT/PGDATABASE/PGUSER/PGPASSWORD.
     #[arg(long, env = "MIGRATIONS_GATE_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
 
@@ -143,7 +144,7 @@ pub struct DbArgs {
     #[arg(long, env = "MIGRATIONS_GATE_CONNECT_TIMEOUT", value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
     pub connect_timeout: Duration,
 
-    /// application_name of the gate's connections, shown to waiting replicas [default: migrations-gate/<hostname>].
+    /// application_name of the gate's connections, shown to waiting replicas [default: the URL's application_name, else migrations-gate/<hostname>].
     #[arg(long, env = "MIGRATIONS_GATE_APPLICATION_NAME", value_name = "NAME")]
     pub application_name: Option<String>,
 
@@ -369,6 +370,7 @@ impl DbArgs {
     /// Checks the connection and lock flags.
     pub(crate) fn target(&self) -> Result<Target> {
         let database_url = self.resolve_database_url()?;
+        let application_name = self.application_name(&database_url);
         let lock = match self.lock_id {
             Some(id) => LockKey::from_id(id),
             None => {
@@ -386,12 +388,22 @@ impl DbArgs {
             lock,
             schema: self.schema.clone(),
             connect_timeout: self.connect_timeout,
-            application_name: self
-                .application_name
-                .clone()
-                .unwrap_or_else(|| format!("{GATE_NAME_PREFIX}{}", hostname())),
+            application_name,
             lock_scope: self.lock_scope,
         })
+    }
+
+    /// The gate's `application_name`: `--application-name`, else the database URL's
+    /// `application_name=`, else `migrations-gate/<hostname>`.
+    fn application_name(&self, database_url: &str) -> String {
+        self.application_name
+            .clone()
+            .or_else(|| {
+                ConnUrl::parse(database_url)
+                    .ok()
+                    .and_then(|u| u.application_name)
+            })
+            .unwrap_or_else(|| format!("{GATE_NAME_PREFIX}{}", hostname()))
     }
 
     fn resolve_database_url(&self) -> Result<String> {
@@ -416,12 +428,28 @@ impl DbArgs {
         }
         match std::env::var("DATABASE_URL") {
             Ok(url) if !url.is_empty() => Ok(url),
+            _ if libpq_environment_is_set() => Ok(String::new()),
             _ => Err(Error::Usage(
-                "no database URL: set --database-url, MIGRATIONS_GATE_DATABASE_URL, DATABASE_URL or --database-url-file"
+                "no database URL: set --database-url, MIGRATIONS_GATE_DATABASE_URL, DATABASE_URL or --database-url-file (or libpq's PGHOST, PGPORT, PGDATABASE, PGUSER)"
                     .into(),
             )),
         }
     }
+}
+
+/// Whether libpq's environment names a database without a URL (as psql connects with it): the
+/// empty URL then means "the environment alone" ([`ConnUrl::parse`]).
+fn libpq_environment_is_set() -> bool {
+    [
+        "PGHOST",
+        "PGHOSTADDR",
+        "PGPORT",
+        "PGDATABASE",
+        "PGUSER",
+        "PGSERVICE",
+    ]
+    .iter()
+    .any(|name| std::env::var(name).is_ok_and(|v| !v.is_empty()))
 }
 
 impl ReleaseArgs {

@@ -17,6 +17,7 @@ use sqlx::postgres::PgConnection;
 use sqlx::{AssertSqlSafe, Connection, Row};
 
 pub mod ledger;
+pub mod netns;
 mod standin_tables;
 
 /// Password of the cluster's superuser `postgres` (password auth on TCP, so tests can refuse it).
@@ -721,6 +722,8 @@ impl Drop for Partition {
 /// A PgBouncer in front of a cluster, stopped on drop.
 pub struct PgBouncer {
     pub port: u16,
+    /// The address it listens on.
+    pub addr: String,
     dir: PathBuf,
     child: Child,
 }
@@ -731,14 +734,26 @@ impl PgBouncer {
     /// PgBouncer's own default is 20). Every other setting, `query_wait_timeout` included, keeps
     /// PgBouncer's default.
     pub fn start(cluster: &Cluster, pool_mode: &str, pool_size: u32) -> PgBouncer {
+        let at = Listen {
+            addr: "127.0.0.1".into(),
+            port: free_port(),
+            server: format!("host=127.0.0.1 port={}", cluster.port),
+            netns: None,
+        };
+        PgBouncer::start_at(&at, pool_mode, pool_size)
+    }
+
+    /// [`PgBouncer::start`] listening where `at` says (in a network namespace, if it names one).
+    pub fn start_at(at: &Listen, pool_mode: &str, pool_size: u32) -> PgBouncer {
         let dir = server_dir("mg-bouncer");
-        let port = free_port();
+        let port = at.port;
         let ini = format!(
-            "[databases]\n* = host=127.0.0.1 port={pg}\n\n[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\n\
+            "[databases]\n* = {server}\n\n[pgbouncer]\nlisten_addr = {addr}\nlisten_port = {port}\n\
              unix_socket_dir =\nauth_type = scram-sha-256\nauth_file = {dir}/userlist.txt\npool_mode = {pool_mode}\n\
              max_client_conn = 2000\ndefault_pool_size = {pool_size}\nignore_startup_parameters = extra_float_digits\n\
              logfile = {dir}/pgbouncer.log\nserver_reset_query = DISCARD ALL\n",
-            pg = cluster.port,
+            server = at.server,
+            addr = at.addr,
             dir = dir.display()
         );
         std::fs::write(dir.join("pgbouncer.ini"), ini).expect("write pgbouncer.ini");
@@ -753,15 +768,30 @@ impl PgBouncer {
             .map(PathBuf::from)
             .find(|p| p.exists())
             .expect("pgbouncer not found: install `pgbouncer` (see .ci/run)");
-        let child = as_postgres(&program)
+        let mut cmd = match &at.netns {
+            None => as_postgres(&program),
+            Some(ns) => {
+                // `ip netns exec` execs runuser, which forwards SIGTERM to pgbouncer.
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "runuser", "-u", "postgres", "--"])
+                    .arg(&program);
+                c
+            }
+        };
+        let child = cmd
             .arg(dir.join("pgbouncer.ini"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start pgbouncer");
-        let bouncer = PgBouncer { port, dir, child };
+        let bouncer = PgBouncer {
+            port,
+            addr: at.addr.clone(),
+            dir,
+            child,
+        };
         let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while std::net::TcpStream::connect((at.addr.as_str(), port)).is_err() {
             assert!(
                 start.elapsed() < Duration::from_secs(20),
                 "pgbouncer did not start: {}",
@@ -774,14 +804,26 @@ impl PgBouncer {
 
     pub fn url(&self, db: &str) -> String {
         format!(
-            "postgres://postgres:{PASSWORD}@127.0.0.1:{}/{db}",
-            self.port
+            "postgres://postgres:{PASSWORD}@{}:{}/{db}",
+            self.addr, self.port
         )
     }
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("pgbouncer.log")).unwrap_or_default()
     }
+}
+
+/// Where a [`PgBouncer`] listens and what it forwards to.
+pub struct Listen {
+    /// Its listening address.
+    pub addr: String,
+    /// Its listening port.
+    pub port: u16,
+    /// Its `[databases]` connection string to the server (`host=... port=...`).
+    pub server: String,
+    /// The network namespace it runs in, if not ours.
+    pub netns: Option<String>,
 }
 
 impl Drop for PgBouncer {
