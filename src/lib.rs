@@ -43,6 +43,7 @@ mod preflight;
 mod probe;
 mod release;
 mod replica;
+mod route;
 mod schema;
 mod sessions;
 mod sockets;

@@ -9,7 +9,8 @@ use tracing::info;
 use crate::db::{self, Conn, Db, Failure, OwnEnd};
 use crate::error::{Error, Result};
 use crate::ledger::Ledger;
-use crate::lock::{self, LockKey, Route, Scope};
+use crate::lock::{self, LockKey, Scope};
+use crate::route::{self, Route};
 
 /// The start of the gate's default `application_name` (`migrations-gate/<hostname>`).
 pub(crate) const GATE_NAME_PREFIX: &str = "migrations-gate/";
@@ -143,19 +144,19 @@ impl Replica {
         }
     }
 
-    /// What sits between us and PostgreSQL ([`lock::judge_route`]: direct only when proven), and
+    /// What sits between us and PostgreSQL ([`route::judge_route`]: direct only when proven), and
     /// the lock scope it implies (unless `--lock-scope` fixes it).
     pub(crate) async fn detect_route(
         &self,
         conn: &mut Conn,
     ) -> Result<(Route, Scope), sqlx::Error> {
-        let server = lock::server_side(conn.pg().await?).await?;
+        let server = route::server_side(conn.pg().await?).await?;
         let own = self.db.own_end();
         let backend_parent = match own {
             OwnEnd::Unix { .. } => db::parent_pid(server.pid),
             OwnEnd::Tcp(_) => None,
         };
-        let (route, why) = lock::judge_route(&server, &own, backend_parent);
+        let (route, why) = route::judge_route(&server, &own, backend_parent);
         let scope = match self.target.lock_scope {
             Scope::Auto => route.scope(),
             fixed => fixed,

@@ -36,8 +36,9 @@ use crate::duration::short;
 use crate::error::{Error, Result};
 use crate::holding::{Holding, TakeOver};
 use crate::ledger::{ReadKey, Seen};
-use crate::lock::{self, Route, Scope, WaitSlots};
+use crate::lock::{self, Scope, WaitSlots};
 use crate::replica::{HolderNote, Replica};
+use crate::route::Route;
 
 /// How often a waiter logs who holds the lock.
 const REPORT_EVERY: Duration = Duration::from_secs(10);

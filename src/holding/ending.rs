@@ -87,6 +87,19 @@ impl Holding {
         e
     }
 
+    /// The holder refuses to go on: records the attempt failed with `e`'s exit code and
+    /// message, frees the lock, and returns `e` to report (or the error of recording it).
+    pub(super) async fn give_up(self, replica: &Replica, e: Error) -> Result<Error> {
+        self.complete(
+            replica,
+            Outcome::Failed,
+            Some(e.exit_code()),
+            &e.to_string(),
+        )
+        .await?;
+        Ok(e)
+    }
+
     /// The lock session is lost, so another replica may take the lock: stop the child at once,
     /// record the failure from a new connection (best effort: the database may be gone too).
     pub(super) async fn fence(

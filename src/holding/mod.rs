@@ -17,10 +17,11 @@ use crate::db::{Conn, Failure, close};
 use crate::duration;
 use crate::error::{Error, Result};
 use crate::ledger::{Outcome, ReadKey, Seen};
-use crate::lock::{self, Route, Scope};
+use crate::lock::{self, Scope};
 use crate::lockwaits;
 use crate::probe::Probe;
 use crate::replica::Replica;
+use crate::route::Route;
 use crate::sessions::{self, Ended, Which};
 
 mod ending;

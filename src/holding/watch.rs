@@ -9,7 +9,7 @@ use tracing::{info, warn};
 use super::{HEARTBEAT_TIMEOUT, Holding};
 use crate::db::close;
 use crate::error::{Error, Result};
-use crate::ledger::{AttemptRow, Outcome};
+use crate::ledger::AttemptRow;
 use crate::lockwaits;
 use crate::replica::Replica;
 use crate::sessions;
@@ -119,14 +119,7 @@ impl Holding {
                     let e = Error::Unavailable(format!(
                         "could not look for apps of other releases: {e}"
                     ));
-                    self.complete(
-                        replica,
-                        Outcome::Failed,
-                        Some(e.exit_code()),
-                        &e.to_string(),
-                    )
-                    .await?;
-                    return Err(e);
+                    return Err(self.give_up(replica, e).await?);
                 }
             };
             if policy == OtherReleases::Fail {
@@ -135,14 +128,7 @@ impl Holding {
                      stop the old replicas before the new ones start (Kubernetes: strategy Recreate; Swarm: update_config order stop-first; or scale the old release to 0), \
                      or use --other-releases wait or ignore"
                 ));
-                self.complete(
-                    replica,
-                    Outcome::Failed,
-                    Some(e.exit_code()),
-                    &e.to_string(),
-                )
-                .await?;
-                return Err(e);
+                return Err(self.give_up(replica, e).await?);
             }
             if started.elapsed() >= bound {
                 let e = Error::Timeout {
@@ -150,14 +136,7 @@ impl Holding {
                     waited: bound,
                     hint: "nothing was migrated; stop the old replicas (strategy Recreate, or scale them down) or raise --wait-timeout".into(),
                 };
-                self.complete(
-                    replica,
-                    Outcome::Failed,
-                    Some(e.exit_code()),
-                    &e.to_string(),
-                )
-                .await?;
-                return Err(e);
+                return Err(self.give_up(replica, e).await?);
             }
             if said.is_none_or(|at| at.elapsed() >= OTHER_RELEASES_REPORT) {
                 warn!(

@@ -1,0 +1,477 @@
+//! Connecting to PostgreSQL: retrying a database that is not up yet, classifying errors into
+//! "retry" and "give up", client-side keepalives, and URLs safe to print. The connection string's
+//! forms and parameters are read in [`conninfo`]; what the gate knows of its own end of a
+//! connection (its sockets) in [`own_end`]. Queries themselves go through [`crate::sql`].
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use backon::BackoffBuilder;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPoolOptions};
+use sqlx::{Acquire, ConnectOptions, Connection};
+use tracing::{debug, warn};
+
+use crate::duration::short;
+use crate::error::{Error, Result};
+use crate::sql::{ROUND_TRIP_TIMEOUT, deadline};
+
+mod conninfo;
+mod own_end;
+
+pub(crate) use conninfo::ConnUrl;
+use conninfo::*;
+pub(crate) use own_end::parent_pid;
+use own_end::*;
+
+/// Longest single connection attempt: a host that drops SYNs would otherwise hang for minutes.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Client-side TCP settings of every connection: a peer that vanished without a reset is
+/// noticed within about 30 s even by a socket that waits for nothing.
+const KEEPALIVE_IDLE_S: libc::c_int = 10;
+const KEEPALIVE_INTERVAL_S: libc::c_int = 5;
+const KEEPALIVE_COUNT: libc::c_int = 3;
+const USER_TIMEOUT_MS: libc::c_int = 30_000;
+
+/// The oldest PostgreSQL the gate supports (`server_version_num` format): 13. The README's
+/// supported range is 13 to 18; newer majors are not refused.
+const OLDEST_SERVER: u32 = 13_00_00;
+
+/// How to reach the database.
+#[derive(Debug, Clone)]
+pub(crate) struct Db {
+    options: PgConnectOptions,
+    connect_timeout: Duration,
+    /// The URL's `connect_timeout`: the longest single attempt, when it sets one.
+    attempt_cap: Option<Duration>,
+    /// The URL with its password replaced, safe to print.
+    pub(crate) redacted_url: String,
+}
+
+/// What to do about a failed database call.
+#[derive(Debug)]
+pub(crate) enum Failure {
+    /// Transient (refused, restarting, too many connections, lost connection): retry.
+    Retry(String),
+    /// Retrying cannot help (bad password, missing database, bad TLS setup).
+    Fatal(Error),
+}
+
+/// The gate's own end of its database connections, as its kernel sees it: one half of the proof
+/// that a route is direct (the server's view is the other, [`crate::lock::ServerSide`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum OwnEnd {
+    /// Over TCP: the local address and port of each of the gate's TCP sockets (`getsockname`).
+    Tcp(Vec<SocketAddr>),
+    /// Over a Unix socket: its path, and the PID of the process that listens on it
+    /// (`SO_PEERCRED`; `None` when that process is not visible in our PID namespace).
+    Unix {
+        path: PathBuf,
+        listener: Option<i32>,
+    },
+}
+
+/// One connection of the gate's: a plain session, or one that `LISTEN`s. sqlx delivers
+/// notifications only to a `PgListener`, which needs a pool; only a waiter that keeps its
+/// connection on a direct route listens ([`Db::connect_listening`]), so every other connection
+/// (the fast path, polls, the holder) stays a plain one, with sqlx's own errors classified as they
+/// happen.
+pub(crate) enum Conn {
+    Plain(PgConnection),
+    Listening(Box<PgListener>),
+}
+
+impl Conn {
+    /// The session, for queries.
+    pub(crate) async fn pg(&mut self) -> Result<&mut PgConnection, sqlx::Error> {
+        match self {
+            Conn::Plain(c) => Ok(c),
+            // `acquire` would reconnect only after `notified` saw the connection lost, and then
+            // the waiting loop drops this `Conn` instead.
+            Conn::Listening(l) => l.acquire().await,
+        }
+    }
+
+    /// Whether this connection hears notifications.
+    pub(crate) fn listens(&self) -> bool {
+        matches!(self, Conn::Listening(_))
+    }
+
+    /// Waits up to `limit` for a notification. `Ok(true)`: one arrived; `Ok(false)`: none in
+    /// time (a plain connection just waits); an error: the connection is lost.
+    pub(crate) async fn notified(&mut self, limit: Duration) -> Result<bool, sqlx::Error> {
+        let Conn::Listening(l) = self else {
+            tokio::time::sleep(limit).await;
+            return Ok(false);
+        };
+        match tokio::time::timeout(limit, l.try_recv()).await {
+            Ok(Ok(Some(_))) => {
+                // One wake-up is enough however many arrived.
+                while l.next_buffered().is_some() {}
+                Ok(true)
+            }
+            Ok(Ok(None)) => Err(sqlx::Error::Io(std::io::ErrorKind::ConnectionReset.into())),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Ok(false),
+        }
+    }
+}
+
+impl Db {
+    /// Parses `url` ([`ConnUrl::parse`]) and prepares connection options; a malformed URL or a
+    /// setting the gate cannot honour is a usage error.
+    pub(crate) fn new(url: &str, application_name: &str, connect_timeout: Duration) -> Result<Db> {
+        let redacted_url = redact_url(url);
+        let parsed = ConnUrl::parse(url)?;
+        check_tls_files(&parsed.url)?;
+        let options = PgConnectOptions::from_str(&parsed.url)
+            .map_err(|e| {
+                Error::Usage(format!(
+                    "malformed database URL {redacted_url}: {}; expected postgresql://USER:PASSWORD@HOST:PORT/DATABASE",
+                    scrub(&scrub(&e.to_string(), url), &parsed.url)
+                ))
+            })?
+            .application_name(application_name)
+            // PgBouncer refuses unknown startup parameters; sqlx would send this one.
+            .extra_float_digits(None)
+            .statement_cache_capacity(0)
+            .disable_statement_logging();
+        Ok(Db {
+            options,
+            connect_timeout,
+            attempt_cap: parsed.attempt_cap,
+            redacted_url,
+        })
+    }
+
+    /// The Unix socket we dial (`{dir}/.s.PGSQL.{port}`, as sqlx and libpq build it), or `None`
+    /// for TCP.
+    fn unix_socket(&self) -> Option<PathBuf> {
+        let dir = match self.options.get_socket() {
+            Some(dir) => dir.clone(),
+            None if self.options.get_host().starts_with('/') => {
+                PathBuf::from(self.options.get_host())
+            }
+            None => return None,
+        };
+        Some(dir.join(format!(".s.PGSQL.{}", self.options.get_port())))
+    }
+
+    /// The gate's own end of its connections, as the kernel sees it, for the route proof
+    /// ([`crate::lock::judge_route`]): read after a connection is made, before it is used
+    /// by anything else.
+    pub(crate) fn own_end(&self) -> OwnEnd {
+        match self.unix_socket() {
+            None => OwnEnd::Tcp(own_tcp_addresses()),
+            Some(path) => OwnEnd::Unix {
+                listener: unix_listener_pid(&path),
+                path,
+            },
+        }
+    }
+
+    /// Connects, retrying transient failures with jittered exponential backoff until
+    /// `--connect-timeout` has passed. Authentication and configuration errors fail at once.
+    pub(crate) async fn connect(&self) -> Result<Conn> {
+        let started = Instant::now();
+        let mut delays = backoff(Duration::from_millis(50), Duration::from_secs(2));
+        loop {
+            let remaining = self.connect_timeout.saturating_sub(started.elapsed());
+            match self.connect_once(remaining).await {
+                Ok(conn) => return Ok(conn),
+                Err(Failure::Fatal(e)) => return Err(e),
+                Err(Failure::Retry(reason)) => {
+                    let remaining = self.connect_timeout.saturating_sub(started.elapsed());
+                    if remaining.is_zero() {
+                        return Err(self.gave_up(&reason));
+                    }
+                    let delay = delays
+                        .next()
+                        .unwrap_or(Duration::from_secs(1))
+                        .min(remaining);
+                    debug!(reason, ?delay, "database not reachable yet; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    /// The error after `--connect-timeout` of transient failures, the last one being `reason`.
+    pub(crate) fn gave_up(&self, reason: &str) -> Error {
+        Error::Unavailable(format!(
+            "database unavailable at {} after {}: {reason}; check that PostgreSQL is running and reachable, or raise --connect-timeout",
+            self.redacted_url,
+            short(self.connect_timeout),
+        ))
+    }
+
+    /// The user name we log in as.
+    pub(crate) fn username(&self) -> &str {
+        self.options.get_username()
+    }
+
+    /// The longest single attempt: at most a third of `--connect-timeout`, so that an attempt
+    /// that hangs (a dropped SYN, a stalled server) leaves room for more.
+    /// The URL's `connect_timeout`, when it has one, sets it instead (as in libpq).
+    pub(crate) fn attempt_limit(&self) -> Duration {
+        self.attempt_cap.unwrap_or_else(|| {
+            (self.connect_timeout / 3).clamp(Duration::from_secs(1), ATTEMPT_TIMEOUT)
+        })
+    }
+
+    /// One connection attempt, bounded by `limit` (and by [`Db::attempt_limit`]).
+    pub(crate) async fn connect_once(&self, limit: Duration) -> Result<Conn, Failure> {
+        let limit = limit.clamp(Duration::from_millis(100), self.attempt_limit());
+        match tokio::time::timeout(limit, self.options.connect()).await {
+            Ok(Ok(conn)) => {
+                set_client_keepalives();
+                self.check_server_version(&conn)?;
+                Ok(Conn::Plain(conn))
+            }
+            Ok(Err(e)) => Err(self.classify(&e)),
+            Err(_) => Err(Failure::Retry(format!("no answer within {}", short(limit)))),
+        }
+    }
+
+    /// Refuses a server older than [`OLDEST_SERVER`], before any query: the version comes from
+    /// the `server_version` the server announced at startup (no round trip).
+    fn check_server_version(&self, conn: &PgConnection) -> Result<(), Failure> {
+        match conn.server_version_num() {
+            Some(v) if v < OLDEST_SERVER => {
+                // 120022 is 12.22; before 10 the middle digits were part of the major: 90624 is 9.6.24.
+                let version = match v {
+                    100_000.. => format!("{}.{}", v / 10_000, v % 10_000),
+                    _ => format!("{}.{}.{}", v / 10_000, v / 100 % 100, v % 100),
+                };
+                Err(Failure::Fatal(Error::Config(format!(
+                    "PostgreSQL {version} at {} is not supported: the gate supports PostgreSQL 13 to 18; upgrade the server",
+                    self.redacted_url
+                ))))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// A connection that `LISTEN`s on `channel`, for a waiter that keeps its connection. The
+    /// one-connection pool behind it retries a refused connection and "too many connections" by
+    /// itself until the attempt limit; the caller has a plain connection already and simply
+    /// keeps polling on it when this fails.
+    pub(crate) async fn connect_listening(&self, channel: &str) -> Result<Conn, sqlx::Error> {
+        let limit = self.attempt_limit();
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .min_connections(0)
+            .max_lifetime(None)
+            .idle_timeout(None)
+            .test_before_acquire(false)
+            .acquire_timeout(limit)
+            .connect_lazy_with(self.options.clone());
+        let mut listener = deadline(limit, PgListener::connect_with(&pool)).await?;
+        listener.eager_reconnect(false);
+        listener.ignore_pool_close_event(true);
+        set_client_keepalives();
+        deadline(ROUND_TRIP_TIMEOUT, listener.listen(channel)).await?;
+        Ok(Conn::Listening(Box::new(listener)))
+    }
+
+    /// Sorts an error into retry or give up, with a message that names the URL safely.
+    pub(crate) fn classify(&self, e: &sqlx::Error) -> Failure {
+        let at = &self.redacted_url;
+        match e {
+            sqlx::Error::Database(db) => {
+                let code = db.code().map(|c| c.to_string()).unwrap_or_default();
+                let msg = db.message().to_string();
+                match code.as_str() {
+                    "28P01" | "28000" => Failure::Fatal(Error::Auth(format!(
+                        "authentication refused by {at}: {msg}; check the user name and password"
+                    ))),
+                    "42501" => Failure::Fatal(Error::Auth(format!(
+                        "permission denied at {at}: {msg}; see \"Privileges\" in the README for the grants the gate's role needs"
+                    ))),
+                    "3D000" => Failure::Fatal(Error::Unavailable(format!(
+                        "{msg} at {at}; create the database or fix the URL"
+                    ))),
+                    "25006" => Failure::Fatal(Error::Unavailable(format!(
+                        "the server at {at} is read-only ({msg}): a hot standby, or default_transaction_read_only is on; point the gate at the primary"
+                    ))),
+                    // Too many connections, server starting or shutting down, connection
+                    // failures, crash recovery: all pass.
+                    c if c.starts_with("53") || c.starts_with("57") || c.starts_with("08") => {
+                        Failure::Retry(format!("{msg} (SQLSTATE {c})"))
+                    }
+                    c => Failure::Fatal(Error::Unavailable(format!(
+                        "database error at {at}: {msg} (SQLSTATE {c})"
+                    ))),
+                }
+            }
+            // rustls reports a rejected certificate (and every other handshake failure) as an
+            // io::Error of kind InvalidData wrapping a rustls::Error: retrying cannot fix it.
+            sqlx::Error::Io(io) if is_tls_failure(io) => Failure::Fatal(Error::Unavailable(
+                format!("TLS connection to {at} failed: {io}; check sslmode and sslrootcert"),
+            )),
+            sqlx::Error::Io(io) => Failure::Retry(io.to_string()),
+            sqlx::Error::Tls(t) => Failure::Fatal(Error::Unavailable(format!(
+                "TLS connection to {at} failed: {t}; check sslmode and sslrootcert"
+            ))),
+            sqlx::Error::Configuration(c) => {
+                Failure::Fatal(Error::Usage(format!("bad database URL {at}: {c}")))
+            }
+            sqlx::Error::Protocol(p) => Failure::Retry(format!("protocol error: {p}")),
+            other => Failure::Retry(other.to_string()),
+        }
+    }
+
+    /// The error for a database call that failed after retries were no longer an option.
+    pub(crate) fn fail(&self, e: &sqlx::Error, doing: &str) -> Error {
+        match self.classify(e) {
+            Failure::Fatal(err) => err,
+            Failure::Retry(reason) => Error::Unavailable(format!(
+                "lost the database connection {doing} at {}: {reason}",
+                self.redacted_url
+            )),
+        }
+    }
+}
+
+/// Sets client-side keepalives and `TCP_USER_TIMEOUT` on the gate's TCP sockets: all of them
+/// are the gate's own database connections or short-lived probes, for which the settings are
+/// right too.
+/// Fails with a usage error naming the path when a TLS file named in the URL (or
+/// `PGSSLROOTCERT`) cannot be read: sqlx would report a bare "No such file or directory", and
+/// retrying cannot create the file.
+fn check_tls_files(url: &str) -> Result<()> {
+    let Ok(parsed) = url::Url::parse(url) else {
+        return Ok(());
+    };
+    let mut files: Vec<(String, String)> = parsed
+        .query_pairs()
+        .filter(|(k, _)| matches!(k.as_ref(), "sslrootcert" | "sslcert" | "sslkey"))
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    if !files.iter().any(|(k, _)| k == "sslrootcert")
+        && let Ok(path) = std::env::var("PGSSLROOTCERT")
+    {
+        files.push(("PGSSLROOTCERT".into(), path));
+    }
+    for (name, path) in files {
+        if let Err(e) = std::fs::File::open(&path) {
+            return Err(Error::Usage(format!(
+                "cannot read {name} file {path:?}: {e}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Whether an I/O error is a TLS handshake failure (bad certificate, wrong host, no common
+/// protocol) rather than a network problem.
+fn is_tls_failure(io: &std::io::Error) -> bool {
+    io.kind() == std::io::ErrorKind::InvalidData
+        && io
+            .get_ref()
+            .is_some_and(|e| e.downcast_ref::<rustls::Error>().is_some())
+}
+
+/// Closes a connection: the server frees its session (and session locks) at once. Bounded: a
+/// connection on a dead socket is simply dropped.
+pub(crate) async fn close(conn: Conn) {
+    match conn {
+        Conn::Plain(c) => {
+            if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(1), c.close()).await {
+                debug!(error = %e, "closing the database connection failed");
+            }
+        }
+        Conn::Listening(l) => {
+            drop(l);
+            // The listener hands its connection back to its one-connection pool on a task;
+            // yielding lets that run, and dropping the pool then closes the socket.
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+/// The URL (or key/value string, or for the empty string the libpq environment) with any
+/// password replaced by `***`, for messages and logs.
+pub(crate) fn redact_url(url: &str) -> String {
+    if url.trim().is_empty() {
+        return describe_environment();
+    }
+    if !url.contains("://") && url.contains('=') {
+        return redact_key_values(url);
+    }
+    match url::Url::parse(url) {
+        Ok(mut parsed) => {
+            if parsed.password().is_some() {
+                let _ = parsed.set_password(Some("***"));
+            }
+            let pairs: Vec<(String, String)> = parsed
+                .query_pairs()
+                .map(|(k, v)| {
+                    let v = if k.eq_ignore_ascii_case("password") {
+                        "***".to_string()
+                    } else {
+                        v.into_owned()
+                    };
+                    (k.into_owned(), v)
+                })
+                .collect();
+            if pairs
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case("password"))
+            {
+                parsed.query_pairs_mut().clear().extend_pairs(pairs);
+            }
+            parsed.to_string()
+        }
+        // Unparseable: we cannot tell where a password would be, so show nothing of it.
+        Err(_) => "(unparseable URL, not shown)".to_string(),
+    }
+}
+
+/// Removes `secret` (the raw URL, which may hold a password) from a message built by a library.
+fn scrub(message: &str, secret: &str) -> String {
+    if secret.is_empty() {
+        message.to_string()
+    } else {
+        message.replace(secret, "(URL not shown)")
+    }
+}
+
+/// Jittered exponential backoff delays, forever: the first near `min`, each later one up to
+/// twice the one before, never more than `max`. backon's jitter adds up to 100% to each delay,
+/// so the base delays are halved to keep the jittered ones under `max`.
+pub(crate) fn backoff(min: Duration, max: Duration) -> impl Iterator<Item = Duration> {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(min / 2)
+        .with_max_delay(max / 2)
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// Logs a transient failure in one place so every retry loop reports the same way.
+pub(crate) fn log_retry(context: &str, reason: &str) {
+    warn!(reason, "{context}; retrying");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redact_url_hides_passwords_in_userinfo_and_query() {
+        assert_eq!(
+            redact_url("postgres://app:s3cret@db:5432/app"),
+            "postgres://app:***@db:5432/app"
+        );
+        let q = redact_url("postgres://app@db/app?password=s3cret&sslmode=require");
+        assert!(!q.contains("s3cret"), "{q}");
+        assert!(q.contains("sslmode=require"), "{q}");
+        assert_eq!(redact_url("postgres://app@db/app"), "postgres://app@db/app");
+        let bad = redact_url("not a url with s3cret");
+        assert!(!bad.contains("s3cret"), "{bad}");
+    }
+}
