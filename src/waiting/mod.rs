@@ -10,8 +10,8 @@
 //! 3. The replica that gets the lock takes over ([`Holding::take_over`]): it re-reads the ledger
 //!    (the previous holder may have finished between 1 and 2), waits out a vanished holder's
 //!    fencing time and marks its attempts `abandoned`, records its own attempt and migrates,
-//!    checking on every heartbeat that its lock session is alive. If that session is lost, another replica may take the lock, so it
-//!    stops its migration at once (fencing) and fails.
+//!    checking on every heartbeat that its lock session is alive. If that session is lost,
+//!    another replica may take the lock, so it stops its migration at once (fencing) and fails.
 //! 4. It records the outcome and notifies the waiters on the lock session, commits, and only
 //!    then frees the lock ([`Holding::complete`]).
 //!
@@ -40,29 +40,12 @@ use crate::lock::{self, Scope, WaitSlots};
 use crate::replica::{HolderNote, Replica};
 use crate::route::Route;
 
+mod pace;
+
+use pace::*;
+
 /// How often a waiter logs who holds the lock.
 const REPORT_EVERY: Duration = Duration::from_secs(10);
-/// Shortest polling delay.
-const POLL_MIN: Duration = Duration::from_millis(20);
-/// Longest polling delay of a waiter that `LISTEN`s: the notification is the fast path, the
-/// poll only catches a holder that died (its lock frees without a notification).
-const POLL_LISTENING_MAX: Duration = Duration::from_millis(1000);
-/// Longest polling delay of a waiter that keeps its connection without `LISTEN` (behind a
-/// transaction pooler): a query on an open connection is cheap, and hand-off latency is this
-/// delay.
-const POLL_FAST_MAX: Duration = Duration::from_millis(100);
-/// Longest polling delay of a waiter that reconnects for each poll: a new connection costs the
-/// server a process and an authentication, so hundreds of these must poll gently.
-const POLL_SLOW_MAX: Duration = Duration::from_millis(500);
-/// Longest polling delay of a reconnecting waiter when nearly all of the server's connections
-/// are in use: the migration and the apps need them more than we do.
-const POLL_CROWDED_MAX: Duration = Duration::from_millis(8000);
-/// Share of `max_connections` in use above which reconnecting waiters slow down, linearly up to
-/// [`POLL_CROWDED_MAX`] at [`PACKED`].
-const CROWDED: f64 = 0.5;
-/// Share of `max_connections` in use at which reconnecting waiters poll most gently.
-const PACKED: f64 = 0.9;
-
 /// What the replica wants from a round.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Want {
@@ -475,37 +458,5 @@ impl Waiter<'_> {
             waited,
             hint,
         }
-    }
-}
-
-/// The polling delay of a reconnecting waiter on a crowded server: from [`POLL_SLOW_MAX`] when
-/// [`CROWDED`] to [`POLL_CROWDED_MAX`] when [`PACKED`], jittered over its upper half so that a
-/// fleet spreads its reconnections.
-fn crowded_delay(pressure: f64) -> Duration {
-    let f = ((pressure - CROWDED) / (PACKED - CROWDED)).clamp(0.0, 1.0);
-    let cap = POLL_SLOW_MAX.as_secs_f64() + f * (POLL_CROWDED_MAX - POLL_SLOW_MAX).as_secs_f64();
-    Duration::from_secs_f64(cap * (0.5 + 0.5 * fastrand::f64()))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn crowded_delay_grows_with_pressure_and_stays_within_its_bounds() {
-        for _ in 0..200 {
-            let calm = crowded_delay(0.5);
-            assert!(
-                calm >= POLL_SLOW_MAX / 2 && calm <= POLL_SLOW_MAX,
-                "{calm:?}"
-            );
-            let packed = crowded_delay(0.95);
-            assert!(
-                packed >= POLL_CROWDED_MAX / 2 && packed <= POLL_CROWDED_MAX,
-                "{packed:?}"
-            );
-        }
-        let mid: Duration = (0..200).map(|_| crowded_delay(0.7)).sum::<Duration>() / 200;
-        assert!(mid > POLL_SLOW_MAX && mid < POLL_CROWDED_MAX, "{mid:?}");
     }
 }
