@@ -21,8 +21,10 @@
 //!   step; [`release`]: the release ID of `--release-from`, a hash of the files;
 //! - [`ledger`]: which releases are done, and every attempt (its rows);
 //! - [`schema`]: every table the gate creates, its DDL and the grants it needs;
-//! - [`lock`]: the advisory lock key and who holds it;
-//! - [`db`]: connecting, retrying, classifying errors, keepalives, redacting URLs;
+//! - [`route`]: what sits between the gate and PostgreSQL, direct only when proven;
+//! - [`lock`]: the advisory lock key, its session's settings, and who holds it;
+//! - [`db`]: the connection string's forms, connecting, retrying, classifying errors,
+//!   keepalives, redacting URLs;
 //! - [`sql`]: pooler-safe queries with deadlines, reading rows, quoting, SQLSTATE predicates;
 //! - [`error`]: failures and their exit codes; [`duration`]: durations for people.
 
