@@ -48,6 +48,18 @@ pub(crate) struct Db {
     attempt_cap: Option<Duration>,
     /// The URL with its password replaced, safe to print.
     pub(crate) redacted_url: String,
+    /// The host the last connection reached, and why that one ([`Db::reached`]).
+    reached: std::sync::Arc<std::sync::Mutex<Option<Reached>>>,
+}
+
+/// The host a connection reached, and why that one: the first that answered, or the first
+/// read-write one of a multi-host list (libpq's order, `target_session_attrs`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub(crate) struct Reached {
+    /// `host:port`, or the Unix socket's path.
+    pub(crate) host: String,
+    /// Why this host: "the only host", "the first of 2 hosts that is read-write (db1:5432: a standby)".
+    pub(crate) why: String,
 }
 
 /// What to do about a failed database call.
@@ -143,6 +155,7 @@ impl Db {
             connect_timeout,
             attempt_cap: parsed.attempt_cap,
             redacted_url,
+            reached: Default::default(),
         })
     }
 
@@ -157,6 +170,14 @@ impl Db {
             None => return None,
         };
         Some(dir.join(format!(".s.PGSQL.{}", self.options.get_port())))
+    }
+
+    /// The host we dial, for messages: `host:port`, or the Unix socket's path.
+    fn shown_host(&self) -> String {
+        match self.unix_socket() {
+            Some(path) => path.display().to_string(),
+            None => format!("{}:{}", self.options.get_host(), self.options.get_port()),
+        }
     }
 
     /// The gate's own end of its connections, as the kernel sees it, for the route proof
@@ -207,6 +228,13 @@ impl Db {
         ))
     }
 
+    /// The host the last successful connection reached, and why ([`Reached`]); `None` before
+    /// the first.
+    #[allow(dead_code)] // read by the `check` command, being written
+    pub(crate) fn reached(&self) -> Option<Reached> {
+        self.reached.lock().ok().and_then(|r| r.clone())
+    }
+
     /// The user name we log in as.
     pub(crate) fn username(&self) -> &str {
         self.options.get_username()
@@ -228,6 +256,12 @@ impl Db {
             Ok(Ok(conn)) => {
                 set_client_keepalives();
                 self.check_server_version(&conn)?;
+                if let Ok(mut r) = self.reached.lock() {
+                    *r = Some(Reached {
+                        host: self.shown_host(),
+                        why: "the only host".into(),
+                    });
+                }
                 Ok(Conn::Plain(conn))
             }
             Ok(Err(e)) => Err(self.classify(&e)),
