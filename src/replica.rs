@@ -88,6 +88,13 @@ impl Replica {
         })
     }
 
+    /// This replica may take the lock (`migrate`, `run`, `reset`): on a host list it connects
+    /// to the read-write host ([`Db::for_holder`]); `wait` and `status` go where the URL says.
+    pub(crate) fn for_holder(mut self) -> Replica {
+        self.db = self.db.for_holder();
+        self
+    }
+
     pub(crate) fn lock(&self) -> &LockKey {
         &self.target.lock
     }
