@@ -114,7 +114,7 @@ impl Command {
 /// Where the database and the lock are: flags shared by every command that connects.
 #[derive(Debug, Clone, Args)]
 pub struct DbArgs {
-    /// PostgreSQL URL: postgresql://user:pass@host:port/db?sslmode=... (also postgres://, SQLAlchemy's postgresql+DRIVER://, and libpq's "host=... dbname=..."; a parameter the gate cannot honour is refused). Falls back to DATABASE_URL, then to PGHOST/PGPORT/PGDATABASE/PGUSER/PGPASSWORD.
+    /// PostgreSQL URL: postgresql://user:pass@host:port/db?sslmode=... (also postgres://, SQLAlchemy's postgresql+DRIVER://, libpq's "host=... dbname=...", host lists "db1,db2" tried in libpq's order with target_session_attrs (a replica that may migrate takes the read-write host), and service=NAME from pg_service.conf; a parameter the gate cannot honour is refused). Falls back to DATABASE_URL, then to libpq's PG* environment (PGHOST, PGPORT, PGDATABASE, PGUSER, PGPASSWORD, PGSERVICE, ...).
     #[arg(long, env = "MIGRATIONS_GATE_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
 
