@@ -295,7 +295,6 @@ impl Db {
 
     /// The host the last successful connection reached, and why ([`Reached`]); `None` before
     /// the first.
-    #[allow(dead_code)] // read by the `check` command, being written
     pub(crate) fn reached(&self) -> Option<Reached> {
         self.reached
             .lock()

@@ -41,7 +41,7 @@ mod ending;
 mod others;
 
 use ending::settle;
-pub(crate) use ending::{EndError, Ended, end};
+pub(crate) use ending::{EndError, Ended, end, signal_grant};
 pub(crate) use others::other_releases;
 
 /// The prefix that marks a session as started by a gate's child.
