@@ -6,63 +6,23 @@
 mod support;
 
 use std::process::Output;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
+use support::role::Role;
 use support::*;
 
-static ROLES: AtomicUsize = AtomicUsize::new(0);
-
-/// A login role of one test with no right but PUBLIC's, dropped (with what it was granted) on
-/// drop, also when the test fails.
-struct Role {
-    name: String,
-    password: String,
-    admin_url: String,
-    url: String,
+/// `check` as a bare [`Role`].
+trait Checks {
+    fn check(&self, db: &TestDb, args: &[&str]) -> Output;
 }
 
-impl Role {
-    fn create(db: &TestDb) -> Role {
-        let n = ROLES.fetch_add(1, Ordering::SeqCst);
-        let name = format!("mg_check_{}_{n}", std::process::id());
-        let password = format!("pw-check-{}-{n}-Zq7", std::process::id());
-        sql(
-            &db.url,
-            &format!("CREATE ROLE {name} LOGIN PASSWORD '{password}'"),
-        );
-        let url = db.url.replacen(
-            &format!("postgres:{PASSWORD}@"),
-            &format!("{name}:{password}@"),
-            1,
-        );
-        Role {
-            name,
-            password,
-            admin_url: db.url.clone(),
-            url,
-        }
-    }
-
+impl Checks for Role {
     /// `migrations-gate check ARGS...` as this role, to the end.
     fn check(&self, db: &TestDb, args: &[&str]) -> Output {
-        db.gate()
-            .env("MIGRATIONS_GATE_DATABASE_URL", &self.url)
-            .env("DATABASE_URL", &self.url)
+        self.gate(db)
             .arg("check")
             .args(args)
             .output()
             .expect("run migrations-gate check")
-    }
-}
-
-impl Drop for Role {
-    fn drop(&mut self) {
-        let r = &self.name;
-        let admin = self.admin_url.clone();
-        let drop_sql = format!("DROP OWNED BY {r}; DROP ROLE {r};");
-        if std::panic::catch_unwind(|| sql(&admin, &drop_sql)).is_err() {
-            eprintln!("could not drop role {r}");
-        }
     }
 }
 
@@ -113,7 +73,7 @@ fn a_least_privilege_role_on_a_fresh_database_gets_the_grant_to_ask_for_exit_77_
         &db.url,
         &format!("REVOKE CREATE ON DATABASE {} FROM PUBLIC", db.name),
     );
-    let role = Role::create(&db);
+    let role = Role::create(&db, "check");
     let out = role.check(&db, &["--release", "r1"]);
     let js = role.check(&db, &["--release", "r1", "--json"]);
 
@@ -177,7 +137,7 @@ fn a_dba_made_ledger_with_read_only_rights_names_each_missing_grant_and_with_the
         &db.url,
         &format!("REVOKE CREATE ON DATABASE {} FROM PUBLIC", db.name),
     );
-    let role = Role::create(&db);
+    let role = Role::create(&db, "check");
     let r = &role.name;
     sql(
         &db.url,

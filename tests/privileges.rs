@@ -10,55 +10,17 @@
 mod support;
 
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
+use support::role::Role;
 use support::*;
 
-static ROLES: AtomicUsize = AtomicUsize::new(0);
-
-/// A login role of one test, dropped (with everything it owns or was granted in the test's
-/// database) on drop.
-struct Role {
-    name: String,
-    password: String,
-    admin_url: String,
-    url: String,
+/// The app's rights on top of a bare [`Role`].
+trait AppRole {
+    fn app_only(db: &TestDb, what: &str) -> Role;
+    fn grant_app_rights(&self);
 }
 
-impl Role {
-    /// A new role with LOGIN and a password, and no other right than PUBLIC's.
-    fn create(db: &TestDb, what: &str) -> Role {
-        let n = ROLES.fetch_add(1, Ordering::SeqCst);
-        let name = format!("mg_{what}_{}_{n}", std::process::id());
-        let password = format!("pw-{what}-{}-{n}-Zq7", std::process::id());
-        sql(
-            &db.url,
-            &format!("CREATE ROLE {name} LOGIN PASSWORD '{password}'"),
-        );
-        let url = db.url.replacen(
-            &format!("postgres:{PASSWORD}@"),
-            &format!("{name}:{password}@"),
-            1,
-        );
-        assert_ne!(url, db.url);
-        Role {
-            name,
-            password,
-            admin_url: db.url.clone(),
-            url,
-        }
-    }
-
-    /// A `migrations-gate` command run as this role: the gate, its migration and the app all
-    /// use the role's URL.
-    fn gate(&self, db: &TestDb) -> Command {
-        let mut c = db.gate();
-        c.env("MIGRATIONS_GATE_DATABASE_URL", &self.url)
-            .env("DATABASE_URL", &self.url)
-            .env("STANDIN_STEP_MS", "100");
-        c
-    }
-
+impl AppRole for Role {
     /// After [`revoke_create_on_database`], a new role with the app's rights
     /// ([`Role::grant_app_rights`]) and nothing else.
     fn app_only(db: &TestDb, what: &str) -> Role {
@@ -80,19 +42,6 @@ impl Role {
                  GRANT USAGE ON SEQUENCE mg_runs_id_seq, app_starts_id_seq, app_signals_id_seq TO {r};"
             ),
         );
-    }
-}
-
-impl Drop for Role {
-    fn drop(&mut self) {
-        // Not `sql()`: it panics, and a panic while a failed test unwinds would abort.
-        let r = &self.name;
-        let admin = self.admin_url.clone();
-        let drop_sql = format!("DROP OWNED BY {r}; DROP ROLE {r};");
-        let result = std::panic::catch_unwind(|| sql(&admin, &drop_sql));
-        if result.is_err() {
-            eprintln!("could not drop role {r}");
-        }
     }
 }
 

@@ -18,6 +18,7 @@ use sqlx::{AssertSqlSafe, Connection, Row};
 
 pub mod ledger;
 pub mod netns;
+pub mod role;
 mod standin_tables;
 
 /// Password of the cluster's superuser `postgres` (password auth on TCP, so tests can refuse it).
