@@ -174,16 +174,27 @@ pub(crate) async fn waits(
     Ok(found)
 }
 
-/// Reports the waits of a running migration: one WARN line per waiting session when it is
+/// Reports the waits of a running attempt: one WARN line per waiting session when it is
 /// first seen past the threshold, again every [`REPEAT`] while it lasts, and one INFO line when
 /// it ended.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Reporter {
+    /// What the sessions belong to, for the log: "the migration", or "the app starting with
+    /// the flag on" (a holder that starts the app and waits for it to be ready).
+    of: &'static str,
     /// Per waiting PID: when it was last reported, and the wait as last seen.
     reported: BTreeMap<i32, (Instant, Wait)>,
 }
 
 impl Reporter {
+    /// A reporter for the sessions of `of` ("the migration", ...).
+    pub(crate) fn new(of: &'static str) -> Reporter {
+        Reporter {
+            of,
+            reported: BTreeMap::new(),
+        }
+    }
+
     /// Logs what changed since the last look: `waits` is every session waiting now.
     pub(crate) fn observe(&mut self, waits: Vec<Wait>) {
         let now = Instant::now();
@@ -194,7 +205,8 @@ impl Reporter {
                 info!(
                     pid,
                     waited_s = format!("{:.0}", last.waited_secs),
-                    "a session of the migration no longer waits for a lock: pid {pid} ({}) on {}, after at least {:.0}s",
+                    "a session of {} no longer waits for a lock: pid {pid} ({}) on {}, after at least {:.0}s",
+                    self.of,
                     last.command,
                     last.lock,
                     last.waited_secs
@@ -211,7 +223,8 @@ impl Reporter {
                 warn!(
                     pid,
                     waited_s = format!("{:.0}", w.waited_secs),
-                    "a session of the migration waits for a lock: {w}"
+                    "a session of {} waits for a lock: {w}",
+                    self.of
                 );
                 now
             } else {

@@ -451,7 +451,10 @@ impl Holding {
         let every = LOOK_AT_WAITS.min(watch.report_waits_after.max(HEARTBEAT));
         let mut waits_tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         waits_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut reporter = lockwaits::Reporter::default();
+        let mut reporter = lockwaits::Reporter::new(match probe {
+            Some(_) => "the app starting with the flag on",
+            None => "the migration",
+        });
         loop {
             tokio::select! {
                 code = child.wait() => {
