@@ -121,7 +121,7 @@ pub(crate) struct Problem {
 
 /// Prints what the gate would find and returns the exit code.
 pub(crate) async fn check(args: CheckArgs) -> Result<i32> {
-    let replica = Replica::new(args.db.target()?, args.release.resolve()?)?.for_holder();
+    let replica = Replica::new(args.db.target(args.preset)?, args.release.resolve()?)?.for_holder();
     let mut report = Report {
         ok: false,
         exit_code: 0,

@@ -6,7 +6,7 @@
 use tracing::info;
 
 use crate::child::{self, Program};
-use crate::config::{self, DbArgs, MigrateArgs, ResetArgs, RunArgs, WaitArgs};
+use crate::config::{self, GateArgs, MigrateArgs, ResetArgs, RunArgs, WaitArgs};
 use crate::db::close;
 use crate::error::{EXIT_OK, Error, Result};
 use crate::holding::Holding;
@@ -28,7 +28,7 @@ pub(crate) async fn migrate(args: MigrateArgs) -> Result<i32> {
         Mode::Migrate,
         release.as_deref(),
     )?;
-    let replica = replica_for(&args.gate.db, release, &preflight)?.for_holder();
+    let replica = replica_for(&args.gate, release, &preflight)?.for_holder();
     let bounds = args.holder.bounds(args.gate.preflight.preset);
     let kill_grace = bounds.kill_grace;
     let want = Want::Lock {
@@ -104,7 +104,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<i32> {
         migrate: migrate_argv.is_some(),
     };
     let preflight = Preflight::new(&args.gate.preflight.settings(), mode, release.as_deref())?;
-    let replica = replica_for(&args.gate.db, release, &preflight)?.for_holder();
+    let replica = replica_for(&args.gate, release, &preflight)?.for_holder();
     let bounds = args.holder.bounds(args.gate.preflight.preset);
     let kill_grace = bounds.kill_grace;
     // The app started with the flag off is no attempt: its sessions carry the release only.
@@ -182,7 +182,7 @@ pub(crate) async fn wait(args: WaitArgs) -> Result<i32> {
         check_program(&args.command)?;
     }
     let preflight = Preflight::new(&args.gate.preflight.settings(), Mode::Wait, Some(&release))?;
-    let replica = replica_for(&args.gate.db, Some(release), &preflight)?;
+    let replica = replica_for(&args.gate, Some(release), &preflight)?;
     let want = Want::Done {
         slots: args.gate.waiting.waiting_connections,
     };
@@ -207,7 +207,7 @@ pub(crate) async fn wait(args: WaitArgs) -> Result<i32> {
 /// release stays done, and the next replica sets them anew).
 pub(crate) async fn reset(args: ResetArgs) -> Result<i32> {
     let release = args.release;
-    let replica = Replica::new(args.db.target()?, Some(release.clone()))?.for_holder();
+    let replica = Replica::new(args.db.target(args.preset)?, Some(release.clone()))?.for_holder();
     let store = Store::new(&replica.target.schema, replica.lock());
     let mut conn = replica.db.connect().await?;
     if args.env {
@@ -281,8 +281,8 @@ pub(crate) async fn reset(args: ResetArgs) -> Result<i32> {
 }
 
 /// The replica for these flags; one that compares variables reads the key with the ledger.
-fn replica_for(db: &DbArgs, release: Option<String>, preflight: &Preflight) -> Result<Replica> {
-    let mut replica = Replica::new(db.target()?, release)?;
+fn replica_for(gate: &GateArgs, release: Option<String>, preflight: &Preflight) -> Result<Replica> {
+    let mut replica = Replica::new(gate.db.target(gate.preflight.preset)?, release)?;
     if preflight.compares() {
         replica.ledger.read_env_key();
     }

@@ -69,7 +69,7 @@ async fn running(
 
 /// Prints the status and returns the exit code.
 pub(crate) async fn status(args: StatusArgs) -> Result<i32> {
-    let replica = Replica::new(args.db.target()?, args.release.resolve()?)?;
+    let replica = Replica::new(args.db.target(args.preset)?, args.release.resolve()?)?;
     let store = Store::new(&replica.target.schema, replica.lock());
     let mut conn = replica.db.connect().await?;
     let gathered = async {

@@ -330,7 +330,7 @@ fn open_webui_preset_fails_on_sqlite_before_connecting_and_warns_on_missing_redi
     assert_eq!(code(&sqlite), 78, "{}", stderr(&sqlite));
     assert_stderr_has(
         &sqlite,
-        "preset open-webui: wants DATABASE_URL points at PostgreSQL but DATABASE_URL has another scheme",
+        "preset open-webui: wants Open WebUI's database (its DATABASE_* parts, else DATABASE_URL) is PostgreSQL but DATABASE_URL has another scheme",
     );
     assert!(!stderr(&sqlite).contains("sqlite:"), "never the value");
 
@@ -346,8 +346,8 @@ fn open_webui_preset_fails_on_sqlite_before_connecting_and_warns_on_missing_redi
     assert_eq!(db.migrations_started(), 1);
     assert_eq!(
         db.env_references().len(),
-        7,
-        "the preset compares WEBUI_SECRET_KEY, DATABASE_URL, the four websocket/Redis settings and VECTOR_DB"
+        13,
+        "the preset compares WEBUI_SECRET_KEY, DATABASE_URL and the six DATABASE_* parts, the four websocket/Redis settings and VECTOR_DB"
     );
     assert_eq!(code(&ok), 0, "{}", stderr(&ok));
     let log = stderr(&ok);
@@ -395,6 +395,90 @@ fn open_webui_preset_fails_on_sqlite_before_connecting_and_warns_on_missing_redi
     assert_eq!(code(&no_migrate), 0, "{}", stderr(&no_migrate));
     assert_stderr_has(&no_migrate, "wants `run` has --migrate");
     assert_nothing_secret(&db, &[stderr(&ok), stderr(&other_key), stderr(&no_migrate)]);
+}
+
+#[test]
+fn open_webui_preset_finds_the_database_in_open_webuis_own_database_parts() {
+    // Release r1 is done in `db`, which the DATABASE_* parts name; DATABASE_URL names `other`.
+    let db = cluster().new_db("pf_owui_parts");
+    let other = cluster().new_db("pf_owui_other");
+    assert_eq!(code(&migrate(&db, "r1")), 0);
+    let with_parts = |password: &str, ty: &str| {
+        let mut c = db.gate();
+        c.env_remove("MIGRATIONS_GATE_DATABASE_URL")
+            .env("DATABASE_URL", &other.url)
+            .env("DATABASE_TYPE", ty)
+            .env("DATABASE_USER", "postgres")
+            .env("DATABASE_PASSWORD", password)
+            .env("DATABASE_HOST", "127.0.0.1")
+            .env("DATABASE_PORT", cluster().port.to_string())
+            .env("DATABASE_NAME", &db.name);
+        c
+    };
+
+    // With the preset the parts win, as in Open WebUI; without it they are not read.
+    let status = |preset: &[&str]| {
+        with_parts(PASSWORD, "postgresql")
+            .args(["status", "--release", "r1"])
+            .args(preset)
+            .output()
+            .unwrap()
+    };
+    let parts = status(&["--preset", "open-webui"]);
+    assert_eq!(
+        code(&parts),
+        0,
+        "r1 is done where the parts point: {}",
+        stderr(&parts)
+    );
+    assert_stderr_has(
+        &parts,
+        "database from Open WebUI's DATABASE_TYPE, DATABASE_USER",
+    );
+    let url = status(&[]);
+    assert_eq!(
+        code(&url),
+        1,
+        "DATABASE_URL's database has no r1: {}",
+        stderr(&url)
+    );
+    assert_stderr_has(&url, "database from DATABASE_URL");
+
+    // The preset's rules read what Open WebUI reads: parts that are not PostgreSQL, or that
+    // Open WebUI would misread (an unencoded @ in the password), fail before connecting.
+    let migrate_r2 = |password: &str, ty: &str| {
+        with_parts(password, ty)
+            .args(["migrate", "--release", "r2", "--preset", "open-webui"])
+            .args(["--", standin(), "migrate"])
+            .output()
+            .unwrap()
+    };
+    let sqlite = migrate_r2(PASSWORD, "sqlite");
+    let at = migrate_r2("pw@leak-5e0c", "postgresql");
+    let mut no_name = with_parts(PASSWORD, "postgresql");
+    let no_name = no_name
+        .env_remove("DATABASE_URL")
+        .env_remove("DATABASE_NAME")
+        .args(["migrate", "--release", "r2", "--preset", "open-webui"])
+        .args(["--", standin(), "migrate"])
+        .output()
+        .unwrap();
+    assert!(db.ledger().attempts_at("r2").is_empty() && !other.ledger().exists());
+    assert_eq!(db.migrations_started(), 1, "only r1's");
+    assert_codes(&[(&sqlite, 78), (&at, 78), (&no_name, 78)]);
+    assert_stderr_has(
+        &sqlite,
+        "wants Open WebUI's database (its DATABASE_* parts, else DATABASE_URL) is PostgreSQL but DATABASE_TYPE is not PostgreSQL",
+    );
+    assert_stderr_has(
+        &at,
+        "wants Open WebUI reads its database settings as they are written but DATABASE_PASSWORD is not what SQLAlchemy reads back",
+    );
+    assert!(!stderr(&at).contains("leak-5e0c"), "never the password");
+    assert_stderr_has(
+        &no_name,
+        "but DATABASE_URL is unset, so Open WebUI uses its SQLite file (DATABASE_NAME unset or empty",
+    );
 }
 
 #[test]

@@ -513,58 +513,180 @@ fn http_status(port: u16, path: &str) -> Option<u16> {
     std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
 }
 
+/// An Open WebUI release: the venv's own, or an older one installed alone beside it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Owui {
+    /// 0.11.0, the Open WebUI venv's own.
+    Current,
+    /// 0.10.2 (`tests/python/setup-owui-old`): seven Alembic revisions behind.
+    Old,
+}
+
+/// Alembic's head of each release (Open WebUI's `migrations/versions`).
+const OWUI_HEAD: &str = "f0bd01a18a3d";
+const OWUI_OLD_HEAD: &str = "42e2978c7933";
+
+impl Owui {
+    /// The gate's `--release` for it.
+    fn release(self) -> &'static str {
+        match self {
+            Owui::Current => "owui-0.11.0",
+            Owui::Old => "owui-0.10.2",
+        }
+    }
+
+    /// The environment that runs it: the venv, with the old package in front for `Old`.
+    fn env(self, c: &mut Command, secret: &str, data: &Path) {
+        let venv = owui_venv();
+        c.env(
+            "PATH",
+            format!(
+                "{}:{}",
+                venv.join("bin").display(),
+                std::env::var("PATH").unwrap_or_default()
+            ),
+        )
+        .env("HOME", data)
+        .env("DATA_DIR", data)
+        .env("WEBUI_SECRET_KEY", secret)
+        .env("OFFLINE_MODE", "true")
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HOME", data.join("hf"))
+        .env("ENABLE_OLLAMA_API", "false")
+        .env("ENABLE_OPENAI_API", "false")
+        .env("ENABLE_VERSION_UPDATE_CHECK", "false")
+        .env("SCARF_NO_ANALYTICS", "true")
+        .env("DO_NOT_TRACK", "true")
+        .env("ANONYMIZED_TELEMETRY", "false")
+        .env("PYTHONDONTWRITEBYTECODE", "1");
+        if self == Owui::Old {
+            c.env("PYTHONPATH", owui_old());
+        }
+    }
+
+    /// Open WebUI's migration as the recipe runs it (`import open_webui.config` runs Alembic).
+    fn migrate_command(self) -> String {
+        format!(
+            "{} -c 'import open_webui.config'",
+            path_str(&owui_venv().join("bin/python"))
+        )
+    }
+
+    /// `open-webui serve` on 127.0.0.1:`port`, as argv.
+    fn serve(self, port: u16) -> Vec<String> {
+        let venv = owui_venv();
+        let mut argv = match self {
+            Owui::Current => vec![path_str(&venv.join("bin/open-webui"))],
+            // The old package's script, run by the venv's Python (its `#!` names the venv
+            // that installed it).
+            Owui::Old => vec![
+                path_str(&venv.join("bin/python")),
+                path_str(&owui_old().join("bin/open-webui")),
+            ],
+        };
+        argv.extend(
+            ["serve", "--host", "127.0.0.1", "--port", &port.to_string()].map(String::from),
+        );
+        argv
+    }
+}
+
+/// The older Open WebUI release (the package alone, beside the venv), made by
+/// `tests/python/setup-owui-old` when missing.
+fn owui_old() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::var_os("MG_OWUI_OLD")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/owui-old"));
+        let script = py_dir().join("setup-owui-old");
+        let out = Command::new("bash")
+            .arg(&script)
+            .env("MG_OWUI_VENV", owui_venv())
+            .env("MG_OWUI_OLD", &dir)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+        assert!(
+            out.status.success(),
+            "{} failed ({}); it needs PyPI:\n{}",
+            script.display(),
+            out.status,
+            stderr(&out)
+        );
+        dir
+    })
+}
+
 /// One Open WebUI replica behind the gate, as the README's recipe runs it (`open-webui serve`
 /// stands in for the image's `start.sh`), with its own data directory and port.
 fn open_webui_replica(db: &TestDb, name: &str, secret: &str, port: u16, data: &Path) -> Command {
-    let venv = owui_venv();
+    open_webui_gate(db, Owui::Current, name, secret, port, data)
+}
+
+/// [`open_webui_replica`] of release `owui`.
+fn open_webui_gate(
+    db: &TestDb,
+    owui: Owui,
+    name: &str,
+    secret: &str,
+    port: u16,
+    data: &Path,
+) -> Command {
     let mut c = db.gate();
+    owui.env(&mut c, secret, data);
     c.env(
-        "PATH",
-        format!(
-            "{}:{}",
-            venv.join("bin").display(),
-            std::env::var("PATH").unwrap_or_default()
-        ),
-    )
-    .env("HOME", data)
-    .env("DATA_DIR", data)
-    .env("WEBUI_SECRET_KEY", secret)
-    .env(
         "DATABASE_URL",
         db.url.replacen("postgres://", "postgresql://", 1),
     )
-    .env("OFFLINE_MODE", "true")
-    .env("HF_HUB_OFFLINE", "1")
-    .env("HF_HOME", data.join("hf"))
-    .env("ENABLE_OLLAMA_API", "false")
-    .env("ENABLE_OPENAI_API", "false")
-    .env("ENABLE_VERSION_UPDATE_CHECK", "false")
-    .env("SCARF_NO_ANALYTICS", "true")
-    .env("DO_NOT_TRACK", "true")
-    .env("ANONYMIZED_TELEMETRY", "false")
-    .env("PYTHONDONTWRITEBYTECODE", "1")
     .args([
         "run",
         "--release",
-        "owui-0.11.0",
+        owui.release(),
         "--application-name",
         name,
         "--preset",
         "open-webui",
         "--migrate",
-        &format!(
-            "{} -c 'import open_webui.config'",
-            path_str(&venv.join("bin/python"))
-        ),
+        &owui.migrate_command(),
         "--ready-http",
         &format!("http://127.0.0.1:{port}/health"),
         "--ready-timeout",
         "600s",
         "--",
     ])
-    .arg(venv.join("bin/open-webui"))
-    .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string()]);
+    .args(owui.serve(port));
     c
+}
+
+/// Waits until the replica's Open WebUI answers `/health` with 200 (hang guard 10 minutes);
+/// panics with its output if it exits first.
+fn wait_serving(replica: &mut std::process::Child, port: u16, what: &str) {
+    let started = std::time::Instant::now();
+    while http_status(port, "/health") != Some(200) {
+        if let Ok(Some(status)) = replica.try_wait() {
+            let mut err = String::new();
+            if let Some(mut e) = replica.stderr.take() {
+                use std::io::Read;
+                let _ = e.read_to_string(&mut err);
+            }
+            panic!("{what} exited ({status}) before serving:\n{err}");
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "{what}: Open WebUI did not answer /health within 10 minutes"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Stops a replica like Kubernetes would: SIGTERM to the gate, forwarded to Open WebUI.
+fn stop(replica: std::process::Child) -> Output {
+    // SAFETY: plain kill(2) on our own child.
+    unsafe {
+        libc::kill(replica.id() as i32, libc::SIGTERM);
+    }
+    wait_output(replica, PYTHON_HANG_GUARD)
 }
 
 #[test]
@@ -584,21 +706,7 @@ fn open_webui_replica_with_another_secret_key_refuses_with_78_and_the_first_keep
         port1,
         &data1,
     ));
-    let started = std::time::Instant::now();
-    while http_status(port1, "/health") != Some(200) {
-        if let Ok(Some(status)) = first.try_wait() {
-            let out = first.wait_with_output().unwrap();
-            panic!(
-                "replica 1 exited ({status}) before serving:\n{}",
-                stderr(&out)
-            );
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(600),
-            "Open WebUI did not answer /health within 10 minutes"
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    wait_serving(&mut first, port1, "replica 1");
     eventually(Duration::from_secs(60), "the release recorded done", || {
         ledger(&db, "owui-0.11.0") == "done"
     });
@@ -657,12 +765,248 @@ fn open_webui_replica_with_another_secret_key_refuses_with_78_and_the_first_keep
     assert!(!line.contains("key-one-5e1f0b") && !line.contains("key-two-93ac44"));
 
     // Stop replica 1 like Kubernetes would: SIGTERM to the gate, forwarded to Open WebUI.
-    // SAFETY: plain kill(2) on our own child.
-    unsafe {
-        libc::kill(first.id() as i32, libc::SIGTERM);
-    }
-    let out = wait_output(first, PYTHON_HANG_GUARD);
+    let out = stop(first);
     let log = stderr(&out);
     assert!(!log.contains("key-one-5e1f0b"), "never the key");
     let _ = std::fs::remove_dir_all(&tmp);
+}
+
+/// The password of the role the `DATABASE_*` parts name: characters Open WebUI puts into its URL
+/// unencoded and SQLAlchemy still reads as the password.
+const PARTS_PASSWORD: &str = "Pa/ss:w?rd#9";
+
+#[test]
+fn open_webui_preset_migrates_the_database_open_webuis_own_database_parts_name() {
+    // Open WebUI's DATABASE_TYPE/USER/PASSWORD/HOST/PORT/NAME alone (database A), and together
+    // with a DATABASE_URL that names database B (they name C): Open WebUI migrates the one they
+    // name, and so must the gate lock and record that one. `migrate` runs Open WebUI's own
+    // migration (`import open_webui.config`), which finds its database from the same variables.
+    let a = cluster().new_db("py_owui_parts");
+    let b = cluster().new_db("py_owui_url");
+    let c = cluster().new_db("py_owui_parts_over_url");
+    a.one(&format!(
+        "CREATE ROLE owui_parts LOGIN PASSWORD '{PARTS_PASSWORD}'"
+    ));
+    for db in [&a, &c] {
+        a.one(&format!("ALTER DATABASE {} OWNER TO owui_parts", db.name));
+    }
+    let tmp = std::env::temp_dir().join(format!("mg-owui-parts-{}", std::process::id()));
+    let gate = |name: &str, parts_db: &TestDb, url: Option<&TestDb>| {
+        let data = tmp.join(name);
+        std::fs::create_dir_all(&data).unwrap();
+        let mut cmd = parts_db.gate();
+        Owui::Current.env(&mut cmd, "key-parts-71c2", &data);
+        cmd.env_remove("MIGRATIONS_GATE_DATABASE_URL")
+            .env_remove("DATABASE_URL")
+            .env("DATABASE_TYPE", "postgres")
+            .env("DATABASE_USER", "owui_parts")
+            .env("DATABASE_PASSWORD", PARTS_PASSWORD)
+            .env("DATABASE_HOST", "127.0.0.1")
+            .env("DATABASE_PORT", cluster().port.to_string())
+            .env("DATABASE_NAME", &parts_db.name);
+        if let Some(url) = url {
+            cmd.env(
+                "DATABASE_URL",
+                url.url.replacen("postgres://", "postgresql://", 1),
+            );
+        }
+        cmd.args([
+            "migrate",
+            "--release",
+            Owui::Current.release(),
+            "--application-name",
+            name,
+            "--preset",
+            "open-webui",
+            "--",
+            &path_str(&owui_venv().join("bin/python")),
+            "-c",
+            "import open_webui.config",
+        ]);
+        spawn(&mut cmd)
+    };
+    let started = std::time::Instant::now();
+    let alone = gate("parts-alone", &a, None);
+    let over_url = gate("parts-over-url", &c, Some(&b));
+    let outs = wait_all(vec![alone, over_url], Duration::from_secs(600));
+    eprintln!(
+        "two Open WebUI migrations through the gate took {:?}",
+        started.elapsed()
+    );
+
+    // The database first: Open WebUI's schema and the gate's ledger are in A and C, made by the
+    // role the parts name, and nothing of either is in B.
+    for (db, what) in [(&a, "the parts alone"), (&c, "the parts over DATABASE_URL")] {
+        assert_eq!(
+            alembic_version(db),
+            OWUI_HEAD,
+            "{what}: Open WebUI migrated"
+        );
+        assert_eq!(
+            db.one("SELECT tableowner FROM pg_tables WHERE tablename = 'config'"),
+            "owui_parts",
+            "{what}: Open WebUI connected with the parts' user"
+        );
+        assert_eq!(
+            ledger(db, Owui::Current.release()),
+            "done",
+            "{what}: the gate's ledger is in the same database"
+        );
+        assert_eq!(
+            db.one(
+                "SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = 'migrations_gate'"
+            ),
+            "owui_parts",
+            "{what}: the gate connected with the parts' user and password"
+        );
+    }
+    assert_eq!(
+        b.one(
+            "SELECT (to_regclass('alembic_version') IS NULL \
+             AND to_regnamespace('migrations_gate') IS NULL)::text"
+        ),
+        "true",
+        "the database DATABASE_URL names must be untouched: the parts win"
+    );
+
+    // Then the exit codes and what the gate said.
+    for out in &outs {
+        assert_eq!(code(out), 0, "{}", stderr(out));
+        let log = stderr(out);
+        assert!(
+            log.contains("database from Open WebUI's DATABASE_TYPE, DATABASE_USER"),
+            "{log}"
+        );
+        assert!(!log.contains(PARTS_PASSWORD), "never the password: {log}");
+    }
+    // The role owns A and C; it goes with the test binary's cluster.
+    let _ = std::fs::remove_dir_all(&tmp);
+}
+
+#[test]
+fn open_webui_upgrade_migrates_only_after_the_old_release_stopped_and_refuses_it_afterwards() {
+    // Open WebUI 0.10.2 serves on the database; 0.11.0 starts through the gate with the preset's
+    // strict policy (--other-releases fail): refused while 0.10.2 is connected, migrates once it
+    // stopped; then 0.10.2 cannot start again on the migrated schema.
+    let db = cluster().new_db("py_owui_upgrade");
+    let data = std::env::temp_dir().join(format!("mg-owui-upgrade-{}", std::process::id()));
+    std::fs::create_dir_all(&data).unwrap();
+    let secret = "key-upgrade-3b9d1e";
+    let (old, new) = (Owui::Old.release(), Owui::Current.release());
+    let (port_old, port_new) = (free_port(), free_port());
+    let replica = |owui: Owui, name: &str, port: u16| {
+        spawn(&mut open_webui_gate(&db, owui, name, secret, port, &data))
+    };
+    // The replicas that serve write to files: Open WebUI logs every request, which would fill
+    // a pipe nobody reads while they serve.
+    let serving = |owui: Owui, name: &str, port: u16| {
+        let log = data.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = open_webui_gate(&db, owui, name, secret, port, &data)
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .expect("spawn");
+        (child, log)
+    };
+    // Sessions of apps the gate started (their application_name is the gate's tag).
+    let tagged =
+        || db.one("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'mgate:%'");
+    let started = std::time::Instant::now();
+
+    // 0.10.2 migrates a fresh database and serves.
+    let (mut r1, r1_log) = serving(Owui::Old, "owui-old-1", port_old);
+    wait_serving(
+        &mut r1,
+        port_old,
+        &format!("Open WebUI 0.10.2 (log: {})", r1_log.display()),
+    );
+    eventually(Duration::from_secs(60), "0.10.2 recorded done", || {
+        ledger(&db, old) == "done"
+    });
+    assert_eq!(alembic_version(&db), OWUI_OLD_HEAD);
+    eventually(
+        Duration::from_secs(60),
+        "0.10.2's sessions, tagged by the gate",
+        || tagged() != "0",
+    );
+    let serving_old = started.elapsed();
+
+    // 0.11.0 while 0.10.2 is connected: refused before it migrates.
+    let refused = wait_output(
+        replica(Owui::Current, "owui-new-1", port_new),
+        PYTHON_HANG_GUARD,
+    );
+    assert_eq!(
+        alembic_version(&db),
+        OWUI_OLD_HEAD,
+        "nothing migrated under the old release"
+    );
+    assert_eq!(ledger(&db, new), "failed", "the refusal is recorded");
+    assert_eq!(
+        http_status(port_new, "/health"),
+        None,
+        "0.11.0 never served"
+    );
+    assert_eq!(
+        http_status(port_old, "/health"),
+        Some(200),
+        "0.10.2 still serves"
+    );
+    assert_eq!(code(&refused), 78, "{}", stderr(&refused));
+    assert_stderr_has(
+        &refused,
+        &format!(
+            "refusing to migrate release \"{new}\" while apps of another release are connected (release \"{old}\""
+        ),
+    );
+
+    // 0.10.2 stops; 0.11.0 starts again: it migrates to its head and serves.
+    stop(r1);
+    let r1_said = std::fs::read_to_string(&r1_log).unwrap();
+    assert!(!r1_said.contains(secret), "never the key");
+    eventually(Duration::from_secs(30), "0.10.2's sessions gone", || {
+        tagged() == "0"
+    });
+    let (mut r2, r2_log) = serving(Owui::Current, "owui-new-2", port_new);
+    wait_serving(
+        &mut r2,
+        port_new,
+        &format!("Open WebUI 0.11.0 (log: {})", r2_log.display()),
+    );
+    eventually(Duration::from_secs(60), "0.11.0 recorded done", || {
+        ledger(&db, new) == "failed,done"
+    });
+    assert_eq!(alembic_version(&db), OWUI_HEAD);
+
+    // 0.10.2 again: the older-release refusal, and the schema stays 0.11.0's.
+    let again = wait_output(
+        replica(Owui::Old, "owui-old-2", port_old),
+        PYTHON_HANG_GUARD,
+    );
+    assert_eq!(alembic_version(&db), OWUI_HEAD);
+    assert_eq!(ledger(&db, old), "done", "no new attempt at 0.10.2");
+    assert_eq!(
+        http_status(port_old, "/health"),
+        None,
+        "0.10.2 never served again"
+    );
+    assert_eq!(code(&again), 78, "{}", stderr(&again));
+    assert_stderr_has(
+        &again,
+        &format!("release \"{old}\" is older than release \"{new}\""),
+    );
+    assert_eq!(
+        http_status(port_new, "/health"),
+        Some(200),
+        "0.11.0 keeps serving"
+    );
+
+    stop(r2);
+    eprintln!(
+        "upgrade: 0.10.2 served after {serving_old:?}, the whole test took {:?}",
+        started.elapsed()
+    );
+    db.assert_no_gate_locks();
+    let _ = std::fs::remove_dir_all(&data);
 }

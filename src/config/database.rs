@@ -1,12 +1,18 @@
-//! Where the database is: `--database-url`, `--database-url-file`, `DATABASE_URL` or libpq's
-//! environment, turned into the plain [`Target`] the rest of the gate receives.
+//! Where the database is: `--database-url`, `--database-url-file`, with a preset the app's own
+//! settings (Open WebUI's `DATABASE_*` parts, else its `DATABASE_URL`), `DATABASE_URL` or
+//! libpq's environment, turned into the plain [`Target`] the rest of the gate receives.
+
+use tracing::info;
 
 use super::*;
+use crate::db::redact_url;
+use crate::preflight::Problem;
 
 impl DbArgs {
-    /// Checks the connection and lock flags.
-    pub(crate) fn target(&self) -> Result<Target> {
-        let database_url = self.resolve_database_url()?;
+    /// Checks the connection and lock flags; `app`: the preset whose app's own database
+    /// settings come right after the gate's own URL.
+    pub(crate) fn target(&self, app: Option<Preset>) -> Result<Target> {
+        let database_url = self.resolve_database_url(app)?;
         let application_name = self.application_name(&database_url);
         let lock = match self.lock_id {
             Some(id) => LockKey::from_id(id),
@@ -43,7 +49,25 @@ impl DbArgs {
             .unwrap_or_else(|| format!("{GATE_NAME_PREFIX}{}", hostname()))
     }
 
-    fn resolve_database_url(&self) -> Result<String> {
+    /// The URL, and says where it came from (never the password).
+    fn resolve_database_url(&self, app: Option<Preset>) -> Result<String> {
+        let (url, source) = self.find_database_url(app)?;
+        info!(database = %redact_url(&url), "database from {source}");
+        Ok(url)
+    }
+
+    /// The URL and where it came from: `--database-url-file`, `--database-url` (or
+    /// `MIGRATIONS_GATE_DATABASE_URL`), the app's own settings (with a preset that reads them),
+    /// `DATABASE_URL`, libpq's environment.
+    fn find_database_url(&self, app: Option<Preset>) -> Result<(String, String)> {
+        let over_app = app
+            .map(|p| {
+                format!(
+                    " (it wins over the app's own settings, --preset {})",
+                    p.name()
+                )
+            })
+            .unwrap_or_default();
         if let Some(path) = &self.database_url_file {
             let text = std::fs::read_to_string(path).map_err(|e| {
                 Error::Usage(format!(
@@ -58,14 +82,32 @@ impl DbArgs {
                     path.display()
                 )));
             }
-            return Ok(url.to_string());
+            return Ok((
+                url.to_string(),
+                format!("--database-url-file {}{over_app}", path.display()),
+            ));
         }
         if let Some(url) = self.database_url.as_deref().filter(|u| !u.is_empty()) {
-            return Ok(url.to_string());
+            return Ok((
+                url.to_string(),
+                format!("--database-url or MIGRATIONS_GATE_DATABASE_URL{over_app}"),
+            ));
+        }
+        let env = |name: &str| std::env::var_os(name).map(|v| v.to_string_lossy().into_owned());
+        if let Some((preset, db)) = app.and_then(|p| p.database(&env).map(|db| (p, db))) {
+            return match db.conninfo {
+                Ok(conninfo) => Ok((conninfo, db.source.describe().to_string())),
+                Err(Problem::NotPostgres(why) | Problem::Misread(why)) => Err(Error::Config(
+                    format!("--preset {}: the app's own database: {why}", preset.name()),
+                )),
+            };
         }
         match std::env::var("DATABASE_URL") {
-            Ok(url) if !url.is_empty() => Ok(url),
-            _ if libpq_environment_is_set() => Ok(String::new()),
+            Ok(url) if !url.is_empty() => Ok((url, "DATABASE_URL".into())),
+            _ if libpq_environment_is_set() => Ok((
+                String::new(),
+                "libpq's environment (PGHOST, PGPORT, PGDATABASE, PGUSER, ...)".into(),
+            )),
             _ => Err(Error::Usage(
                 "no database URL: set --database-url, MIGRATIONS_GATE_DATABASE_URL, DATABASE_URL or --database-url-file (or libpq's PGHOST, PGPORT, PGDATABASE, PGUSER)"
                     .into(),

@@ -124,7 +124,7 @@ impl Command {
 /// Where the database and the lock are: flags shared by every command that connects.
 #[derive(Debug, Clone, Args)]
 pub struct DbArgs {
-    /// PostgreSQL URL: postgresql://user:pass@host:port/db?sslmode=... (also postgres://, SQLAlchemy's postgresql+DRIVER://, libpq's "host=... dbname=...", host lists "db1,db2" tried in libpq's order with target_session_attrs (a replica that may migrate takes the read-write host), and service=NAME from pg_service.conf; a parameter the gate cannot honour is refused). Falls back to DATABASE_URL, then to libpq's PG* environment (PGHOST, PGPORT, PGDATABASE, PGUSER, PGPASSWORD, PGSERVICE, ...).
+    /// PostgreSQL URL: postgresql://user:pass@host:port/db?sslmode=... (also postgres://, SQLAlchemy's postgresql+DRIVER://, libpq's "host=... dbname=...", host lists "db1,db2" tried in libpq's order with target_session_attrs (a replica that may migrate takes the read-write host), and service=NAME from pg_service.conf; a parameter the gate cannot honour is refused). Falls back to DATABASE_URL, then to libpq's PG* environment (PGHOST, PGPORT, PGDATABASE, PGUSER, PGPASSWORD, PGSERVICE, ...). With --preset open-webui the fallback is the database Open WebUI itself would use: its DATABASE_TYPE, DATABASE_USER, DATABASE_PASSWORD, DATABASE_HOST, DATABASE_PORT and DATABASE_NAME when all are set (they win over DATABASE_URL, as in Open WebUI), else DATABASE_URL; without the preset those DATABASE_* parts are not read.
     #[arg(long, env = "MIGRATIONS_GATE_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
 
@@ -227,7 +227,7 @@ pub struct PreflightArgs {
     #[arg(long, env = "MIGRATIONS_GATE_ON_MISMATCH", value_enum, default_value_t = OnMismatch::Fail)]
     pub on_mismatch: OnMismatch,
 
-    /// Check a known app's multi-replica setup (its rules fail with 78 or warn; see the README, "Preflight").
+    /// Check a known app's multi-replica setup (its rules fail with 78 or warn; see the README, "Preflight"), and find the database as the app does when no --database-url is given (open-webui: its DATABASE_* parts, else DATABASE_URL).
     #[arg(long, env = "MIGRATIONS_GATE_PRESET", value_enum)]
     pub preset: Option<Preset>,
 
@@ -328,6 +328,10 @@ pub struct StatusArgs {
     #[command(flatten)]
     pub release: ReleaseArgs,
 
+    /// Find the database as this app does when no --database-url is given, as `run --preset` does (open-webui: its DATABASE_* parts, else DATABASE_URL).
+    #[arg(long, env = "MIGRATIONS_GATE_PRESET", value_enum)]
+    pub preset: Option<Preset>,
+
     /// Print stable JSON instead of a table.
     #[arg(long, env = "MIGRATIONS_GATE_STATUS_JSON")]
     pub json: bool,
@@ -351,6 +355,10 @@ pub struct CheckArgs {
     /// Print stable JSON instead of lines.
     #[arg(long, env = "MIGRATIONS_GATE_CHECK_JSON")]
     pub json: bool,
+
+    /// Find the database as this app does when no --database-url is given, as `run --preset` does (open-webui: its DATABASE_* parts, else DATABASE_URL).
+    #[arg(long, env = "MIGRATIONS_GATE_PRESET", value_enum)]
+    pub preset: Option<Preset>,
 }
 
 /// `reset`.
@@ -363,6 +371,10 @@ pub struct ResetArgs {
     /// The release to forget.
     #[arg(long, env = "MIGRATIONS_GATE_RELEASE", value_name = "ID", required = true)]
     pub release: String,
+
+    /// Find the database as this app does when no --database-url is given, as `run --preset` does (open-webui: its DATABASE_* parts, else DATABASE_URL).
+    #[arg(long, env = "MIGRATIONS_GATE_PRESET", value_enum)]
+    pub preset: Option<Preset>,
 
     /// Forget only the release's --same-env fingerprints (the next replica sets them anew); the release stays done.
     #[arg(long, env = "MIGRATIONS_GATE_RESET_ENV")]

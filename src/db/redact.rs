@@ -1,6 +1,6 @@
 //! Connection strings safe to print: passwords replaced by `***` in every form the gate reads.
 
-use super::conninfo::key_values;
+use super::conninfo::{is_key_value, key_values};
 
 /// The URL (or key/value string, or for the empty string the libpq environment) with any
 /// password replaced by `***`, for messages and logs.
@@ -8,7 +8,7 @@ pub(crate) fn redact_url(url: &str) -> String {
     if url.trim().is_empty() {
         return describe_environment();
     }
-    if !url.contains("://") && url.contains('=') {
+    if is_key_value(url) {
         return redact_key_values(url);
     }
     // By hand rather than with the url crate, which cannot read a host list.

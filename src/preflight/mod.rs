@@ -24,6 +24,7 @@
 //! the holder's checks, top to bottom.
 
 mod fingerprint;
+mod open_webui;
 mod presets;
 mod store;
 
@@ -38,6 +39,7 @@ use crate::schema::Tables;
 use crate::sql::{is_missing_relation, is_read_only};
 
 pub(crate) use fingerprint::EnvKey;
+pub(crate) use open_webui::Problem;
 use presets::{Check, Context, Level, Rule, broken};
 pub(crate) use presets::{Mode, Preset};
 use store::Reference;

@@ -3,6 +3,8 @@
 
 use clap::ValueEnum;
 
+use super::open_webui::{self, AppDatabase, Problem};
+
 /// A named set of rules for a known app (README, "Preflight").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Preset {
@@ -12,7 +14,7 @@ pub enum Preset {
 }
 
 impl Preset {
-    pub(super) fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Preset::OpenWebui => "open-webui",
         }
@@ -21,6 +23,14 @@ impl Preset {
     pub(super) fn rules(self) -> &'static [Rule] {
         match self {
             Preset::OpenWebui => OPEN_WEBUI,
+        }
+    }
+
+    /// The database the app itself would use, found in the environment `var` reads as the
+    /// app finds it; `None` for an app whose own settings the gate does not read.
+    pub(crate) fn database(self, var: &dyn Fn(&str) -> Option<String>) -> Option<AppDatabase> {
+        match self {
+            Preset::OpenWebui => Some(open_webui::database(var)),
         }
     }
 }
@@ -43,10 +53,10 @@ pub(crate) enum Check {
     Set,
     /// Equal to this, ignoring ASCII case; `unset_ok`: unset means the app's default, which is it.
     Is { value: &'static str, unset_ok: bool },
-    /// Starts with one of these, ignoring ASCII case.
-    StartsWith(&'static [&'static str]),
     /// Holds when the function says so: for rules that read several variables or the command.
     Holds(fn(&Context) -> bool),
+    /// Holds unless the function says why not (naming variables, never their values).
+    Why(fn(&Context) -> Option<String>),
 }
 
 /// One row of a preset.
@@ -83,17 +93,30 @@ const OPEN_WEBUI: &[Rule] = &[
         why: "unset, each container generates its own key in its data directory, so replicas disagree unless they share that directory",
     },
     Rule {
-        vars: &["DATABASE_URL"],
-        check: Check::StartsWith(&["postgres://", "postgresql://", "postgresql+"]),
+        vars: &["DATABASE_URL", "DATABASE_TYPE"],
+        check: Check::Why(|cx| match open_webui_database(cx).conninfo {
+            Err(Problem::NotPostgres(why)) => Some(why),
+            _ => None,
+        }),
         level: Level::Fail,
-        wants: "DATABASE_URL points at PostgreSQL",
+        wants: "Open WebUI's database (its DATABASE_* parts, else DATABASE_URL) is PostgreSQL",
         why: "without it Open WebUI uses SQLite, which does not support more than one instance, and the gate's lock would guard a database the app does not use",
     },
     Rule {
-        vars: &["DATABASE_URL"],
+        vars: &OPEN_WEBUI_DATABASE,
+        check: Check::Why(|cx| match open_webui_database(cx).conninfo {
+            Err(Problem::Misread(why)) => Some(why),
+            _ => None,
+        }),
+        level: Level::Fail,
+        wants: "Open WebUI reads its database settings as they are written",
+        why: "Open WebUI would fail to connect, or connect to another database than the one they name, so the gate cannot lock the database the app migrates",
+    },
+    Rule {
+        vars: &OPEN_WEBUI_DATABASE,
         check: Check::Same,
         level: Level::Warn,
-        wants: "DATABASE_URL is the same on every replica",
+        wants: "Open WebUI's database settings are the same on every replica",
         why: "replicas on different databases share no users, chats or settings",
     },
     Rule {
@@ -181,6 +204,22 @@ const OPEN_WEBUI: &[Rule] = &[
     },
 ];
 
+/// The variables Open WebUI finds its database with ([`open_webui`]).
+const OPEN_WEBUI_DATABASE: [&str; 7] = [
+    "DATABASE_URL",
+    "DATABASE_TYPE",
+    "DATABASE_USER",
+    "DATABASE_PASSWORD",
+    "DATABASE_HOST",
+    "DATABASE_PORT",
+    "DATABASE_NAME",
+];
+
+/// Open WebUI's database, as the app resolves it from the context's environment.
+fn open_webui_database(cx: &Context) -> AppDatabase {
+    open_webui::database(&|name| cx.var(name))
+}
+
 /// Whether Open WebUI's vector store is a server every replica shares.
 fn shared_vector_store(cx: &Context) -> bool {
     let set = |name: &str| cx.var(name).is_some_and(|v| !v.trim().is_empty());
@@ -243,13 +282,7 @@ pub(super) fn broken(rule: &Rule, cx: &Context) -> Option<String> {
             Some(v) if v.trim().eq_ignore_ascii_case(value) => None,
             Some(_) => Some("has another value"),
         }),
-        Check::StartsWith(prefixes) => each(&|v| match v {
-            None => Some("is unset"),
-            Some(v) => {
-                let v = v.trim().to_ascii_lowercase();
-                (!prefixes.iter().any(|p| v.starts_with(p))).then_some("has another scheme")
-            }
-        }),
+        Check::Why(f) => f(cx),
         Check::Holds(f) => {
             if f(cx) {
                 None

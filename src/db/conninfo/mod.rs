@@ -87,8 +87,17 @@ impl SessionAttrs {
 }
 
 /// Whether `raw` is libpq's key/value form (or empty: the environment alone) rather than a URL.
-fn is_key_value(raw: &str) -> bool {
-    !raw.contains("://") && (raw.trim().is_empty() || raw.contains('='))
+/// As in libpq, a URL is a string that starts with its scheme and `://`; a `://` later on (in a
+/// quoted password, say) leaves a key/value string one.
+pub(in crate::db) fn is_key_value(raw: &str) -> bool {
+    let scheme = raw.split_once("://").map(|(scheme, _)| scheme);
+    let is_url = scheme.is_some_and(|s| {
+        !s.is_empty()
+            && s
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+    });
+    !is_url && (raw.trim().is_empty() || raw.contains('='))
 }
 
 /// libpq decodes `%XX` in every part of a URL, and nothing else (a `+` stays a `+`).

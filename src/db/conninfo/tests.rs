@@ -221,3 +221,11 @@ fn libpq_decodes_only_percent_escapes_in_a_url() {
         Some("/run/postgresql")
     );
 }
+
+#[test]
+fn a_key_value_string_with_a_url_in_a_quoted_value_stays_key_value_and_hidden() {
+    let kv = "host=db dbname=app user=u password='p://w@d'";
+    let u = ConnUrl::parse(kv).unwrap();
+    assert_eq!(host(&u, 0).get_host(), "db");
+    assert_eq!(redact_url(kv), "host=db dbname=app user=u password=***");
+}
