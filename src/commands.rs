@@ -28,7 +28,7 @@ pub(crate) async fn migrate(args: MigrateArgs) -> Result<i32> {
         Mode::Migrate,
         release.as_deref(),
     )?;
-    let replica = replica_for(&args.gate.db, release, &preflight)?;
+    let replica = replica_for(&args.gate.db, release, &preflight)?.for_holder();
     let bounds = args.holder.bounds(args.gate.preflight.preset);
     let kill_grace = bounds.kill_grace;
     let want = Want::Lock {
@@ -104,7 +104,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<i32> {
         migrate: migrate_argv.is_some(),
     };
     let preflight = Preflight::new(&args.gate.preflight.settings(), mode, release.as_deref())?;
-    let replica = replica_for(&args.gate.db, release, &preflight)?;
+    let replica = replica_for(&args.gate.db, release, &preflight)?.for_holder();
     let bounds = args.holder.bounds(args.gate.preflight.preset);
     let kill_grace = bounds.kill_grace;
     // The app started with the flag off is no attempt: its sessions carry the release only.
@@ -207,7 +207,7 @@ pub(crate) async fn wait(args: WaitArgs) -> Result<i32> {
 /// release stays done, and the next replica sets them anew).
 pub(crate) async fn reset(args: ResetArgs) -> Result<i32> {
     let release = args.release;
-    let replica = Replica::new(args.db.target()?, Some(release.clone()))?;
+    let replica = Replica::new(args.db.target()?, Some(release.clone()))?.for_holder();
     let store = Store::new(&replica.target.schema, replica.lock());
     let mut conn = replica.db.connect().await?;
     if args.env {

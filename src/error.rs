@@ -12,13 +12,15 @@ pub const EXIT_OK: i32 = 0;
 pub const EXIT_NOT_DONE: i32 = 1;
 /// Exit code: command-line usage error, malformed URL, bad configuration (`EX_USAGE`).
 pub const EXIT_USAGE: i32 = 64;
-/// Exit code: the database could not be reached, or was lost (`EX_UNAVAILABLE`).
+/// Exit code: the database could not be reached, or was lost (`EX_UNAVAILABLE`); `check`: also
+/// a read-only standby where the release is not done.
 pub const EXIT_UNAVAILABLE: i32 = 69;
 /// Exit code: an internal error (`EX_SOFTWARE`).
 pub const EXIT_INTERNAL: i32 = 70;
 /// Exit code: timed out waiting for the lock, the release, or readiness (`EX_TEMPFAIL`).
 pub const EXIT_TIMEOUT: i32 = 75;
-/// Exit code: the database refused our credentials or permissions (`EX_NOPERM`).
+/// Exit code: the database refused our credentials or permissions (`EX_NOPERM`); `check`: a
+/// privilege the gate needs is missing.
 pub const EXIT_AUTH: i32 = 77;
 /// Exit code: a preflight check refused this replica's configuration (`EX_CONFIG`): a
 /// `--same-env` variable differs from the release's first replica, a preset rule fails, or the
@@ -145,6 +147,17 @@ impl Error {
             Error::Internal(_) => EXIT_INTERNAL,
         }
     }
+}
+
+/// The exit code of `check`, from what it found (`problems`, most fundamental first): 0 when the
+/// gate has everything it needs; otherwise the code the gate itself would exit with on the
+/// first problem, so that a script reads `check` as it reads the gate: 69 not reachable, or a
+/// read-only standby (or read-only server) where the release is not done (a holder needs the
+/// primary); 77 credentials refused or a privilege the gate needs missing; 78 a server older
+/// than 13. What the gate does not need (`DELETE` for `reset`, `pg_signal_backend`) is shown,
+/// never a problem.
+pub fn check_exit_code(problems: &[Error]) -> i32 {
+    problems.first().map_or(EXIT_OK, Error::exit_code)
 }
 
 /// Shorthand used throughout the crate.

@@ -206,6 +206,37 @@ impl Ledger {
         )
     }
 
+    /// Records, in a `running` attempt's `detail`, the sessions its holder found on the child's
+    /// own sockets ([`crate::sessions::Attempt::note`]): a taker-over of a holder killed with
+    /// `kill -9` cannot ask it, and must end them too. The outcome's own detail replaces it.
+    pub(crate) async fn note_sessions(
+        &self,
+        conn: &mut PgConnection,
+        id: i64,
+        note: &str,
+    ) -> Result<(), sqlx::Error> {
+        let sql = format!(
+            "UPDATE {} SET detail = {} WHERE id = {id} AND outcome = 'running'",
+            self.table(),
+            lit(note)
+        );
+        query(conn, sql).await.map(|_| ())
+    }
+
+    /// A subquery of the sessions (`pid`, `backend_start`) recorded by this lock's `running`
+    /// attempts ([`Ledger::note_sessions`]).
+    pub(crate) fn unfinished_seen(&self) -> String {
+        format!(
+            "SELECT split_part(s, '@', 1)::int, split_part(s, '@', 2)::timestamptz \
+             FROM {} l, unnest(string_to_array(substr(l.detail, {}), ';')) s \
+             WHERE l.lock_key = {} AND l.outcome = 'running' AND starts_with(l.detail, {}) AND s <> ''",
+            self.table(),
+            crate::sessions::SEEN_NOTE.len() + 1,
+            self.lock.key,
+            lit(crate::sessions::SEEN_NOTE)
+        )
+    }
+
     /// A subquery of every release this lock's ledger names (column `release`), for mapping
     /// a session tag's release hash back to a name.
     pub(crate) fn release_names(&self) -> String {

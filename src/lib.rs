@@ -5,8 +5,8 @@
 //! - [`config`]: the command line (flags, environment twins, validation), turned into plain
 //!   settings; nothing below it sees clap;
 //! - [`commands`]: `migrate`, `run`, `wait`, `reset`, top to bottom; [`status`]: what the lock
-//!   and the ledger say, for people and scripts; [`install`]: copying the binary for the
-//!   wrapper pattern;
+//!   and the ledger say, for people and scripts; [`check`]: what the gate would find, before a
+//!   deploy (read-only); [`install`]: copying the binary for the wrapper pattern;
 //! - [`preflight`]: checks before the app starts (`--same-env`, presets, older releases);
 //! - [`waiting`]: the protocol up to the lock, one round of it, and the one loop of every waiting
 //!   replica (`LISTEN`, polling, deadlines), ending in a [`waiting::Turn`];
@@ -30,6 +30,7 @@
 
 #![warn(missing_docs)]
 
+mod check;
 mod child;
 mod commands;
 mod config;
@@ -117,6 +118,7 @@ pub fn main_entry() -> i32 {
             Command::Run(args) => commands::run(args).await,
             Command::Wait(args) => commands::wait(args).await,
             Command::Status(args) => status::status(args).await,
+            Command::Check(args) => check::check(args).await,
             Command::Reset(args) => commands::reset(args).await,
             Command::Install { dir } => install::install(&dir).map(|_| EXIT_OK),
             Command::Completions { .. } | Command::Man => Ok(EXIT_OK),

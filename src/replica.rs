@@ -88,6 +88,13 @@ impl Replica {
         })
     }
 
+    /// This replica may take the lock (`migrate`, `run`, `reset`): on a host list it connects
+    /// to the read-write host ([`Db::for_holder`]); `wait` and `status` go where the URL says.
+    pub(crate) fn for_holder(mut self) -> Replica {
+        self.db = self.db.for_holder();
+        self
+    }
+
     pub(crate) fn lock(&self) -> &LockKey {
         &self.target.lock
     }
@@ -150,6 +157,17 @@ impl Replica {
         &self,
         conn: &mut Conn,
     ) -> Result<(Route, Scope), sqlx::Error> {
+        let (route, scope, why) = self.judge_route(conn).await?;
+        info!(?route, ?scope, why, "connection route detected");
+        Ok((route, scope))
+    }
+
+    /// [`Replica::detect_route`] without the log line, with why: the proof, or which part of it
+    /// failed (`check` shows it).
+    pub(crate) async fn judge_route(
+        &self,
+        conn: &mut Conn,
+    ) -> Result<(Route, Scope, String), sqlx::Error> {
         let server = route::server_side(conn.pg().await?).await?;
         let own = self.db.own_end();
         let backend_parent = match own {
@@ -161,8 +179,7 @@ impl Replica {
             Scope::Auto => route.scope(),
             fixed => fixed,
         };
-        info!(?route, ?scope, why, "connection route detected");
-        Ok((route, scope))
+        Ok((route, scope, why))
     }
 
     /// Creates what is missing of the ledger ([`crate::schema::Tables::create_ledger`]); a

@@ -13,7 +13,8 @@ use crate::sql::{one_row, query, query_scalar};
 /// What sits between the gate and PostgreSQL, as far as the gate can tell. It decides the lock
 /// scope for `auto` and whether waiters may keep their connection. Only [`Route::Direct`] needs
 /// proof ([`judge_route`]); anything not proven direct is a pooler or a proxy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub(crate) enum Route {
     /// The server itself, proven: a connection is a server session.
     Direct,

@@ -382,8 +382,20 @@ fn a_migration_client_that_sets_its_own_application_name_is_ended_too() {
     eventually(HANG_GUARD, "the migration runs as my-migrator", || {
         case.db.one("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'my-migrator' AND state = 'active'") == "1"
     });
-    // The holder looks at its child's sockets on its heartbeat (every second).
-    std::thread::sleep(Duration::from_millis(1500));
+    // The holder looks at its child's sockets on its heartbeat (every second) and records the
+    // sessions it finds in its attempt's row, where a taker-over of a `kill -9`ed holder reads
+    // them.
+    eventually(
+        HANG_GUARD,
+        "the holder records the session it found",
+        || {
+            case.db.one(
+                "SELECT count(*) FROM migrations_gate.ledger l, pg_stat_activity a \
+             WHERE l.outcome = 'running' AND a.application_name = 'my-migrator' \
+               AND l.detail LIKE 'sessions seen: %' AND l.detail LIKE '%' || a.pid || '@%'",
+            ) == "1"
+        },
+    );
     let b = spawn(&mut case.gate("b.pid", &backfill(0.5), &[]));
     kill(case.pid("a.pid"), libc::SIGKILL);
     let a = wait_output(a, HANG_GUARD);

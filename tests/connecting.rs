@@ -204,15 +204,100 @@ fn the_key_value_form_and_the_libpq_environment_alone_reach_what_psql_reaches() 
         stderr(&out)
     );
     assert!(!stderr(&out).contains("pw-with"), "{}", stderr(&out));
-    // PGSERVICE is refused, not ignored.
+    // A service that is not defined anywhere: one line naming it, exit 64, as psql refuses it.
     let out = db
         .gate()
         .env_remove("MIGRATIONS_GATE_DATABASE_URL")
         .env_remove("DATABASE_URL")
-        .env("PGSERVICE", "app")
+        .env("PGSERVICE", "nowhere")
+        .env("PGSERVICEFILE", "/nonexistent/pg_service.conf")
+        .env("PGSYSCONFDIR", "/nonexistent")
         .args(["migrate", "--release", "r1", "--", "true"])
         .output()
         .expect("run the gate");
+    assert_eq!(db.ledger().attempts_at("r1"), []);
     assert_eq!(code(&out), 64, "{}", stderr(&out));
-    assert_mentions(&stderr(&out), &["PGSERVICE", "pg_service.conf"]);
+    assert_mentions(
+        &stderr(&out),
+        &["service \"nowhere\" not found", "PGSERVICEFILE"],
+    );
+}
+
+#[test]
+fn a_service_in_pg_service_conf_reaches_what_psql_reaches_and_the_url_wins_over_it() {
+    let db = cluster().new_db("service");
+    let other = cluster().new_db("service_other");
+    let (role, password) = role_for(&db);
+    let port = cluster().port;
+    sql(
+        &cluster().url("postgres"),
+        &format!("GRANT ALL ON DATABASE {} TO {role}", other.name),
+    );
+    let dir = std::env::temp_dir().join(format!("mg-service-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let file = dir.join("pg_service.conf");
+    std::fs::write(
+        &file,
+        format!(
+            "# the app's service\n[mgsvc]\nhost=127.0.0.1\nport={port}\ndbname={}\nuser={role}\npassword={password}\n\n[unused]\nhost=203.0.113.1\n",
+            db.name
+        ),
+    )
+    .expect("write pg_service.conf");
+    let service_file = file.display().to_string();
+    // By `service=` in the connection string, and by PGSERVICE alone; then with the URL's own
+    // dbname, which wins over the service's (libpq's precedence), on the other database.
+    let cases = [
+        ("service=mgsvc", "", db.name.clone()),
+        ("", "mgsvc", db.name.clone()),
+        (
+            &*format!("service=mgsvc dbname={}", other.name),
+            "",
+            other.name.clone(),
+        ),
+    ];
+    for (i, (conninfo, pgservice, expected_db)) in cases.iter().enumerate() {
+        let tag = format!("mg-svc-{i}");
+        let probe = format!(
+            "SELECT current_database(), current_user, inet_server_port(), \
+             (SELECT count(*) FROM pg_stat_activity a WHERE a.application_name = '{tag}' \
+              AND a.datname = current_database() AND a.usename = current_user)"
+        );
+        let mut gate = db.gate();
+        gate.env_remove("MIGRATIONS_GATE_DATABASE_URL")
+            .env_remove("DATABASE_URL")
+            .env("PGSERVICEFILE", &service_file)
+            .env("PROBE", &probe)
+            .env("ORACLE", conninfo);
+        if !conninfo.is_empty() {
+            gate.env("MIGRATIONS_GATE_DATABASE_URL", conninfo);
+        }
+        if !pgservice.is_empty() {
+            gate.env("PGSERVICE", pgservice);
+        }
+        gate.args([
+            "migrate",
+            "--release",
+            &tag,
+            "--application-name",
+            &tag,
+            "--",
+            "sh",
+            "-c",
+            // psql, with the same service file and environment, is the oracle.
+            r#"psql ${ORACLE:+"$ORACLE"} -v ON_ERROR_STOP=1 -Atc "$PROBE""#,
+        ]);
+        let out = wait_output(spawn(&mut gate), HANG_GUARD);
+        let ledger_db = if *expected_db == db.name { &db } else { &other };
+        assert_eq!(ledger_db.ledger().times_done(&tag), 1, "{}", stderr(&out));
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        assert_eq!(
+            stdout(&out).trim(),
+            format!("{expected_db}|{role}|{port}|1"),
+            "case {i}: {}",
+            stderr(&out)
+        );
+        assert!(!stderr(&out).contains("pw-with"), "{}", stderr(&out));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

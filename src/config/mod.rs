@@ -22,9 +22,10 @@ use crate::release::release_from_path;
 use crate::replica::{GATE_NAME_PREFIX, Target, hostname};
 
 const AFTER_HELP: &str = "\
-Exit codes: 0 ok, 1 release not done (status --release), 64 usage, 69 database unavailable,
-70 internal, 75 timed out (waiting, readiness, or --migration-timeout), 77 authentication or
-permission refused, 78 configuration refused by a preflight check (--same-env, --preset, an
+Exit codes: 0 ok, 1 release not done (status --release), 64 usage, 69 database unavailable
+(check: also a read-only standby where the release is not done), 70 internal, 75 timed out
+(waiting, readiness, or --migration-timeout), 77 authentication or permission refused (check: a
+privilege the gate needs is missing), 78 configuration refused by a preflight check (--same-env, --preset, an
 older release) or by --other-releases fail, 126 command not executable, 127 command not found;
 a failed migration passes on its own exit code (128+N if killed by signal N).
 
@@ -73,6 +74,14 @@ pub enum Command {
     /// Show who holds the lock and every recorded attempt; with --release, exit 0 only if it is done.
     Status(StatusArgs),
 
+    /// Before a deploy: connect as the gate will and show what it would find, without taking the lock or writing anything.
+    ///
+    /// One line each: the host reached and why, the route and its proof, the server (version,
+    /// primary or standby), the database and user, the lock, the ledger and the release's state,
+    /// and each privilege the gate needs, with the GRANT to ask for when it is missing. Exits 0
+    /// when the gate has everything it needs, else as the gate would (69, 77).
+    Check(CheckArgs),
+
     /// Forget a release so that it migrates again (refuses while the lock is held); with --env, only its --same-env fingerprints.
     Reset(ResetArgs),
 
@@ -105,6 +114,7 @@ impl Command {
             Command::Run(a) => a.gate.db.log_format,
             Command::Wait(a) => a.gate.db.log_format,
             Command::Status(a) => a.db.log_format,
+            Command::Check(a) => a.db.log_format,
             Command::Reset(a) => a.db.log_format,
             Command::Install { .. } | Command::Completions { .. } | Command::Man => LogFormat::Text,
         }
@@ -114,7 +124,7 @@ impl Command {
 /// Where the database and the lock are: flags shared by every command that connects.
 #[derive(Debug, Clone, Args)]
 pub struct DbArgs {
-    /// PostgreSQL URL: postgresql://user:pass@host:port/db?sslmode=... (also postgres://, SQLAlchemy's postgresql+DRIVER://, and libpq's "host=... dbname=..."; a parameter the gate cannot honour is refused). Falls back to DATABASE_URL, then to PGHOST/PGPORT/PGDATABASE/PGUSER/PGPASSWORD.
+    /// PostgreSQL URL: postgresql://user:pass@host:port/db?sslmode=... (also postgres://, SQLAlchemy's postgresql+DRIVER://, libpq's "host=... dbname=...", host lists "db1,db2" tried in libpq's order with target_session_attrs (a replica that may migrate takes the read-write host), and service=NAME from pg_service.conf; a parameter the gate cannot honour is refused). Falls back to DATABASE_URL, then to libpq's PG* environment (PGHOST, PGPORT, PGDATABASE, PGUSER, PGPASSWORD, PGSERVICE, ...).
     #[arg(long, env = "MIGRATIONS_GATE_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
 
@@ -325,6 +335,22 @@ pub struct StatusArgs {
     /// Show at most this many attempts, newest first.
     #[arg(long, env = "MIGRATIONS_GATE_STATUS_LIMIT", value_name = "N", default_value_t = 20)]
     pub limit: u32,
+}
+
+/// `check`.
+#[derive(Debug, Clone, Args)]
+pub struct CheckArgs {
+    /// Where the database and the lock are.
+    #[command(flatten)]
+    pub db: DbArgs,
+
+    /// Which release.
+    #[command(flatten)]
+    pub release: ReleaseArgs,
+
+    /// Print stable JSON instead of lines.
+    #[arg(long, env = "MIGRATIONS_GATE_CHECK_JSON")]
+    pub json: bool,
 }
 
 /// `reset`.

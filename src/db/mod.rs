@@ -1,7 +1,9 @@
-//! Connecting to PostgreSQL: retrying a database that is not up yet, classifying errors into
-//! "retry" and "give up", client-side keepalives, and URLs safe to print. The connection string's
-//! forms and parameters are read in [`conninfo`]; what the gate knows of its own end of a
-//! connection (its sockets) in [`own_end`]. Queries themselves go through [`crate::sql`].
+//! Connecting to PostgreSQL: retrying a database that is not up yet, and client-side keepalives.
+//! The connection string's forms and parameters are read in [`conninfo`] (and `pg_service.conf`
+//! in [`service`]); a host list is tried in [`hosts`]; errors are sorted into "retry" and "give
+//! up" in [`failure`]; URLs are made safe to print in [`redact`]; what the gate knows of its own
+//! end of a connection (its sockets) in [`own_end`]. Queries themselves go through
+//! [`crate::sql`].
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -18,12 +20,18 @@ use crate::error::{Error, Result};
 use crate::sql::{ROUND_TRIP_TIMEOUT, deadline};
 
 mod conninfo;
+mod failure;
+mod hosts;
 mod own_end;
+mod redact;
+mod service;
 
-pub(crate) use conninfo::ConnUrl;
-use conninfo::*;
+pub(crate) use conninfo::{ConnUrl, SessionAttrs};
+use failure::check_tls_files;
 pub(crate) use own_end::parent_pid;
 use own_end::*;
+pub(crate) use redact::redact_url;
+use redact::scrub;
 
 /// Longest single connection attempt: a host that drops SYNs would otherwise hang for minutes.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -42,14 +50,33 @@ const OLDEST_SERVER: u32 = 13_00_00;
 /// How to reach the database.
 #[derive(Debug, Clone)]
 pub(crate) struct Db {
-    options: PgConnectOptions,
+    /// The host list, in the order given (one host for most URLs).
+    hosts: Vec<Host>,
+    /// `target_session_attrs` of the URL.
+    attrs: SessionAttrs,
+    /// `load_balance_hosts=random`.
+    load_balance: bool,
+    /// A replica that may migrate: it needs the read-write host of a list ([`Db::for_holder`]).
+    for_holder: bool,
     connect_timeout: Duration,
     /// The URL's `connect_timeout`: the longest single attempt, when it sets one.
     attempt_cap: Option<Duration>,
     /// The URL with its password replaced, safe to print.
     pub(crate) redacted_url: String,
-    /// The host the last connection reached, and why that one ([`Db::reached`]).
-    reached: std::sync::Arc<std::sync::Mutex<Option<Reached>>>,
+    /// The host the last connection reached (an index into `hosts`), and why that one
+    /// ([`Db::reached`]); later connections of the same replica (a listening waiter's, the
+    /// route proof's socket path) go to the same host.
+    reached: std::sync::Arc<std::sync::Mutex<Option<(usize, Reached)>>>,
+    /// Whether "no host of the list suits" was said (once per process).
+    said_no_host: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// One host of the list.
+#[derive(Debug, Clone)]
+struct Host {
+    options: PgConnectOptions,
+    /// `host:port` as given, for messages.
+    shown: String,
 }
 
 /// The host a connection reached, and why that one: the first that answered, or the first
@@ -137,46 +164,93 @@ impl Db {
     pub(crate) fn new(url: &str, application_name: &str, connect_timeout: Duration) -> Result<Db> {
         let redacted_url = redact_url(url);
         let parsed = ConnUrl::parse(url)?;
-        check_tls_files(&parsed.url)?;
-        let options = PgConnectOptions::from_str(&parsed.url)
-            .map_err(|e| {
-                Error::Usage(format!(
-                    "malformed database URL {redacted_url}: {}; expected postgresql://USER:PASSWORD@HOST:PORT/DATABASE",
-                    scrub(&scrub(&e.to_string(), url), &parsed.url)
-                ))
-            })?
-            .application_name(application_name)
-            // PgBouncer refuses unknown startup parameters; sqlx would send this one.
-            .extra_float_digits(None)
-            .statement_cache_capacity(0)
-            .disable_statement_logging();
+        let hosts = parsed
+            .hosts
+            .iter()
+            .map(|host| {
+                check_tls_files(&host.url)?;
+                let options = PgConnectOptions::from_str(&host.url)
+                    .map_err(|e| {
+                        Error::Usage(format!(
+                            "malformed database URL {redacted_url}: {}; expected postgresql://USER:PASSWORD@HOST:PORT/DATABASE",
+                            scrub(&scrub(&e.to_string(), url), &host.url)
+                        ))
+                    })?
+                    .application_name(application_name)
+                    // PgBouncer refuses unknown startup parameters; sqlx would send this one.
+                    .extra_float_digits(None)
+                    .statement_cache_capacity(0)
+                    .disable_statement_logging();
+                Ok(Host {
+                    options,
+                    shown: host.shown.clone(),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(Db {
-            options,
+            hosts,
+            attrs: parsed.attrs,
+            load_balance: parsed.load_balance,
+            for_holder: false,
             connect_timeout,
             attempt_cap: parsed.attempt_cap,
             redacted_url,
             reached: Default::default(),
+            said_no_host: Default::default(),
         })
+    }
+
+    /// The same database, for a replica that may take the lock: on a host list it connects to
+    /// a read-write host whatever `target_session_attrs` says.
+    pub(crate) fn for_holder(mut self) -> Db {
+        self.for_holder = true;
+        self
+    }
+
+    /// The options of the host the last connection reached (the first host before any).
+    fn options(&self) -> &PgConnectOptions {
+        let i = self
+            .reached
+            .lock()
+            .ok()
+            .and_then(|r| r.as_ref().map(|(i, _)| *i))
+            .unwrap_or(0);
+        &self.hosts[i.min(self.hosts.len() - 1)].options
+    }
+
+    /// Records that host `i` was reached, and why.
+    fn remember(&self, i: usize, why: String) {
+        let reached = Reached {
+            host: self.shown_host(&self.hosts[i].options),
+            why,
+        };
+        if self.hosts.len() > 1 {
+            debug!(host = reached.host, why = reached.why, "connected");
+        }
+        if let Ok(mut r) = self.reached.lock() {
+            *r = Some((i, reached));
+        }
     }
 
     /// The Unix socket we dial (`{dir}/.s.PGSQL.{port}`, as sqlx and libpq build it), or `None`
     /// for TCP.
-    fn unix_socket(&self) -> Option<PathBuf> {
-        let dir = match self.options.get_socket() {
+    fn unix_socket(options: &PgConnectOptions) -> Option<PathBuf> {
+        let dir = match options.get_socket() {
             Some(dir) => dir.clone(),
-            None if self.options.get_host().starts_with('/') => {
-                PathBuf::from(self.options.get_host())
-            }
+            None if options.get_host().starts_with('/') => PathBuf::from(options.get_host()),
             None => return None,
         };
-        Some(dir.join(format!(".s.PGSQL.{}", self.options.get_port())))
+        Some(dir.join(format!(".s.PGSQL.{}", options.get_port())))
     }
 
     /// The host we dial, for messages: `host:port`, or the Unix socket's path.
-    fn shown_host(&self) -> String {
-        match self.unix_socket() {
+    fn shown_host(&self, options: &PgConnectOptions) -> String {
+        match Db::unix_socket(options) {
             Some(path) => path.display().to_string(),
-            None => format!("{}:{}", self.options.get_host(), self.options.get_port()),
+            None if options.get_host().contains(':') => {
+                format!("[{}]:{}", options.get_host(), options.get_port())
+            }
+            None => format!("{}:{}", options.get_host(), options.get_port()),
         }
     }
 
@@ -184,7 +258,7 @@ impl Db {
     /// ([`crate::lock::judge_route`]): read after a connection is made, before it is used
     /// by anything else.
     pub(crate) fn own_end(&self) -> OwnEnd {
-        match self.unix_socket() {
+        match Db::unix_socket(self.options()) {
             None => OwnEnd::Tcp(own_tcp_addresses()),
             Some(path) => OwnEnd::Unix {
                 listener: unix_listener_pid(&path),
@@ -219,25 +293,18 @@ impl Db {
         }
     }
 
-    /// The error after `--connect-timeout` of transient failures, the last one being `reason`.
-    pub(crate) fn gave_up(&self, reason: &str) -> Error {
-        Error::Unavailable(format!(
-            "database unavailable at {} after {}: {reason}; check that PostgreSQL is running and reachable, or raise --connect-timeout",
-            self.redacted_url,
-            short(self.connect_timeout),
-        ))
-    }
-
     /// The host the last successful connection reached, and why ([`Reached`]); `None` before
     /// the first.
-    #[allow(dead_code)] // read by the `check` command, being written
     pub(crate) fn reached(&self) -> Option<Reached> {
-        self.reached.lock().ok().and_then(|r| r.clone())
+        self.reached
+            .lock()
+            .ok()
+            .and_then(|r| r.as_ref().map(|(_, r)| r.clone()))
     }
 
     /// The user name we log in as.
     pub(crate) fn username(&self) -> &str {
-        self.options.get_username()
+        self.options().get_username()
     }
 
     /// The longest single attempt: at most a third of `--connect-timeout`, so that an attempt
@@ -249,19 +316,19 @@ impl Db {
         })
     }
 
-    /// One connection attempt, bounded by `limit` (and by [`Db::attempt_limit`]).
+    /// One connection attempt, bounded by `limit` (and by [`Db::attempt_limit`]) on each host
+    /// of the list ([`Db::connect_list`]).
     pub(crate) async fn connect_once(&self, limit: Duration) -> Result<Conn, Failure> {
+        self.connect_list(limit).await
+    }
+
+    /// One connection attempt to host `i`, bounded by `limit` and [`Db::attempt_limit`].
+    async fn connect_host(&self, i: usize, limit: Duration) -> Result<Conn, Failure> {
         let limit = limit.clamp(Duration::from_millis(100), self.attempt_limit());
-        match tokio::time::timeout(limit, self.options.connect()).await {
+        match tokio::time::timeout(limit, self.hosts[i].options.connect()).await {
             Ok(Ok(conn)) => {
                 set_client_keepalives();
                 self.check_server_version(&conn)?;
-                if let Ok(mut r) = self.reached.lock() {
-                    *r = Some(Reached {
-                        host: self.shown_host(),
-                        why: "the only host".into(),
-                    });
-                }
                 Ok(Conn::Plain(conn))
             }
             Ok(Err(e)) => Err(self.classify(&e)),
@@ -301,7 +368,7 @@ impl Db {
             .idle_timeout(None)
             .test_before_acquire(false)
             .acquire_timeout(limit)
-            .connect_lazy_with(self.options.clone());
+            .connect_lazy_with(self.options().clone());
         let mut listener = deadline(limit, PgListener::connect_with(&pool)).await?;
         listener.eager_reconnect(false);
         listener.ignore_pool_close_event(true);
@@ -309,103 +376,6 @@ impl Db {
         deadline(ROUND_TRIP_TIMEOUT, listener.listen(channel)).await?;
         Ok(Conn::Listening(Box::new(listener)))
     }
-
-    /// Sorts an error into retry or give up, with a message that names the URL safely.
-    pub(crate) fn classify(&self, e: &sqlx::Error) -> Failure {
-        let at = &self.redacted_url;
-        match e {
-            sqlx::Error::Database(db) => {
-                let code = db.code().map(|c| c.to_string()).unwrap_or_default();
-                let msg = db.message().to_string();
-                match code.as_str() {
-                    "28P01" | "28000" => Failure::Fatal(Error::Auth(format!(
-                        "authentication refused by {at}: {msg}; check the user name and password"
-                    ))),
-                    "42501" => Failure::Fatal(Error::Auth(format!(
-                        "permission denied at {at}: {msg}; see \"Privileges\" in the README for the grants the gate's role needs"
-                    ))),
-                    "3D000" => Failure::Fatal(Error::Unavailable(format!(
-                        "{msg} at {at}; create the database or fix the URL"
-                    ))),
-                    "25006" => Failure::Fatal(Error::Unavailable(format!(
-                        "the server at {at} is read-only ({msg}): a hot standby, or default_transaction_read_only is on; point the gate at the primary"
-                    ))),
-                    // Too many connections, server starting or shutting down, connection
-                    // failures, crash recovery: all pass.
-                    c if c.starts_with("53") || c.starts_with("57") || c.starts_with("08") => {
-                        Failure::Retry(format!("{msg} (SQLSTATE {c})"))
-                    }
-                    c => Failure::Fatal(Error::Unavailable(format!(
-                        "database error at {at}: {msg} (SQLSTATE {c})"
-                    ))),
-                }
-            }
-            // rustls reports a rejected certificate (and every other handshake failure) as an
-            // io::Error of kind InvalidData wrapping a rustls::Error: retrying cannot fix it.
-            sqlx::Error::Io(io) if is_tls_failure(io) => Failure::Fatal(Error::Unavailable(
-                format!("TLS connection to {at} failed: {io}; check sslmode and sslrootcert"),
-            )),
-            sqlx::Error::Io(io) => Failure::Retry(io.to_string()),
-            sqlx::Error::Tls(t) => Failure::Fatal(Error::Unavailable(format!(
-                "TLS connection to {at} failed: {t}; check sslmode and sslrootcert"
-            ))),
-            sqlx::Error::Configuration(c) => {
-                Failure::Fatal(Error::Usage(format!("bad database URL {at}: {c}")))
-            }
-            sqlx::Error::Protocol(p) => Failure::Retry(format!("protocol error: {p}")),
-            other => Failure::Retry(other.to_string()),
-        }
-    }
-
-    /// The error for a database call that failed after retries were no longer an option.
-    pub(crate) fn fail(&self, e: &sqlx::Error, doing: &str) -> Error {
-        match self.classify(e) {
-            Failure::Fatal(err) => err,
-            Failure::Retry(reason) => Error::Unavailable(format!(
-                "lost the database connection {doing} at {}: {reason}",
-                self.redacted_url
-            )),
-        }
-    }
-}
-
-/// Sets client-side keepalives and `TCP_USER_TIMEOUT` on the gate's TCP sockets: all of them
-/// are the gate's own database connections or short-lived probes, for which the settings are
-/// right too.
-/// Fails with a usage error naming the path when a TLS file named in the URL (or
-/// `PGSSLROOTCERT`) cannot be read: sqlx would report a bare "No such file or directory", and
-/// retrying cannot create the file.
-fn check_tls_files(url: &str) -> Result<()> {
-    let Ok(parsed) = url::Url::parse(url) else {
-        return Ok(());
-    };
-    let mut files: Vec<(String, String)> = parsed
-        .query_pairs()
-        .filter(|(k, _)| matches!(k.as_ref(), "sslrootcert" | "sslcert" | "sslkey"))
-        .map(|(k, v)| (k.into_owned(), v.into_owned()))
-        .collect();
-    if !files.iter().any(|(k, _)| k == "sslrootcert")
-        && let Ok(path) = std::env::var("PGSSLROOTCERT")
-    {
-        files.push(("PGSSLROOTCERT".into(), path));
-    }
-    for (name, path) in files {
-        if let Err(e) = std::fs::File::open(&path) {
-            return Err(Error::Usage(format!(
-                "cannot read {name} file {path:?}: {e}"
-            )));
-        }
-    }
-    Ok(())
-}
-
-/// Whether an I/O error is a TLS handshake failure (bad certificate, wrong host, no common
-/// protocol) rather than a network problem.
-fn is_tls_failure(io: &std::io::Error) -> bool {
-    io.kind() == std::io::ErrorKind::InvalidData
-        && io
-            .get_ref()
-            .is_some_and(|e| e.downcast_ref::<rustls::Error>().is_some())
 }
 
 /// Closes a connection: the server frees its session (and session locks) at once. Bounded: a
@@ -426,53 +396,6 @@ pub(crate) async fn close(conn: Conn) {
     }
 }
 
-/// The URL (or key/value string, or for the empty string the libpq environment) with any
-/// password replaced by `***`, for messages and logs.
-pub(crate) fn redact_url(url: &str) -> String {
-    if url.trim().is_empty() {
-        return describe_environment();
-    }
-    if !url.contains("://") && url.contains('=') {
-        return redact_key_values(url);
-    }
-    match url::Url::parse(url) {
-        Ok(mut parsed) => {
-            if parsed.password().is_some() {
-                let _ = parsed.set_password(Some("***"));
-            }
-            let pairs: Vec<(String, String)> = parsed
-                .query_pairs()
-                .map(|(k, v)| {
-                    let v = if k.eq_ignore_ascii_case("password") {
-                        "***".to_string()
-                    } else {
-                        v.into_owned()
-                    };
-                    (k.into_owned(), v)
-                })
-                .collect();
-            if pairs
-                .iter()
-                .any(|(k, _)| k.eq_ignore_ascii_case("password"))
-            {
-                parsed.query_pairs_mut().clear().extend_pairs(pairs);
-            }
-            parsed.to_string()
-        }
-        // Unparseable: we cannot tell where a password would be, so show nothing of it.
-        Err(_) => "(unparseable URL, not shown)".to_string(),
-    }
-}
-
-/// Removes `secret` (the raw URL, which may hold a password) from a message built by a library.
-fn scrub(message: &str, secret: &str) -> String {
-    if secret.is_empty() {
-        message.to_string()
-    } else {
-        message.replace(secret, "(URL not shown)")
-    }
-}
-
 /// Jittered exponential backoff delays, forever: the first near `min`, each later one up to
 /// twice the one before, never more than `max`. backon's jitter adds up to 100% to each delay,
 /// so the base delays are halved to keep the jittered ones under `max`.
@@ -489,23 +412,4 @@ pub(crate) fn backoff(min: Duration, max: Duration) -> impl Iterator<Item = Dura
 /// Logs a transient failure in one place so every retry loop reports the same way.
 pub(crate) fn log_retry(context: &str, reason: &str) {
     warn!(reason, "{context}; retrying");
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn redact_url_hides_passwords_in_userinfo_and_query() {
-        assert_eq!(
-            redact_url("postgres://app:s3cret@db:5432/app"),
-            "postgres://app:***@db:5432/app"
-        );
-        let q = redact_url("postgres://app@db/app?password=s3cret&sslmode=require");
-        assert!(!q.contains("s3cret"), "{q}");
-        assert!(q.contains("sslmode=require"), "{q}");
-        assert_eq!(redact_url("postgres://app@db/app"), "postgres://app@db/app");
-        let bad = redact_url("not a url with s3cret");
-        assert!(!bad.contains("s3cret"), "{bad}");
-    }
 }

@@ -3,6 +3,9 @@
 
 use super::*;
 
+/// Sets client-side keepalives and `TCP_USER_TIMEOUT` on the gate's TCP sockets: all of them
+/// are the gate's own database connections or short-lived probes, for which the settings are
+/// right too.
 pub(super) fn set_client_keepalives() {
     let set = |fd: libc::c_int, level: libc::c_int, name: libc::c_int, value: libc::c_int| {
         // SAFETY: setsockopt with a pointer to a live c_int and its size.

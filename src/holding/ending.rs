@@ -184,16 +184,26 @@ impl Holding {
     }
 
     /// Notes the sessions of the child's own TCP connections ([`sessions::Attempt::remember`]),
-    /// for clients that do not send the tag. Best effort: a failure here is the heartbeat's to
-    /// notice.
-    pub(super) async fn remember_sessions(&mut self, pgid: i32) {
+    /// for clients that do not send the tag, and records new ones in the attempt's row (through
+    /// the connection that commits on its own), so that a taker-over of a holder killed with
+    /// `kill -9` ends them too. Best effort: a failure here is the heartbeat's to notice.
+    pub(super) async fn remember_sessions(&mut self, replica: &Replica, pgid: i32) {
         let mut sessions = self.sessions.clone();
         let mut ports = std::mem::take(&mut self.ports_seen);
-        if let Ok(c) = self.book().await
-            && let Err(e) =
-                sql::deadline(HEARTBEAT_TIMEOUT, sessions.remember(c, pgid, &mut ports)).await
-        {
-            tracing::debug!(error = %e, "could not match the child's sockets to sessions");
+        let attempt = self.attempt;
+        if let Ok(c) = self.book().await {
+            let noted = async {
+                if sessions.remember(c, pgid, &mut ports).await? {
+                    replica
+                        .ledger
+                        .note_sessions(c, attempt, &sessions.note())
+                        .await?;
+                }
+                Ok::<_, sqlx::Error>(())
+            };
+            if let Err(e) = sql::deadline(HEARTBEAT_TIMEOUT, noted).await {
+                tracing::debug!(error = %e, "could not match the child's sockets to sessions");
+            }
         }
         self.sessions = sessions;
         self.ports_seen = ports;

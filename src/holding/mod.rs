@@ -151,7 +151,11 @@ impl Holding {
         // An attempt is over only when its sessions are: a vanished, fenced or failed holder's
         // statement may still run (or sit in a lock queue) on the server.
         let tag = sessions::Tag::new(replica.lock(), replica.release(), None);
-        let earlier = Which::unfinished(&tag, &replica.ledger.unfinished_ids());
+        let earlier = Which::unfinished(
+            &tag,
+            &replica.ledger.unfinished_ids(),
+            &replica.ledger.unfinished_seen(),
+        );
         let ended = end_sessions(book, &earlier, replica.db.username(), wait_timeout)
             .await
             .map_err(Failure::Fatal)?;
@@ -460,7 +464,7 @@ impl Holding {
                         return StepEnd::LockLost(reason);
                     }
                     if self.direct {
-                        self.remember_sessions(child.pgid()).await;
+                        self.remember_sessions(replica, child.pgid()).await;
                     }
                 }
                 _ = waits_tick.tick() => {

@@ -65,11 +65,11 @@ impl EndError {
         match self {
             EndError::Sql(e) => format!("could not look at the attempt's sessions: {e}"),
             EndError::Denied(s) => format!(
-                "the role {role:?} may not end {}: ask a DBA to run `GRANT pg_signal_backend TO {};` \
+                "the role {role:?} may not end {}: ask a DBA to run `{}` \
                  (or run the migration as the gate's role), or end them yourself with \
                  `SELECT pg_terminate_backend(pid)`",
                 list(s),
-                crate::sql::ident(role)
+                signal_grant(role)
             ),
             EndError::Stuck(s) => format!(
                 "{} did not end within {} of pg_terminate_backend",
@@ -78,6 +78,12 @@ impl EndError {
             ),
         }
     }
+}
+
+/// The statement that lets `role` end sessions of roles it is not a member of (a migration
+/// that runs as another role): `GRANT pg_signal_backend TO <role>;`. Its own need nothing.
+pub(crate) fn signal_grant(role: &str) -> String {
+    format!("GRANT pg_signal_backend TO {};", crate::sql::ident(role))
 }
 
 /// Sends `pg_cancel_backend` or `pg_terminate_backend` to `pid`. `Ok(false)`: not allowed.

@@ -41,7 +41,7 @@ mod ending;
 mod others;
 
 use ending::settle;
-pub(crate) use ending::{EndError, Ended, end};
+pub(crate) use ending::{EndError, Ended, end, signal_grant};
 pub(crate) use others::other_releases;
 
 /// The prefix that marks a session as started by a gate's child.
@@ -240,10 +240,12 @@ impl Which {
 
     /// The sessions of this lock's attempts that the ledger does not record `done`: what a
     /// holder that takes over must see gone before it migrates. `unfinished` is a SQL subquery
-    /// of attempt IDs (text) recorded `running`, `failed` or `abandoned`.
-    pub(crate) fn unfinished(tag: &Tag, unfinished: &str) -> Which {
+    /// of attempt IDs (text) recorded `running`, `failed` or `abandoned`; `seen` one of the
+    /// untagged sessions (`pid`, `backend_start`) their holders recorded.
+    pub(crate) fn unfinished(tag: &Tag, unfinished: &str, seen: &str) -> Which {
         Which(format!(
-            "(left(a.application_name, {}) = {} AND {} IN ({unfinished}) AND {SAME_DATABASE})",
+            "((left(a.application_name, {}) = {} AND {} IN ({unfinished}) AND {SAME_DATABASE}) \
+              OR (a.pid, a.backend_start) IN ({seen}))",
             tag.lock_prefix().len(),
             lit(&tag.lock_prefix()),
             field(3),
@@ -281,6 +283,10 @@ pub(crate) async fn list(
         .collect()
 }
 
+/// How a `running` attempt's `detail` starts when it lists the untagged sessions its holder
+/// found ([`Attempt::note`]).
+pub(crate) const SEEN_NOTE: &str = "sessions seen: ";
+
 /// The sessions of the holder's attempt: its tag, and the sessions seen on the child's own
 /// sockets for clients that set `application_name` themselves.
 #[derive(Debug, Clone)]
@@ -314,20 +320,21 @@ impl Attempt {
     /// and what it started), matched on client address and port in `pg_stat_activity`: that
     /// finds a client that ignores `PGAPPNAME` (JDBC, asyncpg) or sets `application_name`
     /// itself, while it is connected directly over TCP. Cheap when nothing changed: no query
-    /// unless the child has a socket not seen before.
+    /// unless the child has a socket not seen before. Returns whether a session was added.
     pub(crate) async fn remember(
         &mut self,
         conn: &mut PgConnection,
         pgid: i32,
         ports_seen: &mut BTreeSet<u16>,
-    ) -> Result<(), sqlx::Error> {
+    ) -> Result<bool, sqlx::Error> {
         let fresh: Vec<u16> = crate::sockets::local_tcp_ports(pgid)
             .into_iter()
             .filter(|p| ports_seen.insert(*p))
             .collect();
         if fresh.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
+        let before = self.seen.len();
         let ports = fresh
             .iter()
             .map(u16::to_string)
@@ -346,7 +353,18 @@ impl Attempt {
             let c = Cols(r);
             self.seen.insert((c.parse(0)?, c.text(1)?));
         }
-        Ok(())
+        Ok(self.seen.len() > before)
+    }
+
+    /// The sessions remembered so far, for the attempt's `detail` while it runs
+    /// ([`crate::ledger::Ledger::note_sessions`]): `sessions seen: PID@BACKEND_START;...`.
+    pub(crate) fn note(&self) -> String {
+        let seen: Vec<String> = self
+            .seen
+            .iter()
+            .map(|(pid, start)| format!("{pid}@{start}"))
+            .collect();
+        format!("{SEEN_NOTE}{}", seen.join(";"))
     }
 
     /// Warns about sessions still busy after the child exited 0, and waits up to `limit` for
