@@ -37,8 +37,9 @@
 # Failover scenarios (ci/ha-failover, ci/auto-failover): a temp dir, the binaries, replicas
 # restarted like Kubernetes init containers, the run log's overlap judgement, and one scenario
 # from launch to report
-#   ci_fo_config, ci_fo_workdir, ci_fo_binaries, ci_fo_other, ci_fo_only_primary, ci_fo_replica, ci_fo_monitor,
-#   ci_fo_overlaps, ci_fo_all_done, ci_fo_stop_gates, ci_fo_scenario
+#   ci_fo_config, ci_fo_workdir, ci_fo_binaries, ci_fo_other, ci_fo_only_primary,
+#   ci_fo_replica, ci_fo_monitor, ci_fo_overlaps, ci_fo_all_done, ci_fo_stop_gates,
+#   ci_fo_scenario
 #
 # Environment read:
 #   NO_INSTALL=1   ci_apt_install installs nothing and fails (the caller says what is missing)
@@ -536,8 +537,9 @@ ci_fo_stop_gates() {
 # ci_fo_scenario SCEN RELEASE DB ACTION: one scenario. `standin-app setup` on DB, then
 #   CI_FO_GATES replicas of `migrate --release RELEASE`; once the first migration has run for
 #   CI_FO_KILL_AT_MS, `ACTION OLD NEW DIR T_START` makes the failover from node OLD (the
-#   primary) to NEW (DIR: the scenario's logs; T_START: when the migration began, in µs). ACTION sets CI_FO_T_ACT (when it acted, ci_now_us), CI_FO_ACT_WHAT (what it did, for
-#   the check that it was mid-migration: "the leader was killed") and CI_FO_ACT_FROM (for the
+#   primary) to NEW (DIR: the scenario's logs; T_START: when the migration began, in µs).
+#   ACTION sets CI_FO_T_ACT (when it acted, ci_now_us), CI_FO_ACT_WHAT (what it did, for the
+#   check that it was mid-migration: "the leader was killed") and CI_FO_ACT_FROM (for the
 #   timings: "the leader kill"), and may run checks of its own. Then, once every replica is done
 #   (or after CI_FO_LIMIT_S), it prints each replica's exit codes and checks: NEW is the only
 #   primary; the first holder exits 69 and its migration is gone; RELEASE is done exactly once
