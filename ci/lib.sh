@@ -261,14 +261,19 @@ ci_ours() {
   [[ -n ${1:-} && $1 != "$$" ]] || return 1
   grep -qsF "$2/" "/proc/$1/cmdline" 2>/dev/null || grep -qsF "$2/" "/proc/$1/environ" 2>/dev/null
 }
-# ci_pids_naming DIR: every running process that names DIR (but this script), one a line.
+# ci_pids_naming DIR: every running process that names DIR/ (but this script), one a line. One
+# grep reads every command line and environment (one grep a process is slow on a busy machine).
 ci_pids_naming() {
-  local p
-  for p in /proc/[0-9]*; do
-    p=${p#/proc/}
-    [[ $p == "$$" ]] && continue
-    ci_ours "$p" "$1" && ci_running "$p" && echo "$p"
-  done
+  local f p
+  local -A seen=()
+  while read -r f; do
+    p=${f#/proc/}
+    p=${p%%/*}
+    [[ $p == "$$" || -n ${seen[$p]:-} ]] && continue
+    seen[$p]=1
+    ci_running "$p" && echo "$p"
+  done < <(grep -lsF -- "$1/" /proc/[0-9]*/cmdline /proc/[0-9]*/environ 2>/dev/null)
+  return 0
 }
 # ci_stop_pid PID DIR [SECONDS]: SIGTERM, then SIGKILL after SECONDS (10), if it is ours.
 ci_stop_pid() {
