@@ -131,20 +131,20 @@ impl Replica {
         };
         let named_like_a_gate = h.application_name.starts_with(GATE_NAME_PREFIX)
             || h.application_name == self.target.application_name;
-        // A gate with another --application-name has its attempt `running`; no ledger yet
-        // means no gate ever held this lock here.
+        // A gate with another --application-name (a pod name) has its attempt `running`, or
+        // is about to record one (a taker-over waiting out a vanished holder), or held this
+        // lock under that name before; no ledger yet means no gate ever held this lock here.
         let gate = named_like_a_gate
-            || self
-                .ledger
-                .attempts(c, None, 1)
-                .await
-                .is_ok_and(|a| a.first().is_some_and(|a| a.outcome == "running"));
+            || self.ledger.attempts(c, None, 20).await.is_ok_and(|a| {
+                a.first().is_some_and(|a| a.outcome == "running")
+                    || a.iter().any(|a| a.holder == h.application_name)
+            });
         if gate {
             return HolderNote::plain(h.to_string());
         }
         HolderNote {
             text: format!(
-                "{h}, which is not a migrations-gate (no attempt is running): a session holding the same advisory lock key, such as a leftover psql; if it should not hold it, end it with `SELECT pg_terminate_backend({})`",
+                "{h}, which does not look like a migrations-gate (its application_name is not a gate's, no attempt is running, and no recent attempt was held under that name): a session holding the same advisory lock key, such as a leftover psql; if it should not hold it, end it with `SELECT pg_terminate_backend({})`",
                 h.pid
             ),
             foreign: Some(h.pid),

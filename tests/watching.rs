@@ -366,7 +366,7 @@ fn a_lock_held_by_a_session_that_is_not_a_gate_is_named_with_how_to_end_it() {
     assert_mentions(
         &stderr(&out),
         &[
-            "which is not a migrations-gate (no attempt is running)",
+            "which does not look like a migrations-gate",
             &format!("end it with `SELECT pg_terminate_backend({pid})`"),
         ],
     );

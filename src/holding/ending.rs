@@ -249,3 +249,36 @@ pub(super) async fn end_sessions(
         tokio::time::sleep(RETRY_END).await;
     }
 }
+
+/// How often a taker-over waiting out a vanished holder's fencing time looks whether that holder
+/// recorded its attempt's end after all.
+const FENCE_POLL: Duration = Duration::from_secs(1);
+
+/// Waits out a vanished holder's fencing time, `wait` seconds ([`crate::ledger::Ledger::stale`]),
+/// while holding the lock.
+pub(super) async fn wait_out_fence(replica: &Replica, book: &mut sqlx::PgConnection, wait: f64) {
+    // Holding the lock, so nobody else starts meanwhile; the rows stay `running` until
+    // the wait is over, so a taker-over that dies meanwhile hands the wait on. A fenced
+    // holder records its own failure only once its migration is dead: when no row is
+    // `running` any more, the wait is over early.
+    let until = tokio::time::Instant::now() + Duration::from_secs_f64(wait.min(3600.0));
+    let mut poll = true;
+    while tokio::time::Instant::now() < until {
+        let left = until - tokio::time::Instant::now();
+        tokio::time::sleep(left.min(FENCE_POLL)).await;
+        if !poll {
+            continue;
+        }
+        match crate::sql::deadline(HEARTBEAT_TIMEOUT, replica.ledger.stale(book)).await {
+            Ok((0, _)) => {
+                tracing::info!(
+                    "the previous holder recorded the end of its attempt: its migration is stopped; taking over now"
+                );
+                break;
+            }
+            Ok(_) => {}
+            // The rest of the wait, then; what follows will meet the error again.
+            Err(_) => poll = false,
+        }
+    }
+}

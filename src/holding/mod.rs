@@ -144,9 +144,7 @@ impl Holding {
                 fence_wait_s = format!("{wait:.1}"),
                 "the previous holder vanished mid-migration; taking over once it has surely stopped its migration"
             );
-            // Holding the lock, so nobody else starts meanwhile; the rows stay `running` until
-            // the wait is over, so a taker-over that dies meanwhile hands the wait on.
-            tokio::time::sleep(Duration::from_secs_f64(wait.min(3600.0))).await;
+            ending::wait_out_fence(replica, book, wait).await;
         }
         // An attempt is over only when its sessions are: a vanished, fenced or failed holder's
         // statement may still run (or sit in a lock queue) on the server.

@@ -93,8 +93,7 @@ pub(in crate::db) fn is_key_value(raw: &str) -> bool {
     let scheme = raw.split_once("://").map(|(scheme, _)| scheme);
     let is_url = scheme.is_some_and(|s| {
         !s.is_empty()
-            && s
-                .chars()
+            && s.chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
     });
     !is_url && (raw.trim().is_empty() || raw.contains('='))
