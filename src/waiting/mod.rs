@@ -253,7 +253,13 @@ impl Waiter<'_> {
             }
             Err(Failure::Fatal(e)) => Err(e),
             Err(Failure::Retry(reason)) => {
-                db::log_retry("lost the database connection while waiting", &reason);
+                // Said once per streak of failures; the retries of a streak only at debug (a
+                // failover takes seconds of them), and its end is the next good round.
+                if self.trouble_since.is_none() {
+                    db::log_retry("lost the database connection while waiting", &reason);
+                } else {
+                    tracing::debug!(reason, "still no database connection; retrying");
+                }
                 let last = reason.clone();
                 self.trouble(reason, move |replica, _| replica.db.gave_up(&last))
             }
