@@ -188,13 +188,22 @@ impl Replica {
         let c = conn.pg().await.map_err(|e| self.db.classify(&e))?;
         match self.ledger.tables().create_ledger(c).await {
             Ok(()) => Ok(()),
-            Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42501") => Err(
-                Failure::Fatal(Error::Auth(self.ledger.tables().ledger_grants(
-                    self.db.username(),
-                    &self.db.redacted_url,
-                    db.message(),
-                ))),
-            ),
+            Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42501") => {
+                // The DDL ran in one transaction, now aborted: end it, then see what was
+                // missing. Only the index missing means the table is there but not ours.
+                let tables = self.ledger.tables();
+                let only_index = crate::sql::query(c, "ROLLBACK".to_string()).await.is_ok()
+                    && tables
+                        .inspect(c)
+                        .await
+                        .is_ok_and(|f| f.schema && f.table && !f.index);
+                let (role, at) = (self.db.username(), &self.db.redacted_url);
+                Err(Failure::Fatal(Error::Auth(if only_index {
+                    tables.index_grants(role, at, db.message())
+                } else {
+                    tables.ledger_grants(role, at, db.message())
+                })))
+            }
             Err(e) => Err(self.db.classify(&e)),
         }
     }

@@ -164,6 +164,17 @@ impl Tables {
         )
     }
 
+    /// What to tell an operator whose role may not create the ledger's missing unique index:
+    /// only the table's owner may (PostgreSQL, `CREATE INDEX`), whatever else is granted.
+    pub(crate) fn index_grants(&self, role: &str, at: &str, denied: &str) -> String {
+        format!(
+            "the gate's ledger {} at {at} has lost its unique index, and the role {} may not create it ({denied}): only the table's owner may; ask the owner or a DBA to run once `{}`",
+            self.ledger(),
+            ident(role),
+            self.ledger_index(),
+        )
+    }
+
     /// `CREATE SCHEMA <schema> AUTHORIZATION <role>;`: the schema, owned by the role, for a role
     /// without `CREATE` on the database (the recommended set-up).
     pub(crate) fn create_schema_for(&self, role: &str) -> String {

@@ -207,3 +207,43 @@ fn without_any_right_to_a_ledger_the_gate_exits_77_naming_the_grant_and_never_mi
         );
     }
 }
+
+#[test]
+fn a_ledger_that_lost_its_index_names_the_create_index_its_owner_must_run() {
+    let db = cluster().new_db("priv_index");
+    let out = db.gate_output(&["migrate", "--release", "dba-bootstrap", "--", "true"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let role = Role::app_only(&db, "idx");
+    let r = &role.name;
+    sql(
+        &db.url,
+        &format!(
+            "GRANT USAGE ON SCHEMA migrations_gate TO {r};
+             GRANT SELECT, INSERT, UPDATE, DELETE ON migrations_gate.ledger TO {r};
+             GRANT USAGE ON SEQUENCE migrations_gate.ledger_id_seq TO {r};
+             DROP INDEX migrations_gate.ledger_one_done_per_release;"
+        ),
+    );
+    // Without --release the gate makes sure its ledger is whole; only the table's owner may
+    // create the index, whatever else is granted.
+    let out = wait_output(
+        spawn(role.gate(&db).args(["migrate", "--", standin(), "migrate"])),
+        HANG_GUARD,
+    );
+    assert_eq!(db.migrations_started(), 0);
+    assert_eq!(
+        db.one("SELECT count(*) FROM pg_indexes WHERE schemaname = 'migrations_gate' AND indexname = 'ledger_one_done_per_release'"),
+        "0"
+    );
+    assert_eq!(code(&out), 77, "{}", stderr(&out));
+    assert_mentions(
+        &stderr(&out),
+        &[
+            "lost its unique index",
+            "only the table's owner may",
+            "CREATE UNIQUE INDEX",
+        ],
+    );
+    assert!(!stderr(&out).contains("CREATE SCHEMA"), "{}", stderr(&out));
+    assert!(!stderr(&out).contains(&role.password), "{}", stderr(&out));
+}

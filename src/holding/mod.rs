@@ -7,7 +7,7 @@
 //! [`Holding::fence`] when the session was lost. Both consume it: a holder cannot complete twice,
 //! nor fence and then complete.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use tracing::{error, info, warn};
@@ -59,7 +59,7 @@ pub(crate) struct Holding {
     /// The database sessions of this attempt: its tag, and those seen on the child's sockets.
     sessions: sessions::Attempt,
     /// Local ports of the child's TCP connections already looked up.
-    ports_seen: BTreeSet<u16>,
+    ports_seen: BTreeMap<u16, u32>,
     /// Whether the gate reaches PostgreSQL without a pooler or proxy between (so do, we
     /// assume, its children on the same URL).
     direct: bool,
@@ -178,7 +178,7 @@ impl Holding {
             attempt,
             since: Instant::now(),
             sessions: sessions::Attempt::new(replica.lock(), replica.release(), attempt),
-            ports_seen: BTreeSet::new(),
+            ports_seen: BTreeMap::new(),
             direct: route == Route::Direct,
             server_version,
             wait_timeout,

@@ -26,7 +26,7 @@
 //! never is. A client that sets `application_name` itself overrides `PGAPPNAME`; see
 //! [`Attempt::remember`] for how the holder finds those sessions anyway.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::Duration;
 
@@ -283,6 +283,10 @@ pub(crate) async fn list(
         .collect()
 }
 
+/// How many heartbeats a socket of the child's is matched against `pg_stat_activity` before the
+/// holder stops looking for its session: a connection being authenticated has none yet.
+const PORT_LOOKS: u32 = 5;
+
 /// How a `running` attempt's `detail` starts when it lists the untagged sessions its holder
 /// found ([`Attempt::note`]).
 pub(crate) const SEEN_NOTE: &str = "sessions seen: ";
@@ -325,11 +329,18 @@ impl Attempt {
         &mut self,
         conn: &mut PgConnection,
         pgid: i32,
-        ports_seen: &mut BTreeSet<u16>,
+        ports_seen: &mut BTreeMap<u16, u32>,
     ) -> Result<bool, sqlx::Error> {
+        // A socket is there from the client's connect(), its session in pg_stat_activity only
+        // once the backend has authenticated it: a port without a session is looked at again
+        // on the next heartbeats (a socket to something else than this server, a few times).
         let fresh: Vec<u16> = crate::sockets::local_tcp_ports(pgid)
             .into_iter()
-            .filter(|p| ports_seen.insert(*p))
+            .filter(|p| {
+                let looks = ports_seen.entry(*p).or_insert(0);
+                *looks = looks.saturating_add(1);
+                *looks <= PORT_LOOKS
+            })
             .collect();
         if fresh.is_empty() {
             return Ok(false);
@@ -343,7 +354,7 @@ impl Attempt {
         let rows = query(
             conn,
             format!(
-                "SELECT a.pid::text, a.backend_start::text FROM pg_stat_activity a \
+                "SELECT a.pid::text, a.backend_start::text, a.client_port::text FROM pg_stat_activity a \
                  WHERE a.client_port IN ({ports}) AND a.pid <> pg_backend_pid() \
                    AND a.client_addr = inet_client_addr()"
             ),
@@ -352,6 +363,8 @@ impl Attempt {
         for r in &rows {
             let c = Cols(r);
             self.seen.insert((c.parse(0)?, c.text(1)?));
+            // Found: never looked at again.
+            ports_seen.insert(c.parse(2)?, u32::MAX);
         }
         Ok(self.seen.len() > before)
     }
