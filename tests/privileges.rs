@@ -143,14 +143,12 @@ fn with_create_on_schema_public_only_the_ledger_lives_in_public() {
     assert_eq!(code(&out), 0, "{}", stderr(&out));
 }
 
-#[test]
-fn with_only_read_write_rights_on_a_ledger_the_dba_created_the_gate_works() {
-    let db = cluster().new_db("priv_dml");
-    // The DBA lets the gate create its schema, table and index once, as the superuser...
+/// A ledger the DBA let the gate create once, as the superuser, and a role with the app's
+/// rights and only what the gate needs to read and write that ledger.
+fn dml_role_on_a_dba_made_ledger(db: &TestDb, what: &str) -> Role {
     let out = db.gate_output(&["migrate", "--release", "dba-bootstrap", "--", "true"]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
-    let role = Role::app_only(&db, "dml");
-    // ...and grants the app's role only what the gate needs to read and write it.
+    let role = Role::app_only(db, what);
     let r = &role.name;
     sql(
         &db.url,
@@ -160,6 +158,13 @@ fn with_only_read_write_rights_on_a_ledger_the_dba_created_the_gate_works() {
              GRANT USAGE ON SEQUENCE migrations_gate.ledger_id_seq TO {r};"
         ),
     );
+    role
+}
+
+#[test]
+fn with_only_read_write_rights_on_a_ledger_the_dba_created_the_gate_works() {
+    let db = cluster().new_db("priv_dml");
+    let role = dml_role_on_a_dba_made_ledger(&db, "dml");
     assert_eq!(
         db.one(
             "SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = 'migrations_gate'"
@@ -211,18 +216,10 @@ fn without_any_right_to_a_ledger_the_gate_exits_77_naming_the_grant_and_never_mi
 #[test]
 fn a_ledger_that_lost_its_index_names_the_create_index_its_owner_must_run() {
     let db = cluster().new_db("priv_index");
-    let out = db.gate_output(&["migrate", "--release", "dba-bootstrap", "--", "true"]);
-    assert_eq!(code(&out), 0, "{}", stderr(&out));
-    let role = Role::app_only(&db, "idx");
-    let r = &role.name;
+    let role = dml_role_on_a_dba_made_ledger(&db, "idx");
     sql(
         &db.url,
-        &format!(
-            "GRANT USAGE ON SCHEMA migrations_gate TO {r};
-             GRANT SELECT, INSERT, UPDATE, DELETE ON migrations_gate.ledger TO {r};
-             GRANT USAGE ON SEQUENCE migrations_gate.ledger_id_seq TO {r};
-             DROP INDEX migrations_gate.ledger_one_done_per_release;"
-        ),
+        "DROP INDEX migrations_gate.ledger_one_done_per_release",
     );
     // Without --release the gate makes sure its ledger is whole; only the table's owner may
     // create the index, whatever else is granted.

@@ -316,12 +316,6 @@ impl Db {
         })
     }
 
-    /// One connection attempt, bounded by `limit` (and by [`Db::attempt_limit`]) on each host
-    /// of the list ([`Db::connect_list`]).
-    pub(crate) async fn connect_once(&self, limit: Duration) -> Result<Conn, Failure> {
-        self.connect_list(limit).await
-    }
-
     /// One connection attempt to host `i`, bounded by `limit` and [`Db::attempt_limit`].
     async fn connect_host(&self, i: usize, limit: Duration) -> Result<Conn, Failure> {
         let limit = limit.clamp(Duration::from_millis(100), self.attempt_limit());
