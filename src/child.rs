@@ -257,11 +257,31 @@ impl Supervisor {
         }
     }
 
-    /// Stops the child's whole process group: SIGTERM, then SIGKILL after `grace`.
+    /// Pauses the child's whole process group (SIGSTOP): it runs no further instruction, so
+    /// sends no further statement, until [`Supervisor::resume`] or a kill.
+    pub(crate) fn pause(&self) {
+        kill_group(self.pid, libc::SIGSTOP);
+    }
+
+    /// Lets a paused process group go on (SIGCONT).
+    pub(crate) fn resume(&self) {
+        kill_group(self.pid, libc::SIGCONT);
+    }
+
+    /// Stops the child's whole process group: SIGTERM, then SIGKILL after `grace`; a zero
+    /// `grace` is SIGKILL at once (a paused group must not run again, even to clean up).
     pub(crate) async fn stop(&mut self, grace: Duration) -> i32 {
         if let Some(code) = self.status {
             kill_group(self.pid, libc::SIGKILL);
             return code;
+        }
+        if grace.is_zero() {
+            info!(
+                pid = self.pid,
+                "killing the child's process group (SIGKILL)"
+            );
+            kill_group(self.pid, libc::SIGKILL);
+            return self.wait().await;
         }
         info!(pid = self.pid, grace = %crate::duration::short(grace), grace_ms = grace.as_millis() as u64, "stopping the child (SIGTERM, then SIGKILL)");
         kill_group(self.pid, libc::SIGTERM);

@@ -11,7 +11,7 @@
 
 use sqlx::postgres::PgConnection;
 
-use crate::lock::LockKey;
+use crate::lock::{LockKey, Proof};
 use crate::schema::{StoredKey, Tables};
 use crate::sql::{Cols, is_missing_relation, lit, one_row, query, query_if_exists, query_scalar};
 
@@ -38,6 +38,28 @@ pub(crate) struct Attempt<'a> {
     /// Seconds this holder needs, after its last heartbeat, to notice a lost session and stop
     /// its migration: a taker-over waits that long after a vanished holder.
     pub fence_secs: u32,
+}
+
+/// What [`Ledger::stale`] found.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Stale {
+    /// Attempts still recorded `running`.
+    pub running: u64,
+    /// Seconds until the latest of their holders has surely stopped its migration.
+    pub wait_secs: f64,
+    /// Whether our lock session still held the lock when this was read.
+    pub held: bool,
+}
+
+/// What [`Ledger::begin`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Begun {
+    /// The attempt is recorded `running` with this row ID.
+    Attempt(i64),
+    /// Nothing: the lock is no longer held by our lock session.
+    LockLost,
+    /// Nothing: the release is done.
+    AlreadyDone,
 }
 
 /// How an attempt ended.
@@ -153,46 +175,62 @@ impl Ledger {
         })
     }
 
-    /// How many attempts were left `running` by a holder that vanished, and how long to wait
-    /// before migrating: until the latest vanished holder's last heartbeat plus its fencing time
-    /// (heartbeat timeout + kill grace), by which point a holder that merely lost its session has
-    /// surely stopped its migration. A holder killed outright took its migration with it (the
-    /// guard), but we cannot tell the two apart from here. Only the lock holder may call this.
-    /// Nothing is marked yet: a taker-over that dies while it waits leaves the rows `running`, so
-    /// the next one waits too ([`Ledger::abandon_stale`] marks them after the wait).
-    pub(crate) async fn stale(&self, conn: &mut PgConnection) -> Result<(u64, f64), sqlx::Error> {
+    /// How many attempts were left `running` by a holder that vanished, how long to wait
+    /// before migrating, and whether our lock session still holds the lock (`proof`): until the
+    /// latest vanished holder's last heartbeat plus its fencing time (heartbeat timeout + kill
+    /// grace), by which point a holder that merely lost its session has surely stopped its
+    /// migration. A holder killed outright took its migration with it (the guard), but we cannot
+    /// tell the two apart from here. Nothing is marked yet: a taker-over that dies while it waits
+    /// leaves the rows `running`, so the next one waits too ([`Ledger::abandon_stale`] marks
+    /// them after the wait).
+    pub(crate) async fn stale(
+        &self,
+        conn: &mut PgConnection,
+        proof: &Proof,
+    ) -> Result<Stale, sqlx::Error> {
         let sql = format!(
             "SELECT count(*)::text, \
                     coalesce(greatest(0, extract(epoch FROM max(coalesce(heartbeat_at, started_at) \
-                        + make_interval(secs => fence_secs)) - clock_timestamp())), 0)::float8::text \
+                        + make_interval(secs => fence_secs)) - clock_timestamp())), 0)::float8::text, \
+                    ({})::text \
              FROM {} WHERE lock_key = {} AND outcome = 'running'",
+            proof.sql(),
             self.table(),
             self.lock.key
         );
         let rows = query(conn, sql).await?;
         let row = one_row(&rows)?;
-        Ok((row.parse(0)?, row.parse(1)?))
+        Ok(Stale {
+            running: row.parse(0)?,
+            wait_secs: row.parse(1)?,
+            held: row.parse(2)?,
+        })
     }
 
     /// Marks attempts left `running` by a vanished holder as `abandoned`, once
     /// [`Ledger::stale`]'s wait is over and their sessions are gone (`sessions`: how they were
-    /// ended, for the record).
+    /// ended, for the record), in the same statement that proves we hold the lock. Returns
+    /// whether we did (false: the lock is lost, and nothing was marked).
     pub(crate) async fn abandon_stale(
         &self,
         conn: &mut PgConnection,
         sessions: &str,
-    ) -> Result<(), sqlx::Error> {
+        proof: &Proof,
+    ) -> Result<bool, sqlx::Error> {
         let detail = format!(
             "the holder vanished (crash, kill or lost connection); taken over; sessions: {sessions}"
         );
         let sql = format!(
-            "UPDATE {} SET outcome = 'abandoned', finished_at = clock_timestamp(), detail = {} \
-             WHERE lock_key = {} AND outcome = 'running'",
+            "WITH u AS (UPDATE {} SET outcome = 'abandoned', finished_at = clock_timestamp(), detail = {} \
+                 WHERE lock_key = {} AND outcome = 'running' AND {} RETURNING 1) \
+             SELECT ({})::text FROM (SELECT count(*) FROM u) n",
             self.table(),
             lit(&detail),
-            self.lock.key
+            self.lock.key,
+            proof.sql(),
+            proof.sql()
         );
-        query(conn, sql).await.map(|_| ())
+        Ok(query_scalar(conn, sql).await?.as_deref() == Some("true"))
     }
 
     /// A subquery of the IDs (as text) of this lock's attempts that did not end `done`: the
@@ -248,7 +286,8 @@ impl Ledger {
     }
 
     /// Proves the holder alive to a future taker-over: stamps `heartbeat_at`. Returns whether
-    /// the row was there to stamp.
+    /// the row was there, still `running`, to stamp: a row a taker-over marked, or a `reset`
+    /// deleted, means the lock was lost at some point.
     pub(crate) async fn heartbeat(
         &self,
         conn: &mut PgConnection,
@@ -257,7 +296,7 @@ impl Ledger {
         let n = query_scalar(
             conn,
             format!(
-                "WITH u AS (UPDATE {} SET heartbeat_at = clock_timestamp() WHERE id = {id} RETURNING 1) \
+                "WITH u AS (UPDATE {} SET heartbeat_at = clock_timestamp() WHERE id = {id} AND outcome = 'running' RETURNING 1) \
                  SELECT count(*)::text FROM u",
                 self.table()
             ),
@@ -266,38 +305,60 @@ impl Ledger {
         Ok(n.as_deref() == Some("1"))
     }
 
-    /// Records the start of an attempt and returns its row ID.
+    /// Records the start of an attempt, in one statement that proves we hold the lock and reads
+    /// `release` as not done under it: an attempt begins only then.
     pub(crate) async fn begin(
         &self,
         conn: &mut PgConnection,
         attempt: &Attempt<'_>,
-    ) -> Result<i64, sqlx::Error> {
-        let release = attempt.release.map(lit).unwrap_or_else(|| "NULL".into());
+        proof: &Proof,
+    ) -> Result<Begun, sqlx::Error> {
+        let table = self.table();
+        let (release, not_done) = match attempt.release {
+            Some(r) => (
+                lit(r),
+                format!(
+                    "NOT EXISTS (SELECT 1 FROM {table} WHERE lock_key = {} AND release = {} AND outcome = 'done')",
+                    self.lock.key,
+                    lit(r)
+                ),
+            ),
+            None => ("NULL".into(), "true".into()),
+        };
         let sql = format!(
-            "INSERT INTO {} (lock_key, lock_name, release, outcome, holder, host, pid, fence_secs) \
-             VALUES ({}, {}, {release}, 'running', {}, {}, {}, {}) RETURNING id::text",
-            self.table(),
+            "WITH i AS (INSERT INTO {table} (lock_key, lock_name, release, outcome, holder, host, pid, fence_secs) \
+                 SELECT {}, {}, {release}, 'running', {}, {}, {}, {} WHERE {} AND {not_done} RETURNING id) \
+             SELECT (SELECT id::text FROM i), ({})::text, ({not_done})::text",
             self.lock.key,
             lit(&self.lock.name),
             lit(attempt.holder),
             lit(attempt.host),
             attempt.pid,
-            attempt.fence_secs
+            attempt.fence_secs,
+            proof.sql(),
+            proof.sql(),
         );
-        let id = query_scalar(conn, sql).await?;
-        id.and_then(|s| s.parse().ok())
-            .ok_or_else(|| sqlx::Error::Protocol("INSERT ... RETURNING id gave no row".into()))
+        let rows = query(conn, sql).await?;
+        let row = one_row(&rows)?;
+        Ok(match (row.parse_opt(0)?, row.parse::<bool>(1)?) {
+            (Some(id), _) => Begun::Attempt(id),
+            (None, false) => Begun::LockLost,
+            (None, true) => Begun::AlreadyDone,
+        })
     }
 
-    /// Records how attempt `id` ended. Committed before the lock is freed.
+    /// Records how attempt `id` ended, on the lock session, in a statement that proves it still
+    /// holds the lock. Committed before the lock is freed. Returns whether it was recorded:
+    /// false when the row is no longer `running` (a taker-over marked it, a `reset` removed it)
+    /// or the lock is lost; a row that is not `running` is never overwritten.
     pub(crate) async fn finish(
         &self,
         conn: &mut PgConnection,
         id: i64,
-        outcome: Outcome,
-        exit_code: Option<i32>,
-        detail: &str,
-    ) -> Result<(), sqlx::Error> {
+        ended: (Outcome, Option<i32>, &str),
+        proof: &Proof,
+    ) -> Result<bool, sqlx::Error> {
+        let (outcome, exit_code, detail) = ended;
         let code = exit_code
             .map(|c| c.to_string())
             .unwrap_or_else(|| "NULL".into());
@@ -305,21 +366,23 @@ impl Ledger {
         // the lock's transaction in transaction scope): waiters that LISTEN wake at once and
         // read the row themselves; the payload is only a hint.
         let sql = format!(
-            "UPDATE {} SET outcome = '{}', finished_at = clock_timestamp(), exit_code = {code}, detail = {} \
-             WHERE id = {id}; SELECT pg_notify({}, {})",
+            "WITH u AS (UPDATE {} SET outcome = '{}', finished_at = clock_timestamp(), exit_code = {code}, detail = {} \
+                 WHERE id = {id} AND outcome = 'running' AND {} RETURNING 1) \
+             SELECT count(*)::text FROM (SELECT pg_notify({}, {}) FROM u) n",
             self.table(),
             outcome.as_str(),
             lit(detail),
+            proof.sql(),
             lit(&self.lock.channel()),
             lit(outcome.as_str()),
         );
-        query(conn, sql).await.map(|_| ())
+        Ok(query_scalar(conn, sql).await?.as_deref() == Some("1"))
     }
 
     /// Records attempt `id` as failed after its holder fenced itself, from a new connection.
-    /// The row exists (`running`, or `abandoned` if a new holder already took over): the lock
-    /// session or, in transaction scope, the witness connection committed it. It is written anew
-    /// only if it is gone (a `reset` meanwhile).
+    /// Only a row still `running` is marked: one a taker-over already marked `abandoned` keeps
+    /// that record (a row that is not `running` is never overwritten). It is written anew only
+    /// if it is gone (a `reset` meanwhile).
     pub(crate) async fn record_fenced(
         &self,
         conn: &mut PgConnection,
@@ -334,7 +397,7 @@ impl Ledger {
         let sql = format!(
             "WITH u AS (UPDATE {table} SET outcome = 'failed', finished_at = clock_timestamp(), \
                  exit_code = {exit_code}, detail = {detail} \
-                 WHERE id = {id} AND outcome IN ('running', 'abandoned') RETURNING 1) \
+                 WHERE id = {id} AND outcome = 'running' RETURNING 1) \
              INSERT INTO {table} (lock_key, lock_name, release, outcome, holder, host, pid, finished_at, exit_code, detail) \
              SELECT {}, {}, {release}, 'failed', {}, {}, {}, clock_timestamp(), {exit_code}, {detail} \
              WHERE NOT EXISTS (SELECT 1 FROM {table} WHERE id = {id}) AND NOT EXISTS (SELECT 1 FROM u)",

@@ -18,7 +18,7 @@ use std::fmt;
 use sha2::{Digest, Sha256};
 use sqlx::postgres::PgConnection;
 
-use crate::sql::{Cols, one_row, query, query_scalar};
+use crate::sql::{Cols, lit, one_row, query, query_scalar};
 
 /// An advisory lock key, with the name it came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -165,6 +165,46 @@ pub(crate) async fn held_by_us(
     )
     .await?;
     Ok(n.is_some_and(|n| n != "0"))
+}
+
+/// The server's proof that one session holds the lock *now*: a SQL condition that a statement
+/// of the holder's carries in its own `WHERE`, so that what the statement does (begin an
+/// attempt, mark one abandoned, end a session, record the outcome) happens only if the lock is
+/// still held at that instant. A timer or an earlier read proves nothing: the lock session may
+/// have been terminated a millisecond ago, and another replica may hold the lock since.
+///
+/// It names the lock session by backend PID and `backend_start` (a PID alone may be reused by a
+/// later session), so it holds through any connection of the same role: the witness of
+/// transaction scope included, where the lock's transaction keeps one server connection even
+/// behind a transaction pooler. `pg_locks` is read live by every statement, even inside a
+/// transaction (PostgreSQL, "pg_locks"), unlike `pg_stat_activity`, whose snapshot is taken
+/// once per transaction; the session's own `backend_start` never changes, so that is safe.
+#[derive(Debug, Clone)]
+pub(crate) struct Proof(String);
+
+impl Proof {
+    /// The proof for the lock session `conn`, which must hold `lock`.
+    pub(crate) async fn of(conn: &mut PgConnection, lock: &LockKey) -> Result<Proof, sqlx::Error> {
+        let rows = query(
+            conn,
+            "SELECT pid::text, backend_start::text FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+                .into(),
+        )
+        .await?;
+        let row = one_row(&rows)?;
+        let pid: i32 = row.parse(0)?;
+        Ok(Proof(format!(
+            "EXISTS (SELECT 1 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+             WHERE {} AND l.granted AND l.pid = {pid} AND a.backend_start = {}::timestamptz)",
+            lock.pg_locks_filter(),
+            lit(&row.text(1)?)
+        )))
+    }
+
+    /// The SQL condition: true while the lock session holds the lock.
+    pub(crate) fn sql(&self) -> &str {
+        &self.0
+    }
 }
 
 /// Sets up the lock session right after the lock is taken: keepalives, so that PostgreSQL frees

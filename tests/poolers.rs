@@ -322,3 +322,219 @@ fn a_pooler_on_the_same_port_number_in_session_mode_with_a_pool_of_three_lets_si
     assert_race_ok(&sp.db, &sp.bouncer, &outs, SAME_PORT_REPLICAS);
     assert_no_route_taken_for_direct(&outs);
 }
+
+/// A gate through the pooler whose stderr goes to a file the test reads while it runs.
+fn spawn_logged(mut cmd: Command, log: &std::path::Path) -> Child {
+    let file = std::fs::File::create(log).expect("create the gate's log file");
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(file)
+        .spawn()
+        .expect("start the gate")
+}
+
+fn read_log(log: &std::path::Path) -> String {
+    std::fs::read_to_string(log).unwrap_or_default()
+}
+
+/// Ends the server session that holds the gate's lock (not the stand-in's probe lock 4242).
+fn terminate_lock_session(db: &TestDb) -> String {
+    db.one(
+        "SELECT count(pg_terminate_backend(l.pid)) FROM pg_locks l \
+         WHERE l.locktype = 'advisory' AND l.objsubid = 1 AND l.granted AND l.objid <> 4242 \
+         AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+    )
+}
+
+/// Issue 21, sequence 1: a taker-over (A) holds the lock in transaction scope and waits out a
+/// vanished holder's fencing time; its lock session is lost meanwhile, another replica (B) takes
+/// the lock, migrates and records the release done. A must give up its turn when it sees its
+/// lock gone, never begin an attempt of a done release, never mark B's attempt abandoned nor end
+/// B's sessions: it waits again and follows.
+#[test]
+fn taker_over_that_loses_its_lock_while_waiting_out_the_fencing_time_waits_again_and_never_migrates_a_done_release()
+ {
+    let bouncer = PgBouncer::start(cluster(), "transaction", POOL);
+    let db = cluster().new_db("pool_lost_taker");
+    let gate = |step_ms: &str| {
+        let mut c = gate_via(&bouncer, &db);
+        c.args([
+            "migrate",
+            "--release",
+            "r1",
+            "--kill-grace",
+            "1s",
+            "--",
+            standin(),
+            "migrate",
+        ])
+        .env("STANDIN_STEP_MS", step_ms);
+        c
+    };
+    let vanished = spawn(&mut gate("1000"));
+    eventually(
+        POOLER_HANG_GUARD,
+        "the first holder started migrating",
+        || db.migrations_started() == 1,
+    );
+    // SAFETY: plain system call on a PID this test started.
+    unsafe {
+        libc::kill(vanished.id() as i32, libc::SIGKILL);
+    }
+    let _ = wait_output(vanished, POOLER_HANG_GUARD);
+
+    let dir = server_dir("mg-lost-taker");
+    let a_log = dir.join("a.log");
+    let mut a = spawn_logged(gate("100"), &a_log);
+    let start = Instant::now();
+    while !read_log(&a_log).contains("taking over once it has surely stopped its migration") {
+        let gone = a.try_wait().expect("try_wait").is_some();
+        assert!(
+            !gone && start.elapsed() < POOLER_HANG_GUARD,
+            "A did not wait out the fencing time; it said:\n{}",
+            read_log(&a_log)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(terminate_lock_session(&db), "1", "A holds the lock");
+    let b = spawn(&mut gate("100"));
+    let b = wait_output(b, POOLER_HANG_GUARD);
+    let a = wait_output(a, POOLER_HANG_GUARD);
+    let a_said = read_log(&a_log);
+
+    // The database: one done attempt, after which nothing of r1 began; the vanished holder's
+    // attempt is the only one abandoned; the migrations never overlapped.
+    let attempts = db.ledger().attempts();
+    let shown = format!("{attempts:#?}\nA said:\n{a_said}\nB said:\n{}", stderr(&b));
+    assert_eq!(db.ledger().times_done("r1"), 1, "{shown}");
+    assert_eq!(
+        db.one(
+            "SELECT count(*) FROM migrations_gate.ledger a, migrations_gate.ledger d \
+             WHERE d.outcome = 'done' AND a.release = d.release AND a.started_at > d.finished_at"
+        ),
+        "0",
+        "an attempt of r1 began after it was done: {shown}"
+    );
+    assert_eq!(
+        attempts.len(),
+        2,
+        "only the vanished holder's attempt and B's: A began none: {shown}"
+    );
+    assert_eq!(db.ledger().count("abandoned"), 1, "{shown}");
+    assert_eq!(db.migrations_finished(), 1, "{shown}");
+    assert_no_overlap(&db);
+    db.assert_no_gate_locks();
+    // The processes: both exit 0; A never migrated, and said why it waited again.
+    assert_eq!(code(&b), 0, "{shown}");
+    assert_eq!(code(&a), 0, "{shown}");
+    assert!(!a_said.contains("this replica migrates"), "{shown}");
+    assert!(
+        a_said.contains("lost the lock while waiting out the previous holder's fencing time"),
+        "{shown}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Issue 21, sequence 2: the holder's gate and its migration are frozen together (a cgroup
+/// freezer, as `docker pause` or a stalled node) longer than its fencing time, and its lock
+/// session is lost meanwhile; the next holder takes over and migrates. Behind a transaction
+/// pooler the frozen migration has no server session to end, so whatever it sends once thawed
+/// gets a fresh one. The gate, awake in the same instant, pauses it before it asks the server
+/// anything and kills it without a grace: nothing the old attempt starts afterwards runs. The
+/// migration here ignores SIGTERM (as tools that finish their step on SIGTERM do), so a grace
+/// would let it write on beside the next holder.
+#[test]
+fn holder_frozen_with_its_migration_behind_transaction_pooling_stops_it_as_it_thaws() {
+    let freezer = match support::freezer::Freezer::create() {
+        Ok(f) => f,
+        Err(why) => panic!("this test needs the cgroup v1 freezer (CI runs as root): {why}"),
+    };
+    let bouncer = PgBouncer::start(cluster(), "transaction", POOL);
+    let db = cluster().new_db("pool_frozen");
+    db.one(
+        "CREATE TABLE frozen_writes (tag text NOT NULL, stmt_at timestamptz NOT NULL DEFAULT statement_timestamp()); \
+         SELECT 1",
+    );
+    // One autocommit INSERT per step, each from a new psql through the pooler, N steps.
+    let script = "trap '' TERM; i=0; while [ $i -lt $N ]; do \
+        psql \"$DATABASE_URL\" -qAtc \"INSERT INTO frozen_writes (tag) VALUES (split_part(current_setting('application_name'), ' ', 1))\" || exit 1; \
+        sleep 0.05; i=$((i+1)); done";
+    let gate = |steps: &str| {
+        let mut c = gate_via(&bouncer, &db);
+        c.args([
+            "migrate",
+            "--release",
+            "r1",
+            "--kill-grace",
+            "2s",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ])
+        .env("N", steps)
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default());
+        c
+    };
+    let dir = server_dir("mg-frozen");
+    let h_log = dir.join("h.log");
+    let h = spawn_logged(gate("100000"), &h_log);
+    let writes_of = |attempt: &str| {
+        db.one(&format!(
+            "SELECT count(*) FROM frozen_writes WHERE split_part(tag, ':', 4) = '{attempt}'"
+        ))
+        .parse::<u32>()
+        .expect("a count")
+    };
+    eventually(POOLER_HANG_GUARD, "the holder's migration writes", || {
+        writes_of("1") >= 3
+    });
+    freezer.add_tree(h.id() as i32);
+    freezer.freeze();
+    assert_eq!(
+        terminate_lock_session(&db),
+        "1",
+        "the frozen holder held the lock"
+    );
+    let b = spawn(&mut gate("20"));
+    eventually(POOLER_HANG_GUARD, "the next holder migrates", || {
+        writes_of("2") >= 1
+    });
+    let thawed_at = db.one("SELECT clock_timestamp()::text");
+    freezer.thaw();
+    let h = wait_output(h, POOLER_HANG_GUARD);
+    let b = wait_output(b, POOLER_HANG_GUARD);
+    let h_said = read_log(&h_log);
+    let shown = format!(
+        "{:#?}\nH said:\n{h_said}\nB said:\n{}",
+        db.ledger().attempts(),
+        stderr(&b)
+    );
+
+    // The database: nothing the frozen attempt sent after the thaw started later than the
+    // instant the gate needs to pause it (half a second of slack for a loaded machine); B's
+    // attempt is the one done.
+    let late = db.one(&format!(
+        "SELECT count(*) FROM frozen_writes WHERE split_part(tag, ':', 4) = '1' \
+         AND stmt_at > '{thawed_at}'::timestamptz + interval '500 ms'"
+    ));
+    assert_eq!(late, "0", "the thawed migration wrote on: {shown}");
+    assert!(
+        db.one(&format!(
+            "SELECT count(*) FROM frozen_writes WHERE split_part(tag, ':', 4) = '1' \
+             AND stmt_at > '{thawed_at}'::timestamptz"
+        ))
+        .parse::<u32>()
+        .expect("a count")
+            <= 1,
+        "more than the statement in flight at the thaw: {shown}"
+    );
+    assert_eq!(db.ledger().times_done("r1"), 1, "{shown}");
+    assert_eq!(writes_of("2"), 20, "{shown}");
+    assert_eq!(db.ledger().count("running"), 0, "{shown}");
+    db.assert_no_gate_locks();
+    // The processes: the frozen holder fenced itself (69), the next holder exits 0.
+    assert_eq!(code(&h), 69, "{shown}");
+    assert_eq!(code(&b), 0, "{shown}");
+    assert!(h_said.contains("the migration is paused"), "{shown}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

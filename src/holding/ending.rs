@@ -14,7 +14,7 @@ use crate::db::close;
 use crate::duration;
 use crate::error::{Error, Result};
 use crate::ledger::{Attempt, Outcome};
-use crate::lock;
+use crate::lock::{self, Proof};
 use crate::replica::Replica;
 use crate::sessions::{self, EndError, Ended, Which};
 use crate::sql;
@@ -166,19 +166,22 @@ impl Holding {
     /// row's heartbeat where others can see it.
     pub(super) async fn heartbeat(&mut self, replica: &Replica) -> Result<(), String> {
         let check = async {
-            let held = lock::held_by_us(self.conn.pg().await?, replica.lock()).await?;
-            if held {
-                let book = match self.witness.as_mut() {
-                    Some(w) => w.pg().await?,
-                    None => self.conn.pg().await?,
-                };
-                replica.ledger.heartbeat(book, self.attempt).await?;
+            if !lock::held_by_us(self.conn.pg().await?, replica.lock()).await? {
+                return Ok(Err("the lock is no longer held by our session"));
             }
-            Ok::<_, sqlx::Error>(held)
+            let book = match self.witness.as_mut() {
+                Some(w) => w.pg().await?,
+                None => self.conn.pg().await?,
+            };
+            if !replica.ledger.heartbeat(book, self.attempt).await? {
+                return Ok(Err(
+                    "our attempt's row is no longer `running` (another holder marked it, or a reset removed it)",
+                ));
+            }
+            Ok::<_, sqlx::Error>(Ok(()))
         };
         match sql::deadline(HEARTBEAT_TIMEOUT, check).await {
-            Ok(true) => Ok(()),
-            Ok(false) => Err("the lock is no longer held by our session".into()),
+            Ok(beat) => beat.map_err(String::from),
             Err(e) => Err(e.to_string()),
         }
     }
@@ -213,22 +216,24 @@ impl Holding {
 /// Ends the sessions `which` selects, from `conn`, while this replica holds the lock. Where our
 /// role may not end one (or it will not go), keeps trying every [`RETRY_END`] for up to
 /// `bound` (`--wait-timeout`), saying once which session and what to grant; then gives up with
-/// the lock never freed while they ran: exit 77 when not allowed, 69 otherwise.
+/// the lock never freed while they ran: exit 77 when not allowed, 69 otherwise. `None`: the
+/// guard of a [`Which::while_holding`] failed, the lock is lost.
 pub(super) async fn end_sessions(
     conn: &mut sqlx::PgConnection,
     which: &Which,
     role: &str,
     bound: Duration,
-) -> Result<Ended> {
+) -> Result<Option<Ended>> {
     let until = Instant::now() + bound;
     let mut said = false;
     loop {
         let e = match sessions::end(conn, which).await {
-            Ok(ended) => return Ok(ended),
+            Ok(ended) => return Ok(Some(ended)),
             Err(e) => e,
         };
         let line = e.describe(role);
         match e {
+            EndError::LockLost => return Ok(None),
             EndError::Sql(_) => return Err(Error::Unavailable(line)),
             _ if Instant::now() >= until => {
                 let line = format!(
@@ -255,30 +260,38 @@ pub(super) async fn end_sessions(
 const FENCE_POLL: Duration = Duration::from_secs(1);
 
 /// Waits out a vanished holder's fencing time, `wait` seconds ([`crate::ledger::Ledger::stale`]),
-/// while holding the lock.
-pub(super) async fn wait_out_fence(replica: &Replica, book: &mut sqlx::PgConnection, wait: f64) {
+/// while holding the lock. Returns false as soon as a look shows the lock session lost the
+/// lock (or cannot show it still holds it): the turn is over, whatever the ledger says.
+pub(super) async fn wait_out_fence(
+    replica: &Replica,
+    book: &mut sqlx::PgConnection,
+    proof: &Proof,
+    wait: f64,
+) -> bool {
     // Holding the lock, so nobody else starts meanwhile; the rows stay `running` until
     // the wait is over, so a taker-over that dies meanwhile hands the wait on. A fenced
     // holder records its own failure only once its migration is dead: when no row is
-    // `running` any more, the wait is over early.
+    // `running` any more, the wait is over early. Every look also proves the lock still ours:
+    // a lock lost meanwhile may have let another replica migrate, and its `done` row would
+    // look like an early end of the wait.
     let until = tokio::time::Instant::now() + Duration::from_secs_f64(wait.min(3600.0));
-    let mut poll = true;
-    while tokio::time::Instant::now() < until {
-        let left = until - tokio::time::Instant::now();
+    loop {
+        let left = until.saturating_duration_since(tokio::time::Instant::now());
         tokio::time::sleep(left.min(FENCE_POLL)).await;
-        if !poll {
-            continue;
-        }
-        match crate::sql::deadline(HEARTBEAT_TIMEOUT, replica.ledger.stale(book)).await {
-            Ok((0, _)) => {
+        match crate::sql::deadline(HEARTBEAT_TIMEOUT, replica.ledger.stale(book, proof)).await {
+            Ok(stale) if !stale.held => return false,
+            Ok(stale) if stale.running == 0 => {
                 tracing::info!(
                     "the previous holder recorded the end of its attempt: its migration is stopped; taking over now"
                 );
-                break;
+                return true;
             }
+            Ok(_) if left.is_zero() => return true,
             Ok(_) => {}
-            // The rest of the wait, then; what follows will meet the error again.
-            Err(_) => poll = false,
+            Err(e) => {
+                tracing::debug!(error = %e, "could not look at the lock and the ledger while waiting out the fencing time");
+                return false;
+            }
         }
     }
 }

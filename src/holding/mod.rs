@@ -16,8 +16,8 @@ use crate::child::{self, Program, Supervisor};
 use crate::db::{Conn, Failure, close};
 use crate::duration;
 use crate::error::{Error, Result};
-use crate::ledger::{Outcome, ReadKey, Seen};
-use crate::lock::{self, Scope};
+use crate::ledger::{Begun, Outcome, ReadKey, Seen};
+use crate::lock::{self, Proof, Scope};
 use crate::lockwaits;
 use crate::probe::Probe;
 use crate::replica::Replica;
@@ -33,6 +33,11 @@ pub(crate) use watch::{Bounds, OtherReleases};
 
 /// How often the holder checks that its lock session is alive while a child runs.
 const HEARTBEAT: Duration = Duration::from_secs(1);
+/// A heartbeat this late means the gate itself did not run meanwhile: its process was frozen
+/// (SIGSTOP, a cgroup freezer as `docker pause` uses, a paused VM) or starved. Its child was
+/// most likely frozen with it and resumes in the same instant, while the lock may have been
+/// lost and taken over meanwhile: the holder pauses the child before it asks the server.
+const FROZEN_AFTER: Duration = Duration::from_secs(2);
 /// A heartbeat that takes longer than this counts as a lost session.
 const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a fenced holder keeps trying to record its failed attempt.
@@ -54,6 +59,9 @@ pub(crate) struct Holding {
     /// commit, outside the lock's transaction (see [`Holding::take_over`]).
     witness: Option<Conn>,
     scope: Scope,
+    /// The server's proof that the lock session holds the lock, carried by every statement
+    /// that acts for the holder.
+    proof: Proof,
     attempt: i64,
     since: Instant,
     /// The database sessions of this attempt: its tag, and those seen on the child's sockets.
@@ -89,8 +97,9 @@ enum StepEnd {
     Exited(i32),
     /// The readiness probe passed.
     Ready,
-    /// The lock session failed its heartbeat.
-    LockLost(String),
+    /// The lock session failed its heartbeat (`paused`: the child is paused, after the gate
+    /// woke up late, and must not run again).
+    LockLost { reason: String, paused: bool },
     /// The app did not become ready in time.
     ReadyTimeout,
     /// The migration ran longer than `--migration-timeout` (this long).
@@ -110,9 +119,15 @@ impl Holding {
         wait_timeout: Duration,
     ) -> Result<TakeOver, Failure> {
         let sql = |e: sqlx::Error| replica.db.classify(&e);
+        let lost = |when: &str| {
+            Failure::Retry(format!(
+                "the lock session lost the lock {when}; nothing was migrated, waiting again"
+            ))
+        };
         let c = conn.pg().await.map_err(sql)?;
         let server_version = c.server_version_num().unwrap_or(0);
         lock::configure_lock_session(c, scope).await.map_err(sql)?;
+        let proof = Proof::of(c, replica.lock()).await.map_err(sql)?;
         if let Some(release) = replica.release() {
             let seen = replica
                 .ledger
@@ -128,7 +143,9 @@ impl Holding {
         // The attempt row and its heartbeats must be visible to a taker-over even if this
         // holder vanishes. In session scope they commit on the lock session itself; in
         // transaction scope everything written there rolls back with the lock, so they go
-        // through a second connection that commits on its own: the witness.
+        // through a second connection that commits on its own: the witness. Every statement
+        // below that acts for the holder carries the lock's proof ([`Proof`]): the witness is
+        // another session, and the lock session may be lost at any moment.
         let mut witness = match scope {
             Scope::Session => None,
             _ => Some(replica.db.connect_once(replica.db.attempt_limit()).await?),
@@ -137,14 +154,19 @@ impl Holding {
             Some(w) => w.pg().await.map_err(sql)?,
             None => conn.pg().await.map_err(sql)?,
         };
-        let (stale, wait) = replica.ledger.stale(book).await.map_err(sql)?;
-        if stale > 0 {
+        let stale = replica.ledger.stale(book, &proof).await.map_err(sql)?;
+        if !stale.held {
+            return Err(lost("before it began"));
+        }
+        if stale.running > 0 {
             warn!(
-                stale,
-                fence_wait_s = format!("{wait:.1}"),
+                stale = stale.running,
+                fence_wait_s = format!("{:.1}", stale.wait_secs),
                 "the previous holder vanished mid-migration; taking over once it has surely stopped its migration"
             );
-            ending::wait_out_fence(replica, book, wait).await;
+            if !ending::wait_out_fence(replica, book, &proof, stale.wait_secs).await {
+                return Err(lost("while waiting out the previous holder's fencing time"));
+            }
         }
         // An attempt is over only when its sessions are: a vanished, fenced or failed holder's
         // statement may still run (or sit in a lock queue) on the server.
@@ -153,28 +175,54 @@ impl Holding {
             &tag,
             &replica.ledger.unfinished_ids(),
             &replica.ledger.unfinished_seen(),
-        );
-        let ended = end_sessions(book, &earlier, replica.db.username(), wait_timeout)
+        )
+        .while_holding(&proof);
+        let Some(ended) = end_sessions(book, &earlier, replica.db.username(), wait_timeout)
             .await
-            .map_err(Failure::Fatal)?;
-        if stale > 0 {
-            replica
+            .map_err(Failure::Fatal)?
+        else {
+            return Err(lost("while ending earlier attempts' sessions"));
+        };
+        if stale.running > 0
+            && !replica
                 .ledger
-                .abandon_stale(book, &ended.to_string())
+                .abandon_stale(book, &ended.to_string(), &proof)
                 .await
-                .map_err(sql)?;
+                .map_err(sql)?
+        {
+            return Err(lost(
+                "before it marked the vanished holder's attempt abandoned",
+            ));
         }
         let previous = replica.ledger.attempts(book, replica.release(), 1).await;
-        let attempt = replica
+        let attempt = match replica
             .ledger
-            .begin(book, &attempt(replica, kill_grace))
+            .begin(book, &attempt(replica, kill_grace), &proof)
             .await
-            .map_err(sql)?;
+            .map_err(sql)?
+        {
+            Begun::Attempt(id) => id,
+            Begun::LockLost => return Err(lost("before it began")),
+            Begun::AlreadyDone => {
+                // Impossible while we hold the lock (only a holder writes `done`), and cheap to
+                // honour: a follower after all.
+                let c = conn.pg().await.map_err(sql)?;
+                lock::release(c, replica.lock(), scope).await.map_err(sql)?;
+                let release = replica.release().unwrap_or_default();
+                let seen = replica
+                    .ledger
+                    .is_done(c, release, ReadKey::No)
+                    .await
+                    .map_err(sql)?;
+                return Ok(TakeOver::AlreadyDone { seen, conn });
+            }
+        };
         let previous_failure = watch::say_previous_failure(previous.ok());
         Ok(TakeOver::Holding(Box::new(Holding {
             conn,
             witness,
             scope,
+            proof,
             attempt,
             since: Instant::now(),
             sessions: sessions::Attempt::new(replica.lock(), replica.release(), attempt),
@@ -280,9 +328,14 @@ impl Holding {
                     hint: "it was stopped, its database sessions ended and the attempt recorded as failed; the next replica migrates again (raise --migration-timeout if it needs longer)".into(),
                 })
             }
-            StepEnd::LockLost(reason) => Err(self
-                .fence(replica, &mut child, &reason, bounds.kill_grace)
-                .await),
+            StepEnd::LockLost { reason, paused } => {
+                let grace = if paused {
+                    Duration::ZERO
+                } else {
+                    bounds.kill_grace
+                };
+                Err(self.fence(replica, &mut child, &reason, grace).await)
+            }
             StepEnd::Ready | StepEnd::ReadyTimeout => Err(Error::Internal(
                 "a probe ended a migration without a probe".into(),
             )),
@@ -357,8 +410,9 @@ impl Holding {
                     hint: "it was stopped and the attempt recorded as failed; check the app's logs or raise --ready-timeout".into(),
                 })
             }
-            StepEnd::LockLost(reason) => {
-                Err(self.fence(replica, &mut child, &reason, kill_grace).await)
+            StepEnd::LockLost { reason, paused } => {
+                let grace = if paused { Duration::ZERO } else { kill_grace };
+                Err(self.fence(replica, &mut child, &reason, grace).await)
             }
         }
     }
@@ -384,7 +438,9 @@ impl Holding {
                 ))),
             };
             match ended {
-                Ok(ended) => detail = format!("{detail}; sessions: {ended}"),
+                Ok(Some(ended)) => detail = format!("{detail}; sessions: {ended}"),
+                // Our own attempt's sessions are ended without a guard: never reached.
+                Ok(None) => {}
                 Err(e) => {
                     // The row stays `running`: the next holder waits out our fencing time and
                     // ends what is left before it migrates.
@@ -401,12 +457,15 @@ impl Holding {
         }
         let result = async {
             let c = self.conn.pg().await?;
-            replica
+            let recorded = replica
                 .ledger
-                .finish(c, self.attempt, outcome, exit_code, &detail)
+                .finish(c, self.attempt, (outcome, exit_code, &detail), &self.proof)
                 .await?;
-            info!(attempt = self.attempt, outcome = ?outcome, "ledger written");
-            lock::release(c, replica.lock(), self.scope).await
+            if recorded {
+                info!(attempt = self.attempt, outcome = ?outcome, "ledger written");
+            }
+            lock::release(c, replica.lock(), self.scope).await?;
+            Ok::<_, sqlx::Error>(recorded)
         }
         .await;
         close(self.conn).await;
@@ -414,13 +473,19 @@ impl Holding {
             close(w).await;
         }
         match result {
-            Ok(()) => {
+            Ok(true) => {
                 info!(
                     held_ms = self.since.elapsed().as_millis() as u64,
                     "lock released"
                 );
                 Ok(())
             }
+            Ok(false) => Err(Error::Unavailable(format!(
+                "the attempt ended ({outcome:?}) but was not recorded: attempt {} is no longer \
+                 `running` or the lock session lost the lock (another replica took over, or a \
+                 reset removed it); the next holder decides what happens to the release",
+                self.attempt
+            ))),
             Err(e) => Err(Error::Unavailable(format!(
                 "the attempt ended ({outcome:?}) but the ledger could not be written: {e}; \
                  the lock is freed with the session and the next holder will migrate again"
@@ -455,18 +520,35 @@ impl Holding {
         });
         loop {
             tokio::select! {
-                code = child.wait() => {
-                    // Its statements are over, and with them every wait.
-                    reporter.observe(Vec::new());
-                    return StepEnd::Exited(code);
-                }
-                _ = heartbeat.tick() => {
+                // The heartbeat first: after a freeze every branch is ready at once, and the
+                // child must be paused before anything else is asked of the server.
+                biased;
+                beat = heartbeat.tick() => {
+                    let late = beat.elapsed();
+                    let paused = late >= FROZEN_AFTER;
+                    if paused {
+                        child.pause();
+                        warn!(
+                            late_ms = late.as_millis() as u64,
+                            "this gate did not run for {} (frozen or starved): the migration is paused until the lock is proven still ours",
+                            duration::short(late)
+                        );
+                    }
                     if let Err(reason) = self.heartbeat(replica).await {
-                        return StepEnd::LockLost(reason);
+                        return StepEnd::LockLost { reason, paused };
+                    }
+                    if paused {
+                        child.resume();
+                        info!("the lock is still ours; the migration goes on");
                     }
                     if self.direct {
                         self.remember_sessions(replica, child.pgid()).await;
                     }
+                }
+                code = child.wait() => {
+                    // Its statements are over, and with them every wait.
+                    reporter.observe(Vec::new());
+                    return StepEnd::Exited(code);
                 }
                 _ = waits_tick.tick() => {
                     self.report_waits(&mut reporter, watch.report_waits_after).await;

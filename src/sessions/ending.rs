@@ -8,7 +8,7 @@ use sqlx::postgres::PgConnection;
 use tracing::info;
 
 use super::{POLL, Session, Which, list};
-use crate::sql::query_scalar;
+use crate::sql::query;
 
 /// How long cancelled sessions get to end before they are terminated.
 const CANCEL_GRACE: Duration = Duration::from_secs(2);
@@ -45,6 +45,8 @@ pub(crate) enum EndError {
     Denied(Vec<Session>),
     /// Signalled, but still there after the grace.
     Stuck(Vec<Session>),
+    /// Not signalled: the guard of [`Which::while_holding`] no longer holds (the lock is lost).
+    LockLost,
 }
 
 impl From<sqlx::Error> for EndError {
@@ -71,6 +73,9 @@ impl EndError {
                 list(s),
                 signal_grant(role)
             ),
+            EndError::LockLost => {
+                "the lock session lost the lock: earlier attempts' sessions are no longer ours to end".into()
+            }
             EndError::Stuck(s) => format!(
                 "{} did not end within {} of pg_terminate_backend",
                 list(s),
@@ -86,12 +91,23 @@ pub(crate) fn signal_grant(role: &str) -> String {
     format!("GRANT pg_signal_backend TO {};", crate::sql::ident(role))
 }
 
-/// Sends `pg_cancel_backend` or `pg_terminate_backend` to `pid`. `Ok(false)`: not allowed.
-async fn signal(conn: &mut PgConnection, function: &str, pid: i32) -> Result<bool, sqlx::Error> {
-    match query_scalar(conn, format!("SELECT {function}({pid})::text")).await {
+/// Sends `pg_cancel_backend` or `pg_terminate_backend` to `pid`, under `which`'s guard if it
+/// has one. `Ok(false)`: not allowed.
+async fn signal(
+    conn: &mut PgConnection,
+    which: &Which,
+    function: &str,
+    pid: i32,
+) -> Result<bool, EndError> {
+    let sql = match &which.guard {
+        None => format!("SELECT {function}({pid})::text"),
+        Some(guard) => format!("SELECT {function}({pid})::text WHERE {guard}"),
+    };
+    match query(conn, sql).await {
+        Ok(rows) if rows.is_empty() => Err(EndError::LockLost),
         Ok(_) => Ok(true),
         Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42501") => Ok(false),
-        Err(e) => Err(e),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -122,7 +138,7 @@ pub(crate) async fn end(conn: &mut PgConnection, which: &Which) -> Result<Ended,
     }
     let mut denied = Vec::new();
     for s in found.iter().filter(|s| s.busy()) {
-        if !signal(conn, "pg_cancel_backend", s.pid).await? {
+        if !signal(conn, which, "pg_cancel_backend", s.pid).await? {
             denied.push(s.clone());
         }
     }
@@ -130,12 +146,18 @@ pub(crate) async fn end(conn: &mut PgConnection, which: &Which) -> Result<Ended,
         return Err(EndError::Denied(denied));
     }
     let left = settle(conn, which, CANCEL_GRACE, Session::busy).await?;
-    let cancelled = found.iter().filter(|s| s.busy()).count() - left.len();
+    // A session may turn busy during the grace (a pooled connection picking up a statement):
+    // then more are left busy than were cancelled.
+    let cancelled = found
+        .iter()
+        .filter(|s| s.busy())
+        .count()
+        .saturating_sub(left.len());
     // Busy ones that ignored the cancel, and idle ones (a dead client's, or a pooled server
     // connection still carrying the tag): terminate them all.
     let rest = list(conn, which).await?;
     for s in &rest {
-        if !signal(conn, "pg_terminate_backend", s.pid).await? {
+        if !signal(conn, which, "pg_terminate_backend", s.pid).await? {
             denied.push(s.clone());
         }
     }

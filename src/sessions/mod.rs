@@ -34,7 +34,7 @@ use sha2::{Digest, Sha256};
 use sqlx::postgres::PgConnection;
 use tracing::warn;
 
-use crate::lock::LockKey;
+use crate::lock::{LockKey, Proof};
 use crate::sql::{Cols, lit, query};
 
 mod ending;
@@ -211,7 +211,11 @@ const SAME_DATABASE: &str = "a.datname = current_database()";
 /// Which sessions to look at: a SQL condition on `pg_stat_activity` aliased `a`. Tagged
 /// sessions count only in the gate's own database ([`SAME_DATABASE`]).
 #[derive(Debug, Clone)]
-pub(crate) struct Which(String);
+pub(crate) struct Which {
+    cond: String,
+    /// A condition every signal is sent under ([`Which::while_holding`]).
+    guard: Option<String>,
+}
 
 impl Which {
     /// The sessions of one attempt: tagged with it, or seen by [`Attempt::remember`] on the
@@ -230,12 +234,20 @@ impl Which {
                 lit(start)
             ));
         }
-        Which(cond)
+        Which { cond, guard: None }
     }
 
     /// The SQL condition, on `pg_stat_activity` aliased `a`.
     pub(crate) fn condition(&self) -> &str {
-        &self.0
+        &self.cond
+    }
+
+    /// Signals these sessions only while `proof` holds, in the very statement that sends the
+    /// signal: sessions of *earlier* attempts are ours to end only while we hold the lock (after
+    /// losing it, they may be the next holder's).
+    pub(crate) fn while_holding(mut self, proof: &Proof) -> Which {
+        self.guard = Some(proof.sql().to_string());
+        self
     }
 
     /// The sessions of this lock's attempts that the ledger does not record `done`: what a
@@ -243,13 +255,16 @@ impl Which {
     /// of attempt IDs (text) recorded `running`, `failed` or `abandoned`; `seen` one of the
     /// untagged sessions (`pid`, `backend_start`) their holders recorded.
     pub(crate) fn unfinished(tag: &Tag, unfinished: &str, seen: &str) -> Which {
-        Which(format!(
-            "((left(a.application_name, {}) = {} AND {} IN ({unfinished}) AND {SAME_DATABASE}) \
-              OR (a.pid, a.backend_start) IN ({seen}))",
-            tag.lock_prefix().len(),
-            lit(&tag.lock_prefix()),
-            field(3),
-        ))
+        Which {
+            cond: format!(
+                "((left(a.application_name, {}) = {} AND {} IN ({unfinished}) AND {SAME_DATABASE}) \
+                  OR (a.pid, a.backend_start) IN ({seen}))",
+                tag.lock_prefix().len(),
+                lit(&tag.lock_prefix()),
+                field(3),
+            ),
+            guard: None,
+        }
     }
 }
 
@@ -264,7 +279,7 @@ pub(crate) async fn list(
                 coalesce(to_char(a.query_start AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), ''), \
                 (a.xact_start IS NOT NULL)::text \
          FROM pg_stat_activity a WHERE a.pid <> pg_backend_pid() AND ({}) ORDER BY a.pid",
-        which.0
+        which.cond
     );
     query(conn, sql)
         .await?

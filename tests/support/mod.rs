@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use sqlx::postgres::PgConnection;
 use sqlx::{AssertSqlSafe, Connection, Row};
 
+pub mod freezer;
 pub mod ledger;
 pub mod netns;
 pub mod role;
