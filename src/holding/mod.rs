@@ -278,6 +278,11 @@ impl Holding {
                 "--lock-timeout is not passed to the migration: the gate reaches PostgreSQL through a pooler or proxy, and PgBouncer refuses the PGOPTIONS it travels in; set lock_timeout in the migration itself (SET lock_timeout = ...) or connect it directly"
             );
         }
+        if !self.direct {
+            info!(
+                "the gate reaches PostgreSQL through a pooler or proxy; if the migration does too, a statement it sends in the instant a freeze of this replica ends (docker pause, a paused VM) may commit beside the next holder's migration: give the migration a direct connection to close that (docs/design.md, \"Frozen holders\")"
+            );
+        }
         let started = Instant::now();
         let too = self.failed_too();
         let program = program.with_env(self.child_env(bounds.lock_timeout));
