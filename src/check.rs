@@ -12,7 +12,7 @@ use std::io::Write;
 
 use serde::Serialize;
 
-use crate::config::CheckArgs;
+use crate::config::Check;
 use crate::db::{Conn, Reached, close};
 use crate::error::{Error, Result, check_exit_code};
 use crate::ledger::{AttemptRow, ReadKey};
@@ -27,101 +27,101 @@ use crate::sql::{one_row, query};
 #[derive(Debug, Serialize)]
 pub(crate) struct Report {
     /// Whether the gate has everything it needs (exit 0).
-    pub ok: bool,
+    pub(crate) ok: bool,
     /// The exit code of `check`.
-    pub exit_code: i32,
+    pub(crate) exit_code: i32,
     /// The database URL, its password replaced by `***`.
-    pub database_url: String,
+    pub(crate) database_url: String,
     /// The host the connection reached, and why that one; `null` when none was reached.
-    pub reached: Option<Reached>,
+    pub(crate) reached: Option<Reached>,
     /// What sits between the gate and PostgreSQL.
-    pub route: Option<RouteSeen>,
+    pub(crate) route: Option<RouteSeen>,
     /// The server and the session.
-    pub server: Option<Server>,
+    pub(crate) server: Option<Server>,
     /// The advisory lock, and who holds it now.
-    pub lock: Option<LockSeen>,
+    pub(crate) lock: Option<LockSeen>,
     /// The ledger and the release's state.
-    pub ledger: Option<LedgerSeen>,
+    pub(crate) ledger: Option<LedgerSeen>,
     /// Every privilege the gate needs, or may need, and whether the role has it.
-    pub privileges: Vec<Need>,
+    pub(crate) privileges: Vec<Need>,
     /// What stops the gate here, most fundamental first; empty when `ok`.
-    pub problems: Vec<Problem>,
+    pub(crate) problems: Vec<Problem>,
 }
 
 /// The route, the lock scope it implies, and the proof (or which part of it failed).
 #[derive(Debug, Serialize)]
 pub(crate) struct RouteSeen {
     /// `direct`, `transaction_pooling` or `middlebox`.
-    pub route: Route,
+    pub(crate) route: Route,
     /// The scope the gate would lock in (`--lock-scope`, or what `auto` picks for the route).
-    pub lock_scope: Scope,
+    pub(crate) lock_scope: Scope,
     /// Why: the proof of a direct route, or what failed it.
-    pub why: String,
+    pub(crate) why: String,
 }
 
 /// The server, as the session sees it.
 #[derive(Debug, Serialize)]
 pub(crate) struct Server {
     /// `server_version`.
-    pub version: String,
+    pub(crate) version: String,
     /// `server_version_num`.
-    pub version_num: i64,
+    pub(crate) version_num: i64,
     /// `pg_is_in_recovery()`: a hot standby.
-    pub standby: bool,
+    pub(crate) standby: bool,
     /// `transaction_read_only` (a standby, or `default_transaction_read_only`).
-    pub read_only: bool,
+    pub(crate) read_only: bool,
     /// `current_database()`.
-    pub database: String,
+    pub(crate) database: String,
     /// `current_user`.
-    pub user: String,
+    pub(crate) user: String,
 }
 
 /// The advisory lock.
 #[derive(Debug, Serialize)]
 pub(crate) struct LockSeen {
     /// Its name (`id:N` for `--lock-id`).
-    pub name: String,
+    pub(crate) name: String,
     /// Its 64-bit key.
-    pub key: i64,
+    pub(crate) key: i64,
     /// The session holding it now, if any.
-    pub holder: Option<Holder>,
+    pub(crate) holder: Option<Holder>,
 }
 
 /// The ledger, and the release's state in it.
 #[derive(Debug, Serialize)]
 pub(crate) struct LedgerSeen {
     /// `--schema`.
-    pub schema: String,
+    pub(crate) schema: String,
     /// Whether the schema exists.
-    pub schema_exists: bool,
+    pub(crate) schema_exists: bool,
     /// Whether `<schema>.ledger` exists.
-    pub table_exists: bool,
+    pub(crate) table_exists: bool,
     /// Whether the role may read it.
-    pub readable: bool,
+    pub(crate) readable: bool,
     /// `--release`, if given.
-    pub release: Option<String>,
+    pub(crate) release: Option<String>,
     /// With `--release`: `done`, `running`, `failed`, `abandoned` (its newest attempt) or
     /// `none`; `null` without `--release` or when the ledger is not readable.
-    pub release_state: Option<String>,
+    pub(crate) release_state: Option<String>,
     /// The newest attempt (of the release, with `--release`).
-    pub newest_attempt: Option<AttemptRow>,
+    pub(crate) newest_attempt: Option<AttemptRow>,
 }
 
 /// Something that stops the gate, with the exit code the gate would have.
 #[derive(Debug, Serialize)]
 pub(crate) struct Problem {
     /// The exit code.
-    pub exit_code: i32,
+    pub(crate) exit_code: i32,
     /// One line: what is wrong and what to do.
-    pub message: String,
+    pub(crate) message: String,
     /// A missing privilege, which the text shows on its `privilege MISSING` line already.
     #[serde(skip)]
     privilege: bool,
 }
 
 /// Prints what the gate would find and returns the exit code.
-pub(crate) async fn check(args: CheckArgs) -> Result<i32> {
-    let replica = Replica::new(args.db.target(args.preset)?, args.release.resolve()?)?.for_holder();
+pub(crate) async fn check(plan: Check) -> Result<i32> {
+    let replica = Replica::new(plan.target, plan.release)?.for_holder();
     let mut report = Report {
         ok: false,
         exit_code: 0,
@@ -155,7 +155,7 @@ pub(crate) async fn check(args: CheckArgs) -> Result<i32> {
             privilege: i >= first_privilege,
         })
         .collect();
-    let text = if args.json {
+    let text = if plan.json {
         serde_json::to_string_pretty(&report)
             .map_err(|e| Error::Internal(format!("cannot encode the check as JSON: {e}")))?
     } else {
@@ -239,7 +239,11 @@ async fn ledger(
             Some(r) if replica.ledger.is_done(c, r, ReadKey::No).await?.done == Some(true) => {
                 Some("done".to_string())
             }
-            Some(_) => Some(newest.as_ref().map_or("none".into(), |a| a.outcome.clone())),
+            Some(_) => Some(
+                newest
+                    .as_ref()
+                    .map_or("none".into(), |a| a.outcome.to_string()),
+            ),
             None => None,
         };
         (state, newest)

@@ -37,12 +37,12 @@ pub(crate) const FORWARDED: [libc::c_int; 6] = [
 #[derive(Debug, Clone)]
 pub(crate) struct Program<'a> {
     /// argv, program first.
-    pub argv: &'a [String],
+    pub(crate) argv: &'a [String],
     /// `(name, value)` set in the child's environment.
-    pub flag: (&'a str, &'a str),
+    pub(crate) flag: (&'a str, &'a str),
     /// More `(name, value)` pairs for its environment: the session tag (`PGAPPNAME`) and
     /// `PGOPTIONS` ([`crate::sessions`]).
-    pub env: Vec<(String, String)>,
+    pub(crate) env: Vec<(String, String)>,
 }
 
 impl<'a> Program<'a> {
@@ -353,6 +353,42 @@ pub(crate) fn exit_code_of(status: libc::c_int) -> i32 {
     }
 }
 
+/// Stops with 127/126 before taking any lock if `argv[0]` cannot be found or executed.
+pub(crate) fn check_program(argv: &[String]) -> Result<()> {
+    let Some(program) = argv.first() else {
+        return Err(Error::Usage("no command given after `--`".into()));
+    };
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &std::path::Path| {
+        std::fs::metadata(p)
+            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false)
+    };
+    if program.contains('/') {
+        let path = std::path::Path::new(program);
+        if !path.exists() {
+            return Err(Error::CommandNotFound {
+                program: program.clone(),
+            });
+        }
+        if !executable(path) {
+            return Err(Error::CommandNotExecutable {
+                program: program.clone(),
+                source: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+            });
+        }
+        return Ok(());
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    if std::env::split_paths(&path).any(|dir| executable(&dir.join(program))) {
+        Ok(())
+    } else {
+        Err(Error::CommandNotFound {
+            program: program.clone(),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -364,5 +400,17 @@ mod tests {
         assert_eq!(exit_code_of(3 << 8), 3);
         assert_eq!(exit_code_of(libc::SIGKILL), 128 + 9);
         assert_eq!(exit_code_of(libc::SIGTERM), 128 + 15);
+    }
+
+    #[test]
+    fn missing_program_is_127_and_unexecutable_is_126() {
+        let e = check_program(&["definitely-not-a-command-xyz".into()]).unwrap_err();
+        assert_eq!(e.exit_code(), 127);
+        let file = std::env::temp_dir().join(format!("mg-not-executable-{}", std::process::id()));
+        std::fs::write(&file, "data").unwrap();
+        let e = check_program(&[file.to_string_lossy().into_owned()]).unwrap_err();
+        let _ = std::fs::remove_file(&file);
+        assert_eq!(e.exit_code(), 126);
+        assert!(check_program(&["sh".into()]).is_ok());
     }
 }

@@ -1,44 +1,37 @@
 //! The commands that gate something: `migrate`, `run`, `wait` and `reset`. Each reads top to
-//! bottom: check the flags, the programs and the local preflight rules, wait for a turn
-//! ([`crate::waiting`]), pass the preflight checks that need the database ([`crate::preflight`]),
-//! then act as a follower or as the holder ([`crate::holding`]).
+//! bottom from its plan ([`crate::config`]): wait for a turn ([`crate::protocol`]), pass the
+//! preflight checks that need the database ([`crate::preflight`]), then act as a follower or as
+//! the holder ([`crate::holding`]).
 
 use tracing::info;
 
 use crate::child::{self, Program};
-use crate::config::{self, GateArgs, MigrateArgs, ResetArgs, RunArgs, WaitArgs};
+use crate::config::{Gate, Migrate, Reset, Run, Wait};
 use crate::db::close;
 use crate::error::{EXIT_OK, Error, Result};
-use crate::holding::Holding;
-use crate::ledger::Outcome;
+use crate::holding::{Ending, Holding};
 use crate::lock;
-use crate::preflight::{Mode, Preflight, Store};
+use crate::preflight::{Preflight, Store};
+use crate::protocol::{Turn, Want, wait_turn};
 use crate::replica::Replica;
 use crate::sessions;
 use crate::termination;
-use crate::waiting::{Turn, Want, wait_turn};
 
 /// `migrate -- CMD`: the holder runs CMD with the flag on; every replica exits 0 once done.
-pub(crate) async fn migrate(args: MigrateArgs) -> Result<i32> {
-    let flag = args.gate.flag.flag()?;
-    check_program(&args.command)?;
-    let release = args.gate.release.resolve()?;
-    let preflight = Preflight::new(
-        &args.gate.preflight.settings(),
-        Mode::Migrate,
-        release.as_deref(),
-    )?;
-    let replica = replica_for(&args.gate, release, &preflight)?.for_holder();
-    let bounds = args.holder.bounds(args.gate.preflight.preset);
-    let kill_grace = bounds.kill_grace;
+pub(crate) async fn migrate(plan: Migrate) -> Result<i32> {
+    let Migrate {
+        gate,
+        bounds,
+        command,
+    } = plan;
+    let replica = replica_for(&gate)?.for_holder();
     let want = Want::Lock {
-        kill_grace,
-        slots: args.gate.waiting.waiting_connections,
-        wait_timeout: args.gate.waiting.wait_timeout,
+        kill_grace: bounds.kill_grace,
+        slots: gate.slots,
     };
-    match wait_turn(&replica, want, args.gate.waiting.wait_timeout).await? {
+    match wait_turn(&replica, want, gate.wait_timeout).await? {
         Turn::Follower { seen, conn } => {
-            preflight.follower(&replica, seen, conn).await?;
+            gate.preflight.follower(&replica, seen, conn).await?;
             termination::write_success(&format!(
                 "{} is done; this replica did not migrate",
                 release_name(&replica)
@@ -46,15 +39,12 @@ pub(crate) async fn migrate(args: MigrateArgs) -> Result<i32> {
             Ok(EXIT_OK)
         }
         Turn::Holder(holding) => {
-            let holding = holder_preflight(&preflight, &replica, *holding)
+            let holding = holder_preflight(&gate.preflight, &replica, *holding)
                 .await?
-                .no_other_releases(
-                    &replica,
-                    bounds.other_releases,
-                    args.gate.waiting.wait_timeout,
-                )
+                .no_other_releases(&replica, bounds.other_releases, gate.wait_timeout)
                 .await?;
-            let program = Program::new(&args.command, (&flag.name, &flag.on));
+            let flag = &gate.flag;
+            let program = Program::new(&command, (&flag.name, &flag.on));
             let holding = holding
                 .migrate(&replica, &program, "migration command", &bounds)
                 .await?;
@@ -63,11 +53,9 @@ pub(crate) async fn migrate(args: MigrateArgs) -> Result<i32> {
                 .map(|p| format!(", after attempt {p} had failed"))
                 .unwrap_or_default();
             holding
-                .complete(
+                .end(
                     &replica,
-                    Outcome::Done,
-                    Some(0),
-                    "migration command exited 0",
+                    Ending::done(Some(0), "migration command exited 0"),
                 )
                 .await?;
             termination::write_success(&format!(
@@ -80,59 +68,38 @@ pub(crate) async fn migrate(args: MigrateArgs) -> Result<i32> {
 }
 
 /// `run [--migrate CMD] [--ready-*] -- APP`: gate the start of APP.
-pub(crate) async fn run(args: RunArgs) -> Result<i32> {
-    let flag = args.gate.flag.flag()?;
-    let probe = args.probe()?;
-    let migrate_argv = args
-        .migrate
-        .as_deref()
-        .map(config::split_command)
-        .transpose()?;
-    if probe.is_none() && migrate_argv.is_none() {
-        return Err(Error::Usage(
-            "run needs --migrate CMD, a readiness probe (--ready-http, --ready-tcp, --ready-sql), or both: \
-             otherwise the gate cannot tell when the migration is done"
-                .into(),
-        ));
-    }
-    check_program(&args.command)?;
-    if let Some(argv) = &migrate_argv {
-        check_program(argv)?;
-    }
-    let release = args.gate.release.resolve()?;
-    let mode = Mode::Run {
-        migrate: migrate_argv.is_some(),
-    };
-    let preflight = Preflight::new(&args.gate.preflight.settings(), mode, release.as_deref())?;
-    let replica = replica_for(&args.gate, release, &preflight)?.for_holder();
-    let bounds = args.holder.bounds(args.gate.preflight.preset);
-    let kill_grace = bounds.kill_grace;
+pub(crate) async fn run(plan: Run) -> Result<i32> {
+    let Run {
+        gate,
+        bounds,
+        migrate,
+        probe,
+        ready_timeout,
+        command,
+    } = plan;
+    let flag = &gate.flag;
+    let replica = replica_for(&gate)?.for_holder();
     // The app started with the flag off is no attempt: its sessions carry the release only.
-    let app_off = Program::new(&args.command, (&flag.name, &flag.off))
-        .with_env(sessions::follower_env(replica.lock(), replica.release()));
+    let app_off = Program::new(&command, (&flag.name, &flag.off))
+        .with_env(sessions::app_env(replica.lock(), replica.release()));
     let want = Want::Lock {
-        kill_grace,
-        slots: args.gate.waiting.waiting_connections,
-        wait_timeout: args.gate.waiting.wait_timeout,
+        kill_grace: bounds.kill_grace,
+        slots: gate.slots,
     };
-    let mut holding = match wait_turn(&replica, want, args.gate.waiting.wait_timeout).await? {
+    let mut holding = match wait_turn(&replica, want, gate.wait_timeout).await? {
         Turn::Follower { seen, conn } => {
-            preflight.follower(&replica, seen, conn).await?;
+            gate.preflight.follower(&replica, seen, conn).await?;
             return Err(child::exec(&app_off));
         }
         Turn::Holder(holding) => {
-            holder_preflight(&preflight, &replica, *holding)
+            holder_preflight(&gate.preflight, &replica, *holding)
                 .await?
-                .no_other_releases(
-                    &replica,
-                    bounds.other_releases,
-                    args.gate.waiting.wait_timeout,
-                )
+                .no_other_releases(&replica, bounds.other_releases, gate.wait_timeout)
                 .await?
         }
     };
 
-    if let Some(argv) = &migrate_argv {
+    if let Some(argv) = &migrate {
         let program = Program::new(argv, (&flag.name, &flag.on));
         holding = holding
             .migrate(&replica, &program, "--migrate command", &bounds)
@@ -141,11 +108,9 @@ pub(crate) async fn run(args: RunArgs) -> Result<i32> {
 
     let Some(probe) = probe else {
         holding
-            .complete(
+            .end(
                 &replica,
-                Outcome::Done,
-                Some(0),
-                "--migrate command exited 0",
+                Ending::done(Some(0), "--migrate command exited 0"),
             )
             .await?;
         return Err(child::exec(&app_off));
@@ -153,19 +118,14 @@ pub(crate) async fn run(args: RunArgs) -> Result<i32> {
 
     // The holder starts APP itself and keeps the lock until APP is ready: with the flag on if
     // APP migrates on start-up, off if --migrate already did.
-    let app = Program::new(
-        &args.command,
-        (
-            &flag.name,
-            if migrate_argv.is_some() {
-                &flag.off
-            } else {
-                &flag.on
-            },
-        ),
-    );
+    let value = if migrate.is_some() {
+        &flag.off
+    } else {
+        &flag.on
+    };
+    let app = Program::new(&command, (&flag.name, value));
     let mut child = holding
-        .start_app(&replica, &app, &probe, args.ready_timeout, &bounds)
+        .start_app(&replica, &app, &probe, ready_timeout, &bounds)
         .await?;
     // Like tini: stay as APP's parent, forward signals, reap, exit with its code.
     let code = child.wait().await;
@@ -175,29 +135,21 @@ pub(crate) async fn run(args: RunArgs) -> Result<i32> {
 }
 
 /// `wait --release R [-- CMD]`: block until R is done, then exit 0 or exec CMD (flag off).
-pub(crate) async fn wait(args: WaitArgs) -> Result<i32> {
-    let flag = args.gate.flag.flag()?;
-    let release = args.release()?;
-    if !args.command.is_empty() {
-        check_program(&args.command)?;
+pub(crate) async fn wait(plan: Wait) -> Result<i32> {
+    let Wait { gate, command } = plan;
+    let replica = replica_for(&gate)?;
+    let want = Want::Done { slots: gate.slots };
+    if let Turn::Follower { seen, conn } = wait_turn(&replica, want, gate.wait_timeout).await? {
+        gate.preflight.follower(&replica, seen, conn).await?;
     }
-    let preflight = Preflight::new(&args.gate.preflight.settings(), Mode::Wait, Some(&release))?;
-    let replica = replica_for(&args.gate, Some(release), &preflight)?;
-    let want = Want::Done {
-        slots: args.gate.waiting.waiting_connections,
-    };
-    if let Turn::Follower { seen, conn } =
-        wait_turn(&replica, want, args.gate.waiting.wait_timeout).await?
-    {
-        preflight.follower(&replica, seen, conn).await?;
-    }
-    if args.command.is_empty() {
+    if command.is_empty() {
         termination::write_success(&format!("{} is done", release_name(&replica)));
         return Ok(EXIT_OK);
     }
+    let flag = &gate.flag;
     Err(child::exec(
-        &Program::new(&args.command, (&flag.name, &flag.off))
-            .with_env(sessions::follower_env(replica.lock(), replica.release())),
+        &Program::new(&command, (&flag.name, &flag.off))
+            .with_env(sessions::app_env(replica.lock(), replica.release())),
     ))
 }
 
@@ -205,12 +157,12 @@ pub(crate) async fn wait(args: WaitArgs) -> Result<i32> {
 /// holds it), deletes the release's rows and its `--same-env` fingerprints, logs them, frees
 /// the lock. `reset --release R --env`: forget only the fingerprints (no lock needed: the
 /// release stays done, and the next replica sets them anew).
-pub(crate) async fn reset(args: ResetArgs) -> Result<i32> {
-    let release = args.release;
-    let replica = Replica::new(args.db.target(args.preset)?, Some(release.clone()))?.for_holder();
+pub(crate) async fn reset(plan: Reset) -> Result<i32> {
+    let release = plan.release;
+    let replica = Replica::new(plan.target, Some(release.clone()))?.for_holder();
     let store = Store::new(&replica.target.schema, replica.lock());
     let mut conn = replica.db.connect().await?;
-    if args.env {
+    if plan.env {
         let forgotten = match conn.pg().await {
             Ok(c) => store.forget(c, &release).await,
             Err(e) => Err(e),
@@ -245,7 +197,7 @@ pub(crate) async fn reset(args: ResetArgs) -> Result<i32> {
             return Ok(Err(()));
         }
         let removed = replica.ledger.forget(c, &release).await?;
-        lock::release(c, replica.lock(), scope).await?;
+        lock::unlock(c, replica.lock(), scope).await?;
         // Outside the lock's transaction, for the same reason (its tables may not exist).
         store.forget(c, &release).await?;
         Ok::<_, sqlx::Error>(Ok(removed))
@@ -281,9 +233,9 @@ pub(crate) async fn reset(args: ResetArgs) -> Result<i32> {
 }
 
 /// The replica for these flags; one that compares variables reads the key with the ledger.
-fn replica_for(gate: &GateArgs, release: Option<String>, preflight: &Preflight) -> Result<Replica> {
-    let mut replica = Replica::new(gate.db.target(gate.preflight.preset)?, release)?;
-    if preflight.compares() {
+fn replica_for(gate: &Gate) -> Result<Replica> {
+    let mut replica = Replica::new(gate.target.clone(), gate.release.clone())?;
+    if gate.preflight.compares() {
         replica.ledger.read_env_key();
     }
     Ok(replica)
@@ -298,17 +250,7 @@ async fn holder_preflight(
 ) -> Result<Holding> {
     match preflight.holder(replica).await {
         Ok(()) => Ok(holding),
-        Err(e) => {
-            holding
-                .complete(
-                    replica,
-                    Outcome::Failed,
-                    Some(e.exit_code()),
-                    &e.to_string(),
-                )
-                .await?;
-            Err(e)
-        }
+        Err(e) => Err(holding.refuse(replica, e).await),
     }
 }
 
@@ -317,58 +259,5 @@ fn release_name(replica: &Replica) -> String {
     match replica.release() {
         Some(r) => format!("release {r:?}"),
         None => "the migration (no --release: serial mode)".into(),
-    }
-}
-
-/// Stops with 127/126 before taking any lock if `argv[0]` cannot be found or executed.
-fn check_program(argv: &[String]) -> Result<()> {
-    let Some(program) = argv.first() else {
-        return Err(Error::Usage("no command given after `--`".into()));
-    };
-    use std::os::unix::fs::PermissionsExt;
-    let executable = |p: &std::path::Path| {
-        std::fs::metadata(p)
-            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-            .unwrap_or(false)
-    };
-    if program.contains('/') {
-        let path = std::path::Path::new(program);
-        if !path.exists() {
-            return Err(Error::CommandNotFound {
-                program: program.clone(),
-            });
-        }
-        if !executable(path) {
-            return Err(Error::CommandNotExecutable {
-                program: program.clone(),
-                source: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
-            });
-        }
-        return Ok(());
-    }
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    if std::env::split_paths(&path).any(|dir| executable(&dir.join(program))) {
-        Ok(())
-    } else {
-        Err(Error::CommandNotFound {
-            program: program.clone(),
-        })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn missing_program_is_127_and_unexecutable_is_126() {
-        let e = check_program(&["definitely-not-a-command-xyz".into()]).unwrap_err();
-        assert_eq!(e.exit_code(), 127);
-        let file = std::env::temp_dir().join(format!("mg-not-executable-{}", std::process::id()));
-        std::fs::write(&file, "data").unwrap();
-        let e = check_program(&[file.to_string_lossy().into_owned()]).unwrap_err();
-        let _ = std::fs::remove_file(&file);
-        assert_eq!(e.exit_code(), 126);
-        assert!(check_program(&["sh".into()]).is_ok());
     }
 }

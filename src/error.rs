@@ -7,36 +7,36 @@
 use std::time::Duration;
 
 /// Exit code: success.
-pub const EXIT_OK: i32 = 0;
+pub(crate) const EXIT_OK: i32 = 0;
 /// Exit code of `status --release R` when R is not done (a check, not a failure).
-pub const EXIT_NOT_DONE: i32 = 1;
+pub(crate) const EXIT_NOT_DONE: i32 = 1;
 /// Exit code: command-line usage error, malformed URL, bad configuration (`EX_USAGE`).
-pub const EXIT_USAGE: i32 = 64;
+pub(crate) const EXIT_USAGE: i32 = 64;
 /// Exit code: the database could not be reached, or was lost (`EX_UNAVAILABLE`); `check`: also
 /// a read-only standby where the release is not done.
-pub const EXIT_UNAVAILABLE: i32 = 69;
+pub(crate) const EXIT_UNAVAILABLE: i32 = 69;
 /// Exit code: an internal error (`EX_SOFTWARE`).
-pub const EXIT_INTERNAL: i32 = 70;
+pub(crate) const EXIT_INTERNAL: i32 = 70;
 /// Exit code: timed out waiting for the lock, the release, or readiness (`EX_TEMPFAIL`).
-pub const EXIT_TIMEOUT: i32 = 75;
+pub(crate) const EXIT_TIMEOUT: i32 = 75;
 /// Exit code: the database refused our credentials or permissions (`EX_NOPERM`); `check`: a
 /// privilege the gate needs is missing.
-pub const EXIT_AUTH: i32 = 77;
+pub(crate) const EXIT_AUTH: i32 = 77;
 /// Exit code: a preflight check refused this replica's configuration (`EX_CONFIG`): a
 /// `--same-env` variable differs from the release's first replica, a preset rule fails, or the
 /// release is older than one already migrated; or the server is older than the supported range
 /// (PostgreSQL 13 to 18), refused right after connecting, before any DDL.
-pub const EXIT_CONFIG: i32 = 78;
+pub(crate) const EXIT_CONFIG: i32 = 78;
 /// Exit code: the command exists but could not be executed (as shells do).
-pub const EXIT_NOT_EXECUTABLE: i32 = 126;
+pub(crate) const EXIT_NOT_EXECUTABLE: i32 = 126;
 /// Exit code: the command was not found (as shells do).
-pub const EXIT_NOT_FOUND: i32 = 127;
+pub(crate) const EXIT_NOT_FOUND: i32 = 127;
 
 /// Every exit code of the gate's own; a failed migration passes on its command's code besides.
 /// `--help` and the README's "Exit codes" table list each one: the tests check both against
 /// this list, and that every [`Error`] maps into it.
 #[cfg(test)]
-pub const EXIT_CODES: [i32; 10] = [
+pub(crate) const EXIT_CODES: [i32; 10] = [
     EXIT_OK,
     EXIT_NOT_DONE,
     EXIT_USAGE,
@@ -52,7 +52,7 @@ pub const EXIT_CODES: [i32; 10] = [
 /// A failure of the gate. Each variant's message is one line a human can act on; none ever
 /// contains a password.
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub(crate) enum Error {
     /// Wrong flags or configuration.
     #[error("{0}")]
     Usage(String),
@@ -126,7 +126,7 @@ pub enum Error {
 
 impl Error {
     /// The process exit code for this failure. This is the only mapping from errors to codes.
-    pub fn exit_code(&self) -> i32 {
+    pub(crate) fn exit_code(&self) -> i32 {
         match self {
             Error::Usage(_) => EXIT_USAGE,
             Error::Unavailable(_) => EXIT_UNAVAILABLE,
@@ -156,9 +156,9 @@ impl Error {
 /// primary); 77 credentials refused or a privilege the gate needs missing; 78 a server older
 /// than 13. What the gate does not need (`DELETE` for `reset`, `pg_signal_backend`) is shown,
 /// never a problem.
-pub fn check_exit_code(problems: &[Error]) -> i32 {
+pub(crate) fn check_exit_code(problems: &[Error]) -> i32 {
     problems.first().map_or(EXIT_OK, Error::exit_code)
 }
 
 /// Shorthand used throughout the crate.
-pub type Result<T, E = Error> = std::result::Result<T, E>;
+pub(crate) type Result<T, E = Error> = std::result::Result<T, E>;

@@ -24,31 +24,31 @@ pub(crate) struct Ledger {
     env_key: bool,
 }
 
-/// Who is making an attempt, for the record.
+/// Who begins an attempt, for the record.
 #[derive(Debug, Clone)]
-pub(crate) struct Attempt<'a> {
+pub(crate) struct NewAttempt<'a> {
     /// The release being migrated to (`None` in serial mode).
-    pub release: Option<&'a str>,
+    pub(crate) release: Option<&'a str>,
     /// The gate's `application_name`.
-    pub holder: &'a str,
+    pub(crate) holder: &'a str,
     /// The gate's host name.
-    pub host: &'a str,
+    pub(crate) host: &'a str,
     /// The gate's process ID.
-    pub pid: u32,
+    pub(crate) pid: u32,
     /// Seconds this holder needs, after its last heartbeat, to notice a lost session and stop
     /// its migration: a taker-over waits that long after a vanished holder.
-    pub fence_secs: u32,
+    pub(crate) fence_secs: u32,
 }
 
 /// What [`Ledger::stale`] found.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Stale {
     /// Attempts still recorded `running`.
-    pub running: u64,
+    pub(crate) running: u64,
     /// Seconds until the latest of their holders has surely stopped its migration.
-    pub wait_secs: f64,
+    pub(crate) wait_secs: f64,
     /// Whether our lock session still held the lock when this was read.
-    pub held: bool,
+    pub(crate) held: bool,
 }
 
 /// What [`Ledger::begin`] did.
@@ -62,23 +62,58 @@ pub(crate) enum Begun {
     AlreadyDone,
 }
 
-/// How an attempt ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where an attempt stands: the ledger's `outcome` column, every state it holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub(crate) enum Outcome {
+    /// The holder is at it.
+    Running,
     /// Migrated; the release is done.
     Done,
-    /// The command failed or the holder stopped it.
+    /// The command failed, the holder refused or stopped it, or fenced itself.
     Failed,
+    /// The holder vanished; marked by the next holder.
+    Abandoned,
 }
 
 impl Outcome {
-    fn as_str(self) -> &'static str {
+    /// As the ledger spells it.
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
+            Outcome::Running => "running",
             Outcome::Done => "done",
             Outcome::Failed => "failed",
+            Outcome::Abandoned => "abandoned",
         }
     }
 }
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Outcome {
+    type Err = UnknownOutcome;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [
+            Outcome::Running,
+            Outcome::Done,
+            Outcome::Failed,
+            Outcome::Abandoned,
+        ]
+        .into_iter()
+        .find(|o| o.as_str() == s)
+        .ok_or_else(|| UnknownOutcome(s.to_string()))
+    }
+}
+
+/// An `outcome` the gate does not know (a newer gate's, or a hand edit).
+#[derive(Debug, thiserror::Error)]
+#[error("unknown attempt outcome {0:?} in the ledger")]
+pub(crate) struct UnknownOutcome(String);
 
 impl Ledger {
     /// The ledger for `lock` in `schema`.
@@ -245,7 +280,7 @@ impl Ledger {
     }
 
     /// Records, in a `running` attempt's `detail`, the sessions its holder found on the child's
-    /// own sockets ([`crate::sessions::Attempt::note`]): a taker-over of a holder killed with
+    /// own sockets ([`crate::sessions::AttemptSessions::note`]): a taker-over of a holder killed with
     /// `kill -9` cannot ask it, and must end them too. The outcome's own detail replaces it.
     pub(crate) async fn note_sessions(
         &self,
@@ -310,7 +345,7 @@ impl Ledger {
     pub(crate) async fn begin(
         &self,
         conn: &mut PgConnection,
-        attempt: &Attempt<'_>,
+        attempt: &NewAttempt<'_>,
         proof: &Proof,
     ) -> Result<Begun, sqlx::Error> {
         let table = self.table();
@@ -387,7 +422,7 @@ impl Ledger {
         &self,
         conn: &mut PgConnection,
         id: i64,
-        attempt: &Attempt<'_>,
+        attempt: &NewAttempt<'_>,
         exit_code: i32,
         detail: &str,
     ) -> Result<(), sqlx::Error> {
@@ -440,7 +475,7 @@ impl Ledger {
                 Ok(AttemptRow {
                     id: row.parse(0)?,
                     release: Some(t(1)?).filter(|s| !s.is_empty()),
-                    outcome: t(2)?,
+                    outcome: row.parse(2)?,
                     holder: t(3)?,
                     host: t(4)?,
                     pid: row.parse(5)?,
@@ -517,25 +552,25 @@ pub(crate) struct Newer {
 #[derive(Debug, Clone, serde::Serialize)]
 pub(crate) struct AttemptRow {
     /// Row ID (grows with each attempt).
-    pub id: i64,
+    pub(crate) id: i64,
     /// Release ID (`null` in serial mode).
-    pub release: Option<String>,
+    pub(crate) release: Option<String>,
     /// `running`, `done`, `failed` or `abandoned`.
-    pub outcome: String,
+    pub(crate) outcome: Outcome,
     /// The holder's `application_name`.
-    pub holder: String,
+    pub(crate) holder: String,
     /// The holder's host name.
-    pub host: String,
+    pub(crate) host: String,
     /// The holder gate's process ID.
-    pub pid: i64,
+    pub(crate) pid: i64,
     /// Start, RFC 3339 UTC.
-    pub started_at: String,
+    pub(crate) started_at: String,
     /// End, RFC 3339 UTC (`null` while running).
-    pub finished_at: Option<String>,
+    pub(crate) finished_at: Option<String>,
     /// Seconds from start to end (or to now while running).
-    pub duration_secs: Option<f64>,
+    pub(crate) duration_secs: Option<f64>,
     /// Exit code of the migration (or app), if known.
-    pub exit_code: Option<i32>,
+    pub(crate) exit_code: Option<i32>,
     /// Why it ended this way.
-    pub detail: String,
+    pub(crate) detail: String,
 }

@@ -2,16 +2,19 @@
 //!
 //! A reader looking for a rule finds it in one module. Dependencies run one way, from the
 //! commands down (`ci/module-cycles` checks that no module reaches back up):
-//! - [`config`]: the command line (flags, environment twins, validation), turned into plain
-//!   settings; nothing below it sees clap;
+//! - [`config`]: the command line (flags, environment twins, validation), turned once into the
+//!   plain plan each command receives; nothing below it names clap (`ci/clap-stays-in-config`);
 //! - [`commands`]: `migrate`, `run`, `wait`, `reset`, top to bottom; [`status`]: what the lock
 //!   and the ledger say, for people and scripts; [`check`]: what the gate would find, before a
 //!   deploy (read-only); [`install`]: copying the binary for the wrapper pattern;
 //! - [`preflight`]: checks before the app starts (`--same-env`, presets, older releases);
-//! - [`waiting`]: the protocol up to the lock, one round of it, and the one loop of every waiting
-//!   replica (`LISTEN`, polling, deadlines), ending in a [`waiting::Turn`];
-//! - [`holding`]: the holder's life from taking over to completing or fencing (heartbeat,
-//!   supervise, complete, fence);
+//! - [`protocol`]: **the protocol in one file**, top to bottom: the waiting loop (done? follow;
+//!   lock free? take over; otherwise wait) and taking over as named steps, ending in a
+//!   [`protocol::Turn`];
+//! - [`waiting`]: a waiting replica's bookkeeping between rounds (kept connections, waiting
+//!   slots, `LISTEN`, the route, failure streaks, reports, pauses);
+//! - [`holding`]: the holder's life once it has begun an attempt (migrate, start the app,
+//!   heartbeat, fence) and its one exit, [`holding::Holding::end`];
 //! - [`sessions`]: the database sessions of an attempt: their tag (`PGAPPNAME`), finding them,
 //!   ending them; [`lockwaits`]: what those sessions wait on, and who blocks them;
 //!   [`sockets`]: the TCP connections of a child's process group, from `/proc`;
@@ -44,6 +47,7 @@ mod lock;
 mod lockwaits;
 mod preflight;
 mod probe;
+mod protocol;
 mod release;
 mod replica;
 mod route;
@@ -57,7 +61,7 @@ mod waiting;
 
 use tracing::error;
 
-use config::{Cli, Command, LogFormat};
+use config::{Cli, Command, LogFormat, Plan};
 use error::{EXIT_INTERNAL, EXIT_OK, EXIT_USAGE};
 
 /// Parses the command line, runs the chosen mode and returns the process exit code. Errors are
@@ -113,15 +117,15 @@ pub fn main_entry() -> i32 {
     // The current-thread runtime matters: children get PR_SET_PDEATHSIG, which fires when the
     // *thread* that spawned them exits, and the main thread lives as long as the gate.
     let result = runtime.block_on(async {
-        match cli.command {
-            Command::Migrate(args) => commands::migrate(args).await,
-            Command::Run(args) => commands::run(args).await,
-            Command::Wait(args) => commands::wait(args).await,
-            Command::Status(args) => status::status(args).await,
-            Command::Check(args) => check::check(args).await,
-            Command::Reset(args) => commands::reset(args).await,
-            Command::Install { dir } => install::install(&dir).map(|_| EXIT_OK),
-            Command::Completions { .. } | Command::Man => Ok(EXIT_OK),
+        match cli.command.plan()? {
+            Plan::Migrate(plan) => commands::migrate(plan).await,
+            Plan::Run(plan) => commands::run(plan).await,
+            Plan::Wait(plan) => commands::wait(plan).await,
+            Plan::Status(plan) => status::status(plan).await,
+            Plan::Check(plan) => check::check(plan).await,
+            Plan::Reset(plan) => commands::reset(plan).await,
+            Plan::Install(dir) => install::install(&dir).map(|_| EXIT_OK),
+            Plan::Printed => Ok(EXIT_OK),
         }
     });
     match result {

@@ -24,9 +24,9 @@ use crate::sql::{Cols, lit, one_row, query, query_scalar};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct LockKey {
     /// The `--lock` name, or `id:N` for `--lock-id N`.
-    pub name: String,
+    pub(crate) name: String,
     /// The 64-bit key passed to `pg_try_advisory_lock`.
-    pub key: i64,
+    pub(crate) key: i64,
 }
 
 impl LockKey {
@@ -88,7 +88,7 @@ impl fmt::Display for LockKey {
 }
 
 /// How the lock is held.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum Scope {
     /// Decide once per gate, on its first connection that needs it: session on a direct
@@ -137,7 +137,7 @@ pub(crate) async fn try_acquire(
 
 /// Frees the lock: unlock in session scope, COMMIT (of everything written meanwhile, the
 /// ledger row included) in transaction scope.
-pub(crate) async fn release(
+pub(crate) async fn unlock(
     conn: &mut PgConnection,
     lock: &LockKey,
     scope: Scope,
@@ -323,27 +323,27 @@ pub(crate) async fn try_take_wait_slot(
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Slot {
     /// Whether this waiter got a slot (and keeps its connection).
-    pub taken: bool,
+    pub(crate) taken: bool,
     /// Share of `max_connections` in use, 0 to 1: waiters without a slot poll more gently when
     /// the server is crowded.
-    pub pressure: f64,
+    pub(crate) pressure: f64,
 }
 
 /// The session that holds a lock, as PostgreSQL sees it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub(crate) struct Holder {
     /// Backend PID of the holding session.
-    pub pid: i32,
+    pub(crate) pid: i32,
     /// Its `application_name` (the gate sets `migrations-gate/<hostname>` by default).
-    pub application_name: String,
+    pub(crate) application_name: String,
     /// Its client address (empty for a Unix socket).
-    pub client_addr: String,
+    pub(crate) client_addr: String,
     /// When its connection started.
-    pub backend_start: String,
+    pub(crate) backend_start: String,
     /// How long ago, in seconds.
-    pub connected_secs: f64,
+    pub(crate) connected_secs: f64,
     /// Its state (`idle`, `active`, ...).
-    pub state: String,
+    pub(crate) state: String,
 }
 
 impl fmt::Display for Holder {

@@ -33,17 +33,17 @@ fn command(alias: &str) -> String {
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub(crate) struct Blocker {
     /// Backend PID.
-    pub pid: i32,
+    pub(crate) pid: i32,
     /// Its `application_name`.
-    pub application_name: String,
+    pub(crate) application_name: String,
     /// Its client address (`local` for a Unix socket, empty when hidden).
-    pub client: String,
+    pub(crate) client: String,
     /// `active`, `idle in transaction`, ... (empty when hidden from our role).
-    pub state: String,
+    pub(crate) state: String,
     /// How long its transaction has been open, in seconds (`None`: no transaction, or hidden).
-    pub transaction_secs: Option<f64>,
+    pub(crate) transaction_secs: Option<f64>,
     /// The command tag of its current (or last) statement.
-    pub command: String,
+    pub(crate) command: String,
 }
 
 impl fmt::Display for Blocker {
@@ -78,17 +78,17 @@ impl fmt::Display for Blocker {
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub(crate) struct Wait {
     /// Backend PID of the waiting session.
-    pub pid: i32,
+    pub(crate) pid: i32,
     /// The command tag of its statement.
-    pub command: String,
+    pub(crate) command: String,
     /// How long it has waited, in seconds (since its statement started, before PostgreSQL 14).
-    pub waited_secs: f64,
+    pub(crate) waited_secs: f64,
     /// The relation it waits for (`pg_locks.relation::regclass`), or the lock type.
-    pub lock: String,
+    pub(crate) lock: String,
     /// The mode of its ungranted lock (`AccessExclusiveLock`).
-    pub mode: String,
+    pub(crate) mode: String,
     /// Who blocks it (`pg_blocking_pids`).
-    pub blocked_by: Vec<Blocker>,
+    pub(crate) blocked_by: Vec<Blocker>,
 }
 
 impl fmt::Display for Wait {

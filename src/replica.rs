@@ -8,7 +8,7 @@ use tracing::info;
 
 use crate::db::{self, Conn, Db, Failure, OwnEnd};
 use crate::error::{Error, Result};
-use crate::ledger::Ledger;
+use crate::ledger::{Ledger, Outcome};
 use crate::lock::{self, LockKey, Scope};
 use crate::route::{self, Route};
 
@@ -136,7 +136,7 @@ impl Replica {
         // lock under that name before; no ledger yet means no gate ever held this lock here.
         let gate = named_like_a_gate
             || self.ledger.attempts(c, None, 20).await.is_ok_and(|a| {
-                a.first().is_some_and(|a| a.outcome == "running")
+                a.first().is_some_and(|a| a.outcome == Outcome::Running)
                     || a.iter().any(|a| a.holder == h.application_name)
             });
         if gate {

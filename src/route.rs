@@ -43,11 +43,11 @@ impl Route {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct ServerSide {
     /// `pg_backend_pid()` in the first transaction.
-    pub pid: i32,
+    pub(crate) pid: i32,
     /// `pg_backend_pid()` in the second.
-    pub again: i32,
+    pub(crate) again: i32,
     /// `inet_client_addr()` and `inet_client_port()`: `None` for a Unix-socket client.
-    pub client: Option<(IpAddr, u16)>,
+    pub(crate) client: Option<(IpAddr, u16)>,
 }
 
 /// Reads [`ServerSide`]: two short queries, as many round trips as the PID comparison alone

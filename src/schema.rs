@@ -427,14 +427,14 @@ impl Found {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub(crate) struct Need {
     /// The privilege and its object: `INSERT on "migrations_gate".ledger`.
-    pub privilege: String,
+    pub(crate) privilege: String,
     /// What the gate does with it.
-    pub needed_for: String,
+    pub(crate) needed_for: String,
     /// Whether `migrate` and `run` need it (`false`: only `reset` does, or only a migration
     /// that runs as another role, or only a replica without a release).
-    pub required: bool,
+    pub(crate) required: bool,
     /// Whether the role has it.
-    pub granted: bool,
+    pub(crate) granted: bool,
     /// The statement a DBA runs (once) to give it.
-    pub grant: String,
+    pub(crate) grant: String,
 }

@@ -6,10 +6,10 @@ use std::io::Write;
 
 use serde::Serialize;
 
-use crate::config::StatusArgs;
+use crate::config::Status;
 use crate::db::close;
 use crate::error::{EXIT_NOT_DONE, EXIT_OK, Error, Result};
-use crate::ledger::{AttemptRow, ReadKey};
+use crate::ledger::{AttemptRow, Outcome, ReadKey};
 use crate::lock::{self, Holder};
 use crate::lockwaits::{self, Wait};
 use crate::preflight::{EnvCheck, Store};
@@ -20,31 +20,31 @@ use crate::sessions::{self, Session};
 #[derive(Debug, Serialize)]
 pub(crate) struct Report {
     /// The lock's name (`id:N` for `--lock-id`).
-    pub lock: String,
+    pub(crate) lock: String,
     /// The 64-bit advisory lock key.
-    pub lock_key: i64,
+    pub(crate) lock_key: i64,
     /// The session holding the lock now, if any.
-    pub holder: Option<Holder>,
+    pub(crate) holder: Option<Holder>,
     /// With `--release`: whether it is done.
-    pub release_done: Option<bool>,
+    pub(crate) release_done: Option<bool>,
     /// Attempts, newest first.
-    pub attempts: Vec<AttemptRow>,
+    pub(crate) attempts: Vec<AttemptRow>,
     /// The database sessions of each shown attempt that is `running`, and what they wait on.
-    pub running: Vec<Running>,
+    pub(crate) running: Vec<Running>,
     /// `--same-env` comparisons of the shown releases (with `--release`, of that one): per
     /// release and variable, who set the reference, how many replicas agreed, which disagreed.
-    pub env_checks: Vec<EnvCheck>,
+    pub(crate) env_checks: Vec<EnvCheck>,
 }
 
 /// A running attempt's database sessions (those that carry its tag) and their lock waits.
 #[derive(Debug, Serialize)]
 pub(crate) struct Running {
     /// The attempt's ledger row.
-    pub attempt: i64,
+    pub(crate) attempt: i64,
     /// Its sessions.
-    pub sessions: Vec<Session>,
+    pub(crate) sessions: Vec<Session>,
     /// Those of them waiting on a lock, with who blocks them.
-    pub waits: Vec<Wait>,
+    pub(crate) waits: Vec<Wait>,
 }
 
 /// The sessions and waits of the `running` ones among `attempts`: two queries per running
@@ -56,8 +56,9 @@ async fn running(
 ) -> Result<Vec<Running>, sqlx::Error> {
     let version = c.server_version_num().unwrap_or(0);
     let mut found = Vec::new();
-    for a in attempts.iter().filter(|a| a.outcome == "running") {
-        let which = sessions::Attempt::new(replica.lock(), a.release.as_deref(), a.id).which();
+    for a in attempts.iter().filter(|a| a.outcome == Outcome::Running) {
+        let which =
+            sessions::AttemptSessions::new(replica.lock(), a.release.as_deref(), a.id).which();
         found.push(Running {
             attempt: a.id,
             sessions: sessions::list(c, &which).await?,
@@ -68,8 +69,8 @@ async fn running(
 }
 
 /// Prints the status and returns the exit code.
-pub(crate) async fn status(args: StatusArgs) -> Result<i32> {
-    let replica = Replica::new(args.db.target(args.preset)?, args.release.resolve()?)?;
+pub(crate) async fn status(plan: Status) -> Result<i32> {
+    let replica = Replica::new(plan.target, plan.release)?;
     let store = Store::new(&replica.target.schema, replica.lock());
     let mut conn = replica.db.connect().await?;
     let gathered = async {
@@ -77,7 +78,7 @@ pub(crate) async fn status(args: StatusArgs) -> Result<i32> {
         let holder = lock::holder(c, replica.lock()).await?;
         let attempts = replica
             .ledger
-            .attempts(c, replica.release(), args.limit)
+            .attempts(c, replica.release(), plan.limit)
             .await?;
         let release_done = match replica.release() {
             Some(r) => Some(
@@ -117,7 +118,7 @@ pub(crate) async fn status(args: StatusArgs) -> Result<i32> {
         running,
         env_checks,
     };
-    let text = if args.json {
+    let text = if plan.json {
         serde_json::to_string_pretty(&report)
             .map_err(|e| Error::Internal(format!("cannot encode the status as JSON: {e}")))?
     } else {
@@ -168,7 +169,7 @@ pub(crate) fn render(report: &Report, release: Option<&str>) -> String {
             [
                 a.id.to_string(),
                 a.release.clone().unwrap_or_else(|| "-".into()),
-                a.outcome.clone(),
+                a.outcome.to_string(),
                 format!("{} (pid {})", a.holder, a.pid),
                 a.started_at
                     .replace('T', " ")

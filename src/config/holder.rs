@@ -1,52 +1,34 @@
 //! The holder's flags: how the replica that migrates stops its child, bounds the migration and
 //! watches what it waits on. Shared by `migrate` and `run`; turned into plain
-//! [`crate::holding::Bounds`] here.
+//! [`crate::holding::Bounds`] by the plan.
 
 use std::time::Duration;
 
 use clap::Args;
 
 use super::parse_duration;
-use crate::holding::{Bounds, OtherReleases};
-use crate::preflight::Preset;
+use super::values::OtherReleasesArg;
 
 /// How the holder stops, bounds and watches the migration.
 #[derive(Debug, Clone, Args)]
-pub struct HolderArgs {
+pub(crate) struct HolderArgs {
     /// After SIGTERM, wait this long before SIGKILL when the gate must stop its child.
     #[arg(long, env = "MIGRATIONS_GATE_KILL_GRACE", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
-    pub kill_grace: Duration,
+    pub(crate) kill_grace: Duration,
 
     /// Stop the migration (like a failed one: its process group, then its database sessions) if it runs longer than this; recorded failed, exit 75. Default: no bound.
     #[arg(long, env = "MIGRATIONS_GATE_MIGRATION_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
-    pub migration_timeout: Option<Duration>,
+    pub(crate) migration_timeout: Option<Duration>,
 
     /// Pass `-c lock_timeout=<ms>` in PGOPTIONS to the migration command's sessions, so that a DDL statement fails instead of queueing behind a long transaction (and blocking every reader of its table). Direct connections only: a pooler refuses PGOPTIONS. The migration then needs a retry.
     #[arg(long, env = "MIGRATIONS_GATE_LOCK_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
-    pub lock_timeout: Option<Duration>,
+    pub(crate) lock_timeout: Option<Duration>,
 
     /// While the migration runs, log (WARN) each of its sessions that has waited on a lock for longer than this, with who blocks it; repeated every 30s while it lasts.
     #[arg(long, env = "MIGRATIONS_GATE_REPORT_WAITS_AFTER", value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
-    pub report_waits_after: Duration,
+    pub(crate) report_waits_after: Duration,
 
     /// Before migrating, what to do while apps of another release of this lock are connected (their sessions' tags name it; the gate's own and untagged clients never count; needs --release): wait for them to disconnect (up to --wait-timeout), fail (exit 78, recorded failed), or ignore. [default: wait; fail with --preset open-webui]
     #[arg(long, env = "MIGRATIONS_GATE_OTHER_RELEASES", value_enum, value_name = "POLICY")]
-    pub other_releases: Option<OtherReleases>,
-}
-
-impl HolderArgs {
-    /// The holder's plain settings; `preset` picks the default of `--other-releases`.
-    pub(crate) fn bounds(&self, preset: Option<Preset>) -> Bounds {
-        let other_releases = self.other_releases.unwrap_or(match preset {
-            Some(Preset::OpenWebui) => OtherReleases::Fail,
-            None => OtherReleases::Wait,
-        });
-        Bounds {
-            kill_grace: self.kill_grace,
-            migration_timeout: self.migration_timeout,
-            lock_timeout: self.lock_timeout,
-            report_waits_after: self.report_waits_after,
-            other_releases,
-        }
-    }
+    pub(crate) other_releases: Option<OtherReleasesArg>,
 }

@@ -10,14 +10,17 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 mod database;
 mod holder;
+mod plan;
+mod values;
 
-pub use holder::HolderArgs;
+pub(crate) use holder::HolderArgs;
+pub(crate) use plan::{Check, Gate, Migrate, Plan, Reset, Run, Status, Wait};
+use values::{OnMismatchArg, PresetArg, ScopeArg};
 
 use crate::db::ConnUrl;
 use crate::error::{Error, Result};
-use crate::lock::{LockKey, Scope, WaitSlots};
-use crate::preflight::{self, OnMismatch, Preset};
-use crate::probe::{self, Probe};
+use crate::lock::{LockKey, WaitSlots};
+use crate::preflight::{self, Preset};
 use crate::release::release_from_path;
 use crate::replica::{GATE_NAME_PREFIX, Target, hostname};
 
@@ -43,15 +46,15 @@ Every flag has an environment twin (shown as [env: ...]). Log level: MIGRATIONS_
 /// release is recorded done, then starts the app with the flag off.
 #[derive(Debug, Parser)]
 #[command(name = "migrations-gate", version, about, long_about, after_help = AFTER_HELP)]
-pub struct Cli {
+pub(crate) struct Cli {
     /// What to do.
     #[command(subcommand)]
-    pub command: Command,
+    pub(crate) command: Command,
 }
 
 /// The gate's modes.
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// Run CMD once per release with the flag on, then exit 0 on every replica (init container, job).
     ///
     /// The lock holder runs CMD to completion with the flag on. Exit 0 marks the release done and
@@ -108,7 +111,7 @@ pub enum Command {
 
 impl Command {
     /// The log format the command asked for.
-    pub fn log_format(&self) -> LogFormat {
+    pub(crate) fn log_format(&self) -> LogFormat {
         match self {
             Command::Migrate(a) => a.gate.db.log_format,
             Command::Run(a) => a.gate.db.log_format,
@@ -123,267 +126,267 @@ impl Command {
 
 /// Where the database and the lock are: flags shared by every command that connects.
 #[derive(Debug, Clone, Args)]
-pub struct DbArgs {
+pub(crate) struct DbArgs {
     /// PostgreSQL URL: postgresql://user:pass@host:port/db?sslmode=... (also postgres://, SQLAlchemy's postgresql+DRIVER://, libpq's "host=... dbname=...", host lists "db1,db2" tried in libpq's order with target_session_attrs (a replica that may migrate takes the read-write host), and service=NAME from pg_service.conf; a parameter the gate cannot honour is refused). Falls back to DATABASE_URL, then to libpq's PG* environment (PGHOST, PGPORT, PGDATABASE, PGUSER, PGPASSWORD, PGSERVICE, ...). With --preset open-webui the fallback is the database Open WebUI itself would use: its DATABASE_TYPE, DATABASE_USER, DATABASE_PASSWORD, DATABASE_HOST, DATABASE_PORT and DATABASE_NAME when all are set (they win over DATABASE_URL, as in Open WebUI), else DATABASE_URL; without the preset those DATABASE_* parts are not read.
     #[arg(long, env = "MIGRATIONS_GATE_DATABASE_URL", hide_env_values = true)]
-    pub database_url: Option<String>,
+    pub(crate) database_url: Option<String>,
 
     /// Read the database URL from this file (e.g. a mounted secret).
     #[arg(long, env = "MIGRATIONS_GATE_DATABASE_URL_FILE", value_name = "PATH")]
     #[arg(conflicts_with = "database_url")]
-    pub database_url_file: Option<PathBuf>,
+    pub(crate) database_url_file: Option<PathBuf>,
 
     /// Name of the lock; different names never block each other.
     #[arg(long, env = "MIGRATIONS_GATE_LOCK", value_name = "NAME")]
     #[arg(default_value = "migrations-gate")]
-    pub lock: String,
+    pub(crate) lock: String,
 
     /// Use this 64-bit advisory lock key directly instead of deriving it from --lock.
     #[arg(long, env = "MIGRATIONS_GATE_LOCK_ID", value_name = "N", allow_negative_numbers = true)]
-    pub lock_id: Option<i64>,
+    pub(crate) lock_id: Option<i64>,
 
     /// Schema of the gate's ledger table (created on first use).
     #[arg(long, env = "MIGRATIONS_GATE_SCHEMA", value_name = "NAME")]
     #[arg(default_value = "migrations_gate")]
-    pub schema: String,
+    pub(crate) schema: String,
 
     /// How the lock is held: session, transaction (for transaction-pooling PgBouncer), or auto-detect.
-    #[arg(long, env = "MIGRATIONS_GATE_LOCK_SCOPE", value_enum, default_value_t = Scope::Auto)]
-    pub lock_scope: Scope,
+    #[arg(long, env = "MIGRATIONS_GATE_LOCK_SCOPE", value_enum, default_value_t = ScopeArg::Auto)]
+    pub(crate) lock_scope: ScopeArg,
 
     /// Keep retrying a database that is not up yet for this long.
     #[arg(long, env = "MIGRATIONS_GATE_CONNECT_TIMEOUT", value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
-    pub connect_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
 
     /// application_name of the gate's connections, shown to waiting replicas [default: the URL's application_name, else migrations-gate/<hostname>].
     #[arg(long, env = "MIGRATIONS_GATE_APPLICATION_NAME", value_name = "NAME")]
-    pub application_name: Option<String>,
+    pub(crate) application_name: Option<String>,
 
     /// Log format on stderr.
     #[arg(long, env = "MIGRATIONS_GATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
+    pub(crate) log_format: LogFormat,
 }
 
 /// Which release: `--release` or `--release-from`.
 #[derive(Debug, Clone, Args)]
-pub struct ReleaseArgs {
+pub(crate) struct ReleaseArgs {
     /// What this deployment migrates to (app version, image tag). Done releases are skipped.
     #[arg(long, env = "MIGRATIONS_GATE_RELEASE", value_name = "ID")]
     #[arg(conflicts_with = "release_from")]
-    pub release: Option<String>,
+    pub(crate) release: Option<String>,
 
     /// Use a content hash of the files under PATH (e.g. the migrations folder) as the release ID.
     #[arg(long, env = "MIGRATIONS_GATE_RELEASE_FROM", value_name = "PATH")]
-    pub release_from: Option<PathBuf>,
+    pub(crate) release_from: Option<PathBuf>,
 }
 
 /// Flags of every replica that passes the gate: `migrate`, `run` and `wait`.
 #[derive(Debug, Clone, Args)]
-pub struct GateArgs {
+pub(crate) struct GateArgs {
     /// Where the database and the lock are.
     #[command(flatten)]
-    pub db: DbArgs,
+    pub(crate) db: DbArgs,
 
     /// Which release.
     #[command(flatten)]
-    pub release: ReleaseArgs,
+    pub(crate) release: ReleaseArgs,
 
     /// The environment variable handed to the app.
     #[command(flatten)]
-    pub flag: FlagArgs,
+    pub(crate) flag: FlagArgs,
 
     /// How a replica waits.
     #[command(flatten)]
-    pub waiting: WaitingArgs,
+    pub(crate) waiting: WaitingArgs,
 
     /// Preflight checks before the app starts.
     #[command(flatten)]
-    pub preflight: PreflightArgs,
+    pub(crate) preflight: PreflightArgs,
 }
 
 /// How a replica waits: shared by the gating modes and `wait`.
 #[derive(Debug, Clone, Args)]
-pub struct WaitingArgs {
+pub(crate) struct WaitingArgs {
     /// Give up waiting for the release after this long (e.g. 90s, 30m): a hard bound, whatever the network does.
     #[arg(long, env = "MIGRATIONS_GATE_WAIT_TIMEOUT", value_name = "DURATION", default_value = "30m", value_parser = parse_duration)]
-    pub wait_timeout: Duration,
+    pub(crate) wait_timeout: Duration,
 
     /// How many waiters keep their connection open on a direct connection (they hear "done" at once by LISTEN): a number, or auto (a third of the server's free connections, at least 5, at most 100). The others reconnect per poll; behind a proxy or a session pooler every waiter does.
     #[arg(long, env = "MIGRATIONS_GATE_WAITING_CONNECTIONS", value_name = "N|auto")]
     #[arg(default_value = "auto")]
-    pub waiting_connections: WaitSlots,
+    pub(crate) waiting_connections: WaitSlots,
 }
 
 /// Preflight checks before the app starts (README "Preflight"): shared by the gating modes and
 /// `wait`. A refusal exits 78.
 #[derive(Debug, Clone, Args)]
-pub struct PreflightArgs {
+pub(crate) struct PreflightArgs {
     /// Refuse to start (exit 78) when one of these variables differs from the value the release's first replica started with. Compared as keyed fingerprints kept in the database, never as values; unset and empty differ. Needs --release.
     #[arg(long, env = "MIGRATIONS_GATE_SAME_ENV", value_name = "NAME[,NAME...]")]
     #[arg(value_delimiter = ',')]
-    pub same_env: Vec<String>,
+    pub(crate) same_env: Vec<String>,
 
     /// What a --same-env difference does: fail (exit 78, the app does not start) or warn (log it and start).
-    #[arg(long, env = "MIGRATIONS_GATE_ON_MISMATCH", value_enum, default_value_t = OnMismatch::Fail)]
-    pub on_mismatch: OnMismatch,
+    #[arg(long, env = "MIGRATIONS_GATE_ON_MISMATCH", value_enum, default_value_t = OnMismatchArg::Fail)]
+    pub(crate) on_mismatch: OnMismatchArg,
 
     /// Check a known app's multi-replica setup (its rules fail with 78 or warn; see the README, "Preflight"), and find the database as the app does when no --database-url is given (open-webui: its DATABASE_* parts, else DATABASE_URL).
     #[arg(long, env = "MIGRATIONS_GATE_PRESET", value_enum)]
-    pub preset: Option<Preset>,
+    pub(crate) preset: Option<PresetArg>,
 
     /// Start even when a newer release was already migrated on this database (e.g. a deliberate rollback after restoring it). Without it such a replica exits 78.
     #[arg(long, env = "MIGRATIONS_GATE_ALLOW_OLDER_RELEASE")]
-    pub allow_older_release: bool,
+    pub(crate) allow_older_release: bool,
 }
 
 /// The environment variable handed to the app.
 #[derive(Debug, Clone, Args)]
-pub struct FlagArgs {
+pub(crate) struct FlagArgs {
     /// Environment variable that switches the app's migrations.
     #[arg(long, env = "MIGRATIONS_GATE_FLAG", value_name = "NAME")]
     #[arg(default_value = "ENABLE_DB_MIGRATIONS")]
-    pub flag: String,
+    pub(crate) flag: String,
 
     /// Value of --flag for the replica that migrates.
     #[arg(long, env = "MIGRATIONS_GATE_ON", value_name = "VALUE", default_value = "True")]
-    pub on: String,
+    pub(crate) on: String,
 
     /// Value of --flag for every other start.
     #[arg(long, env = "MIGRATIONS_GATE_OFF", value_name = "VALUE", default_value = "False")]
-    pub off: String,
+    pub(crate) off: String,
 }
 
 /// `migrate` mode.
 #[derive(Debug, Clone, Args)]
-pub struct MigrateArgs {
+pub(crate) struct MigrateArgs {
     /// The flags of every replica that passes the gate.
     #[command(flatten)]
-    pub gate: GateArgs,
+    pub(crate) gate: GateArgs,
 
     /// How the holder stops, bounds and watches the migration.
     #[command(flatten)]
-    pub holder: HolderArgs,
+    pub(crate) holder: HolderArgs,
 
     /// The migration command, run with the flag on by the lock holder only.
     #[arg(last = true, required = true, value_name = "CMD")]
-    pub command: Vec<String>,
+    pub(crate) command: Vec<String>,
 }
 
 /// `run` mode.
 #[derive(Debug, Clone, Args)]
-pub struct RunArgs {
+pub(crate) struct RunArgs {
     /// The flags of every replica that passes the gate.
     #[command(flatten)]
-    pub gate: GateArgs,
+    pub(crate) gate: GateArgs,
 
     /// How the holder stops, bounds and watches the migration.
     #[command(flatten)]
-    pub holder: HolderArgs,
+    pub(crate) holder: HolderArgs,
 
     /// Migration command the holder runs first (flag on); split like a POSIX shell, run without one.
     #[arg(long, env = "MIGRATIONS_GATE_MIGRATE", value_name = "CMD")]
-    pub migrate: Option<String>,
+    pub(crate) migrate: Option<String>,
 
     /// Holder keeps the lock until this URL answers 2xx (plain http).
     #[arg(long, env = "MIGRATIONS_GATE_READY_HTTP", value_name = "URL", group = "ready")]
-    pub ready_http: Option<String>,
+    pub(crate) ready_http: Option<String>,
 
     /// Holder keeps the lock until HOST:PORT accepts a TCP connection.
     #[arg(long, env = "MIGRATIONS_GATE_READY_TCP", value_name = "HOST:PORT", group = "ready")]
-    pub ready_tcp: Option<String>,
+    pub(crate) ready_tcp: Option<String>,
 
     /// Holder keeps the lock until this SQL returns a row whose first column is not false/NULL.
     #[arg(long, env = "MIGRATIONS_GATE_READY_SQL", value_name = "SQL", group = "ready")]
-    pub ready_sql: Option<String>,
+    pub(crate) ready_sql: Option<String>,
 
     /// Give up (stop APP, record the failure) if APP is not ready after this long.
     #[arg(long, env = "MIGRATIONS_GATE_READY_TIMEOUT", value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
-    pub ready_timeout: Duration,
+    pub(crate) ready_timeout: Duration,
 
     /// The app to start.
     #[arg(last = true, required = true, value_name = "APP")]
-    pub command: Vec<String>,
+    pub(crate) command: Vec<String>,
 }
 
 /// `wait` mode.
 #[derive(Debug, Clone, Args)]
-pub struct WaitArgs {
+pub(crate) struct WaitArgs {
     /// The flags of every replica that passes the gate.
     #[command(flatten)]
-    pub gate: GateArgs,
+    pub(crate) gate: GateArgs,
 
     /// Command to exec once the release is done (with the flag off); without one, exit 0.
     #[arg(last = true, value_name = "CMD")]
-    pub command: Vec<String>,
+    pub(crate) command: Vec<String>,
 }
 
 /// `status`.
 #[derive(Debug, Clone, Args)]
-pub struct StatusArgs {
+pub(crate) struct StatusArgs {
     /// Where the database and the lock are.
     #[command(flatten)]
-    pub db: DbArgs,
+    pub(crate) db: DbArgs,
 
     /// Which release.
     #[command(flatten)]
-    pub release: ReleaseArgs,
+    pub(crate) release: ReleaseArgs,
 
     /// Find the database as this app does when no --database-url is given, as `run --preset` does (open-webui: its DATABASE_* parts, else DATABASE_URL).
     #[arg(long, env = "MIGRATIONS_GATE_PRESET", value_enum)]
-    pub preset: Option<Preset>,
+    pub(crate) preset: Option<PresetArg>,
 
     /// Print stable JSON instead of a table.
     #[arg(long, env = "MIGRATIONS_GATE_STATUS_JSON")]
-    pub json: bool,
+    pub(crate) json: bool,
 
     /// Show at most this many attempts, newest first.
     #[arg(long, env = "MIGRATIONS_GATE_STATUS_LIMIT", value_name = "N", default_value_t = 20)]
-    pub limit: u32,
+    pub(crate) limit: u32,
 }
 
 /// `check`.
 #[derive(Debug, Clone, Args)]
-pub struct CheckArgs {
+pub(crate) struct CheckArgs {
     /// Where the database and the lock are.
     #[command(flatten)]
-    pub db: DbArgs,
+    pub(crate) db: DbArgs,
 
     /// Which release.
     #[command(flatten)]
-    pub release: ReleaseArgs,
+    pub(crate) release: ReleaseArgs,
 
     /// Print stable JSON instead of lines.
     #[arg(long, env = "MIGRATIONS_GATE_CHECK_JSON")]
-    pub json: bool,
+    pub(crate) json: bool,
 
     /// Find the database as this app does when no --database-url is given, as `run --preset` does (open-webui: its DATABASE_* parts, else DATABASE_URL).
     #[arg(long, env = "MIGRATIONS_GATE_PRESET", value_enum)]
-    pub preset: Option<Preset>,
+    pub(crate) preset: Option<PresetArg>,
 }
 
 /// `reset`.
 #[derive(Debug, Clone, Args)]
-pub struct ResetArgs {
+pub(crate) struct ResetArgs {
     /// Where the database and the lock are.
     #[command(flatten)]
-    pub db: DbArgs,
+    pub(crate) db: DbArgs,
 
     /// The release to forget.
     #[arg(long, env = "MIGRATIONS_GATE_RELEASE", value_name = "ID", required = true)]
-    pub release: String,
+    pub(crate) release: String,
 
     /// Find the database as this app does when no --database-url is given, as `run --preset` does (open-webui: its DATABASE_* parts, else DATABASE_URL).
     #[arg(long, env = "MIGRATIONS_GATE_PRESET", value_enum)]
-    pub preset: Option<Preset>,
+    pub(crate) preset: Option<PresetArg>,
 
     /// Forget only the release's --same-env fingerprints (the next replica sets them anew); the release stays done.
     #[arg(long, env = "MIGRATIONS_GATE_RESET_ENV")]
-    pub env: bool,
+    pub(crate) env: bool,
 }
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
+pub(crate) enum LogFormat {
     /// Human-readable lines.
     Text,
     /// One JSON object per line.
@@ -394,20 +397,9 @@ pub(crate) fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 30s, 5m, 1h)"))
 }
 
-/// The environment variable that turns the app's migrations on or off.
-#[derive(Debug, Clone)]
-pub struct Flag {
-    /// Variable name.
-    pub name: String,
-    /// Value for the migrating start.
-    pub on: String,
-    /// Value for every other start.
-    pub off: String,
-}
-
 impl ReleaseArgs {
     /// The release ID, if one was given.
-    pub fn resolve(&self) -> Result<Option<String>> {
+    pub(crate) fn resolve(&self) -> Result<Option<String>> {
         match (&self.release, &self.release_from) {
             (Some(r), _) if r.trim().is_empty() => Err(Error::Usage(
                 "--release is empty: give the app version or image tag, or leave it unset".into(),
@@ -419,63 +411,14 @@ impl ReleaseArgs {
     }
 }
 
-impl FlagArgs {
-    /// The validated flag.
-    pub fn flag(&self) -> Result<Flag> {
-        if self.flag.is_empty() || self.flag.contains('=') || self.flag.contains('\0') {
-            return Err(Error::Usage(format!(
-                "--flag {:?} is not a valid environment variable name",
-                self.flag
-            )));
-        }
-        Ok(Flag {
-            name: self.flag.clone(),
-            on: self.on.clone(),
-            off: self.off.clone(),
-        })
-    }
-}
-
 impl PreflightArgs {
     /// The preflight's settings.
     pub(crate) fn settings(&self) -> preflight::Settings {
         preflight::Settings {
             same_env: self.same_env.clone(),
-            on_mismatch: self.on_mismatch,
-            preset: self.preset,
+            on_mismatch: self.on_mismatch.into(),
+            preset: self.preset.map(Preset::from),
             allow_older_release: self.allow_older_release,
         }
     }
-}
-
-impl RunArgs {
-    /// The readiness probe of `--ready-http`, `--ready-tcp` or `--ready-sql`, if any.
-    pub(crate) fn probe(&self) -> Result<Option<Probe>> {
-        Probe::from_settings(&probe::Settings {
-            http: self.ready_http.clone(),
-            tcp: self.ready_tcp.clone(),
-            sql: self.ready_sql.clone(),
-        })
-    }
-}
-
-impl WaitArgs {
-    /// The release to wait for: required.
-    pub fn release(&self) -> Result<String> {
-        self.gate.release.resolve()?.ok_or_else(|| {
-            Error::Usage(
-                "wait needs --release ID or --release-from PATH: the release to wait for".into(),
-            )
-        })
-    }
-}
-
-/// Splits a `--migrate` string into words as a POSIX shell would, without running a shell.
-pub fn split_command(s: &str) -> Result<Vec<String>> {
-    let words = shell_words::split(s)
-        .map_err(|e| Error::Usage(format!("--migrate {s:?} cannot be split into words: {e}")))?;
-    if words.is_empty() {
-        return Err(Error::Usage("--migrate is empty".into()));
-    }
-    Ok(words)
 }

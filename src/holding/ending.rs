@@ -7,13 +7,14 @@ use std::time::{Duration, Instant};
 use tracing::{error, warn};
 
 use super::{
-    HEARTBEAT, HEARTBEAT_TIMEOUT, Holding, RECORD_FENCED_FOR, RETRY_END, SETTLE_AFTER_SUCCESS,
+    Ending, HEARTBEAT, HEARTBEAT_TIMEOUT, Holding, RECORD_FENCED_FOR, RETRY_END,
+    SETTLE_AFTER_SUCCESS,
 };
 use crate::child::Supervisor;
 use crate::db::close;
 use crate::duration;
 use crate::error::{Error, Result};
-use crate::ledger::{Attempt, Outcome};
+use crate::ledger::NewAttempt;
 use crate::lock::{self, Proof};
 use crate::replica::Replica;
 use crate::sessions::{self, EndError, Ended, Which};
@@ -25,9 +26,9 @@ fn fence_time(kill_grace: Duration) -> Duration {
     HEARTBEAT + HEARTBEAT_TIMEOUT + kill_grace + Duration::from_secs(1)
 }
 
-/// This replica's attempt, for the ledger.
-pub(super) fn attempt(replica: &Replica, kill_grace: Duration) -> Attempt<'_> {
-    Attempt {
+/// This replica's attempt as it begins, for the ledger.
+pub(crate) fn new_attempt(replica: &Replica, kill_grace: Duration) -> NewAttempt<'_> {
+    NewAttempt {
         release: replica.release(),
         holder: &replica.target.application_name,
         host: replica.host(),
@@ -64,8 +65,7 @@ impl Holding {
             Err(e) => format!("its sessions could not be checked ({e})"),
         };
         let detail = format!("{what} exited 0 but left {left} running");
-        self.complete(replica, Outcome::Failed, Some(0), &detail)
-            .await?;
+        self.end(replica, Ending::failed(Some(0), &detail)).await?;
         Err(Error::Timeout {
             what: detail,
             waited: SETTLE_AFTER_SUCCESS,
@@ -73,31 +73,15 @@ impl Holding {
         })
     }
 
-    /// The child could not be started: recorded as a failed attempt (best effort), and the
-    /// start error is what the gate reports.
-    pub(super) async fn fail_to_start(self, replica: &Replica, e: Error) -> Error {
-        let _ = self
-            .complete(
-                replica,
-                Outcome::Failed,
-                Some(e.exit_code()),
-                &e.to_string(),
-            )
-            .await;
+    /// The holder refuses to go on (a child that could not be started, a preflight check, apps
+    /// of another release): records the attempt failed with `e`'s exit code and message, frees
+    /// the lock, and returns `e` to report. A failure to record it is logged: `e` says more.
+    pub(crate) async fn refuse(self, replica: &Replica, e: Error) -> Error {
+        let (code, detail) = (e.exit_code(), e.to_string());
+        if let Err(recording) = self.end(replica, Ending::failed(Some(code), &detail)).await {
+            warn!("{recording}");
+        }
         e
-    }
-
-    /// The holder refuses to go on: records the attempt failed with `e`'s exit code and
-    /// message, frees the lock, and returns `e` to report (or the error of recording it).
-    pub(super) async fn give_up(self, replica: &Replica, e: Error) -> Result<Error> {
-        self.complete(
-            replica,
-            Outcome::Failed,
-            Some(e.exit_code()),
-            &e.to_string(),
-        )
-        .await?;
-        Ok(e)
     }
 
     /// The lock session is lost, so another replica may take the lock: stop the child at once,
@@ -139,7 +123,7 @@ impl Holding {
                             .record_fenced(
                                 pg,
                                 self.attempt,
-                                &attempt(replica, kill_grace),
+                                &new_attempt(replica, kill_grace),
                                 code,
                                 &detail,
                             )
@@ -186,7 +170,7 @@ impl Holding {
         }
     }
 
-    /// Notes the sessions of the child's own TCP connections ([`sessions::Attempt::remember`]),
+    /// Notes the sessions of the child's own TCP connections ([`sessions::AttemptSessions::remember`]),
     /// for clients that do not send the tag, and records new ones in the attempt's row (through
     /// the connection that commits on its own), so that a taker-over of a holder killed with
     /// `kill -9` ends them too. Best effort: a failure here is the heartbeat's to notice.
@@ -218,7 +202,7 @@ impl Holding {
 /// `bound` (`--wait-timeout`), saying once which session and what to grant; then gives up with
 /// the lock never freed while they ran: exit 77 when not allowed, 69 otherwise. `None`: the
 /// guard of a [`Which::while_holding`] failed, the lock is lost.
-pub(super) async fn end_sessions(
+pub(crate) async fn end_sessions(
     conn: &mut sqlx::PgConnection,
     which: &Which,
     role: &str,
@@ -262,7 +246,7 @@ const FENCE_POLL: Duration = Duration::from_secs(1);
 /// Waits out a vanished holder's fencing time, `wait` seconds ([`crate::ledger::Ledger::stale`]),
 /// while holding the lock. Returns false as soon as a look shows the lock session lost the
 /// lock (or cannot show it still holds it): the turn is over, whatever the ledger says.
-pub(super) async fn wait_out_fence(
+pub(crate) async fn wait_out_fence(
     replica: &Replica,
     book: &mut sqlx::PgConnection,
     proof: &Proof,

@@ -13,22 +13,21 @@ use std::time::{Duration, Instant};
 use tracing::{error, info, warn};
 
 use crate::child::{self, Program, Supervisor};
-use crate::db::{Conn, Failure, close};
+use crate::db::{Conn, close};
 use crate::duration;
 use crate::error::{Error, Result};
-use crate::ledger::{Begun, Outcome, ReadKey, Seen};
+use crate::ledger::{AttemptRow, Outcome};
 use crate::lock::{self, Proof, Scope};
 use crate::lockwaits;
 use crate::probe::Probe;
 use crate::replica::Replica;
 use crate::route::Route;
-use crate::sessions::{self, Ended, Which};
+use crate::sessions::{self, Ended};
 
 mod ending;
 mod watch;
 
-use ending::{attempt, end_sessions};
-use watch::Watch;
+pub(crate) use ending::{end_sessions, new_attempt, wait_out_fence};
 pub(crate) use watch::{Bounds, OtherReleases};
 
 /// How often the holder checks that its lock session is alive while a child runs.
@@ -65,7 +64,7 @@ pub(crate) struct Holding {
     attempt: i64,
     since: Instant,
     /// The database sessions of this attempt: its tag, and those seen on the child's sockets.
-    sessions: sessions::Attempt,
+    sessions: sessions::AttemptSessions,
     /// Local ports of the child's TCP connections already looked up.
     ports_seen: BTreeMap<u16, u32>,
     /// Whether the gate reaches PostgreSQL without a pooler or proxy between (so do, we
@@ -82,158 +81,108 @@ pub(crate) struct Holding {
     previous_failure: Option<String>,
 }
 
-/// What taking over found.
-pub(crate) enum TakeOver {
-    /// We hold the lock and have recorded an attempt: migrate.
-    Holding(Box<Holding>),
-    /// The previous holder finished between the waiter's read and our lock: the lock is freed
-    /// again, and this replica is a follower after all.
-    AlreadyDone { seen: Seen, conn: Conn },
+/// What a replica got with the lock, for its attempt: how it reaches PostgreSQL and holds the
+/// lock, and the bounds its fencing and ending depend on.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Taken {
+    /// What sits between the gate and PostgreSQL.
+    pub(crate) route: Route,
+    /// How the lock is held.
+    pub(crate) scope: Scope,
+    /// `--kill-grace`, recorded so that a taker-over knows how long fencing takes.
+    pub(crate) kill_grace: Duration,
+    /// `--wait-timeout`: how long to keep the lock waiting for sessions we may not end.
+    pub(crate) wait_timeout: Duration,
 }
 
-/// Why a supervised child stopped being watched.
-enum StepEnd {
+/// How an attempt ends, for [`Holding::end`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Ending<'a> {
+    /// `done` or `failed`.
+    pub(crate) outcome: Outcome,
+    /// The child's exit code, or the gate's own for a refusal.
+    pub(crate) exit_code: Option<i32>,
+    /// Why, for the ledger.
+    pub(crate) detail: &'a str,
+}
+
+impl<'a> Ending<'a> {
+    /// The release is done.
+    pub(crate) fn done(exit_code: Option<i32>, detail: &'a str) -> Ending<'a> {
+        Ending {
+            outcome: Outcome::Done,
+            exit_code,
+            detail,
+        }
+    }
+
+    /// The attempt failed.
+    pub(crate) fn failed(exit_code: Option<i32>, detail: &'a str) -> Ending<'a> {
+        Ending {
+            outcome: Outcome::Failed,
+            exit_code,
+            detail,
+        }
+    }
+}
+
+/// Why a supervised child stopped being watched: `W` is what else ends the watch, a
+/// migration's bound ([`Overran`]) or an app's readiness ([`Readiness`]).
+enum StepEnd<W> {
     /// The child exited with this code.
     Exited(i32),
-    /// The readiness probe passed.
-    Ready,
     /// The lock session failed its heartbeat (`paused`: the child is paused, after the gate
     /// woke up late, and must not run again).
     LockLost { reason: String, paused: bool },
-    /// The app did not become ready in time.
-    ReadyTimeout,
-    /// The migration ran longer than `--migration-timeout` (this long).
-    TimedOut(Duration),
+    /// What else was watched.
+    Watched(W),
+}
+
+/// The migration ran longer than `--migration-timeout` (this long).
+struct Overran(Duration);
+
+/// How the readiness probe of an app started with the lock ended.
+enum Readiness {
+    /// The probe passed.
+    Ready,
+    /// `--ready-timeout` passed first.
+    NotReady,
 }
 
 impl Holding {
-    /// Takes over once the waiter's `conn` holds the lock in `scope` (step 3 of the protocol,
-    /// [`crate::waiting`]): keepalives on the lock session, the ledger read again inside the
-    /// lock, the witness connection, the wait for a vanished holder's fencing time, and this
-    /// attempt's row. Errors come sorted into "retry" and "give up".
-    pub(crate) async fn take_over(
+    /// The holder of attempt `id`, begun by [`crate::protocol`] on `conn` (and its witness)
+    /// with the lock's `proof`.
+    pub(crate) fn new(
         replica: &Replica,
-        mut conn: Conn,
-        (route, scope): (Route, Scope),
-        kill_grace: Duration,
-        wait_timeout: Duration,
-    ) -> Result<TakeOver, Failure> {
-        let sql = |e: sqlx::Error| replica.db.classify(&e);
-        let lost = |when: &str| {
-            Failure::Retry(format!(
-                "the lock session lost the lock {when}; nothing was migrated, waiting again"
-            ))
-        };
-        let c = conn.pg().await.map_err(sql)?;
-        let server_version = c.server_version_num().unwrap_or(0);
-        lock::configure_lock_session(c, scope).await.map_err(sql)?;
-        let proof = Proof::of(c, replica.lock()).await.map_err(sql)?;
-        if let Some(release) = replica.release() {
-            let seen = replica
-                .ledger
-                .is_done(c, release, ReadKey::No)
-                .await
-                .map_err(sql)?;
-            if seen.done == Some(true) {
-                // The previous holder finished between our read and our lock.
-                lock::release(c, replica.lock(), scope).await.map_err(sql)?;
-                return Ok(TakeOver::AlreadyDone { seen, conn });
-            }
-        }
-        // The attempt row and its heartbeats must be visible to a taker-over even if this
-        // holder vanishes. In session scope they commit on the lock session itself; in
-        // transaction scope everything written there rolls back with the lock, so they go
-        // through a second connection that commits on its own: the witness. Every statement
-        // below that acts for the holder carries the lock's proof ([`Proof`]): the witness is
-        // another session, and the lock session may be lost at any moment.
-        let mut witness = match scope {
-            Scope::Session => None,
-            _ => Some(replica.db.connect_once(replica.db.attempt_limit()).await?),
-        };
-        let book = match witness.as_mut() {
-            Some(w) => w.pg().await.map_err(sql)?,
-            None => conn.pg().await.map_err(sql)?,
-        };
-        let stale = replica.ledger.stale(book, &proof).await.map_err(sql)?;
-        if !stale.held {
-            return Err(lost("before it began"));
-        }
-        if stale.running > 0 {
-            warn!(
-                stale = stale.running,
-                fence_wait_s = format!("{:.1}", stale.wait_secs),
-                "the previous holder vanished mid-migration; taking over once it has surely stopped its migration"
-            );
-            if !ending::wait_out_fence(replica, book, &proof, stale.wait_secs).await {
-                return Err(lost("while waiting out the previous holder's fencing time"));
-            }
-        }
-        // An attempt is over only when its sessions are: a vanished, fenced or failed holder's
-        // statement may still run (or sit in a lock queue) on the server.
-        let tag = sessions::Tag::new(replica.lock(), replica.release(), None);
-        let earlier = Which::unfinished(
-            &tag,
-            &replica.ledger.unfinished_ids(),
-            &replica.ledger.unfinished_seen(),
-        )
-        .while_holding(&proof);
-        let Some(ended) = end_sessions(book, &earlier, replica.db.username(), wait_timeout)
-            .await
-            .map_err(Failure::Fatal)?
-        else {
-            return Err(lost("while ending earlier attempts' sessions"));
-        };
-        if stale.running > 0
-            && !replica
-                .ledger
-                .abandon_stale(book, &ended.to_string(), &proof)
-                .await
-                .map_err(sql)?
-        {
-            return Err(lost(
-                "before it marked the vanished holder's attempt abandoned",
-            ));
-        }
-        let previous = replica.ledger.attempts(book, replica.release(), 1).await;
-        let attempt = match replica
-            .ledger
-            .begin(book, &attempt(replica, kill_grace), &proof)
-            .await
-            .map_err(sql)?
-        {
-            Begun::Attempt(id) => id,
-            Begun::LockLost => return Err(lost("before it began")),
-            Begun::AlreadyDone => {
-                // Impossible while we hold the lock (only a holder writes `done`), and cheap to
-                // honour: a follower after all.
-                let c = conn.pg().await.map_err(sql)?;
-                lock::release(c, replica.lock(), scope).await.map_err(sql)?;
-                let release = replica.release().unwrap_or_default();
-                let seen = replica
-                    .ledger
-                    .is_done(c, release, ReadKey::No)
-                    .await
-                    .map_err(sql)?;
-                return Ok(TakeOver::AlreadyDone { seen, conn });
-            }
-        };
-        let previous_failure = watch::say_previous_failure(previous.ok());
-        Ok(TakeOver::Holding(Box::new(Holding {
+        (conn, witness): (Conn, Option<Conn>),
+        (proof, id): (Proof, i64),
+        taken: Taken,
+        server_version: u32,
+    ) -> Holding {
+        Holding {
             conn,
             witness,
-            scope,
+            scope: taken.scope,
             proof,
-            attempt,
+            attempt: id,
             since: Instant::now(),
-            sessions: sessions::Attempt::new(replica.lock(), replica.release(), attempt),
+            sessions: sessions::AttemptSessions::new(replica.lock(), replica.release(), id),
             ports_seen: BTreeMap::new(),
-            direct: route == Route::Direct,
+            direct: taken.route == Route::Direct,
             server_version,
-            wait_timeout,
-            previous_failure,
-            note: (ended != Ended::default())
-                .then(|| format!("before it, earlier attempts' sessions: {ended}")),
-        })))
+            wait_timeout: taken.wait_timeout,
+            note: None,
+            previous_failure: None,
+        }
+    }
+
+    /// What came before this attempt: the newest earlier attempt of the release (`previous`,
+    /// said when it failed) and what taking over ended of earlier attempts' sessions.
+    pub(crate) fn after(mut self, previous: Option<Vec<AttemptRow>>, ended: Ended) -> Holding {
+        self.previous_failure = watch::say_previous_failure(previous);
+        self.note = (ended != Ended::default())
+            .then(|| format!("before it, earlier attempts' sessions: {ended}"));
+        self
     }
 
     /// The environment of this attempt's children: the session tag and `PGOPTIONS` (with
@@ -258,8 +207,16 @@ impl Holding {
     }
 
     /// The ledger row of this attempt.
-    pub(crate) fn attempt(&self) -> i64 {
+    pub(crate) fn attempt_id(&self) -> i64 {
         self.attempt
+    }
+
+    /// Closes the lock session (freeing the lock) and the witness: for ends that record nothing.
+    pub(super) async fn close(self) {
+        close(self.conn).await;
+        if let Some(w) = self.witness {
+            close(w).await;
+        }
     }
 
     /// Runs a migration command to completion with the flag on, within `--migration-timeout`.
@@ -288,13 +245,28 @@ impl Holding {
         let program = program.with_env(self.child_env(bounds.lock_timeout));
         let mut child = match child::spawn(&program) {
             Ok(c) => c,
-            Err(e) => return Err(self.fail_to_start(replica, e).await),
+            Err(e) => return Err(self.refuse(replica, e).await),
         };
-        let watch = Watch {
-            limit: bounds.migration_timeout,
-            report_waits_after: bounds.report_waits_after,
+        let limit = bounds.migration_timeout;
+        let bound = async move {
+            match limit {
+                Some(limit) => {
+                    tokio::time::sleep(limit).await;
+                    Overran(limit)
+                }
+                None => std::future::pending().await,
+            }
         };
-        match self.supervise(replica, &mut child, None, watch).await {
+        let watching = ("the migration", bounds.report_waits_after);
+        match self.supervise(replica, &mut child, bound, watching).await {
+            StepEnd::Exited(0) => {
+                child.finish();
+                info!(
+                    secs = format!("{:.1}", started.elapsed().as_secs_f64()),
+                    "migration finished"
+                );
+                self.settle_after_success(replica, what).await
+            }
             StepEnd::Exited(code) => {
                 child.finish();
                 info!(
@@ -302,22 +274,15 @@ impl Holding {
                     secs = format!("{:.1}", started.elapsed().as_secs_f64()),
                     "migration finished"
                 );
-                if code == 0 {
-                    return self.settle_after_success(replica, what).await;
-                }
-                self.complete(
-                    replica,
-                    Outcome::Failed,
-                    Some(code),
-                    &format!("{what} failed"),
-                )
-                .await?;
+                let detail = format!("{what} failed");
+                self.end(replica, Ending::failed(Some(code), &detail))
+                    .await?;
                 Err(Error::MigrationFailed {
                     what: format!("{what} `{}`{}", program.display(), too),
                     code,
                 })
             }
-            StepEnd::TimedOut(limit) => {
+            StepEnd::Watched(Overran(limit)) => {
                 let code = child.stop(bounds.kill_grace).await;
                 child.finish();
                 let reason = format!(
@@ -325,7 +290,7 @@ impl Holding {
                     duration::short(limit)
                 );
                 error!(code, "{reason}");
-                self.complete(replica, Outcome::Failed, Some(code), &reason)
+                self.end(replica, Ending::failed(Some(code), &reason))
                     .await?;
                 Err(Error::Timeout {
                     what: format!("{what} `{}` did not finish{}", program.display(), too),
@@ -341,9 +306,6 @@ impl Holding {
                 };
                 Err(self.fence(replica, &mut child, &reason, grace).await)
             }
-            StepEnd::Ready | StepEnd::ReadyTimeout => Err(Error::Internal(
-                "a probe ended a migration without a probe".into(),
-            )),
         }
     }
 
@@ -360,37 +322,52 @@ impl Holding {
         let (kill_grace, report_waits_after) = (bounds.kill_grace, bounds.report_waits_after);
         info!(command = %app.display(), probe = %probe.describe(), flag = %format!("{}={}", app.flag.0, app.flag.1), tag = %self.sessions.tag(), "starting the app; holding the lock until it is ready");
         let started = Instant::now();
-        let watch = Watch {
-            limit: None,
-            report_waits_after,
-        };
         let app = &app.with_env(self.child_env(None));
         let mut child = match child::spawn(app) {
             Ok(c) => c,
-            Err(e) => return Err(self.fail_to_start(replica, e).await),
+            Err(e) => return Err(self.refuse(replica, e).await),
         };
+        let db = &replica.db;
+        let readiness = async move {
+            let mut tick = tokio::time::interval(PROBE_EVERY);
+            let mut sql_conn = None;
+            let ready = async {
+                loop {
+                    tick.tick().await;
+                    if probe.check(db, &mut sql_conn).await {
+                        return;
+                    }
+                }
+            };
+            tokio::select! {
+                () = ready => {
+                    if let Some(c) = sql_conn.take() {
+                        close(c).await;
+                    }
+                    Readiness::Ready
+                }
+                () = tokio::time::sleep(ready_timeout) => Readiness::NotReady,
+            }
+        };
+        let watching = ("the app starting with the flag on", report_waits_after);
         match self
-            .supervise(replica, &mut child, Some((probe, ready_timeout)), watch)
+            .supervise(replica, &mut child, readiness, watching)
             .await
         {
-            StepEnd::Ready => {
+            StepEnd::Watched(Readiness::Ready) => {
                 info!(
                     secs = format!("{:.1}", started.elapsed().as_secs_f64()),
                     "the app is ready"
                 );
-                self.complete(replica, Outcome::Done, None, "the app became ready")
+                self.end(replica, Ending::done(None, "the app became ready"))
                     .await?;
                 Ok(child)
             }
             StepEnd::Exited(code) => {
                 child.finish();
-                self.complete(
-                    replica,
-                    Outcome::Failed,
-                    Some(code),
-                    "the app exited before it was ready",
-                )
-                .await?;
+                let detail = "the app exited before it was ready";
+                self.end(replica, Ending::failed(Some(code), detail))
+                    .await?;
                 Err(Error::MigrationFailed {
                     what: format!(
                         "the app `{}` exited before it was ready, so the migration",
@@ -399,16 +376,12 @@ impl Holding {
                     code,
                 })
             }
-            StepEnd::ReadyTimeout | StepEnd::TimedOut(_) => {
+            StepEnd::Watched(Readiness::NotReady) => {
                 let code = child.stop(kill_grace).await;
                 child.finish();
-                self.complete(
-                    replica,
-                    Outcome::Failed,
-                    Some(code),
-                    "the app was not ready in time",
-                )
-                .await?;
+                let detail = "the app was not ready in time";
+                self.end(replica, Ending::failed(Some(code), detail))
+                    .await?;
                 Err(Error::Timeout {
                     what: format!("the app was not ready ({})", probe.describe()),
                     waited: ready_timeout,
@@ -422,19 +395,16 @@ impl Holding {
         }
     }
 
-    /// Ends the attempt: when it failed, first ends its database sessions and confirms they are
-    /// gone (keeping the lock meanwhile); then records the outcome and notifies the waiters on
-    /// the lock session, commits, and only then frees the lock (step 4 of the protocol). Every
-    /// way an attempt ends but fencing passes here.
-    pub(crate) async fn complete(
-        mut self,
-        replica: &Replica,
-        outcome: Outcome,
-        exit_code: Option<i32>,
-        detail: &str,
-    ) -> Result<()> {
-        let mut detail = detail.to_string();
-        if outcome == Outcome::Failed {
+    /// The one exit of an attempt but fencing ([`Holding::fence`]): done, failed, timed out,
+    /// refused by a preflight check or by `--other-releases`, failed to start, not ready. When
+    /// it failed, first ends its database sessions and confirms they are gone (keeping the lock
+    /// meanwhile); then records the outcome and notifies the waiters in one statement that
+    /// proves the lock, commits, and only then frees the lock (step 5 of [`crate::protocol`]).
+    /// A row that is no longer `running` is not overwritten: the lock was lost at some point,
+    /// and the next holder decides.
+    pub(crate) async fn end(mut self, replica: &Replica, ending: Ending<'_>) -> Result<()> {
+        let mut detail = ending.detail.to_string();
+        if ending.outcome == Outcome::Failed {
             let (which, bound) = (self.sessions.which(), self.wait_timeout);
             let ended = match self.book().await {
                 Ok(c) => end_sessions(c, &which, replica.db.username(), bound).await,
@@ -449,10 +419,7 @@ impl Holding {
                 Err(e) => {
                     // The row stays `running`: the next holder waits out our fencing time and
                     // ends what is left before it migrates.
-                    close(self.conn).await;
-                    if let Some(w) = self.witness {
-                        close(w).await;
-                    }
+                    self.close().await;
                     return Err(e);
                 }
             }
@@ -460,36 +427,29 @@ impl Holding {
         if let Some(note) = &self.note {
             detail = format!("{detail}; {note}");
         }
+        let (outcome, attempt, proof) = (ending.outcome, self.attempt, self.proof.clone());
         let result = async {
             let c = self.conn.pg().await?;
             let recorded = replica
                 .ledger
-                .finish(c, self.attempt, (outcome, exit_code, &detail), &self.proof)
+                .finish(c, attempt, (outcome, ending.exit_code, &detail), &proof)
                 .await?;
-            if recorded {
-                info!(attempt = self.attempt, outcome = ?outcome, "ledger written");
-            }
-            lock::release(c, replica.lock(), self.scope).await?;
+            lock::unlock(c, replica.lock(), self.scope).await?;
             Ok::<_, sqlx::Error>(recorded)
         }
         .await;
-        close(self.conn).await;
-        if let Some(w) = self.witness {
-            close(w).await;
-        }
+        let held_ms = self.since.elapsed().as_millis() as u64;
+        self.close().await;
         match result {
             Ok(true) => {
-                info!(
-                    held_ms = self.since.elapsed().as_millis() as u64,
-                    "lock released"
-                );
+                info!(attempt, outcome = ?outcome, "ledger written");
+                info!(held_ms, "lock released");
                 Ok(())
             }
             Ok(false) => Err(Error::Unavailable(format!(
-                "the attempt ended ({outcome:?}) but was not recorded: attempt {} is no longer \
-                 `running` or the lock session lost the lock (another replica took over, or a \
-                 reset removed it); the next holder decides what happens to the release",
-                self.attempt
+                "the attempt ended ({outcome:?}) but was not recorded: attempt {attempt} is no \
+                 longer `running` or the lock session lost the lock (another replica took over, \
+                 or a reset removed it); the next holder decides what happens to the release"
             ))),
             Err(e) => Err(Error::Unavailable(format!(
                 "the attempt ended ({outcome:?}) but the ledger could not be written: {e}; \
@@ -498,31 +458,25 @@ impl Holding {
         }
     }
 
-    /// Watches `child` while holding the lock: heartbeats, and the readiness probe if any.
-    async fn supervise(
+    /// Watches `child` while holding the lock: heartbeats (fencing), what its sessions wait on
+    /// (`watching`: who they are, for the report, and after how long a wait is reported), and
+    /// `watched`, whatever else ends the watch.
+    async fn supervise<W>(
         &mut self,
         replica: &Replica,
         child: &mut Supervisor,
-        probe: Option<(&Probe, Duration)>,
-        watch: Watch,
-    ) -> StepEnd {
-        let limit = watch.limit.unwrap_or(Duration::MAX / 4);
-        let limit_deadline = tokio::time::Instant::now() + limit;
+        watched: impl Future<Output = W>,
+        (who, report_waits_after): (&'static str, Duration),
+    ) -> StepEnd<W> {
         let mut heartbeat = tokio::time::interval(HEARTBEAT);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut probe_tick = tokio::time::interval(PROBE_EVERY);
-        let ready_deadline =
-            tokio::time::Instant::now() + probe.map(|p| p.1).unwrap_or(Duration::MAX / 4);
-        let mut sql_conn = None;
         // What the migration waits on: every 5 s, or sooner for a shorter threshold (not on
         // every heartbeat: one query with pg_blocking_pids, on the holder only).
-        let every = LOOK_AT_WAITS.min(watch.report_waits_after.max(HEARTBEAT));
+        let every = LOOK_AT_WAITS.min(report_waits_after.max(HEARTBEAT));
         let mut waits_tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         waits_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut reporter = lockwaits::Reporter::new(match probe {
-            Some(_) => "the app starting with the flag on",
-            None => "the migration",
-        });
+        let mut reporter = lockwaits::Reporter::new(who);
+        let mut watched = std::pin::pin!(watched);
         loop {
             tokio::select! {
                 // The heartbeat first: after a freeze every branch is ready at once, and the
@@ -556,20 +510,9 @@ impl Holding {
                     return StepEnd::Exited(code);
                 }
                 _ = waits_tick.tick() => {
-                    self.report_waits(&mut reporter, watch.report_waits_after).await;
+                    self.report_waits(&mut reporter, report_waits_after).await;
                 }
-                _ = probe_tick.tick(), if probe.is_some() => {
-                    if let Some((p, _)) = probe
-                        && p.check(&replica.db, &mut sql_conn).await
-                    {
-                        if let Some(c) = sql_conn.take() {
-                            close(c).await;
-                        }
-                        return StepEnd::Ready;
-                    }
-                }
-                _ = tokio::time::sleep_until(ready_deadline), if probe.is_some() => return StepEnd::ReadyTimeout,
-                _ = tokio::time::sleep_until(limit_deadline), if watch.limit.is_some() => return StepEnd::TimedOut(limit),
+                w = &mut watched => return StepEnd::Watched(w),
             }
         }
     }

@@ -7,9 +7,8 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use super::{HEARTBEAT_TIMEOUT, Holding};
-use crate::db::close;
 use crate::error::{Error, Result};
-use crate::ledger::AttemptRow;
+use crate::ledger::{AttemptRow, Outcome};
 use crate::lockwaits;
 use crate::replica::Replica;
 use crate::sessions;
@@ -20,20 +19,20 @@ use crate::sql;
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Bounds {
     /// After SIGTERM, how long before SIGKILL.
-    pub kill_grace: Duration,
+    pub(crate) kill_grace: Duration,
     /// How long the migration command may run (`None`: no bound).
-    pub migration_timeout: Option<Duration>,
+    pub(crate) migration_timeout: Option<Duration>,
     /// `lock_timeout` for the migration command's sessions (direct routes only).
-    pub lock_timeout: Option<Duration>,
+    pub(crate) lock_timeout: Option<Duration>,
     /// How long a session of the attempt waits on a lock before the holder reports it.
-    pub report_waits_after: Duration,
+    pub(crate) report_waits_after: Duration,
     /// What to do while apps of another release are connected.
-    pub other_releases: OtherReleases,
+    pub(crate) other_releases: OtherReleases,
 }
 
 /// What the holder does when apps of another release of the same lock are still connected
 /// before it migrates (`--other-releases`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum OtherReleases {
     /// Wait until they have disconnected (bounded by --wait-timeout), then migrate.
     Wait,
@@ -47,15 +46,6 @@ pub(crate) enum OtherReleases {
 const OTHER_RELEASES_POLL: Duration = Duration::from_secs(1);
 /// How often it says who is still connected.
 const OTHER_RELEASES_REPORT: Duration = Duration::from_secs(10);
-
-/// What [`Holding::supervise`] bounds and watches besides the heartbeat.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Watch {
-    /// How long the child may run.
-    pub(super) limit: Option<Duration>,
-    /// How long a session waits on a lock before it is reported.
-    pub(super) report_waits_after: Duration,
-}
 
 impl Holding {
     /// `" (the previous attempt N failed too)"` after a failed attempt, else empty: for the
@@ -119,7 +109,7 @@ impl Holding {
                     let e = Error::Unavailable(format!(
                         "could not look for apps of other releases: {e}"
                     ));
-                    return Err(self.give_up(replica, e).await?);
+                    return Err(self.refuse(replica, e).await);
                 }
             };
             if policy == OtherReleases::Fail {
@@ -128,7 +118,7 @@ impl Holding {
                      stop the old replicas before the new ones start (Kubernetes: strategy Recreate; Swarm: update_config order stop-first; or scale the old release to 0), \
                      or use --other-releases wait or ignore"
                 ));
-                return Err(self.give_up(replica, e).await?);
+                return Err(self.refuse(replica, e).await);
             }
             if started.elapsed() >= bound {
                 let e = Error::Timeout {
@@ -136,7 +126,7 @@ impl Holding {
                     waited: bound,
                     hint: "nothing was migrated; stop the old replicas (strategy Recreate, or scale them down) or raise --wait-timeout".into(),
                 };
-                return Err(self.give_up(replica, e).await?);
+                return Err(self.refuse(replica, e).await);
             }
             if said.is_none_or(|at| at.elapsed() >= OTHER_RELEASES_REPORT) {
                 warn!(
@@ -146,10 +136,7 @@ impl Holding {
                 said = Some(Instant::now());
             }
             if let Err(reason) = self.heartbeat(replica).await {
-                close(self.conn).await;
-                if let Some(w) = self.witness {
-                    close(w).await;
-                }
+                self.close().await;
                 return Err(Error::Unavailable(format!(
                     "lost the lock session while waiting for apps of other releases to disconnect ({reason}); nothing was migrated"
                 )));
@@ -189,7 +176,7 @@ impl Holding {
 pub(super) fn say_previous_failure(previous: Option<Vec<AttemptRow>>) -> Option<String> {
     let p = previous
         .and_then(|rows| rows.into_iter().next())
-        .filter(|a| a.outcome == "failed" || a.outcome == "abandoned")?;
+        .filter(|a| matches!(a.outcome, Outcome::Failed | Outcome::Abandoned))?;
     warn!(
         previous_attempt = p.id,
         "the previous attempt {} by {} (host {}, pid {}) {} with exit code {} at {}: {}; migrating again",

@@ -28,7 +28,6 @@ mod open_webui;
 mod presets;
 mod store;
 
-use clap::ValueEnum;
 use tracing::{info, warn};
 
 use crate::db::{Conn, close};
@@ -46,8 +45,8 @@ use store::Reference;
 pub(crate) use store::{EnvCheck, Store};
 
 /// What a `--same-env` difference does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum OnMismatch {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OnMismatch {
     /// Refuse to start the app: exit 78.
     Fail,
     /// Log a warning and start the app.

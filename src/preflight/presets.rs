@@ -1,15 +1,12 @@
 //! The presets: data-driven tables of local rules for known apps (`--preset`), checked before
 //! the gate connects. The README's preset table is this table.
 
-use clap::ValueEnum;
-
 use super::open_webui::{self, AppDatabase, Problem};
 
 /// A named set of rules for a known app (README, "Preflight").
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Preset {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Preset {
     /// Open WebUI's multi-replica checklist.
-    #[value(name = "open-webui")]
     OpenWebui,
 }
 

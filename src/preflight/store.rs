@@ -245,24 +245,24 @@ fn env_check(r: &PgRow) -> Result<EnvCheck, sqlx::Error> {
 #[derive(Debug, Clone, serde::Serialize)]
 pub(crate) struct EnvCheck {
     /// The release.
-    pub release: String,
+    pub(crate) release: String,
     /// The variable's name.
-    pub variable: String,
+    pub(crate) variable: String,
     /// The replica whose value became the reference (the release's first).
-    pub reference: Replica,
+    pub(crate) reference: Replica,
     /// How many replicas (by application name) last saw the same value.
-    pub agreed: u32,
+    pub(crate) agreed: u32,
     /// The replicas whose last value differed, oldest first.
-    pub disagreed: Vec<Replica>,
+    pub(crate) disagreed: Vec<Replica>,
 }
 
 /// A replica in the `--same-env` record.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Replica {
     /// Its `application_name`.
-    pub replica: String,
+    pub(crate) replica: String,
     /// Its host name.
-    pub host: String,
+    pub(crate) host: String,
     /// When it set the reference or was last checked, RFC 3339 UTC.
-    pub at: String,
+    pub(crate) at: String,
 }

@@ -19,9 +19,9 @@ const TERMINATE_GRACE: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Ended {
     /// Sessions that ended after `pg_cancel_backend`.
-    pub cancelled: usize,
+    pub(crate) cancelled: usize,
     /// Sessions that had to be terminated.
-    pub terminated: usize,
+    pub(crate) terminated: usize,
 }
 
 impl fmt::Display for Ended {

@@ -24,7 +24,7 @@
 //! of the holder's attempt (`-` for a follower's app, which is no attempt). The tag comes first
 //! because the server cuts `application_name` to 63 bytes: the operator's own name is cut, ours
 //! never is. A client that sets `application_name` itself overrides `PGAPPNAME`; see
-//! [`Attempt::remember`] for how the holder finds those sessions anyway.
+//! [`AttemptSessions::remember`] for how the holder finds those sessions anyway.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -136,8 +136,8 @@ pub(crate) fn child_env(
 }
 
 /// The environment of an app started with the flag off (a follower's, or the holder's once the
-/// release is done): the tag names the lock and the release, and no attempt.
-pub(crate) fn follower_env(lock: &LockKey, release: Option<&str>) -> Vec<(String, String)> {
+/// release is done, which is no attempt either): the tag names the lock and the release only.
+pub(crate) fn app_env(lock: &LockKey, release: Option<&str>) -> Vec<(String, String)> {
     child_env(&Tag::new(lock, release, None), false, 0, None)
 }
 
@@ -161,17 +161,17 @@ fn field(part: u8) -> String {
 #[derive(Debug, Clone, serde::Serialize)]
 pub(crate) struct Session {
     /// Backend PID.
-    pub pid: i32,
+    pub(crate) pid: i32,
     /// Its role (`usename`).
-    pub role: String,
+    pub(crate) role: String,
     /// Its `application_name`.
-    pub application_name: String,
+    pub(crate) application_name: String,
     /// `active`, `idle in transaction`, `idle`, ... (empty when hidden from our role).
-    pub state: String,
+    pub(crate) state: String,
     /// When its current (or last) statement started, UTC.
-    pub query_start: String,
+    pub(crate) query_start: String,
     /// Whether it is inside a transaction (which it could still commit).
-    pub in_transaction: bool,
+    pub(crate) in_transaction: bool,
 }
 
 impl fmt::Display for Session {
@@ -218,7 +218,7 @@ pub(crate) struct Which {
 }
 
 impl Which {
-    /// The sessions of one attempt: tagged with it, or seen by [`Attempt::remember`] on the
+    /// The sessions of one attempt: tagged with it, or seen by [`AttemptSessions::remember`] on the
     /// child's own sockets.
     fn attempt(tag: &Tag, id: i64, seen: &BTreeSet<(i32, String)>) -> Which {
         let mut cond = format!(
@@ -303,22 +303,22 @@ pub(crate) async fn list(
 const PORT_LOOKS: u32 = 5;
 
 /// How a `running` attempt's `detail` starts when it lists the untagged sessions its holder
-/// found ([`Attempt::note`]).
+/// found ([`AttemptSessions::note`]).
 pub(crate) const SEEN_NOTE: &str = "sessions seen: ";
 
 /// The sessions of the holder's attempt: its tag, and the sessions seen on the child's own
 /// sockets for clients that set `application_name` themselves.
 #[derive(Debug, Clone)]
-pub(crate) struct Attempt {
+pub(crate) struct AttemptSessions {
     tag: Tag,
     id: i64,
     seen: BTreeSet<(i32, String)>,
 }
 
-impl Attempt {
+impl AttemptSessions {
     /// The sessions of attempt `id` of `lock`'s gate, migrating `release`.
-    pub(crate) fn new(lock: &LockKey, release: Option<&str>, id: i64) -> Attempt {
-        Attempt {
+    pub(crate) fn new(lock: &LockKey, release: Option<&str>, id: i64) -> AttemptSessions {
+        AttemptSessions {
             tag: Tag::new(lock, release, Some(id)),
             id,
             seen: BTreeSet::new(),

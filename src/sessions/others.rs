@@ -12,13 +12,13 @@ use crate::sql::{Cols, lit, query};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct OtherRelease {
     /// The release field of their tag (the first 32 bits of the release ID's SHA-256).
-    pub hash: String,
+    pub(crate) hash: String,
     /// The release's name, when the ledger knows one with this hash.
-    pub name: Option<String>,
+    pub(crate) name: Option<String>,
     /// How many sessions.
-    pub sessions: i64,
+    pub(crate) sessions: i64,
     /// Their client addresses (`local` for a Unix socket), comma-separated.
-    pub clients: String,
+    pub(crate) clients: String,
 }
 
 impl fmt::Display for OtherRelease {

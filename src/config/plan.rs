@@ -1,0 +1,268 @@
+//! The plans the commands receive: every flag read once, validated and given its default, in the
+//! order a replica meets them (the flag, the programs, the release, the local preflight rules,
+//! the database), so that the first thing wrong is the one reported. Nothing here is a clap
+//! type: the commands never see the command line.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::{CheckArgs, Command, GateArgs, MigrateArgs, ResetArgs, RunArgs, StatusArgs, WaitArgs};
+use crate::child::check_program;
+use crate::error::{Error, Result};
+use crate::holding::{Bounds, OtherReleases};
+use crate::lock::WaitSlots;
+use crate::preflight::{Mode, Preflight, Preset};
+use crate::probe::{self, Probe};
+use crate::replica::Target;
+
+/// What to do, with everything it needs.
+pub(crate) enum Plan {
+    Migrate(Migrate),
+    Run(Run),
+    Wait(Wait),
+    Status(Status),
+    Check(Check),
+    Reset(Reset),
+    /// `install DIR`.
+    Install(PathBuf),
+    /// `completions` and `man` print and exit before any plan is made.
+    Printed,
+}
+
+/// The environment variable that turns the app's migrations on or off.
+#[derive(Debug, Clone)]
+pub(crate) struct Flag {
+    /// Variable name.
+    pub(crate) name: String,
+    /// Value for the migrating start.
+    pub(crate) on: String,
+    /// Value for every other start.
+    pub(crate) off: String,
+}
+
+/// What every replica that passes the gate needs (`migrate`, `run`, `wait`).
+pub(crate) struct Gate {
+    /// Where the database and the lock are.
+    pub(crate) target: Target,
+    /// The release ID (`--release`, or the hash of `--release-from`).
+    pub(crate) release: Option<String>,
+    /// `--flag`, `--on`, `--off`.
+    pub(crate) flag: Flag,
+    /// `--wait-timeout`: bounds the whole wait.
+    pub(crate) wait_timeout: Duration,
+    /// `--waiting-connections`.
+    pub(crate) slots: WaitSlots,
+    /// The preflight checks, with their local rules already passed.
+    pub(crate) preflight: Preflight,
+}
+
+/// `migrate -- CMD`.
+pub(crate) struct Migrate {
+    pub(crate) gate: Gate,
+    pub(crate) bounds: Bounds,
+    pub(crate) command: Vec<String>,
+}
+
+/// `run [--migrate CMD] [--ready-*] -- APP`.
+pub(crate) struct Run {
+    pub(crate) gate: Gate,
+    pub(crate) bounds: Bounds,
+    /// `--migrate`, split into words.
+    pub(crate) migrate: Option<Vec<String>>,
+    /// `--ready-http`, `--ready-tcp` or `--ready-sql`.
+    pub(crate) probe: Option<Probe>,
+    /// `--ready-timeout`.
+    pub(crate) ready_timeout: Duration,
+    pub(crate) command: Vec<String>,
+}
+
+/// `wait --release R [-- CMD]`.
+pub(crate) struct Wait {
+    /// Its release is always set.
+    pub(crate) gate: Gate,
+    pub(crate) command: Vec<String>,
+}
+
+/// `status`.
+pub(crate) struct Status {
+    pub(crate) target: Target,
+    pub(crate) release: Option<String>,
+    pub(crate) json: bool,
+    /// `--limit`: attempts shown.
+    pub(crate) limit: u32,
+}
+
+/// `check`.
+pub(crate) struct Check {
+    pub(crate) target: Target,
+    pub(crate) release: Option<String>,
+    pub(crate) json: bool,
+}
+
+/// `reset`.
+pub(crate) struct Reset {
+    pub(crate) target: Target,
+    pub(crate) release: String,
+    /// `--env`: forget only the release's `--same-env` fingerprints.
+    pub(crate) env: bool,
+}
+
+impl Command {
+    /// The plan for this command.
+    pub(crate) fn plan(self) -> Result<Plan> {
+        Ok(match self {
+            Command::Migrate(a) => Plan::Migrate(migrate(a)?),
+            Command::Run(a) => Plan::Run(run(a)?),
+            Command::Wait(a) => Plan::Wait(wait(a)?),
+            Command::Status(a) => Plan::Status(status(a)?),
+            Command::Check(a) => Plan::Check(check(a)?),
+            Command::Reset(a) => Plan::Reset(reset(a)?),
+            Command::Install { dir } => Plan::Install(dir),
+            Command::Completions { .. } | Command::Man => Plan::Printed,
+        })
+    }
+}
+
+fn migrate(a: MigrateArgs) -> Result<Migrate> {
+    let flag = flag(&a.gate)?;
+    check_program(&a.command)?;
+    let release = a.gate.release.resolve()?;
+    let preset = a.gate.preflight.preset.map(Preset::from);
+    Ok(Migrate {
+        gate: gate(a.gate, flag, release, Mode::Migrate)?,
+        bounds: bounds(&a.holder, preset),
+        command: a.command,
+    })
+}
+
+fn run(a: RunArgs) -> Result<Run> {
+    let flag = flag(&a.gate)?;
+    let probe = Probe::from_settings(&probe::Settings {
+        http: a.ready_http,
+        tcp: a.ready_tcp,
+        sql: a.ready_sql,
+    })?;
+    let migrate = a.migrate.as_deref().map(split_command).transpose()?;
+    if probe.is_none() && migrate.is_none() {
+        return Err(Error::Usage(
+            "run needs --migrate CMD, a readiness probe (--ready-http, --ready-tcp, --ready-sql), or both: \
+             otherwise the gate cannot tell when the migration is done"
+                .into(),
+        ));
+    }
+    check_program(&a.command)?;
+    if let Some(argv) = &migrate {
+        check_program(argv)?;
+    }
+    let mode = Mode::Run {
+        migrate: migrate.is_some(),
+    };
+    let release = a.gate.release.resolve()?;
+    let preset = a.gate.preflight.preset.map(Preset::from);
+    Ok(Run {
+        gate: gate(a.gate, flag, release, mode)?,
+        bounds: bounds(&a.holder, preset),
+        migrate,
+        probe,
+        ready_timeout: a.ready_timeout,
+        command: a.command,
+    })
+}
+
+fn wait(a: WaitArgs) -> Result<Wait> {
+    let flag = flag(&a.gate)?;
+    let Some(release) = a.gate.release.resolve()? else {
+        return Err(Error::Usage(
+            "wait needs --release ID or --release-from PATH: the release to wait for".into(),
+        ));
+    };
+    if !a.command.is_empty() {
+        check_program(&a.command)?;
+    }
+    Ok(Wait {
+        gate: gate(a.gate, flag, Some(release), Mode::Wait)?,
+        command: a.command,
+    })
+}
+
+fn status(a: StatusArgs) -> Result<Status> {
+    Ok(Status {
+        target: a.db.target(a.preset.map(Preset::from))?,
+        release: a.release.resolve()?,
+        json: a.json,
+        limit: a.limit,
+    })
+}
+
+fn check(a: CheckArgs) -> Result<Check> {
+    Ok(Check {
+        target: a.db.target(a.preset.map(Preset::from))?,
+        release: a.release.resolve()?,
+        json: a.json,
+    })
+}
+
+fn reset(a: ResetArgs) -> Result<Reset> {
+    Ok(Reset {
+        target: a.db.target(a.preset.map(Preset::from))?,
+        release: a.release,
+        env: a.env,
+    })
+}
+
+/// The flags of every gating replica, in the order they are checked after the flag, the
+/// programs and the release: the local preflight rules, the database.
+fn gate(a: GateArgs, flag: Flag, release: Option<String>, mode: Mode) -> Result<Gate> {
+    let preset = a.preflight.preset.map(Preset::from);
+    let preflight = Preflight::new(&a.preflight.settings(), mode, release.as_deref())?;
+    Ok(Gate {
+        target: a.db.target(preset)?,
+        release,
+        flag,
+        wait_timeout: a.waiting.wait_timeout,
+        slots: a.waiting.waiting_connections,
+        preflight,
+    })
+}
+
+/// The validated `--flag`, `--on`, `--off`.
+fn flag(a: &GateArgs) -> Result<Flag> {
+    let f = &a.flag;
+    if f.flag.is_empty() || f.flag.contains('=') || f.flag.contains('\0') {
+        return Err(Error::Usage(format!(
+            "--flag {:?} is not a valid environment variable name",
+            f.flag
+        )));
+    }
+    Ok(Flag {
+        name: f.flag.clone(),
+        on: f.on.clone(),
+        off: f.off.clone(),
+    })
+}
+
+/// The holder's plain settings; `preset` picks the default of `--other-releases`.
+fn bounds(a: &super::HolderArgs, preset: Option<Preset>) -> Bounds {
+    let other_releases = match (a.other_releases, preset) {
+        (Some(chosen), _) => chosen.into(),
+        (None, Some(Preset::OpenWebui)) => OtherReleases::Fail,
+        (None, None) => OtherReleases::Wait,
+    };
+    Bounds {
+        kill_grace: a.kill_grace,
+        migration_timeout: a.migration_timeout,
+        lock_timeout: a.lock_timeout,
+        report_waits_after: a.report_waits_after,
+        other_releases,
+    }
+}
+
+/// Splits a `--migrate` string into words as a POSIX shell would, without running a shell.
+fn split_command(s: &str) -> Result<Vec<String>> {
+    let words = shell_words::split(s)
+        .map_err(|e| Error::Usage(format!("--migrate {s:?} cannot be split into words: {e}")))?;
+    if words.is_empty() {
+        return Err(Error::Usage("--migrate is empty".into()));
+    }
+    Ok(words)
+}

@@ -1,0 +1,355 @@
+//! The protocol, top to bottom: who migrates, who waits, and when a release is done.
+//!
+//! 1. Every replica connects and reads the ledger. Release done: it is a follower, at once
+//!    (also on a read-only standby: the `done` row is replayed after the migration's commits).
+//! 2. Otherwise it tries `pg_try_advisory_lock` (never the blocking form: a blocked call holds a
+//!    snapshot that `CREATE INDEX CONCURRENTLY` in the holder's migration would wait for). Busy:
+//!    it waits for a notification or a jittered, growing delay and goes back to 1. It goes on
+//!    only when the release is recorded done, never merely because the lock became free: a
+//!    holder that crashed frees the lock without migrating.
+//! 3. The replica that gets the lock takes over ([`take_over`]): it configures its lock session,
+//!    re-reads the ledger under the lock, opens the witness (transaction scope), waits out a
+//!    vanished holder's fencing time, ends earlier attempts' sessions and begins its attempt.
+//!    Each of those statements carries the lock's [`Proof`]: a replica that loses the lock while
+//!    taking over gives up its turn and waits again.
+//! 4. It runs the migration ([`Holding::migrate`], [`Holding::start_app`]), checking its lock
+//!    session on every heartbeat; a lost session fences it ([`Holding::fence`]).
+//! 5. Every other end of an attempt goes through one function, [`Holding::end`]: end its
+//!    sessions if it failed, record the outcome and notify the waiters in one statement that
+//!    proves the lock, commit, and only then free the lock.
+//!
+//! Hard bounds: `--wait-timeout` bounds the whole wait, whatever the network does; every round
+//! trip has a deadline ([`crate::sql::ROUND_TRIP_TIMEOUT`]); `--connect-timeout` bounds a streak
+//! of failures. Connection bookkeeping (waiting slots, the `LISTEN` upgrade, the route, failure
+//! streaks, reports) is [`crate::waiting`]'s; the holder's life is [`crate::holding`]'s.
+
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+
+use crate::db::{Conn, Failure};
+use crate::error::Result;
+use crate::holding::{self, Holding, Taken};
+use crate::ledger::{Begun, ReadKey, Seen, Stale};
+use crate::lock::{self, Proof, Scope, WaitSlots};
+use crate::replica::Replica;
+use crate::sessions::{self, Ended, Which};
+use crate::waiting::{Busy, Waiter};
+
+/// What the replica wants from waiting.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Want {
+    /// Its turn to migrate (`migrate`, `run`): take the lock when it is free.
+    Lock {
+        /// `--kill-grace`, recorded so that a taker-over knows how long fencing takes.
+        kill_grace: Duration,
+        /// `--waiting-connections`.
+        slots: WaitSlots,
+    },
+    /// Only to see the release done (`wait`): never take the lock.
+    Done {
+        /// `--waiting-connections`.
+        slots: WaitSlots,
+    },
+}
+
+impl Want {
+    /// `--waiting-connections`.
+    pub(crate) fn slots(self) -> WaitSlots {
+        match self {
+            Want::Lock { slots, .. } | Want::Done { slots } => slots,
+        }
+    }
+}
+
+/// Whose turn it is: the one outcome of waiting.
+pub(crate) enum Turn {
+    /// The release is done: go on with the flag off. `seen`: what the ledger read saw, for the
+    /// preflight checks; `conn`: its connection, for a preflight check that needs one more round
+    /// trip (dropped otherwise: a follower execs or exits next, and both close the socket).
+    Follower { seen: Seen, conn: Option<Conn> },
+    /// We hold the lock and have begun an attempt: migrate.
+    Holder(Box<Holding>),
+}
+
+/// What one round saw.
+enum Round {
+    /// A turn: follow or hold.
+    Turn(Turn),
+    /// Not yet: the lock is taken (or we only watch).
+    Busy(Busy),
+    /// The server is a read-only standby and the release is not done there.
+    Standby,
+}
+
+/// Waits until the release is done (follower) or, with [`Want::Lock`], this replica holds the
+/// lock and has begun an attempt (holder). Fails after `wait_timeout` (`--wait-timeout`, also how
+/// long a holder waits for earlier sessions it may not end), or after `--connect-timeout` of
+/// trouble.
+pub(crate) async fn wait_turn(
+    replica: &Replica,
+    want: Want,
+    wait_timeout: Duration,
+) -> Result<Turn> {
+    let started = Instant::now();
+    let deadline = tokio::time::Instant::from_std(started + wait_timeout);
+    let mut waiter = Waiter::new(replica);
+    loop {
+        let round = async {
+            let conn = waiter.connection().await?;
+            round(&mut waiter, conn, want, wait_timeout).await
+        };
+        match tokio::time::timeout_at(deadline, round).await {
+            Err(_) => return Err(waiter.timed_out(started.elapsed())),
+            Ok(Ok(Round::Turn(turn))) => return Ok(said(replica, turn, started)),
+            Ok(Ok(Round::Busy(busy))) => waiter.busy(busy, want.slots()).await,
+            Ok(Ok(Round::Standby)) => waiter.standby()?,
+            Ok(Err(Failure::Fatal(e))) => return Err(e),
+            Ok(Err(Failure::Retry(reason))) => waiter.retry(reason)?,
+        }
+        if started.elapsed() >= wait_timeout {
+            return Err(waiter.timed_out(started.elapsed()));
+        }
+        waiter.pause(deadline).await;
+    }
+}
+
+/// Logs whose turn it is and how long the wait took.
+fn said(replica: &Replica, turn: Turn, started: Instant) -> Turn {
+    let waited_ms = started.elapsed().as_millis() as u64;
+    match &turn {
+        Turn::Follower { .. } => info!(
+            release = replica.release(),
+            waited_ms, "release is done; starting with the flag off"
+        ),
+        Turn::Holder(holding) => info!(
+            release = replica.release(),
+            lock = %replica.lock(),
+            attempt = holding.attempt_id(),
+            waited_ms,
+            "lock taken; this replica migrates"
+        ),
+    }
+    turn
+}
+
+/// One round (steps 1 and 2) on `conn`: done? follow; lock free? take over; otherwise busy.
+async fn round(
+    waiter: &mut Waiter<'_>,
+    mut conn: Conn,
+    want: Want,
+    wait_timeout: Duration,
+) -> Result<Round, Failure> {
+    let replica = waiter.replica();
+    let sql = |e: sqlx::Error| replica.db.classify(&e);
+    if let Some(release) = replica.release() {
+        let c = conn.pg().await.map_err(sql)?;
+        let seen = replica
+            .ledger
+            .is_done(c, release, ReadKey::IfCompared)
+            .await
+            .map_err(sql)?;
+        match seen.done {
+            Some(true) => return Ok(follower(seen, conn)),
+            _ if seen.standby => return Ok(Round::Standby),
+            Some(false) => waiter.ledger_exists(),
+            None => {}
+        }
+    }
+    let Want::Lock { kill_grace, .. } = want else {
+        return waiter
+            .keep_or_drop(conn, want.slots())
+            .await
+            .map(Round::Busy);
+    };
+    // First run against this database: create the ledger before anyone locks, so that no DDL
+    // ever runs inside a lock transaction.
+    waiter.ensure_ledger(&mut conn).await?;
+    let (route, scope) = waiter.route(&mut conn).await.map_err(sql)?;
+    let c = conn.pg().await.map_err(sql)?;
+    if !lock::try_acquire(c, replica.lock(), scope)
+        .await
+        .map_err(sql)?
+    {
+        return waiter
+            .keep_or_drop(conn, want.slots())
+            .await
+            .map(Round::Busy);
+    }
+    let taken = Taken {
+        route,
+        scope,
+        kill_grace,
+        wait_timeout,
+    };
+    take_over(replica, conn, taken).await.map(Round::Turn)
+}
+
+fn follower(seen: Seen, conn: Conn) -> Round {
+    Round::Turn(Turn::Follower {
+        seen,
+        conn: Some(conn),
+    })
+}
+
+/// Step 3, once `conn` holds the lock: each step a function below, in order. Errors come sorted
+/// into "retry" (the lock is lost: wait again) and "give up".
+async fn take_over(replica: &Replica, mut conn: Conn, taken: Taken) -> Result<Turn, Failure> {
+    let sql = |e: sqlx::Error| replica.db.classify(&e);
+    let (proof, server_version) = configure_lock_session(replica, &mut conn, taken.scope).await?;
+    if let Some(seen) = done_under_lock(replica, &mut conn, taken.scope).await? {
+        return Ok(Turn::Follower {
+            seen,
+            conn: Some(conn),
+        });
+    }
+    let mut witness = open_witness(replica, taken.scope).await?;
+    let book = match witness.as_mut() {
+        Some(w) => w.pg().await.map_err(sql)?,
+        None => conn.pg().await.map_err(sql)?,
+    };
+    let stale = wait_out_vanished_holder(replica, book, &proof).await?;
+    let ended = end_earlier_sessions(replica, book, &proof, &stale, taken.wait_timeout).await?;
+    let previous = replica.ledger.attempts(book, replica.release(), 1).await;
+    let new = holding::new_attempt(replica, taken.kill_grace);
+    let id = match replica
+        .ledger
+        .begin(book, &new, &proof)
+        .await
+        .map_err(sql)?
+    {
+        Begun::Attempt(id) => id,
+        Begun::LockLost => return Err(lost("before it began")),
+        // Only a holder writes `done`, so not while we hold the lock; cheap to honour anyway.
+        Begun::AlreadyDone => return Err(lost("before it began (the release is done)")),
+    };
+    let holding = Holding::new(replica, (conn, witness), (proof, id), taken, server_version)
+        .after(previous.ok(), ended);
+    Ok(Turn::Holder(Box::new(holding)))
+}
+
+/// The lock is lost while taking over: another replica may hold it now, so wait again.
+fn lost(when: &str) -> Failure {
+    Failure::Retry(format!(
+        "the lock session lost the lock {when}; nothing was migrated, waiting again"
+    ))
+}
+
+/// Keepalives and no server-side timeouts on the lock session ([`lock::configure_lock_session`]),
+/// and the server's proof that it holds the lock, for every statement that acts for the holder.
+/// Also the server's version, from the connection's start-up (0: unknown).
+async fn configure_lock_session(
+    replica: &Replica,
+    conn: &mut Conn,
+    scope: Scope,
+) -> Result<(Proof, u32), Failure> {
+    let sql = |e: sqlx::Error| replica.db.classify(&e);
+    let c = conn.pg().await.map_err(sql)?;
+    let server_version = c.server_version_num().unwrap_or(0);
+    lock::configure_lock_session(c, scope).await.map_err(sql)?;
+    let proof = Proof::of(c, replica.lock()).await.map_err(sql)?;
+    Ok((proof, server_version))
+}
+
+/// The ledger re-read under the lock: the previous holder may have finished between the round's
+/// read and our lock. Then the lock is freed again and this replica follows after all.
+async fn done_under_lock(
+    replica: &Replica,
+    conn: &mut Conn,
+    scope: Scope,
+) -> Result<Option<Seen>, Failure> {
+    let sql = |e: sqlx::Error| replica.db.classify(&e);
+    let Some(release) = replica.release() else {
+        return Ok(None);
+    };
+    let c = conn.pg().await.map_err(sql)?;
+    let seen = replica
+        .ledger
+        .is_done(c, release, ReadKey::No)
+        .await
+        .map_err(sql)?;
+    if seen.done != Some(true) {
+        return Ok(None);
+    }
+    lock::unlock(c, replica.lock(), scope).await.map_err(sql)?;
+    Ok(Some(seen))
+}
+
+/// The attempt row and its heartbeats must be visible to a taker-over even if this holder
+/// vanishes. In session scope they commit on the lock session itself; in transaction scope
+/// everything written there rolls back with the lock, so they go through a second connection
+/// that commits on its own: the witness.
+async fn open_witness(replica: &Replica, scope: Scope) -> Result<Option<Conn>, Failure> {
+    match scope {
+        Scope::Session => Ok(None),
+        _ => Ok(Some(
+            replica.db.connect_once(replica.db.attempt_limit()).await?,
+        )),
+    }
+}
+
+/// An attempt left `running` means its holder vanished mid-migration: wait until it has surely
+/// stopped its migration (its last heartbeat plus its fencing time), proving the lock on every
+/// look ([`holding::wait_out_fence`]).
+async fn wait_out_vanished_holder(
+    replica: &Replica,
+    book: &mut sqlx::PgConnection,
+    proof: &Proof,
+) -> Result<Stale, Failure> {
+    let stale = replica
+        .ledger
+        .stale(book, proof)
+        .await
+        .map_err(|e| replica.db.classify(&e))?;
+    if !stale.held {
+        return Err(lost("before it began"));
+    }
+    if stale.running > 0 {
+        warn!(
+            stale = stale.running,
+            fence_wait_s = format!("{:.1}", stale.wait_secs),
+            "the previous holder vanished mid-migration; taking over once it has surely stopped its migration"
+        );
+        if !holding::wait_out_fence(replica, book, proof, stale.wait_secs).await {
+            return Err(lost("while waiting out the previous holder's fencing time"));
+        }
+    }
+    Ok(stale)
+}
+
+/// An attempt is over only when its sessions are: a vanished, fenced or failed holder's statement
+/// may still run (or sit in a lock queue) on the server. Ends them (each signal under the proof),
+/// then marks the vanished holder's attempts `abandoned` (under the proof too).
+async fn end_earlier_sessions(
+    replica: &Replica,
+    book: &mut sqlx::PgConnection,
+    proof: &Proof,
+    stale: &Stale,
+    wait_timeout: Duration,
+) -> Result<Ended, Failure> {
+    let tag = sessions::Tag::new(replica.lock(), replica.release(), None);
+    let earlier = Which::unfinished(
+        &tag,
+        &replica.ledger.unfinished_ids(),
+        &replica.ledger.unfinished_seen(),
+    )
+    .while_holding(proof);
+    let Some(ended) = holding::end_sessions(book, &earlier, replica.db.username(), wait_timeout)
+        .await
+        .map_err(Failure::Fatal)?
+    else {
+        return Err(lost("while ending earlier attempts' sessions"));
+    };
+    if stale.running > 0
+        && !replica
+            .ledger
+            .abandon_stale(book, &ended.to_string(), proof)
+            .await
+            .map_err(|e| replica.db.classify(&e))?
+    {
+        return Err(lost(
+            "before it marked the vanished holder's attempt abandoned",
+        ));
+    }
+    Ok(ended)
+}
