@@ -25,7 +25,7 @@ use crate::sql::{one_row, query};
 
 /// The JSON document `check --json` prints. Field names are a stable interface.
 #[derive(Debug, Serialize)]
-pub(crate) struct Report {
+pub(crate) struct CheckReport {
     /// Whether the gate has everything it needs (exit 0).
     pub(crate) ok: bool,
     /// The exit code of `check`.
@@ -45,7 +45,7 @@ pub(crate) struct Report {
     /// Every privilege the gate needs, or may need, and whether the role has it.
     pub(crate) privileges: Vec<Need>,
     /// What stops the gate here, most fundamental first; empty when `ok`.
-    pub(crate) problems: Vec<Problem>,
+    pub(crate) problems: Vec<Blocker>,
 }
 
 /// The route, the lock scope it implies, and the proof (or which part of it failed).
@@ -109,7 +109,7 @@ pub(crate) struct LedgerSeen {
 
 /// Something that stops the gate, with the exit code the gate would have.
 #[derive(Debug, Serialize)]
-pub(crate) struct Problem {
+pub(crate) struct Blocker {
     /// The exit code.
     pub(crate) exit_code: i32,
     /// One line: what is wrong and what to do.
@@ -122,7 +122,7 @@ pub(crate) struct Problem {
 /// Prints what the gate would find and returns the exit code.
 pub(crate) async fn check(plan: Check) -> Result<i32> {
     let replica = Replica::new(plan.target, plan.release)?.for_holder();
-    let mut report = Report {
+    let mut report = CheckReport {
         ok: false,
         exit_code: 0,
         database_url: replica.db.redacted_url.clone(),
@@ -149,7 +149,7 @@ pub(crate) async fn check(plan: Check) -> Result<i32> {
     report.problems = problems
         .iter()
         .enumerate()
-        .map(|(i, e)| Problem {
+        .map(|(i, e)| Blocker {
             exit_code: e.exit_code(),
             message: e.to_string(),
             privilege: i >= first_privilege,
@@ -167,7 +167,11 @@ pub(crate) async fn check(plan: Check) -> Result<i32> {
 }
 
 /// Everything `check` reads, on the connection the gate would use; reads only.
-async fn look(replica: &Replica, conn: &mut Conn, report: &mut Report) -> Result<(), sqlx::Error> {
+async fn look(
+    replica: &Replica,
+    conn: &mut Conn,
+    report: &mut CheckReport,
+) -> Result<(), sqlx::Error> {
     report.reached = replica.db.reached();
     // First, before anything else uses the connection: the proof reads our own sockets.
     let (route, lock_scope, why) = replica.judge_route(conn).await?;
@@ -265,7 +269,7 @@ async fn ledger(
 
 /// What stops the gate, most fundamental first: a server where a holder cannot write, then
 /// each privilege it needs and lacks (how many: the second value).
-fn problems(report: &Report) -> (Vec<Error>, usize) {
+fn problems(report: &CheckReport) -> (Vec<Error>, usize) {
     let mut found = Vec::new();
     let done = report
         .ledger
@@ -308,7 +312,7 @@ fn problems(report: &Report) -> (Vec<Error>, usize) {
 }
 
 /// One line per item, for people.
-pub(crate) fn render(r: &Report) -> String {
+pub(crate) fn render(r: &CheckReport) -> String {
     let mut s = format!("database: {}\n", r.database_url);
     match &r.reached {
         Some(h) => s.push_str(&format!("host: {} ({})\n", h.host, h.why)),

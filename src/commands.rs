@@ -7,11 +7,11 @@ use tracing::info;
 
 use crate::child::{self, Program};
 use crate::config::{Gate, Migrate, Reset, Run, Wait};
-use crate::db::close;
+use crate::db::{Conn, close};
 use crate::error::{EXIT_OK, Error, Result};
-use crate::holding::{Ending, Holding};
+use crate::holding::{Bounds, Ending, Holding};
 use crate::lock;
-use crate::preflight::{Preflight, Store};
+use crate::preflight::Store;
 use crate::protocol::{Turn, Want, wait_turn};
 use crate::replica::Replica;
 use crate::sessions;
@@ -39,10 +39,7 @@ pub(crate) async fn migrate(plan: Migrate) -> Result<i32> {
             Ok(EXIT_OK)
         }
         Turn::Holder(holding) => {
-            let holding = holder_preflight(&gate.preflight, &replica, *holding)
-                .await?
-                .no_other_releases(&replica, bounds.other_releases, gate.wait_timeout)
-                .await?;
+            let holding = cleared(&gate, &bounds, &replica, *holding).await?;
             let flag = &gate.flag;
             let program = Program::new(&command, (&flag.name, &flag.on));
             let holding = holding
@@ -91,12 +88,7 @@ pub(crate) async fn run(plan: Run) -> Result<i32> {
             gate.preflight.follower(&replica, seen, conn).await?;
             return Err(child::exec(&app_off));
         }
-        Turn::Holder(holding) => {
-            holder_preflight(&gate.preflight, &replica, *holding)
-                .await?
-                .no_other_releases(&replica, bounds.other_releases, gate.wait_timeout)
-                .await?
-        }
+        Turn::Holder(holding) => cleared(&gate, &bounds, &replica, *holding).await?,
     };
 
     if let Some(argv) = &migrate {
@@ -124,14 +116,18 @@ pub(crate) async fn run(plan: Run) -> Result<i32> {
         &flag.on
     };
     let app = Program::new(&command, (&flag.name, value));
-    let mut child = holding
+    let child = holding
         .start_app(&replica, &app, &probe, ready_timeout, &bounds)
         .await?;
-    // Like tini: stay as APP's parent, forward signals, reap, exit with its code.
+    Ok(parent_of(child).await)
+}
+
+/// Like tini: stays as APP's parent, forwards signals, reaps, and exits with its code.
+async fn parent_of(mut child: child::Supervisor) -> i32 {
     let code = child.wait().await;
     child.finish();
     info!(code, "the app exited");
-    Ok(code)
+    code
 }
 
 /// `wait --release R [-- CMD]`: block until R is done, then exit 0 or exec CMD (flag off).
@@ -163,21 +159,7 @@ pub(crate) async fn reset(plan: Reset) -> Result<i32> {
     let store = Store::new(&replica.target.schema, replica.lock());
     let mut conn = replica.db.connect().await?;
     if plan.env {
-        let forgotten = match conn.pg().await {
-            Ok(c) => store.forget(c, &release).await,
-            Err(e) => Err(e),
-        };
-        close(conn).await;
-        let n = forgotten.map_err(|e| replica.db.fail(&e, "during reset --env"))?;
-        info!(
-            release,
-            variables = n,
-            "forgot the release's --same-env fingerprints; the next replica sets them anew"
-        );
-        termination::write_success(&format!(
-            "forgot the --same-env fingerprints of {n} variable(s) of release {release:?}"
-        ));
-        return Ok(EXIT_OK);
+        return forget_env(&replica, &store, conn, &release).await;
     }
     let result = async {
         let (_, scope) = replica.detect_route(&mut conn).await?;
@@ -232,6 +214,31 @@ pub(crate) async fn reset(plan: Reset) -> Result<i32> {
     Ok(EXIT_OK)
 }
 
+/// `reset --env`: forgets only the release's `--same-env` fingerprints (no lock needed: the
+/// release stays done, and the next replica sets them anew).
+async fn forget_env(
+    replica: &Replica,
+    store: &Store,
+    mut conn: Conn,
+    release: &str,
+) -> Result<i32> {
+    let forgotten = match conn.pg().await {
+        Ok(c) => store.forget(c, release).await,
+        Err(e) => Err(e),
+    };
+    close(conn).await;
+    let n = forgotten.map_err(|e| replica.db.fail(&e, "during reset --env"))?;
+    info!(
+        release,
+        variables = n,
+        "forgot the release's --same-env fingerprints; the next replica sets them anew"
+    );
+    termination::write_success(&format!(
+        "forgot the --same-env fingerprints of {n} variable(s) of release {release:?}"
+    ));
+    Ok(EXIT_OK)
+}
+
 /// The replica for these flags; one that compares variables reads the key with the ledger.
 fn replica_for(gate: &Gate) -> Result<Replica> {
     let mut replica = Replica::new(gate.target.clone(), gate.release.clone())?;
@@ -241,17 +248,21 @@ fn replica_for(gate: &Gate) -> Result<Replica> {
     Ok(replica)
 }
 
-/// The holder's preflight, before it migrates: a refusal is recorded as a failed attempt (which
-/// frees the lock for a replica that is configured right).
-async fn holder_preflight(
-    preflight: &Preflight,
+/// The holder, cleared to migrate: its preflight checks passed, and no app of another release
+/// is connected (`--other-releases`). A refusal is recorded as a failed attempt, which frees the
+/// lock for a replica that is configured right.
+async fn cleared(
+    gate: &Gate,
+    bounds: &Bounds,
     replica: &Replica,
     holding: Holding,
 ) -> Result<Holding> {
-    match preflight.holder(replica).await {
-        Ok(()) => Ok(holding),
-        Err(e) => Err(holding.refuse(replica, e).await),
+    if let Err(e) = gate.preflight.holder(replica).await {
+        return Err(holding.refuse(replica, e).await);
     }
+    holding
+        .no_other_releases(replica, bounds.other_releases, gate.wait_timeout)
+        .await
 }
 
 /// "release \"R\"", or what serial mode is, for summaries.

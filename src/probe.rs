@@ -16,7 +16,7 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Which readiness probe the command line asked for (`--ready-http`, `--ready-tcp`,
 /// `--ready-sql`: at most one).
 #[derive(Debug, Clone, Default)]
-pub(crate) struct Settings {
+pub(crate) struct Requested {
     /// `--ready-http URL`.
     pub(crate) http: Option<String>,
     /// `--ready-tcp HOST:PORT`.
@@ -45,7 +45,7 @@ pub(crate) enum Probe {
 
 impl Probe {
     /// The probe configured by `--ready-http`, `--ready-tcp` or `--ready-sql`, if any.
-    pub(crate) fn from_settings(args: &Settings) -> Result<Option<Probe>> {
+    pub(crate) fn from_settings(args: &Requested) -> Result<Option<Probe>> {
         if let Some(raw) = &args.http {
             let url = url::Url::parse(raw)
                 .map_err(|e| Error::Usage(format!("--ready-http {raw:?} is not a URL: {e}")))?;

@@ -142,19 +142,10 @@ async fn round(
 ) -> Result<Round, Failure> {
     let replica = waiter.replica();
     let sql = |e: sqlx::Error| replica.db.classify(&e);
-    if let Some(release) = replica.release() {
-        let c = conn.pg().await.map_err(sql)?;
-        let seen = replica
-            .ledger
-            .is_done(c, release, ReadKey::IfCompared)
-            .await
-            .map_err(sql)?;
-        match seen.done {
-            Some(true) => return Ok(follower(seen, conn)),
-            _ if seen.standby => return Ok(Round::Standby),
-            Some(false) => waiter.ledger_exists(),
-            None => {}
-        }
+    match read_release(waiter, &mut conn).await? {
+        Some(seen) if seen.done == Some(true) => return Ok(follower(seen, conn)),
+        Some(seen) if seen.standby => return Ok(Round::Standby),
+        _ => {}
     }
     let Want::Lock { kill_grace, .. } = want else {
         return waiter
@@ -183,6 +174,26 @@ async fn round(
         wait_timeout,
     };
     take_over(replica, conn, taken).await.map(Round::Turn)
+}
+
+/// Whether the release is done (one round trip, the whole fast path); `None` without a
+/// release (serial mode).
+async fn read_release(waiter: &mut Waiter<'_>, conn: &mut Conn) -> Result<Option<Seen>, Failure> {
+    let replica = waiter.replica();
+    let Some(release) = replica.release() else {
+        return Ok(None);
+    };
+    let sql = |e: sqlx::Error| replica.db.classify(&e);
+    let c = conn.pg().await.map_err(sql)?;
+    let seen = replica
+        .ledger
+        .is_done(c, release, ReadKey::IfCompared)
+        .await
+        .map_err(sql)?;
+    if seen.done == Some(false) {
+        waiter.ledger_exists();
+    }
+    Ok(Some(seen))
 }
 
 fn follower(seen: Seen, conn: Conn) -> Round {

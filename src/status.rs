@@ -18,7 +18,7 @@ use crate::sessions::{self, Session};
 
 /// The JSON document `status --json` prints. Field names are a stable interface.
 #[derive(Debug, Serialize)]
-pub(crate) struct Report {
+pub(crate) struct StatusReport {
     /// The lock's name (`id:N` for `--lock-id`).
     pub(crate) lock: String,
     /// The 64-bit advisory lock key.
@@ -109,7 +109,7 @@ pub(crate) async fn status(plan: Status) -> Result<i32> {
     close(conn).await;
     let (holder, attempts, release_done, env_checks, running) =
         gathered.map_err(|e| replica.db.fail(&e, "while reading the status"))?;
-    let report = Report {
+    let report = StatusReport {
         lock: replica.lock().name.clone(),
         lock_key: replica.lock().key,
         holder,
@@ -133,7 +133,7 @@ pub(crate) async fn status(plan: Status) -> Result<i32> {
 }
 
 /// The human-readable table.
-pub(crate) fn render(report: &Report, release: Option<&str>) -> String {
+pub(crate) fn render(report: &StatusReport, release: Option<&str>) -> String {
     let mut s = format!("lock {} (key {})\n", report.lock, report.lock_key);
     match &report.holder {
         Some(h) => s.push_str(&format!(

@@ -137,7 +137,7 @@ fn migrate(a: MigrateArgs) -> Result<Migrate> {
 
 fn run(a: RunArgs) -> Result<Run> {
     let flag = flag(&a.gate)?;
-    let probe = Probe::from_settings(&probe::Settings {
+    let probe = Probe::from_settings(&probe::Requested {
         http: a.ready_http,
         tcp: a.ready_tcp,
         sql: a.ready_sql,

@@ -97,50 +97,18 @@ impl Holding {
             reason,
             "lost the lock session while migrating: another replica may take the lock now, so the migration is stopped"
         );
-        drop(self.conn);
-        drop(self.witness);
+        let Holding {
+            conn,
+            witness,
+            attempt,
+            sessions,
+            ..
+        } = self;
+        drop((conn, witness));
         let code = child.stop(kill_grace).await;
         child.finish();
         let detail = format!("fenced: lost the lock session ({reason}); child stopped");
-        // The database may be failing over: keep trying for a while, so that the record says
-        // what happened ("failed", fenced) rather than a taker-over's guess ("abandoned").
-        let record_for = replica.target.connect_timeout.min(RECORD_FENCED_FOR);
-        match tokio::time::timeout(record_for, replica.db.connect()).await {
-            Ok(Ok(mut c)) => {
-                let recorded = match c.pg().await {
-                    Ok(pg) => {
-                        // No lock to keep any more: one try; the taker-over ends what is left.
-                        let detail = match sessions::end(pg, &self.sessions.which()).await {
-                            Ok(ended) => format!("{detail}; sessions: {ended}"),
-                            Err(e) => {
-                                let line = e.describe(replica.db.username());
-                                warn!("{line}");
-                                format!("{detail}; sessions: {line}")
-                            }
-                        };
-                        replica
-                            .ledger
-                            .record_fenced(
-                                pg,
-                                self.attempt,
-                                &new_attempt(replica, kill_grace),
-                                code,
-                                &detail,
-                            )
-                            .await
-                    }
-                    Err(e) => Err(e),
-                };
-                if let Err(e) = recorded {
-                    warn!(error = %e, "could not record the failed attempt");
-                }
-                close(c).await;
-            }
-            _ => warn!(
-                "could not reconnect within {} to record the failed attempt; the next holder marks it abandoned",
-                duration::short(record_for)
-            ),
-        }
+        record_fenced(replica, (attempt, &sessions), code, &detail, kill_grace).await;
         Error::Unavailable(format!(
             "lost the database session holding the lock ({reason}); stopped the migration (exit {code}) so that two migrations never overlap; the next holder will retry"
         ))
@@ -278,4 +246,44 @@ pub(crate) async fn wait_out_fence(
             }
         }
     }
+}
+
+/// Records a fenced attempt from a new connection, best effort: the database may be
+/// failing over, so it keeps trying for a while, so that the record says what happened
+/// ("failed", fenced) rather than a taker-over's guess ("abandoned"). Its sessions get one
+/// try to end (no lock to keep any more); the taker-over ends what is left.
+async fn record_fenced(
+    replica: &Replica,
+    (attempt, sessions): (i64, &sessions::AttemptSessions),
+    code: i32,
+    detail: &str,
+    kill_grace: Duration,
+) {
+    let record_for = replica.target.connect_timeout.min(RECORD_FENCED_FOR);
+    let Ok(Ok(mut c)) = tokio::time::timeout(record_for, replica.db.connect()).await else {
+        warn!(
+            "could not reconnect within {} to record the failed attempt; the next holder marks it abandoned",
+            duration::short(record_for)
+        );
+        return;
+    };
+    let recorded = async {
+        let pg = c.pg().await?;
+        let detail = match sessions::end(pg, &sessions.which()).await {
+            Ok(ended) => format!("{detail}; sessions: {ended}"),
+            Err(e) => {
+                let line = e.describe(replica.db.username());
+                warn!("{line}");
+                format!("{detail}; sessions: {line}")
+            }
+        };
+        let new = new_attempt(replica, kill_grace);
+        let ledger = &replica.ledger;
+        ledger.record_fenced(pg, attempt, &new, code, &detail).await
+    }
+    .await;
+    if let Err(e) = recorded {
+        warn!(error = %e, "could not record the failed attempt");
+    }
+    close(c).await;
 }

@@ -10,21 +10,18 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use tracing::{error, info, warn};
+use tracing::info;
 
-use crate::child::{self, Program, Supervisor};
 use crate::db::{Conn, close};
-use crate::duration;
 use crate::error::{Error, Result};
 use crate::ledger::{AttemptRow, Outcome};
 use crate::lock::{self, Proof, Scope};
-use crate::lockwaits;
-use crate::probe::Probe;
 use crate::replica::Replica;
 use crate::route::Route;
 use crate::sessions::{self, Ended};
 
 mod ending;
+mod running;
 mod watch;
 
 pub(crate) use ending::{end_sessions, new_attempt, wait_out_fence};
@@ -126,29 +123,6 @@ impl<'a> Ending<'a> {
     }
 }
 
-/// Why a supervised child stopped being watched: `W` is what else ends the watch, a
-/// migration's bound ([`Overran`]) or an app's readiness ([`Readiness`]).
-enum StepEnd<W> {
-    /// The child exited with this code.
-    Exited(i32),
-    /// The lock session failed its heartbeat (`paused`: the child is paused, after the gate
-    /// woke up late, and must not run again).
-    LockLost { reason: String, paused: bool },
-    /// What else was watched.
-    Watched(W),
-}
-
-/// The migration ran longer than `--migration-timeout` (this long).
-struct Overran(Duration);
-
-/// How the readiness probe of an app started with the lock ended.
-enum Readiness {
-    /// The probe passed.
-    Ready,
-    /// `--ready-timeout` passed first.
-    NotReady,
-}
-
 impl Holding {
     /// The holder of attempt `id`, begun by [`crate::protocol`] on `conn` (and its witness)
     /// with the lock's `proof`.
@@ -219,182 +193,6 @@ impl Holding {
         }
     }
 
-    /// Runs a migration command to completion with the flag on, within `--migration-timeout`.
-    /// Success hands the lock back for the next step; failure (or the bound) is recorded,
-    /// frees the lock, and becomes the error (with the command's code, or 75).
-    pub(crate) async fn migrate(
-        mut self,
-        replica: &Replica,
-        program: &Program<'_>,
-        what: &str,
-        bounds: &Bounds,
-    ) -> Result<Holding> {
-        info!(command = %program.display(), flag = %format!("{}={}", program.flag.0, program.flag.1), tag = %self.sessions.tag(), "migration started");
-        if bounds.lock_timeout.is_some() && !self.direct {
-            warn!(
-                "--lock-timeout is not passed to the migration: the gate reaches PostgreSQL through a pooler or proxy, and PgBouncer refuses the PGOPTIONS it travels in; set lock_timeout in the migration itself (SET lock_timeout = ...) or connect it directly"
-            );
-        }
-        if !self.direct {
-            info!(
-                "the gate reaches PostgreSQL through a pooler or proxy; if the migration does too, a statement it sends in the instant a freeze of this replica ends (docker pause, a paused VM) may commit beside the next holder's migration: give the migration a direct connection to close that (docs/design.md, \"Frozen holders\")"
-            );
-        }
-        let started = Instant::now();
-        let too = self.failed_too();
-        let program = program.with_env(self.child_env(bounds.lock_timeout));
-        let mut child = match child::spawn(&program) {
-            Ok(c) => c,
-            Err(e) => return Err(self.refuse(replica, e).await),
-        };
-        let limit = bounds.migration_timeout;
-        let bound = async move {
-            match limit {
-                Some(limit) => {
-                    tokio::time::sleep(limit).await;
-                    Overran(limit)
-                }
-                None => std::future::pending().await,
-            }
-        };
-        let watching = ("the migration", bounds.report_waits_after);
-        match self.supervise(replica, &mut child, bound, watching).await {
-            StepEnd::Exited(0) => {
-                child.finish();
-                info!(
-                    secs = format!("{:.1}", started.elapsed().as_secs_f64()),
-                    "migration finished"
-                );
-                self.settle_after_success(replica, what).await
-            }
-            StepEnd::Exited(code) => {
-                child.finish();
-                info!(
-                    code,
-                    secs = format!("{:.1}", started.elapsed().as_secs_f64()),
-                    "migration finished"
-                );
-                let detail = format!("{what} failed");
-                self.end(replica, Ending::failed(Some(code), &detail))
-                    .await?;
-                Err(Error::MigrationFailed {
-                    what: format!("{what} `{}`{}", program.display(), too),
-                    code,
-                })
-            }
-            StepEnd::Watched(Overran(limit)) => {
-                let code = child.stop(bounds.kill_grace).await;
-                child.finish();
-                let reason = format!(
-                    "{what} ran longer than --migration-timeout ({}) and was stopped",
-                    duration::short(limit)
-                );
-                error!(code, "{reason}");
-                self.end(replica, Ending::failed(Some(code), &reason))
-                    .await?;
-                Err(Error::Timeout {
-                    what: format!("{what} `{}` did not finish{}", program.display(), too),
-                    waited: limit,
-                    hint: "it was stopped, its database sessions ended and the attempt recorded as failed; the next replica migrates again (raise --migration-timeout if it needs longer)".into(),
-                })
-            }
-            StepEnd::LockLost { reason, paused } => {
-                let grace = if paused {
-                    Duration::ZERO
-                } else {
-                    bounds.kill_grace
-                };
-                Err(self.fence(replica, &mut child, &reason, grace).await)
-            }
-        }
-    }
-
-    /// Starts the app and keeps the lock until `probe` passes; records the release done and
-    /// returns the running app, which the caller stays the parent of.
-    pub(crate) async fn start_app(
-        mut self,
-        replica: &Replica,
-        app: &Program<'_>,
-        probe: &Probe,
-        ready_timeout: Duration,
-        bounds: &Bounds,
-    ) -> Result<Supervisor> {
-        let (kill_grace, report_waits_after) = (bounds.kill_grace, bounds.report_waits_after);
-        info!(command = %app.display(), probe = %probe.describe(), flag = %format!("{}={}", app.flag.0, app.flag.1), tag = %self.sessions.tag(), "starting the app; holding the lock until it is ready");
-        let started = Instant::now();
-        let app = &app.with_env(self.child_env(None));
-        let mut child = match child::spawn(app) {
-            Ok(c) => c,
-            Err(e) => return Err(self.refuse(replica, e).await),
-        };
-        let db = &replica.db;
-        let readiness = async move {
-            let mut tick = tokio::time::interval(PROBE_EVERY);
-            let mut sql_conn = None;
-            let ready = async {
-                loop {
-                    tick.tick().await;
-                    if probe.check(db, &mut sql_conn).await {
-                        return;
-                    }
-                }
-            };
-            tokio::select! {
-                () = ready => {
-                    if let Some(c) = sql_conn.take() {
-                        close(c).await;
-                    }
-                    Readiness::Ready
-                }
-                () = tokio::time::sleep(ready_timeout) => Readiness::NotReady,
-            }
-        };
-        let watching = ("the app starting with the flag on", report_waits_after);
-        match self
-            .supervise(replica, &mut child, readiness, watching)
-            .await
-        {
-            StepEnd::Watched(Readiness::Ready) => {
-                info!(
-                    secs = format!("{:.1}", started.elapsed().as_secs_f64()),
-                    "the app is ready"
-                );
-                self.end(replica, Ending::done(None, "the app became ready"))
-                    .await?;
-                Ok(child)
-            }
-            StepEnd::Exited(code) => {
-                child.finish();
-                let detail = "the app exited before it was ready";
-                self.end(replica, Ending::failed(Some(code), detail))
-                    .await?;
-                Err(Error::MigrationFailed {
-                    what: format!(
-                        "the app `{}` exited before it was ready, so the migration",
-                        app.display()
-                    ),
-                    code,
-                })
-            }
-            StepEnd::Watched(Readiness::NotReady) => {
-                let code = child.stop(kill_grace).await;
-                child.finish();
-                let detail = "the app was not ready in time";
-                self.end(replica, Ending::failed(Some(code), detail))
-                    .await?;
-                Err(Error::Timeout {
-                    what: format!("the app was not ready ({})", probe.describe()),
-                    waited: ready_timeout,
-                    hint: "it was stopped and the attempt recorded as failed; check the app's logs or raise --ready-timeout".into(),
-                })
-            }
-            StepEnd::LockLost { reason, paused } => {
-                let grace = if paused { Duration::ZERO } else { kill_grace };
-                Err(self.fence(replica, &mut child, &reason, grace).await)
-            }
-        }
-    }
-
     /// The one exit of an attempt but fencing ([`Holding::fence`]): done, failed, timed out,
     /// refused by a preflight check or by `--other-releases`, failed to start, not ready. When
     /// it failed, first ends its database sessions and confirms they are gone (keeping the lock
@@ -405,17 +203,8 @@ impl Holding {
     pub(crate) async fn end(mut self, replica: &Replica, ending: Ending<'_>) -> Result<()> {
         let mut detail = ending.detail.to_string();
         if ending.outcome == Outcome::Failed {
-            let (which, bound) = (self.sessions.which(), self.wait_timeout);
-            let ended = match self.book().await {
-                Ok(c) => end_sessions(c, &which, replica.db.username(), bound).await,
-                Err(e) => Err(Error::Unavailable(format!(
-                    "could not look at the attempt's sessions: {e}"
-                ))),
-            };
-            match ended {
-                Ok(Some(ended)) => detail = format!("{detail}; sessions: {ended}"),
-                // Our own attempt's sessions are ended without a guard: never reached.
-                Ok(None) => {}
+            match self.end_own_sessions(replica).await {
+                Ok(ended) => detail = format!("{detail}; sessions: {ended}"),
                 Err(e) => {
                     // The row stays `running`: the next holder waits out our fencing time and
                     // ends what is left before it migrates.
@@ -427,17 +216,10 @@ impl Holding {
         if let Some(note) = &self.note {
             detail = format!("{detail}; {note}");
         }
-        let (outcome, attempt, proof) = (ending.outcome, self.attempt, self.proof.clone());
-        let result = async {
-            let c = self.conn.pg().await?;
-            let recorded = replica
-                .ledger
-                .finish(c, attempt, (outcome, ending.exit_code, &detail), &proof)
-                .await?;
-            lock::unlock(c, replica.lock(), self.scope).await?;
-            Ok::<_, sqlx::Error>(recorded)
-        }
-        .await;
+        let (outcome, attempt) = (ending.outcome, self.attempt);
+        let result = self
+            .record_and_unlock(replica, (outcome, ending.exit_code, &detail))
+            .await;
         let held_ms = self.since.elapsed().as_millis() as u64;
         self.close().await;
         match result {
@@ -458,62 +240,29 @@ impl Holding {
         }
     }
 
-    /// Watches `child` while holding the lock: heartbeats (fencing), what its sessions wait on
-    /// (`watching`: who they are, for the report, and after how long a wait is reported), and
-    /// `watched`, whatever else ends the watch.
-    async fn supervise<W>(
+    /// Ends this attempt's database sessions and confirms they are gone, keeping the lock.
+    async fn end_own_sessions(&mut self, replica: &Replica) -> Result<Ended> {
+        let (which, bound) = (self.sessions.which(), self.wait_timeout);
+        let c = self.book().await.map_err(|e| {
+            Error::Unavailable(format!("could not look at the attempt's sessions: {e}"))
+        })?;
+        // Our own attempt's sessions are ended without a guard: `None` is never returned.
+        Ok(end_sessions(c, &which, replica.db.username(), bound)
+            .await?
+            .unwrap_or_default())
+    }
+
+    /// Records the outcome on the lock session, under the lock's proof, then frees the lock.
+    /// Whether it was recorded (false: the row is no longer `running`, or the lock is lost).
+    async fn record_and_unlock(
         &mut self,
         replica: &Replica,
-        child: &mut Supervisor,
-        watched: impl Future<Output = W>,
-        (who, report_waits_after): (&'static str, Duration),
-    ) -> StepEnd<W> {
-        let mut heartbeat = tokio::time::interval(HEARTBEAT);
-        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // What the migration waits on: every 5 s, or sooner for a shorter threshold (not on
-        // every heartbeat: one query with pg_blocking_pids, on the holder only).
-        let every = LOOK_AT_WAITS.min(report_waits_after.max(HEARTBEAT));
-        let mut waits_tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-        waits_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut reporter = lockwaits::Reporter::new(who);
-        let mut watched = std::pin::pin!(watched);
-        loop {
-            tokio::select! {
-                // The heartbeat first: after a freeze every branch is ready at once, and the
-                // child must be paused before anything else is asked of the server.
-                biased;
-                beat = heartbeat.tick() => {
-                    let late = beat.elapsed();
-                    let paused = late >= FROZEN_AFTER;
-                    if paused {
-                        child.pause();
-                        warn!(
-                            late_ms = late.as_millis() as u64,
-                            "this gate did not run for {} (frozen or starved): the migration is paused until the lock is proven still ours",
-                            duration::short(late)
-                        );
-                    }
-                    if let Err(reason) = self.heartbeat(replica).await {
-                        return StepEnd::LockLost { reason, paused };
-                    }
-                    if paused {
-                        child.resume();
-                        info!("the lock is still ours; the migration goes on");
-                    }
-                    if self.direct {
-                        self.remember_sessions(replica, child.pgid()).await;
-                    }
-                }
-                code = child.wait() => {
-                    // Its statements are over, and with them every wait.
-                    reporter.observe(Vec::new());
-                    return StepEnd::Exited(code);
-                }
-                _ = waits_tick.tick() => {
-                    self.report_waits(&mut reporter, report_waits_after).await;
-                }
-                w = &mut watched => return StepEnd::Watched(w),
-            }
-        }
+        ended: (Outcome, Option<i32>, &str),
+    ) -> Result<bool, sqlx::Error> {
+        let (attempt, proof, scope) = (self.attempt, self.proof.clone(), self.scope);
+        let c = self.conn.pg().await?;
+        let recorded = replica.ledger.finish(c, attempt, ended, &proof).await?;
+        lock::unlock(c, replica.lock(), scope).await?;
+        Ok(recorded)
     }
 }

@@ -79,53 +79,24 @@ impl Holding {
         if policy == OtherReleases::Ignore {
             return Ok(self);
         }
-        let (tag, names) = (self.sessions.tag().clone(), replica.ledger.release_names());
         let started = Instant::now();
         let mut said: Option<Instant> = None;
         loop {
-            let found = match self.book().await {
-                Ok(c) => {
-                    sql::deadline(HEARTBEAT_TIMEOUT, sessions::other_releases(c, &tag, &names))
-                        .await
-                }
-                Err(e) => Err(e),
-            };
-            let others = match found {
-                Ok(o) if o.is_empty() => {
+            let others = match self.other_releases(replica).await {
+                Ok(others) if others.is_empty() => {
                     if said.is_some() {
+                        let waited_s = started.elapsed().as_secs();
                         info!(
-                            waited_s = started.elapsed().as_secs(),
+                            waited_s,
                             "no app of another release is connected any more; migrating"
                         );
                     }
                     return Ok(self);
                 }
-                Ok(o) => o
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join("; "),
-                Err(e) => {
-                    let e = Error::Unavailable(format!(
-                        "could not look for apps of other releases: {e}"
-                    ));
-                    return Err(self.refuse(replica, e).await);
-                }
+                Ok(others) => others,
+                Err(e) => return Err(self.refuse(replica, e).await),
             };
-            if policy == OtherReleases::Fail {
-                let e = Error::Config(format!(
-                    "refusing to migrate release {release:?} while apps of another release are connected ({others}) (--other-releases fail): \
-                     stop the old replicas before the new ones start (Kubernetes: strategy Recreate; Swarm: update_config order stop-first; or scale the old release to 0), \
-                     or use --other-releases wait or ignore"
-                ));
-                return Err(self.refuse(replica, e).await);
-            }
-            if started.elapsed() >= bound {
-                let e = Error::Timeout {
-                    what: format!("apps of another release were still connected ({others})"),
-                    waited: bound,
-                    hint: "nothing was migrated; stop the old replicas (strategy Recreate, or scale them down) or raise --wait-timeout".into(),
-                };
+            if let Some(e) = refusal(release, &others, policy, (started.elapsed(), bound)) {
                 return Err(self.refuse(replica, e).await);
             }
             if said.is_none_or(|at| at.elapsed() >= OTHER_RELEASES_REPORT) {
@@ -143,6 +114,25 @@ impl Holding {
             }
             tokio::time::sleep(OTHER_RELEASES_POLL).await;
         }
+    }
+
+    /// The sessions of this lock's apps of another release, in one line (empty: none).
+    async fn other_releases(&mut self, replica: &Replica) -> Result<String> {
+        let (tag, names) = (self.sessions.tag().clone(), replica.ledger.release_names());
+        let found = match self.book().await {
+            Ok(c) => {
+                sql::deadline(HEARTBEAT_TIMEOUT, sessions::other_releases(c, &tag, &names)).await
+            }
+            Err(e) => Err(e),
+        };
+        let found = found.map_err(|e| {
+            Error::Unavailable(format!("could not look for apps of other releases: {e}"))
+        })?;
+        Ok(found
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; "))
     }
 
     /// Looks at what the attempt's sessions wait on and logs what changed. Best effort: a
@@ -168,6 +158,28 @@ impl Holding {
             Err(e) => tracing::debug!(error = %e, "could not look at what the migration waits on"),
         }
     }
+}
+
+/// Why the holder refuses to wait any longer for apps of other releases (`others`), if it does:
+/// `--other-releases fail` at once, `wait` after `--wait-timeout` (`waited` of `bound`).
+fn refusal(
+    release: &str,
+    others: &str,
+    policy: OtherReleases,
+    (waited, bound): (Duration, Duration),
+) -> Option<Error> {
+    if policy == OtherReleases::Fail {
+        return Some(Error::Config(format!(
+            "refusing to migrate release {release:?} while apps of another release are connected ({others}) (--other-releases fail): \
+             stop the old replicas before the new ones start (Kubernetes: strategy Recreate; Swarm: update_config order stop-first; or scale the old release to 0), \
+             or use --other-releases wait or ignore"
+        )));
+    }
+    (waited >= bound).then(|| Error::Timeout {
+        what: format!("apps of another release were still connected ({others})"),
+        waited: bound,
+        hint: "nothing was migrated; stop the old replicas (strategy Recreate, or scale them down) or raise --wait-timeout".into(),
+    })
 }
 
 /// Repeated failures are visible: logs the attempt before ours (`previous`, the newest row of

@@ -230,7 +230,7 @@ fn env_check(r: &PgRow) -> Result<EnvCheck, sqlx::Error> {
     Ok(EnvCheck {
         release: t(0)?,
         variable: t(1)?,
-        reference: Replica {
+        reference: ReplicaSeen {
             replica: t(2)?,
             host: t(3)?,
             at: t(4)?,
@@ -249,16 +249,16 @@ pub(crate) struct EnvCheck {
     /// The variable's name.
     pub(crate) variable: String,
     /// The replica whose value became the reference (the release's first).
-    pub(crate) reference: Replica,
+    pub(crate) reference: ReplicaSeen,
     /// How many replicas (by application name) last saw the same value.
     pub(crate) agreed: u32,
     /// The replicas whose last value differed, oldest first.
-    pub(crate) disagreed: Vec<Replica>,
+    pub(crate) disagreed: Vec<ReplicaSeen>,
 }
 
 /// A replica in the `--same-env` record.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub(crate) struct Replica {
+pub(crate) struct ReplicaSeen {
     /// Its `application_name`.
     pub(crate) replica: String,
     /// Its host name.
