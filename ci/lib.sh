@@ -410,7 +410,7 @@ ci_fo_workdir() {
 
 # ci_fo_binaries ROOT BIN_DIR VARNAME: the gate and the stand-in from BIN_DIR when it is set
 #   (VARNAME names the variable that set it, for the messages), else from
-#   `cargo build --release --bins` in ROOT. Sets CI_FO_GATE and CI_FO_STANDIN; ends the script
+#   `cargo build --release --bins --example standin-app` in ROOT. Sets CI_FO_GATE and CI_FO_STANDIN; ends the script
 #   (ci_die) when they cannot be had.
 ci_fo_binaries() {
   local root=$1 bin_dir=$2 var=$3 b0
@@ -418,16 +418,18 @@ ci_fo_binaries() {
     ci_step "binaries from $bin_dir ($var, no build)"
   else
     bin_dir=$root/target/release
-    ci_step "cargo build --release --bins"
+    ci_step "cargo build --release --bins --example standin-app"
     b0=$SECONDS
-    if ! (cd "$root" && cargo build --release --bins) >"$CI_WORK/logs/build.log" 2>&1; then
+    if ! (cd "$root" && cargo build --release --bins --example standin-app) >"$CI_WORK/logs/build.log" 2>&1; then
       ci_show_tail "$CI_WORK/logs/build.log" 40
-      ci_die "setup: cargo build --release --bins" "failed ($var=dir uses binaries built elsewhere)"
+      ci_die "setup: cargo build --release --bins --example standin-app" "failed ($var=dir uses binaries built elsewhere)"
     fi
     ci_log "   built (or up to date) in $((SECONDS - b0))s"
   fi
   CI_FO_GATE=$bin_dir/migrations-gate
+  # The stand-in is an example (never installed): target/release/examples when built here.
   CI_FO_STANDIN=$bin_dir/standin-app
+  [[ -x $CI_FO_STANDIN ]] || CI_FO_STANDIN=$bin_dir/examples/standin-app
   [[ -x $CI_FO_GATE && -x $CI_FO_STANDIN ]] || ci_die "setup: binaries" "$CI_FO_GATE or $CI_FO_STANDIN missing"
   grep -qa STANDIN_RUN_LOG "$CI_FO_STANDIN" || ci_die "setup: standin-app" "$CI_FO_STANDIN has no STANDIN_RUN_LOG knob (stale build?)"
 }

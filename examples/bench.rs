@@ -1,7 +1,7 @@
 //! Benchmark: fast path, hand-off and the cost of waiting, against the common alternative.
 //!
 //! ```text
-//! cargo build --release --bins && cargo run --release --example bench [-- --quick]
+//! cargo build --release --bins --examples && cargo run --release --example bench [-- --quick]
 //! ```
 //!
 //! Starts its own PostgreSQL (needs the server binaries, like the tests) and prints tables. Not

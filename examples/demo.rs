@@ -2,7 +2,7 @@
 //! through the gate. Prints who migrated, who waited, and what the database says.
 //!
 //! ```text
-//! cargo build --release --bins && cargo run --release --example demo
+//! cargo build --release --bins --examples && cargo run --release --example demo
 //! ```
 
 #[path = "../tests/support/mod.rs"]

@@ -34,8 +34,7 @@ pub(crate) fn release_from_path(root: &Path) -> Result<String> {
         hasher.update(&bytes);
     }
     let digest = hasher.finalize();
-    let hex: String = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
-    Ok(format!("sha256:{hex}"))
+    Ok(format!("sha256:{}", hex::encode(&digest[..16])))
 }
 
 fn collect_files(root: &Path, dir: &Path, out: &mut Vec<(PathBuf, PathBuf)>) -> Result<()> {

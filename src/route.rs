@@ -63,10 +63,10 @@ pub(crate) async fn server_side(conn: &mut PgConnection) -> Result<ServerSide, s
     let client = match (row.opt(1)?, row.opt(2)?) {
         (Some(addr), Some(port)) => {
             let addr: IpAddr = addr.parse().map_err(|e| {
-                sqlx::Error::Protocol(format!("inet_client_addr() {addr:?} unreadable: {e}"))
+                crate::sql::invariant(format!("inet_client_addr() {addr:?} unreadable: {e}"))
             })?;
             let port = port.parse().map_err(|e| {
-                sqlx::Error::Protocol(format!("inet_client_port() {port:?} unreadable: {e}"))
+                crate::sql::invariant(format!("inet_client_port() {port:?} unreadable: {e}"))
             })?;
             Some((addr.to_canonical(), port))
         }

@@ -110,7 +110,19 @@ impl Cols<'_> {
 pub(crate) fn one_row(rows: &[PgRow]) -> Result<Cols<'_>, sqlx::Error> {
     rows.first()
         .map(Cols)
-        .ok_or_else(|| sqlx::Error::Protocol("the query returned no row".into()))
+        .ok_or_else(|| invariant("the query returned no row"))
+}
+
+/// A promise of the gate's own queries that the server's answer broke (a row that must be
+/// there is not): a bug or a hand-edited table, never a passing condition. Classified as an
+/// internal error (exit 70), not retried ([`crate::db::Db::classify`]).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct Invariant(String);
+
+/// The error for a broken [`Invariant`].
+pub(crate) fn invariant(what: impl Into<String>) -> sqlx::Error {
+    sqlx::Error::Decode(Box::new(Invariant(what.into())))
 }
 
 fn parse_column<T>(i: usize, text: &str) -> Result<T, sqlx::Error>

@@ -177,6 +177,34 @@ fn holder_whose_lock_session_is_terminated_fences_itself_and_one_waiter_takes_ov
     );
 }
 
+/// The holder's attempt row is removed under it (a DBA's `DELETE`, a `reset` that raced the
+/// lock): the heartbeat finds the row no longer `running`, so the holder fences itself, stops its
+/// migration and records nothing as done; the next replica migrates.
+#[test]
+fn holder_whose_attempt_row_is_removed_fences_itself_and_records_nothing() {
+    let db = cluster().new_db("row_removed");
+    let a = spawn(&mut migrate(&db, &["--kill-grace", "1s"], 1000));
+    eventually(HANG_GUARD, "the holder's migration started", || {
+        db.migrations_started() == 1
+    });
+    let first_migration = db.first_migration_pid();
+    assert_eq!(
+        db.one(
+            "WITH d AS (DELETE FROM migrations_gate.ledger WHERE outcome = 'running' RETURNING 1) \
+             SELECT count(*) FROM d"
+        ),
+        "1"
+    );
+    let a = wait_output(a, HANG_GUARD);
+    assert_eq!(db.ledger().count("done"), 0, "nothing done: {}", stderr(&a));
+    assert!(!alive(first_migration), "the migration must be stopped");
+    assert_eq!(code(&a), 69, "{}", stderr(&a));
+    assert_stderr_has(&a, "no longer `running`");
+    let b = wait_output(spawn(&mut migrate(&db, &[], 50)), HANG_GUARD);
+    assert_eq!(code(&b), 0, "{}", stderr(&b));
+    assert_eq!(db.ledger().times_done("r1"), 1);
+}
+
 #[test]
 fn holder_host_vanishing_without_a_goodbye_frees_the_lock_within_30_seconds() {
     if !running_as_root()

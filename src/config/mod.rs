@@ -61,7 +61,7 @@ pub(crate) enum Command {
     /// every replica exits 0; a failing CMD is recorded and its exit code passed on.
     Migrate(MigrateArgs),
 
-    /// Replica the start of APP (Docker entrypoint, Swarm, Compose): followers exec APP with the flag off.
+    /// Gate the start of APP (Docker entrypoint, Swarm, Compose): followers exec APP with the flag off.
     ///
     /// The lock holder runs --migrate with the flag on and then execs APP with the flag off; or,
     /// with a --ready-* probe, starts APP itself (flag on, or off after --migrate), keeps the lock

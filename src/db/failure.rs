@@ -55,6 +55,22 @@ impl Db {
             sqlx::Error::Configuration(c) => {
                 Failure::Fatal(Error::Usage(format!("bad database URL {at}: {c}")))
             }
+            // What the gate could not read in an answer: a bug of ours, or a table edited by
+            // hand; retrying until --connect-timeout would only hide it.
+            sqlx::Error::Decode(e) => Failure::Fatal(Error::Internal(format!(
+                "internal error reading {at}: {e}; please report it"
+            ))),
+            sqlx::Error::ColumnDecode { index, source } => {
+                Failure::Fatal(Error::Internal(format!(
+                    "internal error reading column {index} at {at}: {source}; please report it"
+                )))
+            }
+            sqlx::Error::ColumnNotFound(_)
+            | sqlx::Error::ColumnIndexOutOfBounds { .. }
+            | sqlx::Error::TypeNotFound { .. } => Failure::Fatal(Error::Internal(format!(
+                "internal error reading {at}: {e}; please report it"
+            ))),
+            // A message the wire did not expect (a pooler restarting mid-answer): passes.
             sqlx::Error::Protocol(p) => Failure::Retry(format!("protocol error: {p}")),
             other => Failure::Retry(other.to_string()),
         }
@@ -106,4 +122,27 @@ fn is_tls_failure(io: &std::io::Error) -> bool {
         && io
             .get_ref()
             .is_some_and(|e| e.downcast_ref::<rustls::Error>().is_some())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_broken_invariant_exits_70_at_once_and_a_wire_hiccup_is_retried() {
+        let db = Db::new(
+            "postgresql://app:pw@127.0.0.1:1/app",
+            "migrations-gate/test",
+            Duration::from_secs(1),
+        )
+        .expect("a valid URL");
+        match db.classify(&crate::sql::invariant("the query returned no row")) {
+            Failure::Fatal(e) => assert_eq!(e.exit_code(), 70, "{e}"),
+            Failure::Retry(r) => panic!("a bug of ours was retried: {r}"),
+        }
+        assert!(matches!(
+            db.classify(&sqlx::Error::Protocol("unexpected message".into())),
+            Failure::Retry(_)
+        ));
+    }
 }

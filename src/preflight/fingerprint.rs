@@ -1,7 +1,8 @@
 //! The `--same-env` fingerprints: HMAC-SHA256 of a variable's name and value under the
 //! per-ledger key, so that a fingerprint kept in the database does not reveal a short secret.
 
-use sha2::{Digest, Sha256};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
 
 /// The per-ledger HMAC key. Its `Debug` never shows the bytes.
 #[derive(Clone)]
@@ -15,15 +16,10 @@ impl std::fmt::Debug for EnvKey {
 
 impl EnvKey {
     /// From the hex text the database returns.
-    pub(crate) fn from_hex(hex: &str) -> Option<EnvKey> {
-        let hex = hex.trim();
-        if hex.is_empty() || !hex.len().is_multiple_of(2) {
-            return None;
-        }
-        (0..hex.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
-            .collect::<Option<Vec<u8>>>()
+    pub(crate) fn from_hex(text: &str) -> Option<EnvKey> {
+        hex::decode(text.trim())
+            .ok()
+            .filter(|k| !k.is_empty())
             .map(EnvKey)
     }
 
@@ -41,33 +37,17 @@ impl EnvKey {
                 message.extend_from_slice(v.as_bytes());
             }
         }
-        hex(&hmac_sha256(&self.0, &message))
+        hex::encode(hmac_sha256(&self.0, &message))
     }
 }
 
-/// HMAC-SHA256 (RFC 2104) with the `sha2` the crate already uses.
+/// HMAC-SHA256 (RFC 2104), from RustCrypto's `hmac` over the `sha2` the crate already uses.
 fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
-    const BLOCK: usize = 64;
-    let mut k = [0u8; BLOCK];
-    if key.len() > BLOCK {
-        k[..32].copy_from_slice(&Sha256::digest(key));
-    } else {
-        k[..key.len()].copy_from_slice(key);
-    }
-    let pad = |byte: u8| k.map(|b| b ^ byte);
-    let inner = Sha256::new()
-        .chain_update(pad(0x36))
-        .chain_update(message)
-        .finalize();
-    Sha256::new()
-        .chain_update(pad(0x5c))
-        .chain_update(inner)
-        .finalize()
-        .into()
-}
-
-pub(super) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    // HMAC takes a key of any length (RFC 2104, section 3): this never fails.
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key)
+        .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"));
+    mac.update(message);
+    mac.finalize().into_bytes().into()
 }
 
 /// 32 bytes from the kernel's CSPRNG (`getrandom(2)`).
@@ -98,7 +78,7 @@ mod tests {
     fn hmac_matches_rfc_4231_test_case_2() {
         let mac = hmac_sha256(b"Jefe", b"what do ya want for nothing?");
         assert_eq!(
-            hex(&mac),
+            hex::encode(mac),
             "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
         );
         let long_key = [0xaau8; 131];
@@ -107,7 +87,7 @@ mod tests {
             b"Test Using Larger Than Block-Size Key - Hash Key First",
         );
         assert_eq!(
-            hex(&mac),
+            hex::encode(mac),
             "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54"
         );
     }

@@ -4,7 +4,7 @@
 
 use sqlx::postgres::{PgConnection, PgRow};
 
-use super::fingerprint::{EnvKey, hex, random_key};
+use super::fingerprint::{EnvKey, random_key};
 use crate::lock::LockKey;
 use crate::schema::Tables;
 use crate::sql::{Cols, lit, query_if_exists, query_secret};
@@ -60,7 +60,7 @@ impl Store {
             format!(
                 "INSERT INTO {table} (key) VALUES (decode({}, 'hex')) ON CONFLICT (only_row) DO NOTHING; \
                  SELECT encode(key, 'hex') FROM {table}",
-                lit(&hex(&fresh))
+                lit(&hex::encode(fresh))
             ),
         )
         .await?;
@@ -68,7 +68,7 @@ impl Store {
             .map(|r| Cols(r).text(0))
             .transpose()?
             .and_then(|h| EnvKey::from_hex(&h))
-            .ok_or_else(|| sqlx::Error::Protocol("the --same-env key could not be read".into()))
+            .ok_or_else(|| crate::sql::invariant("the --same-env key could not be read"))
     }
 
     /// Sets the release's reference where it has none, records whether this replica agrees,

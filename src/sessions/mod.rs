@@ -144,8 +144,7 @@ pub(crate) fn app_env(lock: &LockKey, release: Option<&str>) -> Vec<(String, Str
 /// The first 32 bits of the release ID's SHA-256, in hex: short enough for
 /// `application_name`, and the same in every replica of a release.
 pub(crate) fn release_hash(release: &str) -> String {
-    let digest = Sha256::digest(release.as_bytes());
-    digest[..4].iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(&Sha256::digest(release.as_bytes())[..4])
 }
 
 /// SQL: the `<part>` field (1 lock, 2 release, 3 attempt) of a tagged `application_name` of

@@ -503,14 +503,22 @@ pub fn gate_bin() -> &'static str {
     )
 }
 
-/// The stand-in app binary (see `tests/support/standin_app.rs`).
+/// The stand-in app (see `tests/support/standin_app.rs`): an example, so that `cargo install`
+/// never installs it. `cargo test` builds it into `target/<profile>/examples`, beside the demo
+/// and the benchmark; a test executable lives in `target/<profile>/deps`.
 pub fn standin() -> &'static str {
     static PATH: OnceLock<String> = OnceLock::new();
-    binary(
-        &PATH,
-        option_env!("CARGO_BIN_EXE_standin-app"),
-        "standin-app",
-    )
+    PATH.get_or_init(|| {
+        let exe = std::env::current_exe().expect("current_exe");
+        let profile = exe.parent().and_then(|d| d.parent()).expect("target dir");
+        let path = profile.join("examples").join("standin-app");
+        assert!(
+            path.exists(),
+            "{} not found: build it first (cargo build --examples, or cargo test builds it)",
+            path.display()
+        );
+        path.to_string_lossy().into_owned()
+    })
 }
 
 /// The path Cargo gave (`built`), else the binary `name` beside our own directory; found once.
