@@ -826,37 +826,6 @@ fn marked_processes(mark: &str) -> Vec<i32> {
         .unwrap_or_default()
 }
 
-/// [`sql`] that says what failed instead of panicking: the server may be restarting.
-fn try_sql(url: &str, query: &str) -> Result<Vec<Vec<String>>, String> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
-    rt.block_on(async {
-        let mut conn = PgConnection::connect(url)
-            .await
-            .map_err(|e| e.to_string())?;
-        let rows = sqlx::raw_sql(AssertSqlSafe(query.to_string()))
-            .fetch_all(&mut conn)
-            .await
-            .map_err(|e| e.to_string())?;
-        let _ = conn.close().await;
-        Ok(rows
-            .iter()
-            .map(|r| {
-                (0..r.len())
-                    .map(|i| {
-                        r.try_get_unchecked::<Option<String>, _>(i)
-                            .ok()
-                            .flatten()
-                            .unwrap_or_default()
-                    })
-                    .collect()
-            })
-            .collect())
-    })
-}
-
 /// Watches `pg_stat_activity` every 25 ms from a direct connection: two attempts' sessions busy
 /// (a statement running, or a transaction open) at once is an overlap.
 struct Sampler {

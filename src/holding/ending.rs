@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use tracing::{error, warn};
 
 use super::{
-    Ending, HEARTBEAT, HEARTBEAT_TIMEOUT, Holding, RECORD_FENCED_FOR, RETRY_END,
+    Bounds, Ending, HEARTBEAT, HEARTBEAT_TIMEOUT, Holding, RECORD_FENCED_FOR, RETRY_END,
     SETTLE_AFTER_SUCCESS,
 };
 use crate::child::Supervisor;
@@ -91,8 +91,15 @@ impl Holding {
         replica: &Replica,
         child: &mut Supervisor,
         reason: &str,
-        kill_grace: Duration,
+        paused: bool,
+        bounds: &Bounds,
     ) -> Error {
+        // A child paused after the gate woke up late must not run again, even to clean up.
+        let kill_grace = if paused {
+            Duration::ZERO
+        } else {
+            bounds.kill_grace
+        };
         error!(
             reason,
             "lost the lock session while migrating: another replica may take the lock now, so the migration is stopped"

@@ -77,14 +77,9 @@ impl Holding {
                 child.finish();
                 Err(self.overran(replica, (what, &display), limit, code).await)
             }
-            StepEnd::LockLost { reason, paused } => {
-                let grace = if paused {
-                    Duration::ZERO
-                } else {
-                    bounds.kill_grace
-                };
-                Err(self.fence(replica, &mut child, &reason, grace).await)
-            }
+            StepEnd::LockLost { reason, paused } => Err(self
+                .fence(replica, &mut child, &reason, paused, bounds)
+                .await),
         }
     }
 
@@ -192,14 +187,9 @@ impl Holding {
                 self.end(replica, ending).await?;
                 Err(not_ready(probe, ready_timeout))
             }
-            StepEnd::LockLost { reason, paused } => {
-                let grace = if paused {
-                    Duration::ZERO
-                } else {
-                    bounds.kill_grace
-                };
-                Err(self.fence(replica, &mut child, &reason, grace).await)
-            }
+            StepEnd::LockLost { reason, paused } => Err(self
+                .fence(replica, &mut child, &reason, paused, bounds)
+                .await),
         }
     }
 

@@ -398,18 +398,23 @@ impl TestDb {
 
 /// Runs `query` on `url` (simple protocol) and returns every row as text.
 pub fn sql(url: &str, query: &str) -> Vec<Vec<String>> {
+    try_sql(url, query).unwrap_or_else(|e| panic!("query failed: {query}: {e}"))
+}
+
+/// [`sql`] that says what failed instead of panicking (the server may be restarting).
+pub fn try_sql(url: &str, query: &str) -> Result<Vec<Vec<String>>, String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .expect("runtime");
+        .map_err(|e| e.to_string())?;
     rt.block_on(async {
         let mut conn = PgConnection::connect(url)
             .await
-            .expect("connect to test database");
+            .map_err(|e| format!("connect to test database: {e}"))?;
         let rows = sqlx::raw_sql(AssertSqlSafe(query.to_string()))
             .fetch_all(&mut conn)
             .await
-            .unwrap_or_else(|e| panic!("query failed: {query}: {e}"));
+            .map_err(|e| e.to_string())?;
         let out = rows
             .iter()
             .map(|r| {
@@ -424,7 +429,7 @@ pub fn sql(url: &str, query: &str) -> Vec<Vec<String>> {
             })
             .collect();
         let _ = conn.close().await;
-        out
+        Ok(out)
     })
 }
 
