@@ -14,7 +14,7 @@
 //!
 //! Every schedule prints its seed; `MG_CHAOS_SEED=0x... cargo test --test chaos ROUTE` reruns
 //! exactly that one (ROUTE: `direct` or `pooler`). `MG_CHAOS_SCHEDULES=N` runs N schedules per
-//! route (default 3: about 4 minutes for the file on 2 cores); the soak runs 30.
+//! route (default 3: about 2 minutes for the file on 2 cores); the soak runs 30.
 
 mod support;
 
