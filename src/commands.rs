@@ -26,8 +26,9 @@ pub(crate) async fn migrate(plan: Migrate) -> Result<i32> {
     } = plan;
     let replica = replica_for(&gate)?.for_holder();
     let want = Want::Lock {
-        kill_grace: bounds.kill_grace,
         slots: gate.slots,
+        max_failures: bounds.max_failures,
+        keep_tool_locks: bounds.keep_tool_locks,
     };
     match wait_turn(&replica, want, gate.wait_timeout).await? {
         Turn::Follower { seen, conn } => {
@@ -80,8 +81,9 @@ pub(crate) async fn run(plan: Run) -> Result<i32> {
     let app_off = Program::new(&command, (&flag.name, &flag.off))
         .with_env(sessions::app_env(replica.lock(), replica.release()));
     let want = Want::Lock {
-        kill_grace: bounds.kill_grace,
         slots: gate.slots,
+        max_failures: bounds.max_failures,
+        keep_tool_locks: bounds.keep_tool_locks,
     };
     let mut holding = match wait_turn(&replica, want, gate.wait_timeout).await? {
         Turn::Follower { seen, conn } => {

@@ -12,6 +12,10 @@ pub(crate) const EXIT_OK: i32 = 0;
 pub(crate) const EXIT_NOT_DONE: i32 = 1;
 /// Exit code: command-line usage error, malformed URL, bad configuration (`EX_USAGE`).
 pub(crate) const EXIT_USAGE: i32 = 64;
+/// Exit code: the release's migration failed `--max-failures` times, so no replica runs it
+/// again until `reset --release R` (`EX_DATAERR`: what the release brings is wrong, not the
+/// gate's input or the database).
+pub(crate) const EXIT_RELEASE_FAILING: i32 = 65;
 /// Exit code: the database could not be reached, or was lost (`EX_UNAVAILABLE`); `check`: also
 /// a read-only standby where the release is not done.
 pub(crate) const EXIT_UNAVAILABLE: i32 = 69;
@@ -36,10 +40,11 @@ pub(crate) const EXIT_NOT_FOUND: i32 = 127;
 /// `--help` and the README's "Exit codes" table list each one: the tests check both against
 /// this list, and that every [`Error`] maps into it.
 #[cfg(test)]
-pub(crate) const EXIT_CODES: [i32; 10] = [
+pub(crate) const EXIT_CODES: [i32; 11] = [
     EXIT_OK,
     EXIT_NOT_DONE,
     EXIT_USAGE,
+    EXIT_RELEASE_FAILING,
     EXIT_UNAVAILABLE,
     EXIT_INTERNAL,
     EXIT_TIMEOUT,
@@ -119,6 +124,26 @@ pub(crate) enum Error {
         code: i32,
     },
 
+    /// The release's migration failed `--max-failures` times: no replica runs it again until
+    /// `reset`.
+    #[error(
+        "release {release:?} failed {failures} time(s), the limit set by --max-failures; not running it again. Last failure: attempt {id} on {host} ({holder}), {last}. Fix the migration, then run `migrations-gate reset --release {release}`"
+    )]
+    ReleaseFailing {
+        /// The release ID.
+        release: String,
+        /// Failed attempts counted.
+        failures: usize,
+        /// The last failed attempt's row ID.
+        id: i64,
+        /// Its holder's host name.
+        host: String,
+        /// Its holder's `application_name`.
+        holder: String,
+        /// The first line of its recorded failure.
+        last: String,
+    },
+
     /// Something that should not happen.
     #[error("internal error: {0}")]
     Internal(String),
@@ -129,6 +154,7 @@ impl Error {
     pub(crate) fn exit_code(&self) -> i32 {
         match self {
             Error::Usage(_) => EXIT_USAGE,
+            Error::ReleaseFailing { .. } => EXIT_RELEASE_FAILING,
             Error::Unavailable(_) => EXIT_UNAVAILABLE,
             Error::Auth(_) => EXIT_AUTH,
             Error::Config(_) => EXIT_CONFIG,

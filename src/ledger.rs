@@ -445,12 +445,45 @@ impl Ledger {
         query(conn, sql).await.map(|_| ())
     }
 
+    /// The failed attempts of `release` that count against `--max-failures`, newest first, at
+    /// most `limit`. A fenced holder (it lost its connection: `detail` starts `fenced:`) and a
+    /// replica refused by a check of its own configuration (exit 78) failed for reasons of
+    /// their own, not the release's migration, so they do not count; neither do `abandoned`
+    /// attempts (a crash). `reset --release R` removes them, and the count starts again.
+    pub(crate) async fn failures(
+        &self,
+        conn: &mut PgConnection,
+        release: &str,
+        limit: u32,
+    ) -> Result<Vec<AttemptRow>, sqlx::Error> {
+        let failed = format!(
+            "outcome = 'failed' AND coalesce(detail, '') NOT LIKE 'fenced:%' AND coalesce(exit_code, 0) <> {}",
+            crate::error::EXIT_CONFIG
+        );
+        let rows = self
+            .attempts_where(conn, Some(release), &failed, limit)
+            .await?;
+        Ok(rows)
+    }
+
     /// The newest `limit` attempts (of `release` only, if given), newest first. An absent
     /// ledger has none.
     pub(crate) async fn attempts(
         &self,
         conn: &mut PgConnection,
         release: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<AttemptRow>, sqlx::Error> {
+        self.attempts_where(conn, release, "true", limit).await
+    }
+
+    /// The attempts of `release` (all without one) whose row meets the SQL condition `cond`,
+    /// newest first, at most `limit`.
+    async fn attempts_where(
+        &self,
+        conn: &mut PgConnection,
+        release: Option<&str>,
+        cond: &str,
         limit: u32,
     ) -> Result<Vec<AttemptRow>, sqlx::Error> {
         let filter = release
@@ -462,7 +495,7 @@ impl Ledger {
                     coalesce(to_char(finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), ''), \
                     coalesce(extract(epoch FROM coalesce(finished_at, clock_timestamp()) - started_at)::float8::text, ''), \
                     coalesce(exit_code::text, ''), coalesce(detail, '') \
-             FROM {} WHERE lock_key = {}{filter} ORDER BY id DESC LIMIT {limit}",
+             FROM {} WHERE lock_key = {}{filter} AND ({cond}) ORDER BY id DESC LIMIT {limit}",
             self.table(),
             self.lock.key
         );

@@ -17,6 +17,7 @@
 //!   heartbeat, fence) and its one exit, [`holding::Holding::end`];
 //! - [`sessions`]: the database sessions of an attempt: their tag (`PGAPPNAME`), finding them,
 //!   ending them; [`lockwaits`]: what those sessions wait on, and who blocks them;
+//!   [`tools`]: what a migration tool leaves behind (stale lock rows, half-applied markers);
 //!   [`sockets`]: the TCP connections of a child's process group, from `/proc`;
 //! - [`probe`]: readiness checks; [`child`]: spawning, guarding, signal forwarding, reaping,
 //!   `exec`; [`termination`]: the final one-line outcome in `/dev/termination-log`;
@@ -61,6 +62,7 @@ mod sockets;
 mod sql;
 mod status;
 mod termination;
+mod tools;
 mod waiting;
 
 use tracing::error;
@@ -241,6 +243,14 @@ mod tests {
             Error::CommandNotExecutable {
                 program: String::new(),
                 source: std::io::ErrorKind::PermissionDenied.into(),
+            },
+            Error::ReleaseFailing {
+                release: String::new(),
+                failures: 3,
+                id: 1,
+                host: String::new(),
+                holder: String::new(),
+                last: String::new(),
             },
             Error::Internal(String::new()),
         ];

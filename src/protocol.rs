@@ -28,12 +28,13 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use crate::db::{Conn, Failure};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::holding::{self, Holding, Taken};
-use crate::ledger::{Begun, ReadKey, Seen, Stale};
+use crate::ledger::{AttemptRow, Begun, Outcome, ReadKey, Seen, Stale};
 use crate::lock::{self, Proof, Scope, WaitSlots};
 use crate::replica::Replica;
 use crate::sessions::{self, Ended, Which};
+use crate::tools;
 use crate::waiting::{Busy, Waiter};
 
 /// What the replica wants from waiting.
@@ -41,10 +42,12 @@ use crate::waiting::{Busy, Waiter};
 pub(crate) enum Want {
     /// Its turn to migrate (`migrate`, `run`): take the lock when it is free.
     Lock {
-        /// `--kill-grace`, recorded so that a taker-over knows how long fencing takes.
-        kill_grace: Duration,
         /// `--waiting-connections`.
         slots: WaitSlots,
+        /// `--max-failures` (0: no limit).
+        max_failures: u32,
+        /// `--keep-tool-locks`.
+        keep_tool_locks: bool,
     },
     /// Only to see the release done (`wait`): never take the lock.
     Done {
@@ -147,7 +150,12 @@ async fn round(
         Some(seen) if seen.standby => return Ok(Round::Standby),
         _ => {}
     }
-    let Want::Lock { kill_grace, .. } = want else {
+    let Want::Lock {
+        max_failures,
+        keep_tool_locks,
+        ..
+    } = want
+    else {
         return waiter
             .keep_or_drop(conn, want.slots())
             .await
@@ -170,8 +178,9 @@ async fn round(
     let taken = Taken {
         route,
         scope,
-        kill_grace,
         wait_timeout,
+        max_failures,
+        keep_tool_locks,
     };
     take_over(replica, conn, taken).await.map(Round::Turn)
 }
@@ -214,6 +223,7 @@ async fn take_over(replica: &Replica, mut conn: Conn, taken: Taken) -> Result<Tu
             conn: Some(conn),
         });
     }
+    refuse_failing_release(replica, &mut conn, &taken).await?;
     let mut witness = open_witness(replica, taken.scope).await?;
     let book = match witness.as_mut() {
         Some(w) => w.pg().await.map_err(sql)?,
@@ -222,7 +232,7 @@ async fn take_over(replica: &Replica, mut conn: Conn, taken: Taken) -> Result<Tu
     let stale = wait_out_vanished_holder(replica, book, &proof).await?;
     let ended = end_earlier_sessions(replica, book, &proof, &stale, taken.wait_timeout).await?;
     let previous = replica.ledger.attempts(book, replica.release(), 1).await;
-    let new = holding::new_attempt(replica, taken.kill_grace);
+    let new = holding::new_attempt(replica);
     let id = match replica
         .ledger
         .begin(book, &new, &proof)
@@ -234,9 +244,34 @@ async fn take_over(replica: &Replica, mut conn: Conn, taken: Taken) -> Result<Tu
         // Only a holder writes `done`, so not while we hold the lock; cheap to honour anyway.
         Begun::AlreadyDone => return Err(lost("before it began (the release is done)")),
     };
+    let cleaned = tool_state(replica, book, (id, &proof), &previous, &taken).await;
     let holding = Holding::new(replica, (conn, witness), (proof, id), taken, server_version)
-        .after(previous.ok(), ended);
+        .after(previous.ok(), ended)
+        .noting(cleaned);
     Ok(Turn::Holder(Box::new(holding)))
+}
+
+/// What the migration tool left behind, now that every earlier attempt's session is gone and
+/// before the migration starts ([`tools`]): after a failed or abandoned attempt, its markers of
+/// a half-applied migration, named; then its stale lock rows, released under the proof. Returns
+/// the lines for this attempt's record.
+async fn tool_state(
+    replica: &Replica,
+    book: &mut sqlx::PgConnection,
+    (id, proof): (i64, &Proof),
+    previous: &std::result::Result<Vec<AttemptRow>, sqlx::Error>,
+    taken: &Taken,
+) -> Vec<String> {
+    let after_trouble = previous.as_ref().is_ok_and(|p| {
+        p.first()
+            .is_some_and(|a| matches!(a.outcome, Outcome::Failed | Outcome::Abandoned))
+    });
+    let mut lines = Vec::new();
+    if after_trouble {
+        lines.extend(tools::report_dirty(book).await);
+    }
+    lines.extend(tools::clear_stale_locks(replica, book, (id, proof), taken.keep_tool_locks).await);
+    lines
 }
 
 /// The lock is lost while taking over: another replica may hold it now, so wait again.
@@ -284,6 +319,49 @@ async fn done_under_lock(
     }
     lock::unlock(c, replica.lock(), scope).await.map_err(sql)?;
     Ok(Some(seen))
+}
+
+/// A release whose migration failed `--max-failures` times is not run again: each replica that
+/// gets the lock reads the count under it, frees the lock and exits 65 with the last failure,
+/// until `reset` removes the attempts. Read under the lock, so that the holder that records the
+/// last failure and the next reader agree on the count.
+async fn refuse_failing_release(
+    replica: &Replica,
+    conn: &mut Conn,
+    taken: &Taken,
+) -> Result<(), Failure> {
+    let sql = |e: sqlx::Error| replica.db.classify(&e);
+    let (Some(release), max) = (replica.release(), taken.max_failures) else {
+        return Ok(());
+    };
+    if max == 0 {
+        return Ok(());
+    }
+    let c = conn.pg().await.map_err(sql)?;
+    let failed = replica
+        .ledger
+        .failures(c, release, max)
+        .await
+        .map_err(sql)?;
+    let Some(last) = failed.first().filter(|_| failed.len() >= max as usize) else {
+        return Ok(());
+    };
+    lock::unlock(c, replica.lock(), taken.scope)
+        .await
+        .map_err(sql)?;
+    let first_line = last.detail.lines().next().unwrap_or("no detail recorded");
+    let exit = last
+        .exit_code
+        .map(|code| format!("exit {code}: "))
+        .unwrap_or_default();
+    Err(Failure::Fatal(Error::ReleaseFailing {
+        release: release.to_string(),
+        failures: failed.len(),
+        id: last.id,
+        host: last.host.clone(),
+        holder: last.holder.clone(),
+        last: format!("{exit}{first_line}"),
+    }))
 }
 
 /// The attempt row and its heartbeats must be visible to a taker-over even if this holder

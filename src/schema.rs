@@ -6,6 +6,9 @@
 //! - `<schema>.env_key`: the one `--same-env` HMAC key (a secret), `<schema>.env_reference`:
 //!   each release's reference fingerprints, `<schema>.env_checks`: each replica's last
 //!   comparison ([`crate::preflight`]). Created only by a replica that compares variables.
+//! - `<schema>.tool_locks`: each lock of a migration tool that a holder found held before it
+//!   migrated: released (stale, taken by an earlier attempt) or left alone, with the attempt
+//!   that found it ([`crate::tools`]). Created by the first holder that looks.
 //!
 //! Only what is missing is created, and nothing else: a role without `CREATE` on the database
 //! can use a schema a DBA made for it (`CREATE SCHEMA {schema} AUTHORIZATION {role}`, or
@@ -62,6 +65,33 @@ impl Tables {
     /// `<schema>.env_checks`.
     pub(crate) fn env_checks(&self) -> String {
         format!("{}.env_checks", ident(&self.schema))
+    }
+
+    /// `<schema>.tool_locks`.
+    pub(crate) fn tool_locks(&self) -> String {
+        format!("{}.tool_locks", ident(&self.schema))
+    }
+
+    /// Creates `<schema>.tool_locks` if it is missing (the ledger made the schema).
+    pub(crate) async fn create_tool_locks(
+        &self,
+        conn: &mut PgConnection,
+    ) -> Result<(), sqlx::Error> {
+        let table = format!(
+            "CREATE TABLE IF NOT EXISTS {} (
+                 attempt_id  bigint NOT NULL,
+                 tool        text NOT NULL,
+                 lock_table  text NOT NULL,
+                 locked_by   text NOT NULL,
+                 locked_at   text,
+                 taken_in    bigint,
+                 released    boolean NOT NULL,
+                 seen_at     timestamptz NOT NULL DEFAULT clock_timestamp()
+             );",
+            self.tool_locks()
+        );
+        let objects = [(format!("to_regclass({})", lit(&self.tool_locks())), table)];
+        self.create_missing(conn, &objects).await
     }
 
     /// The DDL of the ledger's unique index: one `done` row per lock and release.

@@ -15,6 +15,7 @@ use crate::lockwaits::{self, Wait};
 use crate::preflight::{EnvCheck, Store};
 use crate::replica::Replica;
 use crate::sessions::{self, Session};
+use crate::tools::{self, ToolLock};
 
 /// The JSON document `status --json` prints. Field names are a stable interface.
 #[derive(Debug, Serialize)]
@@ -34,6 +35,8 @@ pub(crate) struct StatusReport {
     /// `--same-env` comparisons of the shown releases (with `--release`, of that one): per
     /// release and variable, who set the reference, how many replicas agreed, which disagreed.
     pub(crate) env_checks: Vec<EnvCheck>,
+    /// Migration tools' locks the shown attempts found held before migrating, released or left alone ([`crate::tools`]).
+    pub(crate) tool_locks: Vec<ToolLock>,
 }
 
 /// A running attempt's database sessions (those that carry its tag) and their lock waits.
@@ -103,11 +106,20 @@ pub(crate) async fn status(plan: Status) -> Result<i32> {
         };
         let env_checks = store.summary(c, Some(&releases)).await?;
         let running = running(c, &replica, &attempts).await?;
-        Ok::<_, sqlx::Error>((holder, attempts, release_done, env_checks, running))
+        let ids: Vec<i64> = attempts.iter().map(|a| a.id).collect();
+        let tool_locks = tools::released(c, replica.ledger.tables(), &ids).await?;
+        Ok::<_, sqlx::Error>((
+            holder,
+            attempts,
+            release_done,
+            env_checks,
+            running,
+            tool_locks,
+        ))
     }
     .await;
     close(conn).await;
-    let (holder, attempts, release_done, env_checks, running) =
+    let (holder, attempts, release_done, env_checks, running, tool_locks) =
         gathered.map_err(|e| replica.db.fail(&e, "while reading the status"))?;
     let report = StatusReport {
         lock: replica.lock().name.clone(),
@@ -117,6 +129,7 @@ pub(crate) async fn status(plan: Status) -> Result<i32> {
         attempts,
         running,
         env_checks,
+        tool_locks,
     };
     let text = if plan.json {
         serde_json::to_string_pretty(&report)
@@ -208,6 +221,12 @@ pub(crate) fn render(report: &StatusReport, release: Option<&str>) -> String {
         s.push('\n');
     }
     render_running(&mut s, &report.running);
+    if !report.tool_locks.is_empty() {
+        s.push_str("\nmigration tools' locks found before migrating:\n");
+        for l in &report.tool_locks {
+            s.push_str(&format!("  {l}\n"));
+        }
+    }
     render_env(&mut s, &report.env_checks);
     s
 }

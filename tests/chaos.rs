@@ -30,10 +30,11 @@ use sqlx::{AssertSqlSafe, Connection, Row};
 use support::freezer::{Freezer, descendants};
 use support::*;
 
-/// `--kill-grace` of every gate: its fencing time is 1 s heartbeat + 5 s heartbeat timeout +
-/// this + 1 s.
+/// `--kill-grace` of every gate (a SIGTERM'd holder's migration gets this long; fencing never
+/// waits for it).
 const KILL_GRACE_S: u64 = 1;
-const FENCE: Duration = Duration::from_secs(1 + 5 + KILL_GRACE_S + 1);
+/// A holder's fencing time: 1 s heartbeat + 5 s heartbeat timeout + 1 s for the SIGKILL.
+const FENCE: Duration = Duration::from_secs(1 + 5 + 1);
 /// Once faults stop, a release must be done within this.
 const SETTLE: Duration = Duration::from_secs(150);
 /// Server connections per pool: fewer than the fleet.

@@ -123,7 +123,8 @@ fn holders_killed_at_random_points_repeatedly_still_migrate_once() {
 #[test]
 fn holder_whose_lock_session_is_terminated_fences_itself_and_one_waiter_takes_over() {
     let db = cluster().new_db("terminated");
-    // The migration ignores SIGTERM (inherited through exec), so fencing must escalate to SIGKILL.
+    // The migration ignores SIGTERM (inherited through exec), and --kill-grace is long: fencing
+    // must SIGKILL it at once, never wait for the grace (the taker-over waits only 7 s).
     let script = format!("trap '' TERM; exec {} migrate", standin());
     let mut a = db.gate();
     a.args([
@@ -131,7 +132,7 @@ fn holder_whose_lock_session_is_terminated_fences_itself_and_one_waiter_takes_ov
         "--release",
         "r1",
         "--kill-grace",
-        "2s",
+        "120s",
         "--",
         "sh",
         "-c",
@@ -154,11 +155,6 @@ fn holder_whose_lock_session_is_terminated_fences_itself_and_one_waiter_takes_ov
     let a = wait_output(a, HANG_GUARD);
     assert_eq!(code(&a), 69, "{}", stderr(&a));
     assert_stderr_has(&a, "lost the database session holding the lock");
-    let err = stderr(&a);
-    assert!(
-        err.contains("ignored SIGTERM"),
-        "fencing must escalate to SIGKILL: {err}"
-    );
     assert!(!alive(first_migration), "the fenced migration must be dead");
     let b = wait_output(b, HANG_GUARD);
     assert_eq!(code(&b), 0, "{}", stderr(&b));

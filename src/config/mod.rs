@@ -25,7 +25,8 @@ use crate::release::release_from_path;
 use crate::replica::{GATE_NAME_PREFIX, Target, hostname};
 
 const AFTER_HELP: &str = "\
-Exit codes: 0 ok, 1 release not done (status --release), 64 usage, 69 database unavailable
+Exit codes: 0 ok, 1 release not done (status --release), 64 usage, 65 the release failed
+--max-failures times (run `reset --release R` once it is fixed), 69 database unavailable
 (check: also a read-only standby where the release is not done), 70 internal, 75 timed out
 (waiting, readiness, or --migration-timeout), 77 authentication or permission refused (check: a
 privilege the gate needs is missing), 78 configuration refused by a preflight check (--same-env, --preset, an

@@ -254,6 +254,8 @@ fn bounds(a: &super::HolderArgs, preset: Option<Preset>) -> Bounds {
         lock_timeout: a.lock_timeout,
         report_waits_after: a.report_waits_after,
         other_releases,
+        max_failures: a.max_failures,
+        keep_tool_locks: a.keep_tool_locks,
     }
 }
 

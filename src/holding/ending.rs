@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use tracing::{error, warn};
 
 use super::{
-    Bounds, Ending, HEARTBEAT, HEARTBEAT_TIMEOUT, Holding, RECORD_FENCED_FOR, RETRY_END,
+    Ending, HEARTBEAT, HEARTBEAT_TIMEOUT, Holding, RECORD_FENCED_FOR, RETRY_END,
     SETTLE_AFTER_SUCCESS,
 };
 use crate::child::Supervisor;
@@ -20,23 +20,25 @@ use crate::replica::Replica;
 use crate::sessions::{self, EndError, Ended, Which};
 use crate::sql;
 
-/// How long after its last heartbeat a holder with this `--kill-grace` has surely noticed a
-/// lost session and stopped its child: a taker-over waits that long after a vanished holder.
-fn fence_time(kill_grace: Duration) -> Duration {
-    HEARTBEAT + HEARTBEAT_TIMEOUT + kill_grace + Duration::from_secs(1)
-}
+/// How long after its last heartbeat a holder has surely noticed a lost session and stopped its
+/// child: a taker-over waits that long after a vanished holder. A heartbeat is due
+/// [`HEARTBEAT`] after the last one and fails within [`HEARTBEAT_TIMEOUT`]; a holder that
+/// fences then SIGKILLs its child's process group at once, with no `--kill-grace` (the next
+/// holder must not wait for a migration to clean up), which leaves the second for the kernel to
+/// deliver it. The child's sessions are the taker-over's to end ([`end_sessions`]); the tool's
+/// own lock rows that the kill leaves are cleared by [`crate::tools`].
+const FENCE_TIME: Duration = HEARTBEAT
+    .saturating_add(HEARTBEAT_TIMEOUT)
+    .saturating_add(Duration::from_secs(1));
 
 /// This replica's attempt as it begins, for the ledger.
-pub(crate) fn new_attempt(replica: &Replica, kill_grace: Duration) -> NewAttempt<'_> {
+pub(crate) fn new_attempt(replica: &Replica) -> NewAttempt<'_> {
     NewAttempt {
         release: replica.release(),
         holder: &replica.target.application_name,
         host: replica.host(),
         pid: std::process::id(),
-        fence_secs: fence_time(kill_grace)
-            .as_secs()
-            .try_into()
-            .unwrap_or(u32::MAX),
+        fence_secs: FENCE_TIME.as_secs().try_into().unwrap_or(u32::MAX),
     }
 }
 
@@ -84,22 +86,16 @@ impl Holding {
         e
     }
 
-    /// The lock session is lost, so another replica may take the lock: stop the child at once,
-    /// record the failure from a new connection (best effort: the database may be gone too).
+    /// The lock session is lost, so another replica may take the lock: SIGKILL the child's
+    /// process group at once (no `--kill-grace`: a taker-over waits only [`FENCE_TIME`], and a
+    /// paused child must not run again, even to clean up), then record the failure from a new
+    /// connection (best effort: the database may be gone too).
     pub(super) async fn fence(
         self,
         replica: &Replica,
         child: &mut Supervisor,
         reason: &str,
-        paused: bool,
-        bounds: &Bounds,
     ) -> Error {
-        // A child paused after the gate woke up late must not run again, even to clean up.
-        let kill_grace = if paused {
-            Duration::ZERO
-        } else {
-            bounds.kill_grace
-        };
         error!(
             reason,
             "lost the lock session while migrating: another replica may take the lock now, so the migration is stopped"
@@ -112,10 +108,10 @@ impl Holding {
             ..
         } = self;
         drop((conn, witness));
-        let code = child.stop(kill_grace).await;
+        let code = child.stop(Duration::ZERO).await;
         child.finish();
-        let detail = format!("fenced: lost the lock session ({reason}); child stopped");
-        record_fenced(replica, (attempt, &sessions), code, &detail, kill_grace).await;
+        let detail = format!("fenced: lost the lock session ({reason}); child killed");
+        record_fenced(replica, (attempt, &sessions), code, &detail).await;
         Error::Unavailable(format!(
             "lost the database session holding the lock ({reason}); stopped the migration (exit {code}) so that two migrations never overlap; the next holder will retry"
         ))
@@ -264,7 +260,6 @@ async fn record_fenced(
     (attempt, sessions): (i64, &sessions::AttemptSessions),
     code: i32,
     detail: &str,
-    kill_grace: Duration,
 ) {
     let record_for = replica.target.connect_timeout.min(RECORD_FENCED_FOR);
     let Ok(Ok(mut c)) = tokio::time::timeout(record_for, replica.db.connect()).await else {
@@ -284,7 +279,7 @@ async fn record_fenced(
                 format!("{detail}; sessions: {line}")
             }
         };
-        let new = new_attempt(replica, kill_grace);
+        let new = new_attempt(replica);
         let ledger = &replica.ledger;
         ledger.record_fenced(pg, attempt, &new, code, &detail).await
     }

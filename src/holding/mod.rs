@@ -86,10 +86,12 @@ pub(crate) struct Taken {
     pub(crate) route: Route,
     /// How the lock is held.
     pub(crate) scope: Scope,
-    /// `--kill-grace`, recorded so that a taker-over knows how long fencing takes.
-    pub(crate) kill_grace: Duration,
     /// `--wait-timeout`: how long to keep the lock waiting for sessions we may not end.
     pub(crate) wait_timeout: Duration,
+    /// `--max-failures` (0: no limit).
+    pub(crate) max_failures: u32,
+    /// `--keep-tool-locks`.
+    pub(crate) keep_tool_locks: bool,
 }
 
 /// How an attempt ends, for [`Holding::end`].
@@ -156,6 +158,19 @@ impl Holding {
         self.previous_failure = watch::say_previous_failure(previous);
         self.note = (ended != Ended::default())
             .then(|| format!("before it, earlier attempts' sessions: {ended}"));
+        self
+    }
+
+    /// What taking over found of the migration tool's own state ([`crate::tools`]), for this
+    /// attempt's record.
+    pub(crate) fn noting(mut self, lines: Vec<String>) -> Holding {
+        if !lines.is_empty() {
+            let lines = lines.join("; ");
+            self.note = Some(match self.note.take() {
+                Some(note) => format!("{note}; {lines}"),
+                None => lines,
+            });
+        }
         self
     }
 

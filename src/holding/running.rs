@@ -21,9 +21,9 @@ use crate::replica::Replica;
 enum StepEnd<W> {
     /// The child exited with this code.
     Exited(i32),
-    /// The lock session failed its heartbeat (`paused`: the child is paused, after the gate
-    /// woke up late, and must not run again).
-    LockLost { reason: String, paused: bool },
+    /// The lock session failed its heartbeat: the child is killed at once
+    /// ([`Holding::fence`]), paused or not.
+    LockLost { reason: String },
     /// What else was watched.
     Watched(W),
 }
@@ -77,9 +77,7 @@ impl Holding {
                 child.finish();
                 Err(self.overran(replica, (what, &display), limit, code).await)
             }
-            StepEnd::LockLost { reason, paused } => Err(self
-                .fence(replica, &mut child, &reason, paused, bounds)
-                .await),
+            StepEnd::LockLost { reason } => Err(self.fence(replica, &mut child, &reason).await),
         }
     }
 
@@ -187,9 +185,7 @@ impl Holding {
                 self.end(replica, ending).await?;
                 Err(not_ready(probe, ready_timeout))
             }
-            StepEnd::LockLost { reason, paused } => Err(self
-                .fence(replica, &mut child, &reason, paused, bounds)
-                .await),
+            StepEnd::LockLost { reason } => Err(self.fence(replica, &mut child, &reason).await),
         }
     }
 
@@ -254,7 +250,7 @@ impl Holding {
             );
         }
         if let Err(reason) = self.heartbeat(replica).await {
-            return Err(StepEnd::LockLost { reason, paused });
+            return Err(StepEnd::LockLost { reason });
         }
         if paused {
             child.resume();

@@ -28,6 +28,10 @@ pub(crate) struct Bounds {
     pub(crate) report_waits_after: Duration,
     /// What to do while apps of another release are connected.
     pub(crate) other_releases: OtherReleases,
+    /// `--max-failures` (0: no limit).
+    pub(crate) max_failures: u32,
+    /// `--keep-tool-locks`.
+    pub(crate) keep_tool_locks: bool,
 }
 
 /// What the holder does when apps of another release of the same lock are still connected

@@ -1,0 +1,458 @@
+//! Stale lock rows of migration tools, released by the holder when it is safe.
+//!
+//! # When a tool's lock is stale
+//! The holder releases a tool's lock row in one statement that also proves, in its `WHERE`:
+//! - that our lock session still holds the gate's lock ([`Proof`]), so no other attempt of this
+//!   gate runs; and it runs only after every session of the earlier attempts is gone
+//!   ([`crate::protocol`], "end earlier sessions");
+//! - that an earlier attempt of this lock, now ended, took it: the time the tool wrote
+//!   (Liquibase's `LOCKGRANTED`, yoyo's `ctime`), read as UTC, lies within that attempt's
+//!   interval in the ledger, give or take the tool's clock slack ([`Tool::slack_secs`]); for
+//!   Liquibase also the host in `LOCKEDBY` is that attempt's host; and that attempt did not
+//!   find the very same lock held when it began (every holder records, in
+//!   `<schema>.tool_locks`, the locks it found held and left alone, before its migration
+//!   starts).
+//!
+//! Any other lock (taken outside the gate, by another gate, or with a tool clock or time zone
+//! off by more than the slack) is left alone and named with the tool's own way out. A role that
+//! may not create `<schema>.tool_locks` releases nothing: without that record, a lock taken
+//! outside the gate just before an attempt began would look like the attempt's. The limit: a
+//! lock that a migration outside the gate took *while* a gated attempt ran looks like that
+//! attempt's; two migrations at once is what the gate exists to prevent.
+//!
+//! # Known tools
+//! | tool | table | held when | released as the tool's command does |
+//! |---|---|---|---|
+//! | Liquibase | `databasechangeloglock` | `locked` | `liquibase release-locks`: `UPDATE ... SET locked = false, lockgranted = NULL, lockedby = NULL` |
+//! | yoyo | `yoyo_lock` | a row exists | `yoyo break-lock`: `DELETE FROM yoyo_lock` |
+//!
+//! knex's `knex_migrations_lock` records no owner and no time, so nothing proves who took it:
+//! it is named, never released. goose's table locker and Mattermost's `db_lock` expire by lease.
+
+use std::fmt;
+
+use tracing::{info, warn};
+
+use super::{Found, find};
+use crate::lock::Proof;
+use crate::replica::Replica;
+use crate::sql::{Cols, ident, lit, query};
+
+/// A migration tool that locks with a committed row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tool {
+    Liquibase,
+    Yoyo,
+    Knex,
+}
+
+const TOOLS: [Tool; 3] = [Tool::Liquibase, Tool::Yoyo, Tool::Knex];
+
+impl Tool {
+    fn name(self) -> &'static str {
+        match self {
+            Tool::Liquibase => "Liquibase",
+            Tool::Yoyo => "yoyo",
+            Tool::Knex => "knex",
+        }
+    }
+
+    fn table(self) -> &'static str {
+        match self {
+            Tool::Liquibase => "databasechangeloglock",
+            Tool::Yoyo => "yoyo_lock",
+            Tool::Knex => "knex_migrations_lock",
+        }
+    }
+
+    /// The tool's own command that releases the lock.
+    fn way_out(self) -> &'static str {
+        match self {
+            Tool::Liquibase => "liquibase release-locks",
+            Tool::Yoyo => "yoyo break-lock",
+            Tool::Knex => "knex migrate:unlock",
+        }
+    }
+
+    /// Seconds of difference allowed between the clock that wrote the lock's time and the
+    /// server's: Liquibase writes the server's `NOW()` (in the JVM's time zone), yoyo the
+    /// client's `datetime.now(timezone.utc)`.
+    fn slack_secs(self) -> u32 {
+        match self {
+            Tool::Liquibase => 1,
+            Tool::Yoyo | Tool::Knex => 10,
+        }
+    }
+
+    /// The privilege the gate's role needs on the table to release the lock.
+    fn privilege(self) -> &'static str {
+        match self {
+            Tool::Liquibase | Tool::Knex => "UPDATE",
+            Tool::Yoyo => "DELETE",
+        }
+    }
+
+    /// SQL: who holds the lock, as the tool records it.
+    fn who(self) -> &'static str {
+        match self {
+            Tool::Liquibase => "coalesce(lockedby, 'unknown')",
+            Tool::Yoyo => "'process ' || pid",
+            Tool::Knex => "'unknown (knex records no owner)'",
+        }
+    }
+
+    /// SQL: when it was taken (`timestamp`, as the tool wrote it), or NULL.
+    fn when(self) -> &'static str {
+        match self {
+            Tool::Liquibase => "lockgranted",
+            Tool::Yoyo => "ctime",
+            Tool::Knex => "NULL::timestamp",
+        }
+    }
+
+    /// SQL: the row is a held lock.
+    fn held(self) -> &'static str {
+        match self {
+            Tool::Liquibase => "locked",
+            Tool::Yoyo => "true",
+            Tool::Knex => "is_locked = 1",
+        }
+    }
+
+    /// SQL: the statement that releases the lock rows that an earlier attempt took
+    /// (`taken_in` of their who and when, see [`taken_in`]) while `proof` (SQL) holds,
+    /// returning the row as it was: who held it (`who`), since when (`at`, text) and the
+    /// attempt (`taken_in`); `None` for a tool whose lock is never released.
+    fn release(
+        self,
+        table: &str,
+        proof: &str,
+        taken_in: impl Fn(&str, &str) -> String,
+    ) -> Option<String> {
+        match self {
+            // An UPDATE returns the new row: the old one comes from a locked read of it.
+            Tool::Liquibase => {
+                let (who, when) = ("o.o_who", "o.o_at");
+                Some(format!(
+                    "UPDATE {table} SET locked = false, lockgranted = NULL, lockedby = NULL \
+                     FROM (SELECT id AS o_id, {} AS o_who, {} AS o_at FROM {table} WHERE {} FOR UPDATE) o \
+                     WHERE {table}.id = o.o_id AND EXISTS ({}) AND {proof} \
+                     RETURNING {who} AS who, {when}::text AS at, (SELECT max(t.id) FROM ({}) t) AS taken_in",
+                    self.who(),
+                    self.when(),
+                    self.held(),
+                    taken_in(who, when),
+                    taken_in(who, when),
+                ))
+            }
+            Tool::Yoyo => {
+                let (who, when) = (self.who(), self.when());
+                Some(format!(
+                    "DELETE FROM {table} WHERE EXISTS ({}) AND {proof} \
+                     RETURNING {who} AS who, {when}::text AS at, (SELECT max(t.id) FROM ({}) t) AS taken_in",
+                    taken_in(who, when),
+                    taken_in(who, when),
+                ))
+            }
+            Tool::Knex => None,
+        }
+    }
+}
+
+/// A lock row a holder released.
+#[derive(Debug, Clone)]
+struct Released {
+    tool: Tool,
+    table: String,
+    locked_by: String,
+    locked_at: String,
+    /// The earlier attempt that took it.
+    taken_in: Option<i64>,
+}
+
+impl fmt::Display for Released {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "released {}'s stale lock in {} (locked by {} since {}",
+            self.tool.name(),
+            self.table,
+            self.locked_by,
+            self.locked_at
+        )?;
+        match self.taken_in {
+            Some(id) => write!(f, ", in attempt {id})"),
+            None => write!(f, ")"),
+        }
+    }
+}
+
+/// Releases the lock rows of known tools that an earlier, ended attempt of this lock took
+/// (see the module documentation), records each in `<schema>.tool_locks` with `attempt`, and
+/// names every other held lock. Returns what was released, for the attempt's record.
+///
+/// Runs after every earlier attempt's sessions are gone and before the migration starts. It
+/// never fails the attempt: a lock it cannot release (no privilege, an error) is logged with
+/// what to do, and the tool then waits for its lock as it would without the gate.
+pub(crate) async fn clear_stale_locks(
+    replica: &Replica,
+    conn: &mut sqlx::PgConnection,
+    (attempt, proof): (i64, &Proof),
+    keep: bool,
+) -> Vec<String> {
+    let names: Vec<&str> = TOOLS.iter().map(|t| t.table()).collect();
+    let found = match find(conn, &names).await {
+        Ok(found) => found,
+        Err(e) => {
+            warn!(error = %e, "could not look for migration tools' lock tables");
+            return Vec::new();
+        }
+    };
+    if found.is_empty() {
+        return Vec::new();
+    }
+    let tables = replica.ledger.tables();
+    let recorded = match tables.create_tool_locks(conn).await {
+        Ok(()) => true,
+        Err(e) => {
+            warn!(
+                "could not create {} to record migration tools' locks ({e}); tool locks are left alone",
+                tables.tool_locks()
+            );
+            false
+        }
+    };
+    let keep = keep || !recorded;
+    let mut notes = Vec::new();
+    for table in found {
+        let Some(tool) = TOOLS.into_iter().find(|t| t.table() == table.name) else {
+            continue;
+        };
+        if !keep {
+            match release(replica, conn, tool, &table, (attempt, proof)).await {
+                Ok(released) => notes.extend(released.iter().map(ToString::to_string)),
+                Err(e) => warn!(
+                    tool = tool.name(),
+                    table = table.shown(),
+                    "could not release {}'s lock in {} ({e}); the role {} needs `GRANT {} ON {} TO {}`, or run `{}` once no migration is running",
+                    tool.name(),
+                    table.shown(),
+                    ident(replica.db.username()),
+                    tool.privilege(),
+                    table.sql(),
+                    ident(replica.db.username()),
+                    tool.way_out()
+                ),
+            }
+        }
+        let how = (attempt, keep, recorded);
+        if let Err(e) = name_held(replica, conn, tool, &table, how).await {
+            warn!(error = %e, table = table.shown(), "could not read {}'s lock", tool.name());
+        }
+    }
+    notes
+}
+
+/// Releases `tool`'s lock rows in `table` that an earlier attempt took, under the proof, and
+/// records them.
+async fn release(
+    replica: &Replica,
+    conn: &mut sqlx::PgConnection,
+    tool: Tool,
+    table: &Found,
+    (attempt, proof): (i64, &Proof),
+) -> Result<Vec<Released>, sqlx::Error> {
+    let Some(sql) = tool.release(&table.sql(), proof.sql(), |who, when| {
+        taken_in(replica, tool, attempt, (who, when))
+    }) else {
+        return Ok(Vec::new());
+    };
+    // Recorded in the same statement: released exactly when recorded.
+    let sql = format!(
+        "WITH r AS ({sql}), i AS (INSERT INTO {} (attempt_id, tool, lock_table, locked_by, locked_at, taken_in, released) \
+             SELECT {attempt}, {}, {}, r.who, r.at, r.taken_in, true FROM r) \
+         SELECT who, at, taken_in::text FROM r",
+        replica.ledger.tables().tool_locks(),
+        lit(tool.name()),
+        lit(&table.shown()),
+    );
+    let rows = query(conn, sql).await?;
+    let mut released = Vec::new();
+    for r in &rows {
+        let c = Cols(r);
+        let one = Released {
+            tool,
+            table: table.shown(),
+            locked_by: c.text(0)?,
+            locked_at: c.opt(1)?.unwrap_or_else(|| "an unknown time".into()),
+            taken_in: c.parse_opt(2)?,
+        };
+        info!(
+            tool = tool.name(),
+            table = table.shown(),
+            locked_by = one.locked_by,
+            locked_at = one.locked_at,
+            "{one}: an earlier attempt of this gate took it, and all its sessions are gone"
+        );
+        released.push(one);
+    }
+    Ok(released)
+}
+
+/// SQL: a subquery of the IDs of the earlier, ended attempts of this lock within whose interval
+/// `tool`'s lock was taken at `when` (SQL, a `timestamp` read as UTC) and, for Liquibase, on
+/// whose host (the host part of `who`, SQL: `LOCKEDBY` is `host[#description] (address)`).
+fn taken_in(replica: &Replica, tool: Tool, attempt: i64, (who, when): (&str, &str)) -> String {
+    let host = match tool {
+        Tool::Liquibase => format!(
+            " AND lower(split_part(l.host, '.', 1)) = \
+               lower(split_part(split_part(split_part({who}, ' (', 1), '#', 1), '.', 1))"
+        ),
+        _ => String::new(),
+    };
+    let slack = tool.slack_secs();
+    format!(
+        "SELECT l.id FROM {} l WHERE l.lock_key = {} AND l.id <> {attempt} AND l.outcome <> 'running' \
+           AND ({when} AT TIME ZONE 'UTC') BETWEEN l.started_at - make_interval(secs => {slack}) \
+               AND coalesce(l.finished_at, l.heartbeat_at, l.started_at) + make_interval(secs => {slack}){host} \
+           AND NOT EXISTS (SELECT 1 FROM {} s WHERE s.attempt_id = l.id AND NOT s.released \
+               AND s.tool = {} AND s.locked_by = {who} AND s.locked_at IS NOT DISTINCT FROM {when}::text)",
+        replica.ledger.tables().ledger(),
+        replica.lock().key,
+        replica.ledger.tables().tool_locks(),
+        lit(tool.name()),
+    )
+}
+
+/// Logs every lock of `tool` in `table` still held (not an earlier attempt's, so not ours to
+/// release), and records it as found held when `attempt` began: a later holder must not take
+/// it for this attempt's.
+async fn name_held(
+    replica: &Replica,
+    conn: &mut sqlx::PgConnection,
+    tool: Tool,
+    table: &Found,
+    (attempt, keep, recorded): (i64, bool, bool),
+) -> Result<(), sqlx::Error> {
+    let held = format!(
+        "SELECT {} AS who, {}::text AS at FROM {} WHERE {}",
+        tool.who(),
+        tool.when(),
+        table.sql(),
+        tool.held()
+    );
+    let sql = format!(
+        "WITH h AS ({held}), i AS (INSERT INTO {} (attempt_id, tool, lock_table, locked_by, locked_at, released) \
+             SELECT {attempt}, {}, {}, h.who, h.at, false FROM h) \
+         SELECT who, at FROM h",
+        replica.ledger.tables().tool_locks(),
+        lit(tool.name()),
+        lit(&table.shown()),
+    );
+    for r in &query(conn, if recorded { sql } else { held }).await? {
+        let c = Cols(r);
+        let who = c.text(0)?;
+        let when = c.opt(1)?.unwrap_or_else(|| "an unknown time".into());
+        let why = if keep {
+            "left alone (--keep-tool-locks)".to_string()
+        } else if tool == Tool::Knex {
+            "left alone: knex records no owner, so nothing proves that a crashed attempt took it"
+                .to_string()
+        } else {
+            "left alone: no earlier attempt of this gate took it (a migration outside the gate, or a tool clock or time zone other than the server's UTC)".to_string()
+        };
+        warn!(
+            tool = tool.name(),
+            table = table.shown(),
+            locked_by = who,
+            locked_at = when,
+            "{}'s lock in {} is held by {who} since {when}; {why}; the migration waits for it. If no migration is running, `{}` releases it",
+            tool.name(),
+            table.shown(),
+            tool.way_out()
+        );
+    }
+    Ok(())
+}
+
+/// A tool's lock a holder found held before it migrated, released or left alone, as `status`
+/// shows it (`<schema>.tool_locks`). The JSON field names are a stable interface.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct ToolLock {
+    /// The attempt that found it.
+    pub(crate) attempt: i64,
+    /// Whether that attempt released it (false: left alone).
+    pub(crate) released: bool,
+    /// `Liquibase` or `yoyo`.
+    pub(crate) tool: String,
+    /// `schema.table`.
+    pub(crate) table: String,
+    /// Who held it, as the tool recorded it.
+    pub(crate) locked_by: String,
+    /// Since when, as the tool recorded it (`null`: unknown).
+    pub(crate) locked_at: Option<String>,
+    /// The earlier attempt that took it.
+    pub(crate) taken_in: Option<i64>,
+    /// When the attempt found it (and released it, if it did), RFC 3339 UTC.
+    pub(crate) seen_at: String,
+}
+
+impl fmt::Display for ToolLock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "attempt {} {} {}'s lock in {} (locked by {} since {}",
+            self.attempt,
+            if self.released {
+                "released"
+            } else {
+                "left alone"
+            },
+            self.tool,
+            self.table,
+            self.locked_by,
+            self.locked_at.as_deref().unwrap_or("an unknown time")
+        )?;
+        if let Some(id) = self.taken_in {
+            write!(f, ", taken in attempt {id}")?;
+        }
+        write!(f, ") at {}", self.seen_at.replace('T', " "))
+    }
+}
+
+/// The tool locks the attempts `ids` found held, oldest first (none when no holder ever
+/// looked: the table does not exist).
+pub(crate) async fn released(
+    conn: &mut sqlx::PgConnection,
+    tables: &crate::schema::Tables,
+    ids: &[i64],
+) -> Result<Vec<ToolLock>, sqlx::Error> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
+    let sql = format!(
+        "SELECT attempt_id::text, tool, lock_table, locked_by, locked_at, coalesce(taken_in::text, ''), \
+                to_char(seen_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), released::text \
+         FROM {} WHERE attempt_id IN ({}) ORDER BY seen_at",
+        tables.tool_locks(),
+        ids.join(", ")
+    );
+    crate::sql::query_if_exists(conn, sql)
+        .await?
+        .iter()
+        .map(|r| {
+            let c = Cols(r);
+            Ok(ToolLock {
+                attempt: c.parse(0)?,
+                tool: c.text(1)?,
+                table: c.text(2)?,
+                locked_by: c.text(3)?,
+                locked_at: c.opt(4)?,
+                taken_in: c.parse_opt(5)?,
+                seen_at: c.text(6)?,
+                released: c.parse(7)?,
+            })
+        })
+        .collect()
+}
