@@ -92,11 +92,12 @@ impl Tool {
         }
     }
 
-    /// SQL: who holds the lock, as the tool records it.
+    /// SQL: who holds the lock, as the tool records it. Columns of the tool's table are
+    /// qualified `k.` (the ledger, in subqueries, has a `pid` too): every query aliases it `k`.
     fn who(self) -> &'static str {
         match self {
-            Tool::Liquibase => "coalesce(lockedby, 'unknown')",
-            Tool::Yoyo => "'process ' || pid",
+            Tool::Liquibase => "coalesce(k.lockedby, 'unknown')",
+            Tool::Yoyo => "'process ' || k.pid",
             Tool::Knex => "'unknown (knex records no owner)'",
         }
     }
@@ -104,8 +105,8 @@ impl Tool {
     /// SQL: when it was taken (`timestamp`, as the tool wrote it), or NULL.
     fn when(self) -> &'static str {
         match self {
-            Tool::Liquibase => "lockgranted",
-            Tool::Yoyo => "ctime",
+            Tool::Liquibase => "k.lockgranted",
+            Tool::Yoyo => "k.ctime",
             Tool::Knex => "NULL::timestamp",
         }
     }
@@ -113,9 +114,9 @@ impl Tool {
     /// SQL: the row is a held lock.
     fn held(self) -> &'static str {
         match self {
-            Tool::Liquibase => "locked",
+            Tool::Liquibase => "k.locked",
             Tool::Yoyo => "true",
-            Tool::Knex => "is_locked = 1",
+            Tool::Knex => "k.is_locked = 1",
         }
     }
 
@@ -135,7 +136,7 @@ impl Tool {
                 let (who, when) = ("o.o_who", "o.o_at");
                 Some(format!(
                     "UPDATE {table} SET locked = false, lockgranted = NULL, lockedby = NULL \
-                     FROM (SELECT id AS o_id, {} AS o_who, {} AS o_at FROM {table} WHERE {} FOR UPDATE) o \
+                     FROM (SELECT k.id AS o_id, {} AS o_who, {} AS o_at FROM {table} k WHERE {} FOR UPDATE) o \
                      WHERE {table}.id = o.o_id AND EXISTS ({}) AND {proof} \
                      RETURNING {who} AS who, {when}::text AS at, (SELECT max(t.id) FROM ({}) t) AS taken_in",
                     self.who(),
@@ -148,7 +149,7 @@ impl Tool {
             Tool::Yoyo => {
                 let (who, when) = (self.who(), self.when());
                 Some(format!(
-                    "DELETE FROM {table} WHERE EXISTS ({}) AND {proof} \
+                    "DELETE FROM {table} k WHERE EXISTS ({}) AND {proof} \
                      RETURNING {who} AS who, {when}::text AS at, (SELECT max(t.id) FROM ({}) t) AS taken_in",
                     taken_in(who, when),
                     taken_in(who, when),
@@ -335,7 +336,7 @@ async fn name_held(
     (attempt, keep, recorded): (i64, bool, bool),
 ) -> Result<(), sqlx::Error> {
     let held = format!(
-        "SELECT {} AS who, {}::text AS at FROM {} WHERE {}",
+        "SELECT {} AS who, {}::text AS at FROM {} k WHERE {}",
         tool.who(),
         tool.when(),
         table.sql(),
