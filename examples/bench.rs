@@ -1,7 +1,7 @@
 //! Benchmark: fast path, hand-off and the cost of waiting, against the common alternative.
 //!
 //! ```text
-//! cargo build --release --bins --examples && cargo run --release --example bench [-- --quick]
+//! cargo build --release --bins --examples && cargo run --release --example bench [-- --quick] [--takeover]
 //! ```
 //!
 //! Starts its own PostgreSQL (needs the server binaries, like the tests) and prints tables. Not
@@ -27,6 +27,10 @@ fn main() {
         .skip_while(|a| a != "--only")
         .nth(1)
         .and_then(|v| v.parse().ok());
+    if std::env::args().any(|a| a == "--takeover") {
+        takeover(&Cluster::start(&[]), if quick { 3 } else { 8 });
+        return;
+    }
     let sizes: &[usize] = if quick { &[10, 50] } else { &[10, 100] };
     let cluster = Cluster::start(&["max_connections=350"]);
     println!(
@@ -48,6 +52,9 @@ fn main() {
         print_row(n, 350, "migrations-gate", &gate);
         let blocking = hand_off(&cluster, n, Approach::BlockingLock);
         print_row(n, 350, "blocking pg_advisory_lock", &blocking);
+    }
+    if only.is_none() {
+        takeover(&cluster, if quick { 3 } else { 8 });
     }
     drop(cluster);
     // The fleet: more replicas than the server has connections. The blocking alternative
@@ -357,4 +364,64 @@ fn hand_off(cluster: &Cluster, n: usize, approach: Approach) -> Result {
             0
         },
     }
+}
+
+/// Takeover after `kill -9`: a holder migrating (`sleep 60`) and one waiter; the holder and its
+/// migration are killed with SIGKILL (as an OOM kill or a deleted container does) at a random
+/// point of its heartbeat period; measured from the kill until the waiter's migration starts
+/// (it writes the time). Default flags.
+fn takeover(cluster: &Cluster, runs: usize) {
+    println!(
+        "\n## Takeover: from `kill -9` of the holder and its migration until the next holder's migration starts\n"
+    );
+    let mut times = Vec::new();
+    for run in 0..runs {
+        let db = cluster.new_db("bench_takeover");
+        let dir = server_dir("mg-bench-takeover");
+        let stamp = dir.join("stamp");
+        let mut holder = db.gate();
+        holder
+            .args(["migrate", "--release", "r1", "--", "sh", "-c", "sleep 60"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let mut holder = holder.spawn().unwrap();
+        eventually(Duration::from_secs(30), "the holder is migrating", || {
+            db.one("SELECT count(*) FROM migrations_gate.ledger WHERE outcome = 'running'") == "1"
+        });
+        let mut waiter = db.gate();
+        waiter
+            .args(["migrate", "--release", "r1", "--", "sh", "-c"])
+            .arg(format!("date +%s%N > {}", stamp.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let waiter = waiter.spawn().unwrap();
+        // The waiter is waiting, then a point of the heartbeat period that differs per run.
+        std::thread::sleep(Duration::from_millis(1500 + (run as u64 * 370) % 1000));
+        let mut pids = support::freezer::descendants(holder.id() as i32);
+        pids.push(holder.id() as i32);
+        let killed_at = now_ns();
+        for pid in pids {
+            // SAFETY: kill(2) of processes this benchmark started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        let _ = holder.wait();
+        let out = wait_output(waiter, Duration::from_secs(120));
+        assert!(out.status.success(), "the waiter failed: {}", stderr(&out));
+        let started: u128 = std::fs::read_to_string(&stamp)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        times.push(started.saturating_sub(killed_at) as f64 / 1e9);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    println!("| runs | min s | median s | max s |");
+    println!("|---:|---:|---:|---:|");
+    println!(
+        "| {runs} | {:.1} | {:.1} | {:.1} |",
+        times[0],
+        median(times.clone()),
+        times[times.len() - 1]
+    );
 }
