@@ -386,7 +386,11 @@ fn takeover(cluster: &Cluster, runs: usize) {
             .stderr(Stdio::null());
         let mut holder = holder.spawn().unwrap();
         eventually(Duration::from_secs(30), "the holder is migrating", || {
-            db.one("SELECT count(*) FROM migrations_gate.ledger WHERE outcome = 'running'") == "1"
+            try_sql(
+                &db.url,
+                "SELECT count(*) FROM migrations_gate.ledger WHERE outcome = 'running'",
+            )
+            .is_ok_and(|r| r[0][0] == "1")
         });
         let mut waiter = db.gate();
         waiter
