@@ -4,7 +4,7 @@
 
 mod support;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use support::*;
@@ -639,4 +639,119 @@ fn same_env_on_a_first_deploy_works_in_transaction_scope_too() {
     for out in &outs {
         assert_eq!(code(out), 0, "{}", stderr(out));
     }
+}
+
+/// `--shared-dir`: replicas that share the directory pass quietly; one with a directory of its
+/// own is told (a warning), or refused under `--require-shared-dir`; a missing directory and a
+/// file are named as such; markers of older releases are removed (the two newest stay).
+#[test]
+fn replicas_that_do_not_share_the_shared_dir_are_told_and_refused_when_required() {
+    let db = cluster().new_db("pf_shared_dir");
+    let tmp = std::env::temp_dir().join(format!("mg-shared-{}", std::process::id()));
+    let (shared, own) = (tmp.join("shared"), tmp.join("own"));
+    std::fs::create_dir_all(&shared).unwrap();
+    std::fs::create_dir_all(&own).unwrap();
+    std::fs::write(tmp.join("a-file"), "").unwrap();
+    let run = |release: &str, name: &str, dir: &Path, extra: &[&str]| {
+        let dir = dir.to_str().unwrap();
+        let mut args = vec!["--shared-dir", dir];
+        args.extend_from_slice(extra);
+        replica_with(&db, release, name, Some("s3"), &args)
+            .output()
+            .unwrap()
+    };
+    let first = run("r1", "one", &shared, &[]);
+    assert_eq!(code(&first), 0, "{}", stderr(&first));
+    let markers = |dir: &Path| -> Vec<String> {
+        let mut m: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".migrations-gate-"))
+            .collect();
+        m.sort();
+        m
+    };
+    assert_eq!(
+        markers(&shared).len(),
+        1,
+        "the first replica left its marker"
+    );
+    let second = run("r1", "two", &shared, &[]);
+    assert_eq!(code(&second), 0, "{}", stderr(&second));
+    let third = run("r1", "three", &own, &[]);
+    assert_eq!(code(&third), 0, "a warning by default: {}", stderr(&third));
+    let told = format!(
+        "the shared directory {} is not the one release \"r1\" first started with (on one at",
+        own.display()
+    );
+    assert_stderr_has(&third, &told);
+    assert_stderr_has(&third, "ReadWriteMany");
+    for quiet in [&first, &second] {
+        assert!(
+            !stderr(quiet).contains("another marker"),
+            "{}",
+            stderr(quiet)
+        );
+    }
+    let refused = run("r1", "four", &own, &["--require-shared-dir"]);
+    assert_eq!(code(&refused), 78, "{}", stderr(&refused));
+    assert_stderr_has(&refused, &told);
+    let missing = run("r1", "five", &tmp.join("absent"), &["--require-shared-dir"]);
+    assert_eq!(code(&missing), 78, "{}", stderr(&missing));
+    assert_stderr_has(&missing, "absent does not exist (is the volume mounted?)");
+    let file = run("r1", "six", &tmp.join("a-file"), &[]);
+    assert_eq!(code(&file), 0, "{}", stderr(&file));
+    assert_stderr_has(&file, "a-file is not a directory");
+    // The apps of the refused replicas never started; the others did.
+    assert_eq!(db.migrations_started(), 1);
+    // Newer releases replace older markers: the two newest stay.
+    let before = markers(&shared);
+    for release in ["r2", "r3"] {
+        let out = run(release, "one", &shared, &[]);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+    }
+    let after = markers(&shared);
+    assert_eq!(after.len(), 2, "{after:?}");
+    assert!(
+        !after.contains(&before[0]),
+        "r1's marker is gone: {after:?}"
+    );
+    let _ = std::fs::remove_dir_all(&tmp);
+}
+
+/// `--preset open-webui`: the most connections the release's replicas can open from Open
+/// WebUI's own pools (two engines), against max_connections (300 here) less the superuser
+/// reserve (3): one replica with pools of 100 + 50 is over budget, two of 5 + 0 are not.
+#[test]
+fn open_webui_fleet_over_the_connection_budget_is_warned_with_the_arithmetic() {
+    let db = cluster().new_db("pf_budget");
+    let replica = |release: &str, name: &str, size: &str, overflow: &str| {
+        let mut c = db.gate();
+        c.env_remove("DATABASE_URL")
+            .args(["migrate", "--release", release, "--application-name", name])
+            .args(["--preset", "open-webui", "--", standin(), "migrate"])
+            .env("DATABASE_URL", &db.url)
+            .env("WEBUI_SECRET_KEY", "budget-key")
+            .env("DATABASE_POOL_SIZE", size)
+            .env("DATABASE_POOL_MAX_OVERFLOW", overflow);
+        c.output().unwrap()
+    };
+    let over = replica("r1", "big-1", "100", "50");
+    assert_eq!(code(&over), 0, "a warning: {}", stderr(&over));
+    assert_stderr_has(
+        &over,
+        "Open WebUI may open 302 connections: 300 per process (2 engines × (DATABASE_POOL_SIZE 100 + DATABASE_POOL_MAX_OVERFLOW 50)) × 1 UVICORN_WORKERS × 1 replica(s) of this release seen so far + 2 for the gate; PostgreSQL allows 297 (max_connections 300 − superuser_reserved_connections 3): over budget",
+    );
+    assert_stderr_has(&over, "Lower DATABASE_POOL_SIZE");
+    for name in ["small-1", "small-2"] {
+        let ok = replica("r2", name, "5", "0");
+        assert_eq!(code(&ok), 0, "{}", stderr(&ok));
+        assert!(!stderr(&ok).contains("over budget"), "{}", stderr(&ok));
+    }
+    let last = replica("r2", "small-3", "5", "0");
+    assert_stderr_has(
+        &last,
+        "Open WebUI may open 32 connections: 10 per process (2 engines × (DATABASE_POOL_SIZE 5 + DATABASE_POOL_MAX_OVERFLOW 0)) × 1 UVICORN_WORKERS × 3 replica(s)",
+    );
 }

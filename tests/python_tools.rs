@@ -693,9 +693,11 @@ fn stop(replica: std::process::Child) -> Output {
 fn open_webui_replica_with_another_secret_key_refuses_with_78_and_the_first_keeps_serving() {
     let db = cluster().new_db("py_owui");
     let tmp = std::env::temp_dir().join(format!("mg-owui-{}", std::process::id()));
-    let (data1, data2) = (tmp.join("r1"), tmp.join("r2"));
+    // One DATA_DIR shared by both replicas, as Open WebUI's Scaling & HA guide asks (an RWX
+    // volume): the preset checks it.
+    let data1 = tmp.join("data");
+    let data2 = data1.clone();
     std::fs::create_dir_all(&data1).unwrap();
-    std::fs::create_dir_all(&data2).unwrap();
     let (port1, port2) = (free_port(), free_port());
 
     // Replica 1 migrates, starts Open WebUI, keeps the lock until /health answers, then serves.
@@ -735,6 +737,15 @@ fn open_webui_replica_with_another_secret_key_refuses_with_78_and_the_first_keep
             .map(|c| (c.replica, c.agrees))
             .collect::<Vec<_>>(),
         [("owui-1".to_string(), true), ("owui-2".into(), false)]
+    );
+    assert_eq!(
+        db.env_checks()
+            .into_iter()
+            .filter(|c| c.variable == "shared-dir")
+            .map(|c| (c.replica, c.agrees))
+            .collect::<Vec<_>>(),
+        [("owui-1".to_string(), true), ("owui-2".into(), true)],
+        "both replicas see the marker in their shared DATA_DIR"
     );
     assert_ne!(
         db.one("SELECT count(*) FROM information_schema.tables WHERE table_name = 'config'"),

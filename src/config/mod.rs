@@ -238,6 +238,14 @@ pub(crate) struct PreflightArgs {
     /// Start even when a newer release was already migrated on this database (e.g. a deliberate rollback after restoring it). Without it such a replica exits 78.
     #[arg(long, env = "MIGRATIONS_GATE_ALLOW_OLDER_RELEASE")]
     pub(crate) allow_older_release: bool,
+
+    /// A directory every replica of the release must share (uploads, generated files): the first replica leaves a marker with a random token there (`.migrations-gate-<lock>-<release>`), and a replica whose directory lacks it is told, in one line, that the replicas do not share it (a warning; see --require-shared-dir). A missing or read-only directory is named as such. Needs --release. With --preset open-webui: Open WebUI's DATA_DIR (default /app/backend/data) unless given.
+    #[arg(long, env = "MIGRATIONS_GATE_SHARED_DIR", value_name = "PATH")]
+    pub(crate) shared_dir: Option<std::path::PathBuf>,
+
+    /// Refuse to start (exit 78) a replica whose --shared-dir is not the release's shared directory, or is missing or read-only.
+    #[arg(long, env = "MIGRATIONS_GATE_REQUIRE_SHARED_DIR")]
+    pub(crate) require_shared_dir: bool,
 }
 
 /// The environment variable handed to the app.
@@ -420,6 +428,8 @@ impl PreflightArgs {
             on_mismatch: self.on_mismatch.into(),
             preset: self.preset.map(Preset::from),
             allow_older_release: self.allow_older_release,
+            shared_dir: self.shared_dir.clone(),
+            require_shared_dir: self.require_shared_dir,
         }
     }
 }

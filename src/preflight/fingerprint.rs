@@ -28,13 +28,18 @@ impl EnvKey {
     pub(super) fn fingerprint(&self, name: &str) -> String {
         use std::os::unix::ffi::OsStrExt;
         let value = std::env::var_os(name);
+        self.fingerprint_of(name, value.as_ref().map(|v| v.as_bytes()))
+    }
+
+    /// The fingerprint of `name` with `value` (`None`: unset), as [`EnvKey::fingerprint`].
+    pub(super) fn fingerprint_of(&self, name: &str, value: Option<&[u8]>) -> String {
         let mut message = name.as_bytes().to_vec();
         message.push(0);
-        match &value {
+        match value {
             None => message.push(0),
             Some(v) => {
                 message.push(1);
-                message.extend_from_slice(v.as_bytes());
+                message.extend_from_slice(v);
             }
         }
         hex::encode(hmac_sha256(&self.0, &message))

@@ -23,9 +23,11 @@
 //! This file holds the [`Preflight`] of one replica: what it compares, and the follower's and
 //! the holder's checks, top to bottom.
 
+mod budget;
 mod fingerprint;
 mod open_webui;
 mod presets;
+mod shared_dir;
 mod store;
 
 use tracing::{info, warn};
@@ -43,6 +45,9 @@ use presets::{Check, Context, Level, Rule, broken};
 pub(crate) use presets::{Mode, Preset};
 use store::Reference;
 pub(crate) use store::{EnvCheck, Store};
+
+/// The name a shared directory's marker is compared under, as a `--same-env` variable is.
+const SHARED_DIR: &str = "shared-dir";
 
 /// What a `--same-env` difference does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +70,10 @@ pub(crate) struct Settings {
     pub(crate) preset: Option<Preset>,
     /// Start even when a newer release was migrated on this database.
     pub(crate) allow_older_release: bool,
+    /// A directory every replica must share (`--shared-dir`).
+    pub(crate) shared_dir: Option<std::path::PathBuf>,
+    /// Refuse (exit 78) a replica that does not share it (`--require-shared-dir`).
+    pub(crate) require_shared_dir: bool,
 }
 
 /// A variable compared across replicas, and what a difference does.
@@ -74,11 +83,16 @@ struct Compared {
     level: Level,
     /// The preset rule that asked for it, if any.
     rule: Option<(&'static str, &'static Rule)>,
+    /// Not a variable but a directory every replica must share: the value compared is the
+    /// token of the release's marker in it ([`shared_dir`]).
+    marker: Option<std::path::PathBuf>,
 }
 
 /// The checks of one replica, decided from its flags and environment.
 pub(crate) struct Preflight {
     compared: Vec<Compared>,
+    /// Open WebUI's connections per process and its workers (`--preset open-webui`).
+    budget: Option<(budget::PerProcess, i64)>,
     allow_older: bool,
     on_mismatch: OnMismatch,
 }
@@ -108,6 +122,7 @@ impl Preflight {
                     name: name.to_string(),
                     level: Level::Fail,
                     rule: None,
+                    marker: None,
                 });
             }
         }
@@ -127,6 +142,7 @@ impl Preflight {
                                 name: var.to_string(),
                                 level: rule.level,
                                 rule: Some((preset.name(), rule)),
+                                marker: None,
                             }),
                         }
                     }
@@ -150,6 +166,33 @@ impl Preflight {
         if !failures.is_empty() {
             return Err(Error::Config(failures.join("; ")));
         }
+        let shared = match (&args.shared_dir, args.preset) {
+            (Some(dir), _) => Some((dir.clone(), None)),
+            (None, Some(Preset::OpenWebui)) => {
+                shared_dir::open_webui_data_dir(&|n| cx.var(n)).map(|dir| (dir, Some(())))
+            }
+            (None, None) => None,
+        };
+        if let Some((dir, _)) = shared {
+            if release.is_none() {
+                return Err(Error::Usage(format!(
+                    "--shared-dir {} needs --release or --release-from: the first replica of each release \
+                     leaves the marker the others must see",
+                    dir.display()
+                )));
+            }
+            compared.push(Compared {
+                // One name whatever the path: replicas may mount the volume elsewhere.
+                name: SHARED_DIR.to_string(),
+                level: if args.require_shared_dir {
+                    Level::Fail
+                } else {
+                    Level::Warn
+                },
+                rule: None,
+                marker: Some(dir),
+            });
+        }
         if !compared.is_empty() && release.is_none() {
             return Err(Error::Usage(format!(
                 "--same-env {} (or a preset that compares variables) needs --release or --release-from: \
@@ -157,8 +200,13 @@ impl Preflight {
                 names(&compared)
             )));
         }
+        let budget = match args.preset {
+            Some(Preset::OpenWebui) => Some(budget::open_webui(&|n| cx.var(n))),
+            None => None,
+        };
         Ok(Preflight {
             compared,
+            budget,
             allow_older: args.allow_older_release,
             on_mismatch: args.on_mismatch,
         })
@@ -214,6 +262,7 @@ impl Preflight {
         let Some(release) = replica.release() else {
             return Ok(());
         };
+        let tokens = self.marker_tokens(replica, release)?;
         let store = Store::new(&replica.target.schema, replica.lock());
         let mut conn = match conn {
             Some(c) => c,
@@ -234,11 +283,7 @@ impl Preflight {
                         store.key(c).await?
                     }
                 };
-                let mine: Vec<(String, String)> = self
-                    .compared
-                    .iter()
-                    .map(|v| (v.name.clone(), k.fingerprint(&v.name)))
-                    .collect();
+                let mine = self.fingerprints(&k, &tokens);
                 match store
                     .record(c, release, &mine, &replica.target.application_name, replica.host())
                     .await
@@ -251,7 +296,11 @@ impl Preflight {
                         return store.compare(c, release, &mine).await;
                     }
                     Err(e) if is_missing_relation(&e) && !ensured => continue,
-                    other => return other,
+                    Ok(seen) => {
+                        self.report_budget(c, &store, release).await;
+                        return Ok(seen);
+                    }
+                    Err(e) => return Err(e),
                 }
             }
         }
@@ -274,6 +323,61 @@ impl Preflight {
             }
         };
         self.judge(release, &seen)
+    }
+
+    /// The connection budget of the release's replicas seen so far ([`budget`]): a warning when
+    /// over it, an INFO line otherwise. Best effort: it only informs.
+    async fn report_budget(&self, c: &mut sqlx::PgConnection, store: &Store, release: &str) {
+        let Some((per, workers)) = &self.budget else {
+            return;
+        };
+        match store.replicas_and_limit(c, release).await {
+            Ok((replicas, limit)) => match budget::judge(per, *workers, replicas, limit) {
+                Ok(line) => info!(release, "{line}"),
+                Err(line) => warn!(release, "preset open-webui: {line}"),
+            },
+            Err(e) => warn!(error = %e, "could not read the connection budget"),
+        }
+    }
+
+    /// The token of the release's marker in each shared directory, read or created
+    /// ([`shared_dir`]). A directory that is missing, not a directory or read-only is named in
+    /// one line: an error (78) under `--require-shared-dir`, else a warning, and not compared.
+    fn marker_tokens(&self, replica: &Replica, release: &str) -> Result<Vec<(String, String)>> {
+        let mut tokens = Vec::new();
+        for c in &self.compared {
+            let Some(dir) = &c.marker else { continue };
+            match shared_dir::token(dir, replica.lock(), release) {
+                Ok(token) => tokens.push((c.name.clone(), token)),
+                Err(why) => {
+                    let line = format!(
+                        "the shared directory {} must be shared by every replica of release {release:?}, but {why}; \
+                         mount one shared volume there on every replica (a ReadWriteMany PersistentVolumeClaim, or one shared mount)",
+                        dir.display()
+                    );
+                    match c.level {
+                        Level::Fail => return Err(Error::Config(line)),
+                        Level::Warn => warn!(release, "{line}"),
+                    }
+                }
+            }
+        }
+        Ok(tokens)
+    }
+
+    /// This replica's fingerprint of each compared variable and shared directory (by its
+    /// marker's token; a directory without one in `tokens` is not compared).
+    fn fingerprints(&self, key: &EnvKey, tokens: &[(String, String)]) -> Vec<(String, String)> {
+        self.compared
+            .iter()
+            .filter_map(|c| match &c.marker {
+                None => Some((c.name.clone(), key.fingerprint(&c.name))),
+                Some(_) => tokens
+                    .iter()
+                    .find(|(n, _)| *n == c.name)
+                    .map(|(n, t)| (n.clone(), key.fingerprint_of(n, Some(t.as_bytes())))),
+            })
+            .collect()
     }
 
     /// Turns the comparison into the one line an operator acts on.
@@ -299,6 +403,14 @@ impl Preflight {
             let what: Vec<String> = list
                 .iter()
                 .map(|(c, r)| {
+                    if let Some(dir) = &c.marker {
+                        return format!(
+                            "the shared directory {} is not the one release {release:?} first started with (on {} at {}): \
+                             it holds another marker, so files written through one replica are missing on the others; \
+                             mount one shared volume there on every replica (a ReadWriteMany PersistentVolumeClaim, or one shared mount)",
+                            dir.display(), r.replica, r.set_at
+                        );
+                    }
                     let why = c
                         .rule
                         .map(|(preset, rule)| format!("; preset {preset}: {}", rule.why))
@@ -364,6 +476,8 @@ mod tests {
             on_mismatch: OnMismatch::Fail,
             preset,
             allow_older_release: false,
+            shared_dir: None,
+            require_shared_dir: false,
         }
     }
 

@@ -247,7 +247,7 @@ pub(crate) struct Context {
 }
 
 impl Context {
-    fn var(&self, name: &str) -> Option<String> {
+    pub(super) fn var(&self, name: &str) -> Option<String> {
         (self.vars)(name)
     }
 

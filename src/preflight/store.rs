@@ -7,7 +7,7 @@ use sqlx::postgres::{PgConnection, PgRow};
 use super::fingerprint::{EnvKey, random_key};
 use crate::lock::LockKey;
 use crate::schema::Tables;
-use crate::sql::{Cols, lit, query_if_exists, query_secret};
+use crate::sql::{Cols, lit, one_row, query, query_if_exists, query_secret};
 
 /// The preflight tables next to the ledger: the key, each release's reference fingerprints,
 /// and each replica's last comparison.
@@ -149,6 +149,34 @@ impl Store {
         // No row: the tables do not exist yet, so nothing was forgotten.
         let rows = query_if_exists(conn, sql).await?;
         rows.first().map_or(Ok(0), |r| Cols(r).parse(0))
+    }
+
+    /// How many replicas (by `application_name`) of `release` have recorded a comparison, and
+    /// the server's connection limit: `max_connections` less `superuser_reserved_connections`
+    /// and, on 16+, `reserved_connections` (PostgreSQL, "Connections and Authentication").
+    pub(super) async fn replicas_and_limit(
+        &self,
+        conn: &mut PgConnection,
+        release: &str,
+    ) -> Result<(u64, super::budget::Limit), sqlx::Error> {
+        let sql = format!(
+            "SELECT (SELECT count(DISTINCT replica) FROM {} WHERE lock_key = {} AND release = {})::text, \
+                    current_setting('max_connections'), current_setting('superuser_reserved_connections'), \
+                    coalesce(current_setting('reserved_connections', true), '0')",
+            self.checks(),
+            self.lock.key,
+            lit(release),
+        );
+        let rows = query(conn, sql).await?;
+        let row = one_row(&rows)?;
+        Ok((
+            row.parse(0)?,
+            super::budget::Limit {
+                max_connections: row.parse(1)?,
+                superuser_reserved: row.parse(2)?,
+                reserved: row.parse(3)?,
+            },
+        ))
     }
 
     /// What `status` shows: per release and variable, who set the reference, how many
