@@ -17,6 +17,7 @@ use crate::db::{Conn, Reached, close};
 use crate::error::{Error, Result, check_exit_code};
 use crate::ledger::{AttemptRow, ReadKey};
 use crate::lock::{self, Holder, Scope};
+use crate::preflight::{self, Fleet};
 use crate::replica::Replica;
 use crate::route::Route;
 use crate::schema::{Found, Need};
@@ -44,6 +45,8 @@ pub(crate) struct CheckReport {
     pub(crate) ledger: Option<LedgerSeen>,
     /// Every privilege the gate needs, or may need, and whether the role has it.
     pub(crate) privileges: Vec<Need>,
+    /// The fleet-wide checks (`--shared-dir`, `--preset open-webui`); `null` when none applies.
+    pub(crate) fleet: Option<Fleet>,
     /// What stops the gate here, most fundamental first; empty when `ok`.
     pub(crate) problems: Vec<Blocker>,
 }
@@ -132,12 +135,19 @@ pub(crate) async fn check(plan: Check) -> Result<i32> {
         lock: None,
         ledger: None,
         privileges: Vec::new(),
+        fleet: None,
         problems: Vec::new(),
     };
     let (problems, privileges) = match replica.db.connect().await {
         Err(e) => (vec![e], 0),
         Ok(mut conn) => {
-            let looked = look(&replica, &mut conn, &mut report).await;
+            let looked = async {
+                look(&replica, &mut conn, &mut report).await?;
+                let c = conn.pg().await?;
+                report.fleet = preflight::fleet(c, &replica, plan.preset, plan.shared_dir).await?;
+                Ok::<_, sqlx::Error>(())
+            }
+            .await;
             close(conn).await;
             looked.map_err(|e| replica.db.fail(&e, "during check"))?;
             problems(&report)
@@ -374,6 +384,15 @@ pub(crate) fn render(r: &CheckReport) -> String {
             s.push_str(&format!("; ask a DBA: {}", p.grant));
         }
         s.push('\n');
+    }
+    if let Some(f) = &r.fleet {
+        if let Some(d) = &f.shared_dir {
+            s.push_str(&format!("shared directory: {}: {}\n", d.path, d.state));
+        }
+        if let Some(b) = &f.connection_budget {
+            let state = if b.over { "OVER" } else { "ok" };
+            s.push_str(&format!("connection budget {state}: {}\n", b.line));
+        }
     }
     for p in r.problems.iter().filter(|p| !p.privilege) {
         s.push_str(&format!("problem: {}\n", p.message));

@@ -717,6 +717,26 @@ fn replicas_that_do_not_share_the_shared_dir_are_told_and_refused_when_required(
         !after.contains(&before[0]),
         "r1's marker is gone: {after:?}"
     );
+    // `check` reports it before a deploy, reading only.
+    let check = |dir: &Path, release: &str| {
+        let out = db.gate_output(&[
+            "check",
+            "--release",
+            release,
+            "--shared-dir",
+            dir.to_str().unwrap(),
+            "--json",
+        ]);
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        json["fleet"]["shared_dir"]["state"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert_eq!(check(&shared, "r3"), "holds release \"r3\"'s marker");
+    assert!(check(&own, "r3").starts_with("holds no marker of release \"r3\" yet"));
+    assert!(check(&tmp.join("absent"), "r3").starts_with("does not exist"));
+    assert_eq!(markers(&own).len(), 1, "check wrote nothing");
     let _ = std::fs::remove_dir_all(&tmp);
 }
 
@@ -749,6 +769,26 @@ fn open_webui_fleet_over_the_connection_budget_is_warned_with_the_arithmetic() {
         assert_eq!(code(&ok), 0, "{}", stderr(&ok));
         assert!(!stderr(&ok).contains("over budget"), "{}", stderr(&ok));
     }
+    let check = db
+        .gate()
+        .env_remove("DATABASE_URL")
+        .env("DATABASE_URL", &db.url)
+        .env("DATABASE_POOL_SIZE", "100")
+        .env("DATABASE_POOL_MAX_OVERFLOW", "50")
+        .args([
+            "check",
+            "--release",
+            "r1",
+            "--preset",
+            "open-webui",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&check.stdout).unwrap();
+    let budget = &json["fleet"]["connection_budget"];
+    assert_eq!(budget["over"], true, "{json}");
+    assert_eq!(budget["replicas"], 1, "{json}");
     let last = replica("r2", "small-3", "5", "0");
     assert_stderr_has(
         &last,

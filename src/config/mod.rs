@@ -368,9 +368,13 @@ pub(crate) struct CheckArgs {
     #[arg(long, env = "MIGRATIONS_GATE_CHECK_JSON")]
     pub(crate) json: bool,
 
-    /// Find the database as this app does when no --database-url is given, as `run --preset` does (open-webui: its DATABASE_* parts, else DATABASE_URL).
+    /// Find the database as this app does when no --database-url is given, as `run --preset` does (open-webui: its DATABASE_* parts, else DATABASE_URL), and report the preset's fleet-wide checks: the shared DATA_DIR and the connection budget.
     #[arg(long, env = "MIGRATIONS_GATE_PRESET", value_enum)]
     pub(crate) preset: Option<PresetArg>,
+
+    /// Report whether this directory holds the release's shared-directory marker (see `run --shared-dir`); reads only.
+    #[arg(long, env = "MIGRATIONS_GATE_SHARED_DIR", value_name = "PATH")]
+    pub(crate) shared_dir: Option<std::path::PathBuf>,
 }
 
 /// `reset`.

@@ -97,6 +97,10 @@ pub(crate) struct Check {
     pub(crate) target: Target,
     pub(crate) release: Option<String>,
     pub(crate) json: bool,
+    /// `--preset`: also its fleet-wide checks (the shared `DATA_DIR`, the connection budget).
+    pub(crate) preset: Option<Preset>,
+    /// `--shared-dir`.
+    pub(crate) shared_dir: Option<std::path::PathBuf>,
 }
 
 /// `reset`.
@@ -199,6 +203,8 @@ fn check(a: CheckArgs) -> Result<Check> {
         target: a.db.target(a.preset.map(Preset::from))?,
         release: a.release.resolve()?,
         json: a.json,
+        preset: a.preset.map(Preset::from),
+        shared_dir: a.shared_dir,
     })
 }
 

@@ -331,7 +331,13 @@ impl Preflight {
         let Some((per, workers)) = &self.budget else {
             return;
         };
-        match store.replicas_and_limit(c, release).await {
+        let seen = async {
+            Ok::<_, sqlx::Error>((
+                store.replicas(c, release).await?,
+                connection_limit(c).await?,
+            ))
+        };
+        match seen.await {
             Ok((replicas, limit)) => match budget::judge(per, *workers, replicas, limit) {
                 Ok(line) => info!(release, "{line}"),
                 Err(line) => warn!(release, "preset open-webui: {line}"),
@@ -440,6 +446,100 @@ impl Preflight {
         }
         Err(Error::Config(describe(&fail)))
     }
+}
+
+/// What `check` shows of the fleet-wide checks: the shared directory (`--shared-dir`, or Open
+/// WebUI's `DATA_DIR` under the preset) and Open WebUI's connection budget. The JSON field names
+/// are a stable interface.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct Fleet {
+    /// The directory every replica must share, and what it holds; `null` when none is checked.
+    pub(crate) shared_dir: Option<SharedDirSeen>,
+    /// The connection budget (`--preset open-webui`); `null` otherwise.
+    pub(crate) connection_budget: Option<BudgetSeen>,
+}
+
+/// A shared directory as `check` sees it from this machine.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct SharedDirSeen {
+    pub(crate) path: String,
+    /// What is there, in words.
+    pub(crate) state: String,
+}
+
+/// Open WebUI's connection budget as `check` computes it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct BudgetSeen {
+    /// Replicas of the release recorded so far (at least 1: the one being checked).
+    pub(crate) replicas: u64,
+    /// Whether the most connections exceed what the server allows.
+    pub(crate) over: bool,
+    /// The arithmetic, in words.
+    pub(crate) line: String,
+}
+
+/// The fleet-wide checks for `check`, from this environment: reads only.
+pub(crate) async fn fleet(
+    c: &mut sqlx::PgConnection,
+    replica: &Replica,
+    preset: Option<Preset>,
+    shared: Option<std::path::PathBuf>,
+) -> Result<Option<Fleet>, sqlx::Error> {
+    let var = |n: &str| std::env::var_os(n).map(|v| v.to_string_lossy().into_owned());
+    let dir = shared.or_else(|| match preset {
+        Some(Preset::OpenWebui) => shared_dir::open_webui_data_dir(&var),
+        None => None,
+    });
+    let shared_dir = dir.map(|d| SharedDirSeen {
+        state: shared_dir::look(&d, replica.lock(), replica.release()),
+        path: d.display().to_string(),
+    });
+    let connection_budget = match preset {
+        Some(Preset::OpenWebui) => {
+            let store = Store::new(&replica.target.schema, replica.lock());
+            let release = replica.release().unwrap_or_default();
+            let seen = match store.replicas(c, release).await {
+                Err(e) if is_missing_relation(&e) => 0,
+                other => other?,
+            };
+            let limit = connection_limit(c).await?;
+            let replicas = seen.max(1);
+            let (per, workers) = budget::open_webui(&var);
+            let judged = budget::judge(&per, workers, replicas, limit);
+            Some(BudgetSeen {
+                replicas,
+                over: judged.is_err(),
+                line: judged.unwrap_or_else(|over| over),
+            })
+        }
+        None => None,
+    };
+    if shared_dir.is_none() && connection_budget.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(Fleet {
+        shared_dir,
+        connection_budget,
+    }))
+}
+
+/// What the server allows non-superusers: `max_connections` less
+/// `superuser_reserved_connections` and, on 16+, `reserved_connections` (PostgreSQL,
+/// "Connections and Authentication").
+async fn connection_limit(c: &mut sqlx::PgConnection) -> Result<budget::Limit, sqlx::Error> {
+    let rows = crate::sql::query(
+        c,
+        "SELECT current_setting('max_connections'), current_setting('superuser_reserved_connections'), \
+                coalesce(current_setting('reserved_connections', true), '0')"
+            .into(),
+    )
+    .await?;
+    let row = crate::sql::one_row(&rows)?;
+    Ok(budget::Limit {
+        max_connections: row.parse(0)?,
+        superuser_reserved: row.parse(1)?,
+        reserved: row.parse(2)?,
+    })
 }
 
 fn names(compared: &[Compared]) -> String {

@@ -122,3 +122,27 @@ pub(super) fn open_webui_data_dir(var: &dyn Fn(&str) -> Option<String>) -> Optio
     let image = PathBuf::from("/app/backend/data");
     image.is_dir().then_some(image)
 }
+
+/// What `check` says of `dir`, without writing: whether it is a directory, and whether it holds
+/// `release`'s marker.
+pub(super) fn look(dir: &Path, lock: &LockKey, release: Option<&str>) -> String {
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return "not a directory".into(),
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            return "does not exist (is the volume mounted?)".into();
+        }
+        Err(e) => return format!("cannot be read: {e}"),
+    }
+    let Some(release) = release else {
+        return "a directory (pass --release to look for its marker)".into();
+    };
+    let marker = dir.join(format!("{}{}", prefix(lock), release_hash(release)));
+    if marker.exists() {
+        format!("holds release {release:?}'s marker")
+    } else {
+        format!(
+            "holds no marker of release {release:?} yet (its first replica leaves one; a later replica that finds none does not share the directory)"
+        )
+    }
+}

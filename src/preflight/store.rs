@@ -151,32 +151,19 @@ impl Store {
         rows.first().map_or(Ok(0), |r| Cols(r).parse(0))
     }
 
-    /// How many replicas (by `application_name`) of `release` have recorded a comparison, and
-    /// the server's connection limit: `max_connections` less `superuser_reserved_connections`
-    /// and, on 16+, `reserved_connections` (PostgreSQL, "Connections and Authentication").
-    pub(super) async fn replicas_and_limit(
+    /// How many replicas (by `application_name`) of `release` have recorded a comparison.
+    pub(super) async fn replicas(
         &self,
         conn: &mut PgConnection,
         release: &str,
-    ) -> Result<(u64, super::budget::Limit), sqlx::Error> {
+    ) -> Result<u64, sqlx::Error> {
         let sql = format!(
-            "SELECT (SELECT count(DISTINCT replica) FROM {} WHERE lock_key = {} AND release = {})::text, \
-                    current_setting('max_connections'), current_setting('superuser_reserved_connections'), \
-                    coalesce(current_setting('reserved_connections', true), '0')",
+            "SELECT count(DISTINCT replica)::text FROM {} WHERE lock_key = {} AND release = {}",
             self.checks(),
             self.lock.key,
             lit(release),
         );
-        let rows = query(conn, sql).await?;
-        let row = one_row(&rows)?;
-        Ok((
-            row.parse(0)?,
-            super::budget::Limit {
-                max_connections: row.parse(1)?,
-                superuser_reserved: row.parse(2)?,
-                reserved: row.parse(3)?,
-            },
-        ))
+        one_row(&query(conn, sql).await?)?.parse(0)
     }
 
     /// What `status` shows: per release and variable, who set the reference, how many
