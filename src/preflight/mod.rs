@@ -200,10 +200,9 @@ impl Preflight {
                 names(&compared)
             )));
         }
-        let budget = match args.preset {
-            Some(Preset::OpenWebui) => Some(budget::open_webui(&|n| cx.var(n))),
-            None => None,
-        };
+        let budget = args
+            .preset
+            .map(|Preset::OpenWebui| budget::open_webui(&|n| cx.var(n)));
         Ok(Preflight {
             compared,
             budget,

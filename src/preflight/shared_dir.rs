@@ -91,7 +91,7 @@ fn prune(dir: &Path, lock: &LockKey) {
         .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
         .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
         .collect();
-    markers.sort_by(|a, b| b.0.cmp(&a.0));
+    markers.sort_by_key(|m| std::cmp::Reverse(m.0));
     for (_, old) in markers.into_iter().skip(KEEP) {
         let _ = std::fs::remove_file(old);
     }
