@@ -294,6 +294,7 @@ fn check_json_has_the_stable_keys_and_an_unreachable_server_exits_69_with_json_t
         [
             "database_url",
             "exit_code",
+            "fleet",
             "ledger",
             "lock",
             "ok",
