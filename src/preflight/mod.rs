@@ -330,13 +330,7 @@ impl Preflight {
         let Some((per, workers)) = &self.budget else {
             return;
         };
-        let seen = async {
-            Ok::<_, sqlx::Error>((
-                store.replicas(c, release).await?,
-                connection_limit(c).await?,
-            ))
-        };
-        match seen.await {
+        match budget_inputs(c, Some(store.replicas(release))).await {
             Ok((replicas, limit)) => match budget::judge(per, *workers, replicas, limit) {
                 Ok(line) => info!(release, "{line}"),
                 Err(line) => warn!(release, "preset open-webui: {line}"),
@@ -497,11 +491,11 @@ pub(crate) async fn fleet(
         Some(Preset::OpenWebui) => {
             let store = Store::new(&replica.target.schema, replica.lock());
             let release = replica.release().unwrap_or_default();
-            let seen = match store.replicas(c, release).await {
-                Err(e) if is_missing_relation(&e) => 0,
+            let (seen, limit) = match budget_inputs(c, Some(store.replicas(release))).await {
+                // No comparison recorded yet: the tables do not exist.
+                Err(e) if is_missing_relation(&e) => budget_inputs(c, None).await?,
                 other => other?,
             };
-            let limit = connection_limit(c).await?;
             let replicas = seen.max(1);
             let (per, workers) = budget::open_webui(&var);
             let judged = budget::judge(&per, workers, replicas, limit);
@@ -522,23 +516,32 @@ pub(crate) async fn fleet(
     }))
 }
 
-/// What the server allows non-superusers: `max_connections` less
-/// `superuser_reserved_connections` and, on 16+, `reserved_connections` (PostgreSQL,
-/// "Connections and Authentication").
-async fn connection_limit(c: &mut sqlx::PgConnection) -> Result<budget::Limit, sqlx::Error> {
+/// In one round trip: the replicas `replicas` (a SQL subquery; `None`: 0) counts, and what
+/// the server allows non-superusers: `max_connections` less `superuser_reserved_connections`
+/// and, on 16+, `reserved_connections` (PostgreSQL, "Connections and Authentication").
+async fn budget_inputs(
+    c: &mut sqlx::PgConnection,
+    replicas: Option<String>,
+) -> Result<(u64, budget::Limit), sqlx::Error> {
+    let count = replicas.map_or("0".to_string(), |q| format!("({q})"));
     let rows = crate::sql::query(
         c,
-        "SELECT current_setting('max_connections'), current_setting('superuser_reserved_connections'), \
-                coalesce(current_setting('reserved_connections', true), '0')"
-            .into(),
+        format!(
+            "SELECT {count}::text, current_setting('max_connections'), \
+                    current_setting('superuser_reserved_connections'), \
+                    coalesce(current_setting('reserved_connections', true), '0')"
+        ),
     )
     .await?;
     let row = crate::sql::one_row(&rows)?;
-    Ok(budget::Limit {
-        max_connections: row.parse(0)?,
-        superuser_reserved: row.parse(1)?,
-        reserved: row.parse(2)?,
-    })
+    Ok((
+        row.parse(0)?,
+        budget::Limit {
+            max_connections: row.parse(1)?,
+            superuser_reserved: row.parse(2)?,
+            reserved: row.parse(3)?,
+        },
+    ))
 }
 
 fn names(compared: &[Compared]) -> String {

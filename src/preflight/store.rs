@@ -7,7 +7,7 @@ use sqlx::postgres::{PgConnection, PgRow};
 use super::fingerprint::{EnvKey, random_key};
 use crate::lock::LockKey;
 use crate::schema::Tables;
-use crate::sql::{Cols, lit, one_row, query, query_if_exists, query_secret};
+use crate::sql::{Cols, lit, query_if_exists, query_secret};
 
 /// The preflight tables next to the ledger: the key, each release's reference fingerprints,
 /// and each replica's last comparison.
@@ -151,19 +151,15 @@ impl Store {
         rows.first().map_or(Ok(0), |r| Cols(r).parse(0))
     }
 
-    /// How many replicas (by `application_name`) of `release` have recorded a comparison.
-    pub(super) async fn replicas(
-        &self,
-        conn: &mut PgConnection,
-        release: &str,
-    ) -> Result<u64, sqlx::Error> {
-        let sql = format!(
-            "SELECT count(DISTINCT replica)::text FROM {} WHERE lock_key = {} AND release = {}",
+    /// SQL: a subquery of how many replicas (by `application_name`) of `release` have
+    /// recorded a comparison.
+    pub(super) fn replicas(&self, release: &str) -> String {
+        format!(
+            "SELECT count(DISTINCT replica) FROM {} WHERE lock_key = {} AND release = {}",
             self.checks(),
             self.lock.key,
             lit(release),
-        );
-        one_row(&query(conn, sql).await?)?.parse(0)
+        )
     }
 
     /// What `status` shows: per release and variable, who set the reference, how many
