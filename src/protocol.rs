@@ -11,7 +11,9 @@
 //!    re-reads the ledger under the lock, opens the witness (transaction scope), waits out a
 //!    vanished holder's fencing time, ends earlier attempts' sessions and begins its attempt.
 //!    Each of those statements carries the lock's [`Proof`]: a replica that loses the lock while
-//!    taking over gives up its turn and waits again.
+//!    taking over gives up its turn and waits again. A release that failed `--max-failures`
+//!    times is refused here (exit 65); once its attempt has begun, the holder releases the
+//!    migration tool's stale lock rows and names its half-applied markers ([`tools`]).
 //! 4. It runs the migration ([`Holding::migrate`], [`Holding::start_app`]), checking its lock
 //!    session on every heartbeat; a lost session fences it ([`Holding::fence`]).
 //! 5. Every other end of an attempt goes through one function, [`Holding::end`]: end its
