@@ -21,10 +21,12 @@ use crate::termination;
 pub(crate) async fn migrate(plan: Migrate) -> Result<i32> {
     let Migrate {
         gate,
+        application,
         bounds,
         command,
     } = plan;
-    let replica = replica_for(&gate)?.for_holder();
+    let mut replica = replica_for(&gate)?.for_holder();
+    replica.application = Some(application);
     let want = Want::Lock {
         slots: gate.slots,
         max_failures: bounds.max_failures,
@@ -69,6 +71,7 @@ pub(crate) async fn migrate(plan: Migrate) -> Result<i32> {
 pub(crate) async fn run(plan: Run) -> Result<i32> {
     let Run {
         gate,
+        application,
         bounds,
         migrate,
         probe,
@@ -76,10 +79,11 @@ pub(crate) async fn run(plan: Run) -> Result<i32> {
         command,
     } = plan;
     let flag = &gate.flag;
-    let replica = replica_for(&gate)?.for_holder();
+    let mut replica = replica_for(&gate)?.for_holder();
+    replica.application = Some(application);
     // The app started with the flag off is no attempt: its sessions carry the release only.
     let app_off = Program::new(&command, (&flag.name, &flag.off))
-        .with_env(sessions::app_env(replica.lock(), replica.release()));
+        .with_env(sessions::app_env(replica.identity(), replica.release()));
     let want = Want::Lock {
         slots: gate.slots,
         max_failures: bounds.max_failures,
@@ -147,7 +151,7 @@ pub(crate) async fn wait(plan: Wait) -> Result<i32> {
     let flag = &gate.flag;
     Err(child::exec(
         &Program::new(&command, (&flag.name, &flag.off))
-            .with_env(sessions::app_env(replica.lock(), replica.release())),
+            .with_env(sessions::app_env(replica.identity(), replica.release())),
     ))
 }
 

@@ -11,6 +11,7 @@
 
 use sqlx::postgres::PgConnection;
 
+use crate::identity::Identity;
 use crate::lock::{LockKey, Proof};
 use crate::schema::{StoredKey, Tables};
 use crate::sql::{Cols, is_missing_relation, lit, one_row, query, query_if_exists, query_scalar};
@@ -20,6 +21,8 @@ use crate::sql::{Cols, is_missing_relation, lit, one_row, query, query_if_exists
 pub(crate) struct Ledger {
     tables: Tables,
     lock: LockKey,
+    /// The lock and this schema: the channel the holder notifies on.
+    identity: Identity,
     /// Whether [`Ledger::is_done`] also reads the `--same-env` key ([`Ledger::read_env_key`]).
     env_key: bool,
 }
@@ -38,6 +41,9 @@ pub(crate) struct NewAttempt<'a> {
     /// Seconds this holder needs, after its last heartbeat, to notice a lost session and stop
     /// its migration: a taker-over waits that long after a vanished holder.
     pub(crate) fence_secs: u32,
+    /// The fingerprint of the application it migrates for ([`crate::application`]), written
+    /// only where the ledger has the `app` column.
+    pub(crate) app: Option<String>,
 }
 
 /// What [`Ledger::stale`] found.
@@ -121,6 +127,7 @@ impl Ledger {
         Ledger {
             tables: Tables::new(schema),
             lock: lock.clone(),
+            identity: Identity::new(lock, schema),
             env_key: false,
         }
     }
@@ -165,7 +172,8 @@ impl Ledger {
             };
             let sql = format!(
                 "SELECT EXISTS (SELECT 1 FROM {table} WHERE lock_key = {key} AND release = {release} AND outcome = 'done')::text, \
-                        pg_is_in_recovery()::text, n.release, n.holder, n.finished_at{key_column} \
+                        pg_is_in_recovery()::text, n.release, n.holder, n.finished_at, \
+                        (SELECT to_jsonb(d) ->> 'app' FROM {table} d WHERE d.lock_key = {key} AND d.release = {release} AND d.outcome = 'done'){key_column} \
                  FROM (SELECT 1) one LEFT JOIN LATERAL ( \
                      SELECT release, holder, to_char(finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS \"UTC\"') AS finished_at \
                      FROM {table} WHERE lock_key = {key} AND outcome = 'done' AND release IS NOT NULL \
@@ -188,8 +196,9 @@ impl Ledger {
                         done: Some(text(0)?.as_deref() == Some("true")),
                         standby: text(1)?.as_deref() == Some("true"),
                         newer,
+                        app: text(5)?,
                         env_key: if with_key {
-                            text(5)?.map(StoredKey)
+                            text(6)?.map(StoredKey)
                         } else {
                             None
                         },
@@ -360,9 +369,13 @@ impl Ledger {
             ),
             None => ("NULL".into(), "true".into()),
         };
+        let (app_column, app) = match &attempt.app {
+            Some(fingerprint) => (", app", format!(", {}", lit(fingerprint))),
+            None => ("", String::new()),
+        };
         let sql = format!(
-            "WITH i AS (INSERT INTO {table} (lock_key, lock_name, release, outcome, holder, host, pid, fence_secs) \
-                 SELECT {}, {}, {release}, 'running', {}, {}, {}, {} WHERE {} AND {not_done} RETURNING id) \
+            "WITH i AS (INSERT INTO {table} (lock_key, lock_name, release, outcome, holder, host, pid, fence_secs{app_column}) \
+                 SELECT {}, {}, {release}, 'running', {}, {}, {}, {}{app} WHERE {} AND {not_done} RETURNING id) \
              SELECT (SELECT id::text FROM i), ({})::text, ({not_done})::text",
             self.lock.key,
             lit(&self.lock.name),
@@ -408,7 +421,7 @@ impl Ledger {
             outcome.as_str(),
             lit(detail),
             proof.sql(),
-            lit(&self.lock.channel()),
+            lit(&self.identity.channel()),
             lit(outcome.as_str()),
         );
         Ok(query_scalar(conn, sql).await?.as_deref() == Some("1"))
@@ -568,6 +581,10 @@ pub(crate) struct Seen {
     pub(crate) newer: Option<Newer>,
     /// The `--same-env` key, when asked for ([`Ledger::read_env_key`]) and it exists.
     pub(crate) env_key: Option<StoredKey>,
+    /// When the release is done: the fingerprint of the application its holder migrated for
+    /// ([`crate::application`]); `None` when none was recorded. Read as `to_jsonb(row) ->>
+    /// 'app'`, so that a ledger without the column reads `NULL` instead of failing.
+    pub(crate) app: Option<String>,
 }
 
 /// A release done after the one a replica asked about.

@@ -26,6 +26,8 @@
 //! - [`ledger`]: which releases are done, and every attempt (its rows);
 //! - [`schema`]: every table the gate creates, its DDL and the grants it needs;
 //! - [`route`]: what sits between the gate and PostgreSQL, direct only when proven;
+//! - [`application`]: which application a release was migrated for (the ledger's fingerprint);
+//! - [`identity`]: what a gate treats as its own (its lock's full key and its ledger);
 //! - [`lock`]: the advisory lock key, its session's settings, and who holds it;
 //! - [`db`]: the connection string's forms, connecting, retrying, classifying errors,
 //!   keepalives, redacting URLs;
@@ -38,6 +40,7 @@
 
 #![warn(missing_docs)]
 
+mod application;
 mod check;
 mod child;
 mod commands;
@@ -46,6 +49,7 @@ mod db;
 mod duration;
 mod error;
 mod holding;
+mod identity;
 mod install;
 mod ledger;
 mod lock;

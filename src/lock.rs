@@ -18,6 +18,7 @@ use std::fmt;
 use sha2::{Digest, Sha256};
 use sqlx::postgres::PgConnection;
 
+use crate::identity::Identity;
 use crate::sql::{Cols, lit, one_row, query, query_scalar};
 
 /// An advisory lock key, with the name it came from.
@@ -57,17 +58,6 @@ impl LockKey {
     /// `pg_locks.objid` of this key.
     pub(crate) fn objid(&self) -> u32 {
         (self.key as u64 & 0xffff_ffff) as u32
-    }
-
-    /// The first key of the two-int advisory locks that count waiting connections: the two
-    /// halves of the key folded together (two-int locks never collide with bigint ones).
-    pub(crate) fn slot_space(&self) -> i32 {
-        (self.classid() ^ self.objid()) as i32
-    }
-
-    /// The `LISTEN`/`NOTIFY` channel on which the holder announces that an attempt ended.
-    pub(crate) fn channel(&self) -> String {
-        format!("migrations_gate_{}", self.key as u64)
     }
 
     /// SQL condition selecting this lock's rows in `pg_locks` aliased `l`.
@@ -286,14 +276,14 @@ impl std::str::FromStr for WaitSlots {
     }
 }
 
-/// Tries to take a "waiting connection" slot of this lock. Waiters that get one keep their
+/// Tries to take a "waiting connection" slot of this gate's [`Identity`]. Waiters that get one keep their
 /// connection and poll often (a query on an open connection is cheap); the others reconnect for
 /// every poll (a new connection costs the server a process and an authentication), so a fleet of
 /// hundreds never holds more connections than the slots while it waits. Session-level advisory
 /// locks: only used on a direct route, where a connection is its own server session.
 pub(crate) async fn try_take_wait_slot(
     conn: &mut PgConnection,
-    lock: &LockKey,
+    identity: &Identity,
     slots: WaitSlots,
 ) -> Result<Slot, sqlx::Error> {
     let used = "(SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')::int";
@@ -308,7 +298,7 @@ pub(crate) async fn try_take_wait_slot(
             "SELECT (SELECT count(*) FROM (SELECT s FROM generate_series(0, {count} - 1) s \
                      WHERE pg_try_advisory_lock({}, s) LIMIT 1) t)::text, \
                     ({used}::float8 / {max})::text",
-            lock.slot_space()
+            identity.slot_space()
         ),
     )
     .await?;

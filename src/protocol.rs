@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
+use crate::application::Compared;
 use crate::db::{Conn, Failure};
 use crate::error::{Error, Result};
 use crate::holding::{self, Holding, Taken};
@@ -148,7 +149,10 @@ async fn round(
     let replica = waiter.replica();
     let sql = |e: sqlx::Error| replica.db.classify(&e);
     match read_release(waiter, &mut conn).await? {
-        Some(seen) if seen.done == Some(true) => return Ok(follower(seen, conn)),
+        Some(seen) if seen.done == Some(true) => {
+            same_application(replica, &seen)?;
+            return Ok(follower(seen, conn));
+        }
         Some(seen) if seen.standby => return Ok(Round::Standby),
         _ => {}
     }
@@ -166,6 +170,10 @@ async fn round(
     // First run against this database: create the ledger before anyone locks, so that no DDL
     // ever runs inside a lock transaction.
     waiter.ensure_ledger(&mut conn).await?;
+    let app_column = match replica.application {
+        Some(_) => waiter.app_column(&mut conn).await?,
+        None => false,
+    };
     let (route, scope) = waiter.route(&mut conn).await.map_err(sql)?;
     let c = conn.pg().await.map_err(sql)?;
     if !lock::try_acquire(c, replica.lock(), scope)
@@ -183,6 +191,7 @@ async fn round(
         wait_timeout,
         max_failures,
         keep_tool_locks,
+        app_column,
     };
     take_over(replica, conn, taken).await.map(Round::Turn)
 }
@@ -207,6 +216,27 @@ async fn read_release(waiter: &mut Waiter<'_>, conn: &mut Conn) -> Result<Option
     Ok(Some(seen))
 }
 
+/// A done release is followed only if it was migrated for this application: two applications
+/// with the same lock and ledger share release IDs (`1.4.0`, `latest`), and following the other
+/// one's would start this one without its migration ([`crate::application`]).
+fn same_application(replica: &Replica, seen: &Seen) -> Result<(), Failure> {
+    let Some(app) = &replica.application else {
+        return Ok(());
+    };
+    if app.compare(seen.app.as_deref()) != Compared::Other {
+        return Ok(());
+    }
+    Err(Failure::Fatal(Error::Config(format!(
+        "release {:?} of lock {} in ledger {} was migrated for another application: {} differs from the one that migrated it, \
+         so this application's migration never ran; give each application its own --lock (and --schema), \
+         or, if this is one application started by different commands, pass the same --app NAME to each",
+        replica.release().unwrap_or_default(),
+        replica.lock(),
+        replica.ledger.tables().ledger(),
+        app.describe(),
+    ))))
+}
+
 fn follower(seen: Seen, conn: Conn) -> Round {
     Round::Turn(Turn::Follower {
         seen,
@@ -220,6 +250,7 @@ async fn take_over(replica: &Replica, mut conn: Conn, taken: Taken) -> Result<Tu
     let sql = |e: sqlx::Error| replica.db.classify(&e);
     let (proof, server_version) = configure_lock_session(replica, &mut conn, taken.scope).await?;
     if let Some(seen) = done_under_lock(replica, &mut conn, taken.scope).await? {
+        same_application(replica, &seen)?;
         return Ok(Turn::Follower {
             seen,
             conn: Some(conn),
@@ -234,7 +265,7 @@ async fn take_over(replica: &Replica, mut conn: Conn, taken: Taken) -> Result<Tu
     let stale = wait_out_vanished_holder(replica, book, &proof).await?;
     let ended = end_earlier_sessions(replica, book, &proof, &stale, taken.wait_timeout).await?;
     let previous = replica.ledger.attempts(book, replica.release(), 1).await;
-    let new = holding::new_attempt(replica);
+    let new = holding::new_attempt(replica, taken.app_column);
     let id = match replica
         .ledger
         .begin(book, &new, &proof)
@@ -418,7 +449,7 @@ async fn end_earlier_sessions(
     stale: &Stale,
     wait_timeout: Duration,
 ) -> Result<Ended, Failure> {
-    let tag = sessions::Tag::new(replica.lock(), replica.release(), None);
+    let tag = sessions::Tag::new(replica.identity(), replica.release(), None);
     let earlier = Which::unfinished(
         &tag,
         &replica.ledger.unfinished_ids(),

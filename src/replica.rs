@@ -6,8 +6,10 @@ use std::time::Duration;
 
 use tracing::info;
 
+use crate::application::Application;
 use crate::db::{self, Conn, Db, Failure, OwnEnd};
 use crate::error::{Error, Result};
+use crate::identity::Identity;
 use crate::ledger::{Ledger, Outcome};
 use crate::lock::{self, LockKey, Scope};
 use crate::route::{self, Route};
@@ -67,6 +69,10 @@ pub(crate) struct Replica {
     pub(crate) db: Db,
     pub(crate) ledger: Ledger,
     pub(crate) release: Option<String>,
+    /// The application it migrates for (`migrate`, `run`), recorded with each attempt and
+    /// compared before following a done release ([`crate::application`]).
+    pub(crate) application: Option<Application>,
+    identity: Identity,
     host: String,
 }
 
@@ -79,7 +85,10 @@ impl Replica {
             target.connect_timeout,
         )?;
         let ledger = Ledger::new(&target.schema, &target.lock);
+        let identity = Identity::new(&target.lock, &target.schema);
         Ok(Replica {
+            identity,
+            application: None,
             target,
             db,
             ledger,
@@ -97,6 +106,11 @@ impl Replica {
 
     pub(crate) fn lock(&self) -> &LockKey {
         &self.target.lock
+    }
+
+    /// What this gate treats as its own: its lock's full key and its ledger.
+    pub(crate) fn identity(&self) -> &Identity {
+        &self.identity
     }
 
     /// This machine's host name, for the records.

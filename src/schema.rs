@@ -2,7 +2,9 @@
 //! names, their DDL, how they are created, and the grants a role needs. A DBA reads them here.
 //!
 //! - `<schema>.ledger`: one row per migration attempt ([`crate::ledger`]); a unique index makes
-//!   a second `done` row for the same release impossible.
+//!   a second `done` row for the same release impossible. Its `app` column (added in 0.2) holds
+//!   the fingerprint of the application each attempt migrated for ([`crate::application`]); a
+//!   ledger made before it gets it from its owner's first gate ([`Tables::ensure_app_column`]).
 //! - `<schema>.env_key`: the one `--same-env` HMAC key (a secret), `<schema>.env_reference`:
 //!   each release's reference fingerprints, `<schema>.env_checks`: each replica's last
 //!   comparison ([`crate::preflight`]). Created only by a replica that compares variables.
@@ -130,13 +132,55 @@ impl Tables {
                  exit_code   integer,
                  detail      text,
                  heartbeat_at timestamptz,
-                 fence_secs  integer NOT NULL DEFAULT 0
+                 fence_secs  integer NOT NULL DEFAULT 0,
+                 app         text
              );"
                 ),
             ),
             (format!("to_regclass({})", lit(&index)), self.ledger_index()),
         ];
         self.create_missing(conn, &objects).await
+    }
+
+    /// Whether the ledger has its `app` column, adding it when it is missing and the role owns the
+    /// table (`ALTER TABLE` is the owner's). Runs before the lock is tried, never inside a lock
+    /// transaction; the `ALTER` waits at most a second for its lock (a holder's lock transaction
+    /// may be reading the ledger: then a later replica adds it). `false`: attempts are recorded
+    /// without a fingerprint, and followers compare nothing.
+    pub(crate) async fn ensure_app_column(
+        &self,
+        conn: &mut PgConnection,
+    ) -> Result<bool, sqlx::Error> {
+        let table = self.ledger();
+        let rows = query(
+            conn,
+            format!(
+                "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass({t}) \
+                                AND attname = 'app' AND NOT attisdropped)::text, \
+                        coalesce((SELECT pg_has_role(relowner, 'USAGE') FROM pg_class \
+                                  WHERE oid = to_regclass({t})), false)::text",
+                t = lit(&table)
+            ),
+        )
+        .await?;
+        let row = one_row(&rows)?;
+        if row.text(0)? == "true" {
+            return Ok(true);
+        }
+        if row.text(1)? != "true" {
+            return Ok(false);
+        }
+        let alter = format!(
+            "BEGIN; SET LOCAL lock_timeout = '1s'; ALTER TABLE {table} ADD COLUMN IF NOT EXISTS app text; COMMIT;"
+        );
+        match query(conn, alter).await {
+            Ok(_) => Ok(true),
+            Err(sqlx::Error::Database(_)) => {
+                // The transaction failed (lock timeout, privileges): end it, and go on without.
+                query(conn, "ROLLBACK".into()).await.map(|_| false)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Creates the `--same-env` tables that are missing (the ledger made the schema).

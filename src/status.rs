@@ -61,7 +61,7 @@ async fn running(
     let mut found = Vec::new();
     for a in attempts.iter().filter(|a| a.outcome == Outcome::Running) {
         let which =
-            sessions::AttemptSessions::new(replica.lock(), a.release.as_deref(), a.id).which();
+            sessions::AttemptSessions::new(replica.identity(), a.release.as_deref(), a.id).which();
         found.push(Running {
             attempt: a.id,
             sessions: sessions::list(c, &which).await?,

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::{CheckArgs, Command, GateArgs, MigrateArgs, ResetArgs, RunArgs, StatusArgs, WaitArgs};
+use crate::application::Application;
 use crate::child::check_program;
 use crate::error::{Error, Result};
 use crate::holding::{Bounds, OtherReleases};
@@ -59,6 +60,8 @@ pub(crate) struct Gate {
 /// `migrate -- CMD`.
 pub(crate) struct Migrate {
     pub(crate) gate: Gate,
+    /// `--app`, or the command: whose release this is.
+    pub(crate) application: Application,
     pub(crate) bounds: Bounds,
     pub(crate) command: Vec<String>,
 }
@@ -66,6 +69,8 @@ pub(crate) struct Migrate {
 /// `run [--migrate CMD] [--ready-*] -- APP`.
 pub(crate) struct Run {
     pub(crate) gate: Gate,
+    /// `--app`, or the migration command (`--migrate`, else the app): whose release this is.
+    pub(crate) application: Application,
     pub(crate) bounds: Bounds,
     /// `--migrate`, split into words.
     pub(crate) migrate: Option<Vec<String>>,
@@ -133,6 +138,7 @@ fn migrate(a: MigrateArgs) -> Result<Migrate> {
     let release = a.gate.release.resolve()?;
     let preset = a.gate.preflight.preset.map(Preset::from);
     Ok(Migrate {
+        application: application(a.holder.app.as_deref(), &a.command)?,
         gate: gate(a.gate, flag, release, Mode::Migrate)?,
         bounds: bounds(&a.holder, preset),
         command: a.command,
@@ -164,6 +170,10 @@ fn run(a: RunArgs) -> Result<Run> {
     let release = a.gate.release.resolve()?;
     let preset = a.gate.preflight.preset.map(Preset::from);
     Ok(Run {
+        application: application(
+            a.holder.app.as_deref(),
+            migrate.as_deref().unwrap_or(&a.command),
+        )?,
         gate: gate(a.gate, flag, release, mode)?,
         bounds: bounds(&a.holder, preset),
         migrate,
@@ -171,6 +181,17 @@ fn run(a: RunArgs) -> Result<Run> {
         ready_timeout: a.ready_timeout,
         command: a.command,
     })
+}
+
+/// `--app NAME`, or the command that migrates.
+fn application(name: Option<&str>, migrating: &[String]) -> Result<Application> {
+    match name {
+        Some(n) if n.trim().is_empty() || n.contains('\0') => Err(Error::Usage(format!(
+            "--app {n:?} is not a name: give each application one name of its own, or leave --app out"
+        ))),
+        Some(n) => Ok(Application::named(n)),
+        None => Ok(Application::of_command(migrating)),
+    }
 }
 
 fn wait(a: WaitArgs) -> Result<Wait> {

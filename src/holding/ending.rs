@@ -32,8 +32,14 @@ const FENCE_TIME: Duration = HEARTBEAT
     .saturating_add(Duration::from_secs(1));
 
 /// This replica's attempt as it begins, for the ledger.
-pub(crate) fn new_attempt(replica: &Replica) -> NewAttempt<'_> {
+/// `app_column`: whether the ledger can record the application's fingerprint.
+pub(crate) fn new_attempt(replica: &Replica, app_column: bool) -> NewAttempt<'_> {
     NewAttempt {
+        app: replica
+            .application
+            .as_ref()
+            .filter(|_| app_column)
+            .map(|a| a.fingerprint()),
         release: replica.release(),
         holder: &replica.target.application_name,
         host: replica.host(),
@@ -279,7 +285,7 @@ async fn record_fenced(
                 format!("{detail}; sessions: {line}")
             }
         };
-        let new = new_attempt(replica);
+        let new = new_attempt(replica, false);
         let ledger = &replica.ledger;
         ledger.record_fenced(pg, attempt, &new, code, &detail).await
     }

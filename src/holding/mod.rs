@@ -92,6 +92,8 @@ pub(crate) struct Taken {
     pub(crate) max_failures: u32,
     /// `--keep-tool-locks`.
     pub(crate) keep_tool_locks: bool,
+    /// Whether the ledger has its `app` column ([`crate::application`]).
+    pub(crate) app_column: bool,
 }
 
 /// How an attempt ends, for [`Holding::end`].
@@ -142,7 +144,7 @@ impl Holding {
             proof,
             attempt: id,
             since: Instant::now(),
-            sessions: sessions::AttemptSessions::new(replica.lock(), replica.release(), id),
+            sessions: sessions::AttemptSessions::new(replica.identity(), replica.release(), id),
             ports_seen: BTreeMap::new(),
             direct: taken.route == Route::Direct,
             server_version,

@@ -55,8 +55,9 @@ pub(crate) fn open_webui(var: &dyn Fn(&str) -> Option<String>) -> (PerProcess, i
             overflow if overflow < 0 => PerProcess::Unbounded(
                 "DATABASE_POOL_MAX_OVERFLOW -1 lets SQLAlchemy open connections without a bound".into(),
             ),
+            // Values come from the app's environment: saturate, never wrap or panic.
             overflow => PerProcess::Bounded {
-                connections: ENGINES * (size + overflow),
+                connections: size.saturating_add(overflow).saturating_mul(ENGINES),
                 how: format!(
                     "{ENGINES} engines × (DATABASE_POOL_SIZE {size} + DATABASE_POOL_MAX_OVERFLOW {overflow})"
                 ),
@@ -146,6 +147,24 @@ mod tests {
         superuser_reserved: 3,
         reserved: 0,
     };
+
+    /// Values from the app's environment are arbitrary: a huge pool is over budget, never an
+    /// overflow (which panicked in debug builds and wrapped to a small number in release ones).
+    #[test]
+    fn huge_pool_sizes_are_over_budget_without_overflowing() {
+        let max = i64::MAX.to_string();
+        let (per, workers) = open_webui(&env(&[
+            ("DATABASE_POOL_SIZE", &max),
+            ("DATABASE_POOL_MAX_OVERFLOW", &max),
+            ("UVICORN_WORKERS", &max),
+        ]));
+        assert!(
+            matches!(per, PerProcess::Bounded { connections, .. } if connections == i64::MAX),
+            "{per:?}"
+        );
+        let line = judge(&per, workers, u64::MAX, PG_DEFAULT).unwrap_err();
+        assert!(line.contains(&format!("may open {}", i64::MAX)), "{line}");
+    }
 
     /// Open WebUI's guide: pool 15 + overflow 20, 2 workers, 3 replicas.
     #[test]

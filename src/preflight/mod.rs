@@ -261,7 +261,7 @@ impl Preflight {
         let Some(release) = replica.release() else {
             return Ok(());
         };
-        let tokens = self.marker_tokens(replica, release)?;
+        let tokens = self.marker_tokens(replica, release).await?;
         let store = Store::new(&replica.target.schema, replica.lock());
         let mut conn = match conn {
             Some(c) => c,
@@ -342,11 +342,15 @@ impl Preflight {
     /// The token of the release's marker in each shared directory, read or created
     /// ([`shared_dir`]). A directory that is missing, not a directory or read-only is named in
     /// one line: an error (78) under `--require-shared-dir`, else a warning, and not compared.
-    fn marker_tokens(&self, replica: &Replica, release: &str) -> Result<Vec<(String, String)>> {
+    async fn marker_tokens(
+        &self,
+        replica: &Replica,
+        release: &str,
+    ) -> Result<Vec<(String, String)>> {
         let mut tokens = Vec::new();
         for c in &self.compared {
             let Some(dir) = &c.marker else { continue };
-            match shared_dir::token(dir, replica.lock(), release) {
+            match shared_dir::token(dir, replica.identity(), release).await {
                 Ok(token) => tokens.push((c.name.clone(), token)),
                 Err(why) => {
                     let line = format!(
@@ -483,10 +487,13 @@ pub(crate) async fn fleet(
         Some(Preset::OpenWebui) => shared_dir::open_webui_data_dir(&var),
         None => None,
     });
-    let shared_dir = dir.map(|d| SharedDirSeen {
-        state: shared_dir::look(&d, replica.lock(), replica.release()),
-        path: d.display().to_string(),
-    });
+    let shared_dir = match dir {
+        None => None,
+        Some(d) => Some(SharedDirSeen {
+            state: shared_dir::look(&d, replica.identity(), replica.release()).await,
+            path: d.display().to_string(),
+        }),
+    };
     let connection_budget = match preset {
         Some(Preset::OpenWebui) => {
             let store = Store::new(&replica.target.schema, replica.lock());

@@ -82,6 +82,11 @@ impl Store {
         replica: &str,
         host: &str,
     ) -> Result<Vec<Reference>, sqlx::Error> {
+        // Nothing to compare (a shared directory that could not be looked at, alone): an empty
+        // VALUES list is no SQL.
+        if mine.is_empty() {
+            return Ok(Vec::new());
+        }
         let (key, release, replica) = (self.lock.key, lit(release), lit(replica));
         let host = lit(host);
         let pid = std::process::id();
@@ -117,6 +122,9 @@ impl Store {
         release: &str,
         mine: &[(String, String)],
     ) -> Result<Vec<Reference>, sqlx::Error> {
+        if mine.is_empty() {
+            return Ok(Vec::new());
+        }
         let sql = format!(
             "WITH mine (variable, fingerprint) AS (VALUES {}) \
              SELECT r.variable, (r.fingerprint = mine.fingerprint)::text, r.replica, \

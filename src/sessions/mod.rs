@@ -15,15 +15,20 @@
 //! send as `application_name`:
 //!
 //! ```text
-//! mgate:<lock>:<release>:<attempt>[ <the operator's PGAPPNAME>]
-//! mgate:1a2b3c4d:9f86d081:42 alembic
+//! mgate:<key>:<ledger>:<release>:<attempt>[ <the operator's PGAPPNAME>]
+//! mgate:0000000000000007:5f3a1c2e:9f86d081:42 alembic
 //! ```
 //!
-//! `<lock>` is the lock key's high 32 bits in hex (`pg_locks.classid`), `<release>` the first 32
-//! bits of the release ID's SHA-256 in hex (`-` without a release), `<attempt>` the ledger row
-//! of the holder's attempt (`-` for a follower's app, which is no attempt). The tag comes first
+//! `<key>:<ledger>` is the gate's whole [`Identity`]: the lock key in 16 hex digits
+//! (`pg_locks.classid` then `objid`) and the first 32 bits of SHA-256 of the ledger's schema name;
+//! `<release>` the first 32 bits of the release ID's SHA-256 in hex (`-` without a release),
+//! `<attempt>` the ledger row of the holder's attempt (`-` for a follower's app, which is no
+//! attempt). Another application on the same database, with its own lock or its own ledger,
+//! never shares the `mgate:<key>:<ledger>:` prefix, so its sessions are never ended, waited for
+//! or counted as another release. Tags of gates before 0.2 (`mgate:<classid>:<release>:<attempt>`)
+//! carry only half the key and no ledger: they are never matched. The tag comes first
 //! because the server cuts `application_name` to 63 bytes: the operator's own name is cut, ours
-//! never is. A client that sets `application_name` itself overrides `PGAPPNAME`; see
+//! never is (47 bytes up to attempt 999999). A client that sets `application_name` itself overrides `PGAPPNAME`; see
 //! [`AttemptSessions::remember`] for how the holder finds those sessions anyway.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -34,7 +39,8 @@ use sha2::{Digest, Sha256};
 use sqlx::postgres::PgConnection;
 use tracing::warn;
 
-use crate::lock::{LockKey, Proof};
+use crate::identity::Identity;
+use crate::lock::Proof;
 use crate::sql::{Cols, lit, query};
 
 mod ending;
@@ -52,17 +58,18 @@ const POLL: Duration = Duration::from_millis(100);
 /// The tag of the sessions a gate's child opens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Tag {
-    lock: String,
+    /// `<key>:<ledger>` ([`Identity::tag_field`]).
+    identity: String,
     release: String,
     attempt: Option<i64>,
 }
 
 impl Tag {
-    /// The tag for a child of `lock`'s gate migrating (or starting the app of) `release`, as
-    /// attempt `attempt` (`None`: a follower's app).
-    pub(crate) fn new(lock: &LockKey, release: Option<&str>, attempt: Option<i64>) -> Tag {
+    /// The tag for a child of the gate `identity` migrating (or starting the app of)
+    /// `release`, as attempt `attempt` (`None`: a follower's app).
+    pub(crate) fn new(identity: &Identity, release: Option<&str>, attempt: Option<i64>) -> Tag {
         Tag {
-            lock: format!("{:08x}", lock.classid()),
+            identity: identity.tag_field(),
             release: release.map(release_hash).unwrap_or_else(|| "-".into()),
             attempt,
         }
@@ -76,17 +83,18 @@ impl Tag {
         }
     }
 
-    /// The start of the `application_name` of every session of this lock's children.
-    fn lock_prefix(&self) -> String {
-        format!("{PREFIX}:{}:", self.lock)
+    /// The start of the `application_name` of every session of this gate's children: the whole
+    /// identity, up to and including the colon after it.
+    fn identity_prefix(&self) -> String {
+        format!("{PREFIX}:{}:", self.identity)
     }
 }
 
 impl fmt::Display for Tag {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.attempt {
-            Some(id) => write!(f, "{}{}:{id}", self.lock_prefix(), self.release),
-            None => write!(f, "{}{}:-", self.lock_prefix(), self.release),
+            Some(id) => write!(f, "{}{}:{id}", self.identity_prefix(), self.release),
+            None => write!(f, "{}{}:-", self.identity_prefix(), self.release),
         }
     }
 }
@@ -137,8 +145,8 @@ pub(crate) fn child_env(
 
 /// The environment of an app started with the flag off (a follower's, or the holder's once the
 /// release is done, which is no attempt either): the tag names the lock and the release only.
-pub(crate) fn app_env(lock: &LockKey, release: Option<&str>) -> Vec<(String, String)> {
-    child_env(&Tag::new(lock, release, None), false, 0, None)
+pub(crate) fn app_env(identity: &Identity, release: Option<&str>) -> Vec<(String, String)> {
+    child_env(&Tag::new(identity, release, None), false, 0, None)
 }
 
 /// The first 32 bits of the release ID's SHA-256, in hex: short enough for
@@ -147,13 +155,15 @@ pub(crate) fn release_hash(release: &str) -> String {
     hex::encode(&Sha256::digest(release.as_bytes())[..4])
 }
 
-/// SQL: the `<part>` field (1 lock, 2 release, 3 attempt) of a tagged `application_name` of
-/// `pg_stat_activity` aliased `a`.
-fn field(part: u8) -> String {
-    format!(
-        "split_part(split_part(a.application_name, ' ', 1), ':', {})",
-        part + 1
-    )
+/// The position of a tag's release field (`mgate:<key>:<ledger>:<release>:<attempt>`).
+const RELEASE_FIELD: u8 = 4;
+/// The position of a tag's attempt field.
+const ATTEMPT_FIELD: u8 = 5;
+
+/// SQL: the field at `position` ([`RELEASE_FIELD`], [`ATTEMPT_FIELD`]) of a tagged
+/// `application_name` of `pg_stat_activity` aliased `a`.
+fn field(position: u8) -> String {
+    format!("split_part(split_part(a.application_name, ' ', 1), ':', {position})")
 }
 
 /// One session of an attempt, as `pg_stat_activity` shows it.
@@ -222,9 +232,9 @@ impl Which {
     fn attempt(tag: &Tag, id: i64, seen: &BTreeSet<(i32, String)>) -> Which {
         let mut cond = format!(
             "(left(a.application_name, {}) = {} AND {} = {} AND {SAME_DATABASE})",
-            tag.lock_prefix().len(),
-            lit(&tag.lock_prefix()),
-            field(3),
+            tag.identity_prefix().len(),
+            lit(&tag.identity_prefix()),
+            field(ATTEMPT_FIELD),
             lit(&id.to_string())
         );
         for (pid, start) in seen {
@@ -258,9 +268,9 @@ impl Which {
             cond: format!(
                 "((left(a.application_name, {}) = {} AND {} IN ({unfinished}) AND {SAME_DATABASE}) \
                   OR (a.pid, a.backend_start) IN ({seen}))",
-                tag.lock_prefix().len(),
-                lit(&tag.lock_prefix()),
-                field(3),
+                tag.identity_prefix().len(),
+                lit(&tag.identity_prefix()),
+                field(ATTEMPT_FIELD),
             ),
             guard: None,
         }
@@ -315,10 +325,10 @@ pub(crate) struct AttemptSessions {
 }
 
 impl AttemptSessions {
-    /// The sessions of attempt `id` of `lock`'s gate, migrating `release`.
-    pub(crate) fn new(lock: &LockKey, release: Option<&str>, id: i64) -> AttemptSessions {
+    /// The sessions of attempt `id` of the gate `identity`, migrating `release`.
+    pub(crate) fn new(identity: &Identity, release: Option<&str>, id: i64) -> AttemptSessions {
         AttemptSessions {
-            tag: Tag::new(lock, release, Some(id)),
+            tag: Tag::new(identity, release, Some(id)),
             id,
             seen: BTreeSet::new(),
         }
@@ -423,25 +433,58 @@ mod tests {
     use super::*;
 
     #[test]
-    fn tag_names_lock_release_and_attempt_and_keeps_the_operators_name_after_it() {
-        let lock = LockKey::from_name("migrations-gate");
-        let tag = Tag::new(&lock, Some("r1"), Some(42));
+    fn tag_names_the_whole_identity_release_and_attempt_and_keeps_the_operators_name_after_it() {
+        let lock = crate::lock::LockKey::from_name("migrations-gate");
+        let identity = Identity::new(&lock, "migrations_gate");
+        let tag = Tag::new(&identity, Some("r1"), Some(42));
         let s = tag.to_string();
         assert!(
-            s.starts_with(&format!("mgate:{:08x}:", lock.classid())),
+            s.starts_with(&format!(
+                "mgate:{:016x}:{}:",
+                lock.key as u64,
+                identity.ledger_hex()
+            )),
             "{s}"
         );
         assert!(s.ends_with(":42"), "{s}");
-        assert_eq!(s.split(':').nth(2), Some(release_hash("r1").as_str()));
+        assert_eq!(
+            s.split(':').nth(RELEASE_FIELD as usize - 1),
+            Some(release_hash("r1").as_str())
+        );
+        assert_eq!(s.split(':').nth(ATTEMPT_FIELD as usize - 1), Some("42"));
         assert_eq!(tag.app_name(None), s);
         assert_eq!(tag.app_name(Some("alembic")), format!("{s} alembic"));
         assert_eq!(tag.app_name(Some("  ")), s);
-        let follower = Tag::new(&lock, None, None).to_string();
+        let follower = Tag::new(&identity, None, None).to_string();
         assert!(follower.ends_with(":-:-"), "{follower}");
-        // The server keeps 63 bytes of application_name: ours always fits, with room to spare
-        // for the operator's own name.
-        let longest = Tag::new(&lock, Some("x"), Some(i64::MAX)).to_string();
-        assert!(longest.len() <= 45, "{longest}");
+        // The server keeps 63 bytes of application_name: ours always fits, and up to attempt
+        // 999999 leaves 16 bytes for the operator's own name.
+        let longest = Tag::new(&identity, Some("x"), Some(i64::MAX)).to_string();
+        assert!(longest.len() <= 63, "{longest}");
+        assert!(
+            Tag::new(&identity, Some("x"), Some(999_999))
+                .to_string()
+                .len()
+                <= 47
+        );
+    }
+
+    #[test]
+    fn another_lock_or_another_ledger_has_another_prefix() {
+        use crate::lock::LockKey;
+        let mine = Tag::new(
+            &Identity::new(&LockKey::from_id(11), "iso_a"),
+            Some("a1"),
+            Some(1),
+        );
+        for other in [
+            Identity::new(&LockKey::from_id(12), "iso_a"),
+            Identity::new(&LockKey::from_id(11), "iso_b"),
+            Identity::new(&LockKey::from_id(11 + (1 << 32)), "iso_a"),
+        ] {
+            let theirs = Tag::new(&other, Some("a1"), Some(1));
+            assert!(!theirs.to_string().starts_with(&mine.identity_prefix()));
+        }
     }
 
     #[test]

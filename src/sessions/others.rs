@@ -5,7 +5,7 @@ use std::fmt;
 
 use sqlx::postgres::PgConnection;
 
-use super::{SAME_DATABASE, Tag, field};
+use super::{RELEASE_FIELD, SAME_DATABASE, Tag, field};
 use crate::sql::{Cols, lit, query};
 
 /// Sessions of another release of the same lock, connected now.
@@ -31,7 +31,7 @@ impl fmt::Display for OtherRelease {
     }
 }
 
-/// The sessions in our database tagged with `tag`'s lock but another release than `tag`'s
+/// The sessions in our database tagged with `tag`'s whole identity (lock key and ledger) but another release than `tag`'s
 /// (apps of an older release still running): sessions without a release (`-`), the gate's own
 /// (never tagged) and other clients' (untagged) do not count. `releases` is a SQL subquery of
 /// release names, to name the hashes.
@@ -52,9 +52,9 @@ pub(crate) async fn other_releases(
          SELECT s.hash, coalesce(n.release, ''), count(*)::text, \
                 string_agg(DISTINCT s.client, ', ') \
          FROM s LEFT JOIN n ON n.h = s.hash GROUP BY s.hash, n.release ORDER BY s.hash",
-        hash = field(2),
-        len = tag.lock_prefix().len(),
-        prefix = lit(&tag.lock_prefix()),
+        hash = field(RELEASE_FIELD),
+        len = tag.identity_prefix().len(),
+        prefix = lit(&tag.identity_prefix()),
         own = lit(&tag.release),
         same = SAME_DATABASE,
     );

@@ -57,6 +57,8 @@ pub(crate) struct Waiter<'g> {
     route: Option<(Route, Scope)>,
     /// Whether the ledger is known to exist.
     ledger_exists: bool,
+    /// Whether the ledger has its `app` column, once known ([`Waiter::app_column`]).
+    app_column: Option<bool>,
     /// Since when rounds fail for transient reasons (no connection, a standby).
     trouble_since: Option<Instant>,
     /// The latest such reason.
@@ -84,6 +86,7 @@ impl<'g> Waiter<'g> {
             current: (false, false),
             route: None,
             ledger_exists: false,
+            app_column: None,
             trouble_since: None,
             last_trouble: None,
             last_holder: None,
@@ -127,6 +130,33 @@ impl<'g> Waiter<'g> {
         Ok(())
     }
 
+    /// Whether attempts can record their application's fingerprint: the ledger's `app` column,
+    /// added if missing and allowed ([`crate::schema::Tables::ensure_app_column`]); looked at
+    /// once per gate, before its first try of the lock.
+    pub(crate) async fn app_column(&mut self, conn: &mut Conn) -> Result<bool, Failure> {
+        if let Some(known) = self.app_column {
+            return Ok(known);
+        }
+        let replica = self.replica;
+        let sql = |e: sqlx::Error| replica.db.classify(&e);
+        let c = conn.pg().await.map_err(sql)?;
+        let known = replica
+            .ledger
+            .tables()
+            .ensure_app_column(c)
+            .await
+            .map_err(sql)?;
+        if !known {
+            info!(
+                ledger = %replica.ledger.tables().ledger(),
+                "the ledger predates its app column and this role may not add it: attempts are recorded without the application's fingerprint (its owner adds it: `ALTER TABLE {} ADD COLUMN app text`)",
+                replica.ledger.tables().ledger()
+            );
+        }
+        self.app_column = Some(known);
+        Ok(known)
+    }
+
     /// The route and lock scope, decided on the first connection that needs them.
     pub(crate) async fn route(&mut self, conn: &mut Conn) -> Result<(Route, Scope), sqlx::Error> {
         if let Some(known) = self.route {
@@ -154,7 +184,7 @@ impl<'g> Waiter<'g> {
             Route::Direct if self.current.0 => (true, 0.0),
             Route::Direct => {
                 let c = conn.pg().await.map_err(sql)?;
-                let slot = lock::try_take_wait_slot(c, self.replica.lock(), slots)
+                let slot = lock::try_take_wait_slot(c, self.replica.identity(), slots)
                     .await
                     .map_err(sql)?;
                 self.current.0 = slot.taken;
@@ -265,13 +295,13 @@ impl<'g> Waiter<'g> {
         let replica = self.replica;
         let Ok(mut listening) = replica
             .db
-            .connect_listening(&replica.lock().channel())
+            .connect_listening(&replica.identity().channel())
             .await
         else {
             return (plain, slot);
         };
         let taken = match listening.pg().await {
-            Ok(c) => lock::try_take_wait_slot(c, replica.lock(), slots)
+            Ok(c) => lock::try_take_wait_slot(c, replica.identity(), slots)
                 .await
                 .is_ok_and(|s| s.taken),
             Err(_) => false,
