@@ -33,6 +33,10 @@ pub(crate) const FORWARDED: [libc::c_int; 6] = [
     libc::SIGUSR2,
 ];
 
+/// The forwarded signals that ask a process to stop: what a platform sends (a pod deleted, a
+/// rollout, a drain, `docker stop`, Ctrl-C).
+const STOPPING: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGQUIT];
+
 /// A program and the environment variables it gets.
 #[derive(Debug, Clone)]
 pub(crate) struct Program<'a> {
@@ -118,6 +122,8 @@ pub(crate) struct Supervisor {
     /// reaped and forgotten).
     guard_reaped: bool,
     status: Option<i32>,
+    /// The first stopping signal (SIGTERM, SIGINT, SIGQUIT) the gate received and passed on.
+    stopped_by: Option<libc::c_int>,
 }
 
 /// Starts `program` in its own process group, guarded so that the group dies with the gate.
@@ -162,6 +168,7 @@ pub(crate) fn spawn(program: &Program<'_>) -> Result<Supervisor> {
         forwarded,
         guard_reaped: false,
         status: None,
+        stopped_by: None,
     })
 }
 
@@ -250,11 +257,24 @@ impl Supervisor {
                 _ = sigchld.recv() => {}
                 sig = next_signal(forwarded) => {
                     debug!(sig, pid, "forwarding signal to the child");
+                    if self.stopped_by.is_none() && STOPPING.contains(&sig) {
+                        self.stopped_by = Some(sig);
+                    }
                     // SAFETY: plain system call.
                     unsafe { libc::kill(pid, sig); }
                 }
             }
         }
+    }
+
+    /// The first stopping signal (SIGTERM, SIGINT, SIGQUIT) the gate received and passed on to
+    /// the child, if any, by its name (`SIGTERM`): the child's exit then says nothing about it.
+    pub(crate) fn stopped_by(&self) -> Option<&'static str> {
+        self.stopped_by.map(|sig| match sig {
+            libc::SIGTERM => "SIGTERM",
+            libc::SIGINT => "SIGINT",
+            _ => "SIGQUIT",
+        })
     }
 
     /// Pauses the child's whole process group (SIGSTOP): it runs no further instruction, so

@@ -203,13 +203,20 @@ pub(crate) async fn reset(plan: Reset) -> Result<i32> {
         }
         Err(e) => return Err(replica.db.fail(&e, "during reset")),
     };
-    close(conn).await;
     if removed.is_empty() {
-        info!(
+        let seen = match conn.pg().await {
+            Ok(c) => replica.ledger.holds(c).await,
+            Err(e) => Err(e),
+        };
+        close(conn).await;
+        return Err(Error::NothingToReset {
             release,
-            "nothing recorded for this release; nothing to reset"
-        );
+            lock: replica.lock().to_string(),
+            ledger: replica.ledger.tables().ledger(),
+            seen: seen.unwrap_or_else(|e| format!("the ledger could not be read: {e}")),
+        });
     }
+    close(conn).await;
     for a in &removed {
         info!(id = a.id, release, outcome = %a.outcome, holder = %a.holder, started_at = %a.started_at, "removed");
     }

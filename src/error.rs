@@ -16,6 +16,9 @@ pub(crate) const EXIT_USAGE: i32 = 64;
 /// again until `reset --release R` (`EX_DATAERR`: what the release brings is wrong, not the
 /// gate's input or the database).
 pub(crate) const EXIT_RELEASE_FAILING: i32 = 65;
+/// Exit code: `reset` found nothing recorded for its lock, ledger and release (`EX_NOINPUT`):
+/// most often a wrong `--lock`, `--schema` or `--release`.
+pub(crate) const EXIT_NOTHING_TO_RESET: i32 = 66;
 /// Exit code: the database could not be reached, or was lost (`EX_UNAVAILABLE`); `check`: also
 /// a read-only standby where the release is not done.
 pub(crate) const EXIT_UNAVAILABLE: i32 = 69;
@@ -40,11 +43,12 @@ pub(crate) const EXIT_NOT_FOUND: i32 = 127;
 /// `--help` and the README's "Exit codes" table list each one: the tests check both against
 /// this list, and that every [`Error`] maps into it.
 #[cfg(test)]
-pub(crate) const EXIT_CODES: [i32; 11] = [
+pub(crate) const EXIT_CODES: [i32; 12] = [
     EXIT_OK,
     EXIT_NOT_DONE,
     EXIT_USAGE,
     EXIT_RELEASE_FAILING,
+    EXIT_NOTHING_TO_RESET,
     EXIT_UNAVAILABLE,
     EXIT_INTERNAL,
     EXIT_TIMEOUT,
@@ -144,6 +148,21 @@ pub(crate) enum Error {
         last: String,
     },
 
+    /// `reset` found nothing of the release under this lock and ledger.
+    #[error(
+        "nothing to reset: no attempt of release {release:?} is recorded for lock {lock} in ledger {ledger} ({seen}); check --lock, --schema and --release (or --release-from): give reset the deployment's own settings"
+    )]
+    NothingToReset {
+        /// The release looked for.
+        release: String,
+        /// The lock, with its key.
+        lock: String,
+        /// The ledger table.
+        ledger: String,
+        /// What the ledger does hold, for the operator to compare.
+        seen: String,
+    },
+
     /// Something that should not happen.
     #[error("internal error: {0}")]
     Internal(String),
@@ -155,6 +174,7 @@ impl Error {
         match self {
             Error::Usage(_) => EXIT_USAGE,
             Error::ReleaseFailing { .. } => EXIT_RELEASE_FAILING,
+            Error::NothingToReset { .. } => EXIT_NOTHING_TO_RESET,
             Error::Unavailable(_) => EXIT_UNAVAILABLE,
             Error::Auth(_) => EXIT_AUTH,
             Error::Config(_) => EXIT_CONFIG,

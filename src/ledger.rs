@@ -116,6 +116,48 @@ impl std::str::FromStr for Outcome {
     }
 }
 
+/// Why a `failed` attempt does not count against `--max-failures` ([`Ledger::failures`]): the
+/// start of its `detail`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NotCounted {
+    /// The holder lost its lock session and stopped the migration.
+    Fenced,
+    /// The migration never started.
+    Refused,
+    /// The gate was stopped by a signal (SIGTERM, SIGINT, SIGQUIT) and passed it on.
+    Interrupted,
+}
+
+/// Every reason an attempt does not count.
+pub(crate) const NOT_COUNTED: [NotCounted; 3] = [
+    NotCounted::Fenced,
+    NotCounted::Refused,
+    NotCounted::Interrupted,
+];
+
+impl AttemptRow {
+    /// Why this failed attempt does not count against `--max-failures`, if it does not.
+    pub(crate) fn not_counted(&self) -> Option<NotCounted> {
+        if self.outcome != Outcome::Failed {
+            return None;
+        }
+        NOT_COUNTED
+            .into_iter()
+            .find(|n| self.detail.starts_with(n.prefix()))
+    }
+}
+
+impl NotCounted {
+    /// How the attempt's `detail` starts.
+    pub(crate) fn prefix(self) -> &'static str {
+        match self {
+            NotCounted::Fenced => "fenced: ",
+            NotCounted::Refused => "refused: ",
+            NotCounted::Interrupted => "interrupted: ",
+        }
+    }
+}
+
 /// An `outcome` the gate does not know (a newer gate's, or a hand edit).
 #[derive(Debug, thiserror::Error)]
 #[error("unknown attempt outcome {0:?} in the ledger")]
@@ -329,6 +371,37 @@ impl Ledger {
         )
     }
 
+    /// What this ledger holds, for an operator whose `reset` found nothing: this lock's newest
+    /// releases, and the other locks recorded in the same ledger. One line.
+    pub(crate) async fn holds(&self, conn: &mut PgConnection) -> Result<String, sqlx::Error> {
+        let table = self.table();
+        let rows = query_if_exists(
+            conn,
+            format!(
+                "SELECT coalesce((SELECT string_agg(release, ', ') FROM (SELECT release FROM {table} \
+                                   WHERE lock_key = {key} AND release IS NOT NULL \
+                                   GROUP BY release ORDER BY max(id) DESC LIMIT 5) r), ''), \
+                        coalesce((SELECT string_agg(DISTINCT lock_name, ', ') FROM {table} WHERE lock_key <> {key}), '')",
+                key = self.lock.key
+            ),
+        )
+        .await?;
+        let Some(row) = rows.first() else {
+            return Ok("the ledger does not exist".into());
+        };
+        let row = Cols(row);
+        let (releases, others) = (row.text(0)?, row.text(1)?);
+        let mut seen = if releases.is_empty() {
+            "no release recorded for this lock".to_string()
+        } else {
+            format!("this lock's newest releases: {releases}")
+        };
+        if !others.is_empty() {
+            seen.push_str(&format!("; other locks in this ledger: {others}"));
+        }
+        Ok(seen)
+    }
+
     /// Proves the holder alive to a future taker-over: stamps `heartbeat_at`. Returns whether
     /// the row was there, still `running`, to stamp: a row a taker-over marked, or a `reset`
     /// deleted, means the lock was lost at some point.
@@ -459,18 +532,33 @@ impl Ledger {
     }
 
     /// The failed attempts of `release` that count against `--max-failures`, newest first, at
-    /// most `limit`. A fenced holder (it lost its connection: `detail` starts `fenced:`) and a
-    /// replica refused by a check of its own configuration (exit 78) failed for reasons of
-    /// their own, not the release's migration, so they do not count; neither do `abandoned`
-    /// attempts (a crash). `reset --release R` removes them, and the count starts again.
+    /// most `limit`: **only a migration's own failure counts**. An attempt whose `detail` starts
+    /// with one of [`NOT_COUNTED`]'s prefixes ended for a reason that says nothing about the
+    /// migration, and does not count: fenced (the holder lost its connection), refused (the
+    /// migration never started: a preflight refusal, `--other-releases`, a wait the gate gave
+    /// up, a command it could not start), interrupted (the platform stopped the gate: a pod
+    /// deleted, a rollout, a drain). Neither do `abandoned` attempts (a crash), nor, for ledgers
+    /// written before the prefixes, exit 78 (a refusal). What counts: the migration exited
+    /// non-zero on its own, ran past `--migration-timeout`, or (`run` with a probe) the app
+    /// exited or was not ready within `--ready-timeout`. `reset --release R` removes the
+    /// attempts, and the count starts again.
     pub(crate) async fn failures(
         &self,
         conn: &mut PgConnection,
         release: &str,
         limit: u32,
     ) -> Result<Vec<AttemptRow>, sqlx::Error> {
+        let not_counted: String = NOT_COUNTED
+            .iter()
+            .map(|p| {
+                format!(
+                    " AND NOT starts_with(coalesce(detail, ''), {})",
+                    lit(p.prefix())
+                )
+            })
+            .collect();
         let failed = format!(
-            "outcome = 'failed' AND coalesce(detail, '') NOT LIKE 'fenced:%' AND coalesce(exit_code, 0) <> {}",
+            "outcome = 'failed'{not_counted} AND coalesce(exit_code, 0) <> {}",
             crate::error::EXIT_CONFIG
         );
         let rows = self

@@ -256,6 +256,12 @@ mod tests {
                 holder: String::new(),
                 last: String::new(),
             },
+            Error::NothingToReset {
+                release: String::new(),
+                lock: String::new(),
+                ledger: String::new(),
+                seen: String::new(),
+            },
             Error::Internal(String::new()),
         ];
         for e in errors {

@@ -182,7 +182,14 @@ pub(crate) fn render(report: &StatusReport, release: Option<&str>) -> String {
             [
                 a.id.to_string(),
                 a.release.clone().unwrap_or_else(|| "-".into()),
-                a.outcome.to_string(),
+                match a.not_counted() {
+                    Some(why) => format!(
+                        "{} ({})",
+                        a.outcome,
+                        why.prefix().trim_end_matches([':', ' '])
+                    ),
+                    None => a.outcome.to_string(),
+                },
                 format!("{} (pid {})", a.holder, a.pid),
                 a.started_at
                     .replace('T', " ")

@@ -162,7 +162,8 @@ fn follower_execs_app_in_place_with_the_same_pid() {
     let out = wait_output(spawn(&mut migrate_cmd(&db, Some("r1"))), HANG_GUARD);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     let mut c = db.gate();
-    c.args(run_args("r1", "false", &[standin(), "start"]));
+    let migrate = format!("{} migrate", standin());
+    c.args(run_args("r1", &migrate, &[standin(), "start"]));
     let child = spawn(&mut c);
     let pid = child.id();
     let out = wait_output(child, HANG_GUARD);
@@ -495,6 +496,7 @@ fn env_twins_and_release_from_a_folder() {
     c.env("MIGRATIONS_GATE_RELEASE_FROM", &dir)
         .env("MIGRATIONS_GATE_FLAG", "MY_FLAG")
         .env("MIGRATIONS_GATE_ON", "yes")
+        .env("MIGRATIONS_GATE_APP", "envtwins")
         .args(["migrate", "--", "sh", "-c", "test \"$MY_FLAG\" = yes"]);
     let out = c.output().unwrap();
     assert_eq!(code(&out), 0, "{}", stderr(&out));
@@ -509,6 +511,7 @@ fn env_twins_and_release_from_a_folder() {
     let migrate_false = || {
         db.gate()
             .env("MIGRATIONS_GATE_RELEASE_FROM", &dir)
+            .env("MIGRATIONS_GATE_APP", "envtwins")
             .args(["migrate", "--", "false"])
             .output()
             .unwrap()

@@ -105,6 +105,51 @@ fn reset_forgets_a_release_so_it_migrates_again_and_refuses_while_locked() {
     assert_eq!(db.ledger().count("done"), 1);
 }
 
+/// A reset that finds nothing (a wrong lock, schema or release: not the deployment's own
+/// settings) says what it looked for and what the ledger holds, and exits 66, never 0.
+#[test]
+fn reset_with_a_wrong_lock_or_release_exits_66_and_says_what_it_looked_for() {
+    let db = cluster().new_db("reset_wrong");
+    assert_eq!(code(&migrate(&db, "r1", &[standin(), "migrate"])), 0);
+    let out = db.gate_output(&["reset", "--lock", "someone-else", "--release", "r1"]);
+    assert_eq!(db.ledger().times_done("r1"), 1, "nothing removed");
+    assert_eq!(code(&out), 66, "{}", stderr(&out));
+    assert_stderr_has(&out, "nothing to reset");
+    assert_stderr_has(&out, "someone-else");
+    assert_stderr_has(&out, "other locks in this ledger: migrations-gate");
+    let out = db.gate_output(&["reset", "--release", "r2"]);
+    assert_eq!(code(&out), 66, "{}", stderr(&out));
+    assert_stderr_has(&out, "this lock's newest releases: r1");
+    let out = db.gate_output(&["reset", "--schema", "elsewhere", "--release", "r1"]);
+    assert_eq!(code(&out), 66, "{}", stderr(&out));
+    assert_stderr_has(&out, "the ledger does not exist");
+    assert_eq!(db.ledger().times_done("r1"), 1);
+}
+
+/// `reset --release-from PATH` forgets the release the deployment's own `--release-from` names.
+#[test]
+fn reset_takes_the_release_from_the_same_files_as_the_deployment() {
+    let db = cluster().new_db("reset_from");
+    let dir = std::env::temp_dir().join(format!("mg-reset-from-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("001.sql"), "create table t ();").unwrap();
+    let from = dir.to_string_lossy().into_owned();
+    let out = db.gate_output(&[
+        "migrate",
+        "--release-from",
+        &from,
+        "--",
+        standin(),
+        "migrate",
+    ]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(db.ledger().count("done"), 1);
+    let out = db.gate_output(&["reset", "--release-from", &from]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(db.ledger().attempts(), []);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn completions_and_man_page_come_from_the_same_definitions_as_help() {
     for shell in ["bash", "zsh", "fish"] {

@@ -169,9 +169,10 @@ fn ten_replicas_behind_transaction_pooling_with_a_pool_of_three_migrate_once_and
         .expect("a holder");
     assert_stderr_has(holder, "scope=Transaction");
     // The fast path works through the pooler too (no prepared statements anywhere).
+    let migrate = format!("{} migrate", standin());
     for _ in 0..5 {
         let out = gate_via(&bouncer, &db)
-            .args(run_args("r1", "false", &["true"]))
+            .args(run_args("r1", &migrate, &["true"]))
             .output()
             .unwrap();
         assert_eq!(code(&out), 0, "{}", stderr(&out));
@@ -480,7 +481,7 @@ fn holder_frozen_with_its_migration_behind_transaction_pooling_stops_it_as_it_th
     let h = spawn_logged(gate("100000"), &h_log);
     let writes_of = |attempt: &str| {
         db.one(&format!(
-            "SELECT count(*) FROM frozen_writes WHERE split_part(tag, ':', 4) = '{attempt}'"
+            "SELECT count(*) FROM frozen_writes WHERE split_part(tag, ':', 5) = '{attempt}'"
         ))
         .parse::<u32>()
         .expect("a count")
@@ -514,13 +515,13 @@ fn holder_frozen_with_its_migration_behind_transaction_pooling_stops_it_as_it_th
     // instant the gate needs to pause it (half a second of slack for a loaded machine); B's
     // attempt is the one done.
     let late = db.one(&format!(
-        "SELECT count(*) FROM frozen_writes WHERE split_part(tag, ':', 4) = '1' \
+        "SELECT count(*) FROM frozen_writes WHERE split_part(tag, ':', 5) = '1' \
          AND stmt_at > '{thawed_at}'::timestamptz + interval '500 ms'"
     ));
     assert_eq!(late, "0", "the thawed migration wrote on: {shown}");
     assert!(
         db.one(&format!(
-            "SELECT count(*) FROM frozen_writes WHERE split_part(tag, ':', 4) = '1' \
+            "SELECT count(*) FROM frozen_writes WHERE split_part(tag, ':', 5) = '1' \
              AND stmt_at > '{thawed_at}'::timestamptz"
         ))
         .parse::<u32>()

@@ -313,7 +313,15 @@ fn open_webui_preset_fails_on_sqlite_before_connecting_and_warns_on_missing_redi
         let mut c = db.gate();
         // The gate's own URL stays MIGRATIONS_GATE_DATABASE_URL; DATABASE_URL is the app's.
         c.env_remove("DATABASE_URL")
-            .args(["migrate", "--release", "r1", "--preset", "open-webui"])
+            .args([
+                "migrate",
+                "--release",
+                "r1",
+                "--preset",
+                "open-webui",
+                "--app",
+                "owui",
+            ])
             .args(extra)
             .args(["--", standin(), "migrate"])
             .envs(env.iter().copied());
@@ -386,6 +394,8 @@ fn open_webui_preset_fails_on_sqlite_before_connecting_and_warns_on_missing_redi
         "r1",
         "--preset",
         "open-webui",
+        "--app",
+        "owui",
         "--ready-sql",
         "SELECT true",
         "--",
@@ -533,7 +543,7 @@ fn the_termination_log_holds_the_final_line_only_if_the_file_exists() {
     let absent = std::env::temp_dir().join(format!("mg-termlog-absent-{}", std::process::id()));
     let out = db
         .gate()
-        .args(["migrate", "--release", "r1", "--", "true"])
+        .args(["migrate", "--release", "r1", "--", standin(), "migrate"])
         .env("MIGRATIONS_GATE_TERMINATION_LOG", &absent)
         .output()
         .unwrap();

@@ -375,3 +375,117 @@ fn failing_release_stops_after_max_failures_and_reset_lets_it_run_again() {
     assert_eq!(db.ledger().times_done("v1"), 1);
     let _ = std::fs::remove_dir_all(log.parent().expect("scratch"));
 }
+
+/// Only a migration's own failure counts against `--max-failures`. A holder stopped by the
+/// platform (SIGTERM: a pod deleted, a rollout, a drain) passes the signal on; its migration
+/// exits 143 and the attempt is recorded as interrupted. Three of them, then a normal replica:
+/// it migrates and exits 0, where it used to exit 65.
+#[test]
+fn sigtermed_holders_do_not_lock_the_release_out() {
+    let db = cluster().new_db("sigtermed_holders");
+    let slow = [
+        "migrate",
+        "--release",
+        "r1",
+        "--kill-grace",
+        "1s",
+        "--",
+        "sleep",
+        "30",
+    ];
+    for _ in 0..3 {
+        let holder = spawn(db.gate().args(slow));
+        eventually(Duration::from_secs(30), "the holder's attempt", || {
+            db.ledger().count("running") == 1
+        });
+        // SAFETY: signalling a child process of this test by its PID.
+        unsafe {
+            libc::kill(holder.id() as i32, libc::SIGTERM);
+        }
+        let out = wait_output(holder, HANG_GUARD);
+        assert_eq!(code(&out), 143, "{}", stderr(&out));
+    }
+    let recorded = db.rows(
+        "SELECT outcome, detail FROM migrations_gate.ledger WHERE release = 'r1' ORDER BY id",
+    );
+    assert_eq!(recorded.len(), 3);
+    for row in &recorded {
+        assert_eq!(row[0], "failed");
+        assert!(
+            row[1].starts_with("interrupted: the gate received SIGTERM"),
+            "{row:?}"
+        );
+    }
+    let out = db.gate_output(&["migrate", "--release", "r1", "--", standin(), "migrate"]);
+    assert_eq!(db.ledger().times_done("r1"), 1);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let status = db.gate_output(&["status", "--release", "r1"]);
+    assert_stdout_has(&status, "interrupted");
+}
+
+/// Holders that gave up waiting for apps of another release (`--other-releases wait`, exit 75)
+/// never ran the migration: recorded as refused, not counted. Once the old app is gone, a
+/// normal replica migrates.
+#[test]
+fn other_releases_wait_timeouts_do_not_lock_the_release_out() {
+    let db = cluster().new_db("other_releases_timeouts");
+    assert_eq!(
+        code(&db.gate_output(&["migrate", "--release", "r0", "--", standin(), "migrate"])),
+        0
+    );
+    // An app of r0, started by the gate as a follower: its session carries r0's tag.
+    let psql = pg_bindir().join("psql").to_string_lossy().into_owned();
+    let same_migration = format!("{} migrate", standin());
+    let old_app = spawn(db.gate().args([
+        "run",
+        "--release",
+        "r0",
+        "--migrate",
+        &same_migration,
+        "--",
+        &psql,
+        &db.url,
+        "-X",
+        "-q",
+        "-c",
+        "select pg_sleep(600)",
+    ]));
+    eventually(Duration::from_secs(30), "the r0 app's session", || {
+        db.one("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'select pg_sleep(600)%'")
+            == "1"
+    });
+    for _ in 0..3 {
+        let out = db.gate_output(&[
+            "migrate",
+            "--release",
+            "r1",
+            "--other-releases",
+            "wait",
+            "--wait-timeout",
+            "2s",
+            "--",
+            "true",
+        ]);
+        assert_eq!(code(&out), 75, "{}", stderr(&out));
+    }
+    assert_eq!(db.ledger().count("failed"), 3);
+    let mut old_app = old_app;
+    let _ = old_app.kill();
+    let _ = old_app.wait();
+    db.one("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE query LIKE 'select pg_sleep(600)%'");
+    eventually(Duration::from_secs(30), "the r0 app gone", || {
+        db.one("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'select pg_sleep(600)%'")
+            == "0"
+    });
+    let out = db.gate_output(&[
+        "migrate",
+        "--release",
+        "r1",
+        "--other-releases",
+        "wait",
+        "--",
+        "true",
+    ]);
+    assert_eq!(db.ledger().times_done("r1"), 1);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+}

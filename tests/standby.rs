@@ -74,7 +74,17 @@ fn a_would_be_holder_on_a_standby_exits_69_at_once_saying_to_use_the_primary() {
 fn a_follower_of_a_release_done_on_the_primary_proceeds_on_a_standby() {
     let db = cluster().new_db("standby_follower");
     let standby = cluster().standby();
-    let out = db.gate_output(&["migrate", "--release", "r1", "--", standin(), "migrate"]);
+    // One application (`--app`) whose followers name a command that would fail if it ran.
+    let out = db.gate_output(&[
+        "migrate",
+        "--release",
+        "r1",
+        "--app",
+        "t",
+        "--",
+        standin(),
+        "migrate",
+    ]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     cluster().wait_replayed(&standby, HANG_GUARD);
     let on_standby = TestDb {
@@ -84,8 +94,18 @@ fn a_follower_of_a_release_done_on_the_primary_proceeds_on_a_standby() {
     assert_eq!(on_standby.ledger().times_done("r1"), 1);
     // `false` would fail the gate: it must not run.
     let on = |args: &[&str]| gate_output_on(&standby, &db, args);
-    let migrate = on(&["migrate", "--release", "r1", "--", "false"]);
-    let run = on(&["run", "--release", "r1", "--migrate", "false", "--", "true"]);
+    let migrate = on(&["migrate", "--release", "r1", "--app", "t", "--", "false"]);
+    let run = on(&[
+        "run",
+        "--release",
+        "r1",
+        "--app",
+        "t",
+        "--migrate",
+        "false",
+        "--",
+        "true",
+    ]);
     let wait = on(&["wait", "--release", "r1", "--wait-timeout", "30s"]);
     assert_eq!(db.migrations_started(), 1);
     assert_eq!(db.ledger().attempts_at("r1").len(), 1);

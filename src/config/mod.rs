@@ -25,13 +25,23 @@ use crate::release::release_from_path;
 use crate::replica::{GATE_NAME_PREFIX, Target, hostname};
 
 const AFTER_HELP: &str = "\
-Exit codes: 0 ok, 1 release not done (status --release), 64 usage, 65 the release failed
---max-failures times (run `reset --release R` once it is fixed), 69 database unavailable
-(check: also a read-only standby where the release is not done), 70 internal, 75 timed out
-(waiting, readiness, or --migration-timeout), 77 authentication or permission refused (check: a
-privilege the gate needs is missing), 78 configuration refused by a preflight check (--same-env, --preset, an
-older release) or by --other-releases fail, 126 command not executable, 127 command not found;
-a failed migration passes on its own exit code (128+N if killed by signal N).
+Exit codes:
+  0    ok
+  1    release not done (status --release)
+  64   usage: a wrong flag or value
+  65   the release failed --max-failures times (fix it, then `reset --release R`)
+  66   reset found nothing recorded for its lock, ledger and release
+  69   database unavailable (check: also a read-only standby where the release is not done)
+  70   internal error
+  75   timed out: waiting, readiness, --migration-timeout, --other-releases wait; reset while
+       the lock is held
+  77   authentication or permission refused (check: a privilege the gate needs is missing)
+  78   configuration refused: a preflight check (--same-env, --preset, an older release),
+       --other-releases fail, a release migrated for another application, PostgreSQL older
+       than 13
+  126  command not executable
+  127  command not found
+A failed migration passes on its own exit code (128+N if killed by signal N).
 
 The final one-line outcome is also written to /dev/termination-log when that file exists and is
 writable (Kubernetes shows it in `kubectl describe pod`); MIGRATIONS_GATE_TERMINATION_LOG names
@@ -239,7 +249,7 @@ pub(crate) struct PreflightArgs {
     #[arg(long, env = "MIGRATIONS_GATE_ALLOW_OLDER_RELEASE")]
     pub(crate) allow_older_release: bool,
 
-    /// A directory every replica of the release must share (uploads, generated files): the first replica leaves a marker with a random token there (`.migrations-gate-<lock>-<release>`), and a replica whose directory lacks it is told, in one line, that the replicas do not share it (a warning; see --require-shared-dir). A missing or read-only directory is named as such. Needs --release. With --preset open-webui: Open WebUI's DATA_DIR (default /app/backend/data) unless given.
+    /// A directory every replica of the release must share (uploads, generated files): the first replica leaves a marker with a random token there (`.migrations-gate-<key>-<ledger>-<release>`, written whole by a link, never read or pruned by another lock or ledger), and a replica whose directory lacks it is told, in one line, that the replicas do not share it (a warning; see --require-shared-dir). A missing or read-only directory is named as such. Needs --release. With --preset open-webui: Open WebUI's DATA_DIR (default /app/backend/data) unless given.
     #[arg(long, env = "MIGRATIONS_GATE_SHARED_DIR", value_name = "PATH")]
     pub(crate) shared_dir: Option<std::path::PathBuf>,
 
@@ -384,9 +394,9 @@ pub(crate) struct ResetArgs {
     #[command(flatten)]
     pub(crate) db: DbArgs,
 
-    /// The release to forget.
-    #[arg(long, env = "MIGRATIONS_GATE_RELEASE", value_name = "ID", required = true)]
-    pub(crate) release: String,
+    /// The release to forget (`--release` or `--release-from`, as the deployment gives it).
+    #[command(flatten)]
+    pub(crate) release: ReleaseArgs,
 
     /// Find the database as this app does when no --database-url is given, as `run --preset` does (open-webui: its DATABASE_* parts, else DATABASE_URL).
     #[arg(long, env = "MIGRATIONS_GATE_PRESET", value_enum)]

@@ -230,9 +230,14 @@ fn check(a: CheckArgs) -> Result<Check> {
 }
 
 fn reset(a: ResetArgs) -> Result<Reset> {
+    let Some(release) = a.release.resolve()? else {
+        return Err(Error::Usage(
+            "reset needs --release ID or --release-from PATH: the release to forget".into(),
+        ));
+    };
     Ok(Reset {
         target: a.db.target(a.preset.map(Preset::from))?,
-        release: a.release,
+        release,
         env: a.env,
     })
 }

@@ -14,7 +14,7 @@ use crate::child::Supervisor;
 use crate::db::close;
 use crate::duration;
 use crate::error::{Error, Result};
-use crate::ledger::NewAttempt;
+use crate::ledger::{NewAttempt, NotCounted};
 use crate::lock::{self, Proof};
 use crate::replica::Replica;
 use crate::sessions::{self, EndError, Ended, Which};
@@ -85,7 +85,10 @@ impl Holding {
     /// of another release): records the attempt failed with `e`'s exit code and message, frees
     /// the lock, and returns `e` to report. A failure to record it is logged: `e` says more.
     pub(crate) async fn refuse(self, replica: &Replica, e: Error) -> Error {
-        let (code, detail) = (e.exit_code(), e.to_string());
+        let (code, detail) = (
+            e.exit_code(),
+            format!("{}{e}", NotCounted::Refused.prefix()),
+        );
         if let Err(recording) = self.end(replica, Ending::failed(Some(code), &detail)).await {
             warn!("{recording}");
         }
@@ -116,7 +119,10 @@ impl Holding {
         drop((conn, witness));
         let code = child.stop(Duration::ZERO).await;
         child.finish();
-        let detail = format!("fenced: lost the lock session ({reason}); child killed");
+        let detail = format!(
+            "{}lost the lock session ({reason}); child killed",
+            NotCounted::Fenced.prefix()
+        );
         record_fenced(replica, (attempt, &sessions), code, &detail).await;
         Error::Unavailable(format!(
             "lost the database session holding the lock ({reason}); stopped the migration (exit {code}) so that two migrations never overlap; the next holder will retry"

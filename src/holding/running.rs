@@ -70,7 +70,10 @@ impl Holding {
         match end {
             StepEnd::Exited(0) => self.settle_after_success(replica, what).await,
             StepEnd::Exited(code) => {
-                Err(self.migration_failed(replica, (what, &display), code).await)
+                let stopped_by = child.stopped_by();
+                Err(self
+                    .migration_failed(replica, (what, &display), code, stopped_by)
+                    .await)
             }
             StepEnd::Watched(Overran(limit)) => {
                 let code = child.stop(bounds.kill_grace).await;
@@ -97,15 +100,18 @@ impl Holding {
     }
 
     /// The migration command (`what`, running `program`) failed with `code`: recorded failed,
-    /// and the error passes its code.
+    /// and the error passes its code. After the gate passed on a stopping signal (`stopped_by`)
+    /// the migration was interrupted, which is recorded as such and does not count against
+    /// `--max-failures` ([`crate::ledger::NotCounted`]).
     async fn migration_failed(
         self,
         replica: &Replica,
         (what, program): (&str, &str),
         code: i32,
+        stopped_by: Option<&str>,
     ) -> Error {
         let too = self.failed_too();
-        let detail = format!("{what} failed");
+        let detail = interrupted_or(stopped_by, format!("{what} failed"));
         if let Err(e) = self.end(replica, Ending::failed(Some(code), &detail)).await {
             return e;
         }
@@ -172,7 +178,11 @@ impl Holding {
             }
             StepEnd::Exited(code) => {
                 child.finish();
-                let ending = Ending::failed(Some(code), "the app exited before it was ready");
+                let detail = interrupted_or(
+                    child.stopped_by(),
+                    "the app exited before it was ready".into(),
+                );
+                let ending = Ending::failed(Some(code), &detail);
                 self.end(replica, ending).await?;
                 let app = app.display();
                 let what = format!("the app `{app}` exited before it was ready, so the migration");
@@ -303,5 +313,17 @@ fn not_ready(probe: &Probe, ready_timeout: Duration) -> Error {
         what: format!("the app was not ready ({})", probe.describe()),
         waited: ready_timeout,
         hint: "it was stopped and the attempt recorded as failed; check the app's logs or raise --ready-timeout".into(),
+    }
+}
+
+/// `detail`, or, when the gate passed on a stopping signal to the child (`stopped_by`), that it
+/// was interrupted: the child's exit then says nothing about the migration.
+fn interrupted_or(stopped_by: Option<&str>, detail: String) -> String {
+    match stopped_by {
+        Some(sig) => format!(
+            "{}the gate received {sig} and passed it on (a pod deleted, a rollout, a drain); {detail}",
+            crate::ledger::NotCounted::Interrupted.prefix()
+        ),
+        None => detail,
     }
 }

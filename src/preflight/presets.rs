@@ -136,11 +136,13 @@ const OPEN_WEBUI: &[Rule] = &[
         wants: "WEBSOCKET_MANAGER=redis",
         why: "websocket sessions otherwise live in one process: 403s and lost events behind a load balancer",
     },
+    // Open WebUI's env.py: `WEBSOCKET_REDIS_URL = os.environ.get("WEBSOCKET_REDIS_URL",
+    // REDIS_URL)`, so REDIS_URL alone serves the websocket manager too.
     Rule {
-        vars: &["WEBSOCKET_REDIS_URL"],
-        check: Check::Set,
+        vars: &["WEBSOCKET_REDIS_URL", "REDIS_URL"],
+        check: Check::Holds(|cx| cx.set("WEBSOCKET_REDIS_URL") || cx.set("REDIS_URL")),
         level: Level::Warn,
-        wants: "WEBSOCKET_REDIS_URL is set",
+        wants: "WEBSOCKET_REDIS_URL is set, or REDIS_URL (which Open WebUI falls back to)",
         why: "the websocket manager needs a Redis shared by every replica",
     },
     Rule {
@@ -251,6 +253,11 @@ impl Context {
         (self.vars)(name)
     }
 
+    /// Whether `name` is set to something other than the empty string.
+    fn set(&self, name: &str) -> bool {
+        self.var(name).is_some_and(|v| !v.trim().is_empty())
+    }
+
     /// `UVICORN_WORKERS`, 1 when unset or not a number.
     fn workers(&self) -> u32 {
         self.var("UVICORN_WORKERS")
@@ -303,5 +310,39 @@ pub(super) fn broken(rule: &Rule, cx: &Context) -> Option<String> {
                 Some(state.join(", "))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cx(vars: &'static [(&'static str, &'static str)]) -> Context {
+        Context {
+            vars: Box::new(move |name| {
+                vars.iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| v.to_string())
+            }),
+            mode: Mode::Run { migrate: true },
+        }
+    }
+
+    /// The rules that name the websocket Redis, and what they say of `vars`.
+    fn websocket_redis(vars: &'static [(&'static str, &'static str)]) -> Vec<String> {
+        Preset::OpenWebui
+            .rules()
+            .iter()
+            .filter(|r| r.vars.contains(&"WEBSOCKET_REDIS_URL") && !matches!(r.check, Check::Same))
+            .filter_map(|r| broken(r, &cx(vars)))
+            .collect()
+    }
+
+    #[test]
+    fn redis_url_alone_serves_the_websocket_manager_as_in_open_webuis_env_py() {
+        assert!(websocket_redis(&[("REDIS_URL", "redis://r:6379/0")]).is_empty());
+        assert!(websocket_redis(&[("WEBSOCKET_REDIS_URL", "redis://r:6379/1")]).is_empty());
+        assert_eq!(websocket_redis(&[]).len(), 1);
+        assert_eq!(websocket_redis(&[("REDIS_URL", " ")]).len(), 1);
     }
 }
