@@ -337,7 +337,8 @@ fn hot_standby_refuses_a_holder_and_lets_a_follower_of_a_done_release_pass(clust
             .args(args);
         wait_output(spawn(&mut c), HANG_GUARD)
     };
-    let follower = on_standby(&["migrate", "--release", "r1", "--", "false"]);
+    // The same application, by its own command: a follower, so mg_runs stays at 1.
+    let follower = on_standby(&["migrate", "--release", "r1", "--", standin(), "migrate"]);
     let holder = on_standby(&[
         "migrate",
         "--release",

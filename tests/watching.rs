@@ -43,7 +43,16 @@ impl Case {
                 "MIGRATIONS_GATE_TERMINATION_LOG",
                 self.dir.join("termination-log"),
             )
-            .args(["migrate", "--release", release, "--kill-grace", "1s"])
+            // One application: its apps (below) name another command.
+            .args([
+                "migrate",
+                "--release",
+                release,
+                "--app",
+                "watching",
+                "--kill-grace",
+                "1s",
+            ])
             .args(flags)
             .args(["--", "sh", "-c"])
             .arg(format!(
@@ -64,6 +73,8 @@ impl Case {
                 "run",
                 "--release",
                 release,
+                "--app",
+                "watching",
                 "--migrate",
                 "true",
                 "--",
