@@ -76,6 +76,7 @@ pub(crate) async fn run(plan: Run) -> Result<i32> {
         migrate,
         probe,
         ready_timeout,
+        first_start_env,
         command,
     } = plan;
     let flag = &gate.flag;
@@ -121,11 +122,35 @@ pub(crate) async fn run(plan: Run) -> Result<i32> {
     } else {
         &flag.on
     };
-    let app = Program::new(&command, (&flag.name, value));
+    let app = Program::new(&command, (&flag.name, value)).with_env(first_start_env.clone());
     let child = holding
         .start_app(&replica, &app, &probe, ready_timeout, &bounds)
         .await?;
-    Ok(parent_of(child).await)
+    if first_start_env.is_empty() {
+        return Ok(parent_of(child).await);
+    }
+    Err(restart_as_configured(child, &bounds, &app_off).await)
+}
+
+/// The holder's first start of the app ran with `--first-start-env` and is ready: its start-up
+/// writes are done and the release is recorded, the lock freed. Stops it as a platform would
+/// (SIGTERM, SIGKILL after `--kill-grace`) and execs the app as configured, as a follower does.
+/// Returns only if the exec fails.
+async fn restart_as_configured(
+    mut child: child::Supervisor,
+    bounds: &Bounds,
+    app_off: &Program<'_>,
+) -> Error {
+    info!(
+        "the first start (--first-start-env) is ready; stopping it to start the app as configured"
+    );
+    let code = child.stop(bounds.kill_grace).await;
+    child.finish();
+    info!(
+        code,
+        "the first start stopped; starting the app as configured"
+    );
+    child::exec(app_off)
 }
 
 /// Like tini: stays as APP's parent, forwards signals, reaps, and exits with its code.

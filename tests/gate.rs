@@ -523,3 +523,61 @@ fn env_twins_and_release_from_a_folder() {
     assert_eq!(code(&out), 1, "{}", stderr(&out));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `--first-start-env`: the holder's first start of the app runs with the override (one worker),
+/// holds the lock until it is ready, then is stopped, and the gate execs the app as configured.
+/// A follower starts as configured only.
+#[test]
+fn first_start_env_runs_the_holders_first_start_once_with_the_override_then_execs_as_configured() {
+    let db = cluster().new_db("first_start");
+    db.rows("CREATE TABLE starts (pid int, workers text, flag text, at timestamptz DEFAULT clock_timestamp())");
+    let psql = pg_bindir().join("psql").to_string_lossy().into_owned();
+    let app = format!(
+        "{psql} -X -q \"$DATABASE_URL\" -c \"INSERT INTO starts VALUES ($$, '$WORKERS', '$ENABLE_DB_MIGRATIONS')\" && exec sleep 60"
+    );
+    let replica = || {
+        let mut c = db.gate();
+        c.env("WORKERS", "2").args([
+            "run",
+            "--release",
+            "r1",
+            "--first-start-env",
+            "WORKERS=1",
+            "--kill-grace",
+            "2s",
+            "--ready-sql",
+            "SELECT count(*) > 0 FROM starts",
+            "--",
+            "sh",
+            "-c",
+            &app,
+        ]);
+        spawn(&mut c)
+    };
+    let mut holder = replica();
+    eventually(HANG_GUARD, "the app as configured", || {
+        db.one("SELECT count(*) FROM starts") == "2"
+    });
+    let mut follower = replica();
+    eventually(HANG_GUARD, "the follower's app", || {
+        db.one("SELECT count(*) FROM starts") == "3"
+    });
+    let starts = db.rows("SELECT pid::text, workers, flag FROM starts ORDER BY at");
+    assert_eq!(db.ledger().times_done("r1"), 1);
+    assert_eq!(
+        starts
+            .iter()
+            .map(|r| (r[1].as_str(), r[2].as_str()))
+            .collect::<Vec<_>>(),
+        [("1", "True"), ("2", "False"), ("2", "False")],
+        "the first start with the override and the flag on, then as configured"
+    );
+    // The first start is gone; the app as configured replaced the gate (same PID).
+    assert!(!alive(starts[0][0].parse().unwrap()));
+    assert_eq!(starts[1][0], holder.id().to_string());
+    assert_eq!(starts[2][0], follower.id().to_string());
+    for c in [&mut holder, &mut follower] {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}

@@ -318,6 +318,11 @@ pub(crate) struct RunArgs {
     #[arg(long, env = "MIGRATIONS_GATE_READY_SQL", value_name = "SQL", group = "ready")]
     pub(crate) ready_sql: Option<String>,
 
+    /// The holder's first start of APP (the one that holds the lock until it is ready) runs with these variables set, e.g. UVICORN_WORKERS=1: an app whose every worker writes at start-up (Open WebUI's config rows) does it once, in one process. Once APP is ready the release is recorded and the lock freed; then that APP is stopped (SIGTERM, SIGKILL after --kill-grace) and the gate execs APP as configured. Needs a readiness probe. With --preset open-webui and UVICORN_WORKERS > 1: UVICORN_WORKERS=1 unless given.
+    #[arg(long, env = "MIGRATIONS_GATE_FIRST_START_ENV", value_name = "NAME=VALUE[,...]")]
+    #[arg(value_delimiter = ',')]
+    pub(crate) first_start_env: Vec<String>,
+
     /// Give up (stop APP, record the failure) if APP is not ready after this long.
     #[arg(long, env = "MIGRATIONS_GATE_READY_TIMEOUT", value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
     pub(crate) ready_timeout: Duration,

@@ -78,6 +78,9 @@ pub(crate) struct Run {
     pub(crate) probe: Option<Probe>,
     /// `--ready-timeout`.
     pub(crate) ready_timeout: Duration,
+    /// `--first-start-env` (or the preset's): the variables of the holder's first start of the
+    /// app; empty: the holder stays the parent of that first start.
+    pub(crate) first_start_env: Vec<(String, String)>,
     pub(crate) command: Vec<String>,
 }
 
@@ -169,7 +172,9 @@ fn run(a: RunArgs) -> Result<Run> {
     };
     let release = a.gate.release.resolve()?;
     let preset = a.gate.preflight.preset.map(Preset::from);
+    let first_start_env = first_start_env(&a.first_start_env, preset, probe.is_some())?;
     Ok(Run {
+        first_start_env,
         application: application(
             a.holder.app.as_deref(),
             migrate.as_deref().unwrap_or(&a.command),
@@ -181,6 +186,50 @@ fn run(a: RunArgs) -> Result<Run> {
         ready_timeout: a.ready_timeout,
         command: a.command,
     })
+}
+
+/// `--first-start-env NAME=VALUE,...`, validated; under `--preset open-webui` with
+/// `UVICORN_WORKERS` > 1 and no such flag, `UVICORN_WORKERS=1` (every Open WebUI worker writes
+/// its config rows at start-up). Only with a readiness probe: without one the holder does not
+/// wait for its app, so there is no first start to hold the lock through.
+fn first_start_env(
+    given: &[String],
+    preset: Option<Preset>,
+    probe: bool,
+) -> Result<Vec<(String, String)>> {
+    let mut pairs = Vec::new();
+    for item in given.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
+        match item.split_once('=') {
+            Some((name, value))
+                if !name.is_empty() && !name.contains('\0') && !value.contains('\0') =>
+            {
+                pairs.push((name.to_string(), value.to_string()));
+            }
+            _ => {
+                return Err(Error::Usage(format!(
+                    "--first-start-env {item:?} is not NAME=VALUE (e.g. UVICORN_WORKERS=1)"
+                )));
+            }
+        }
+    }
+    if !pairs.is_empty() && !probe {
+        return Err(Error::Usage(
+            "--first-start-env needs a readiness probe (--ready-http, --ready-tcp or --ready-sql): \
+             the holder keeps the lock through its first start of the app until it is ready"
+                .into(),
+        ));
+    }
+    if pairs.is_empty() && probe && matches!(preset, Some(Preset::OpenWebui)) {
+        let workers = std::env::var("UVICORN_WORKERS").ok();
+        if workers
+            .as_deref()
+            .and_then(crate::preflight::python_int)
+            .is_some_and(|n| n > 1)
+        {
+            pairs.push(("UVICORN_WORKERS".to_string(), "1".to_string()));
+        }
+    }
+    Ok(pairs)
 }
 
 /// `--app NAME`, or the command that migrates.

@@ -40,7 +40,7 @@ use crate::schema::Tables;
 use crate::sql::{is_missing_relation, is_read_only};
 
 pub(crate) use fingerprint::EnvKey;
-pub(crate) use open_webui::Problem;
+pub(crate) use open_webui::{Problem, python_int};
 use presets::{Check, Context, Level, Rule, broken};
 pub(crate) use presets::{Mode, Preset};
 use store::Reference;

@@ -377,7 +377,7 @@ fn parse(url: &str) -> Option<Parsed> {
 }
 
 /// Python's `int(str)` for a port: white space around, a sign, digits with single `_` between.
-pub(super) fn python_int(s: &str) -> Option<i64> {
+pub(crate) fn python_int(s: &str) -> Option<i64> {
     let s = s.trim();
     let (negative, digits) = match s.as_bytes().first()? {
         b'-' => (true, &s[1..]),

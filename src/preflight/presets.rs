@@ -194,6 +194,18 @@ const OPEN_WEBUI: &[Rule] = &[
         wants: "VECTOR_DB is the same on every replica",
         why: "replicas would index and search different stores",
     },
+    // Open WebUI's config.py: RESET_CONFIG_ON_START deletes every `config` row in each worker
+    // of each replica at start-up (`reset_config()`), outside ENABLE_DB_MIGRATIONS.
+    Rule {
+        vars: &["RESET_CONFIG_ON_START"],
+        check: Check::Holds(|cx| {
+            !cx.var("RESET_CONFIG_ON_START")
+                .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
+        }),
+        level: Level::Warn,
+        wants: "RESET_CONFIG_ON_START is not true",
+        why: "Open WebUI then deletes every config row at start-up in each worker of each replica: with more than one replica, a replica starting later wipes the settings the others serve from; set it for one start of one replica only",
+    },
     Rule {
         vars: &[],
         check: Check::Holds(|cx| !matches!(cx.mode, Mode::Run { migrate: false })),
