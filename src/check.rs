@@ -8,8 +8,6 @@
 //!
 //! The exit code says whether the gate has what it needs ([`crate::error::check_exit_code`]).
 
-use std::io::Write;
-
 use serde::Serialize;
 
 use crate::config::Check;
@@ -171,8 +169,7 @@ pub(crate) async fn check(plan: Check) -> Result<i32> {
     } else {
         render(&report)
     };
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{}", text.trim_end());
+    crate::output::print(text.trim_end())?;
     Ok(report.exit_code)
 }
 

@@ -24,6 +24,9 @@ pub(crate) const EXIT_NOTHING_TO_RESET: i32 = 66;
 pub(crate) const EXIT_UNAVAILABLE: i32 = 69;
 /// Exit code: an internal error (`EX_SOFTWARE`).
 pub(crate) const EXIT_INTERNAL: i32 = 70;
+/// Exit code: the gate's output could not be written (`EX_IOERR`): standard output is a full
+/// disk or a closed file (a closed pipe is a normal end, exit 0).
+pub(crate) const EXIT_OUTPUT: i32 = 74;
 /// Exit code: timed out waiting for the lock, the release, or readiness (`EX_TEMPFAIL`).
 pub(crate) const EXIT_TIMEOUT: i32 = 75;
 /// Exit code: the database refused our credentials or permissions (`EX_NOPERM`); `check`: a
@@ -43,7 +46,7 @@ pub(crate) const EXIT_NOT_FOUND: i32 = 127;
 /// `--help` and the README's "Exit codes" table list each one: the tests check both against
 /// this list, and that every [`Error`] maps into it.
 #[cfg(test)]
-pub(crate) const EXIT_CODES: [i32; 12] = [
+pub(crate) const EXIT_CODES: [i32; 13] = [
     EXIT_OK,
     EXIT_NOT_DONE,
     EXIT_USAGE,
@@ -51,6 +54,7 @@ pub(crate) const EXIT_CODES: [i32; 12] = [
     EXIT_NOTHING_TO_RESET,
     EXIT_UNAVAILABLE,
     EXIT_INTERNAL,
+    EXIT_OUTPUT,
     EXIT_TIMEOUT,
     EXIT_AUTH,
     EXIT_CONFIG,
@@ -163,6 +167,10 @@ pub(crate) enum Error {
         seen: String,
     },
 
+    /// Standard output could not be written (a full disk, a closed file).
+    #[error("{0}; the result was not written: check where standard output goes")]
+    Output(String),
+
     /// Something that should not happen.
     #[error("internal error: {0}")]
     Internal(String),
@@ -191,6 +199,7 @@ impl Error {
                 }
             }
             Error::Internal(_) => EXIT_INTERNAL,
+            Error::Output(_) => EXIT_OUTPUT,
         }
     }
 }

@@ -592,9 +592,10 @@ impl Ledger {
             .unwrap_or_default();
         let sql = format!(
             "SELECT id::text, coalesce(release, ''), outcome, holder, host, pid::text, \
-                    to_char(started_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), \
-                    coalesce(to_char(finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), ''), \
-                    coalesce(extract(epoch FROM coalesce(finished_at, clock_timestamp()) - started_at)::float8::text, ''), \
+                    coalesce(to_char(started_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), started_at::text), \
+                    coalesce(to_char(finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), finished_at::text, ''), \
+                    coalesce(CASE WHEN isfinite(started_at) AND isfinite(coalesce(finished_at, clock_timestamp())) \
+                             THEN extract(epoch FROM coalesce(finished_at, clock_timestamp()) - started_at)::float8::text END, ''), \
                     coalesce(exit_code::text, ''), coalesce(detail, '') \
              FROM {} WHERE lock_key = {}{filter} AND ({cond}) ORDER BY id DESC LIMIT {limit}",
             self.table(),

@@ -48,12 +48,14 @@ mod config;
 mod db;
 mod duration;
 mod error;
+mod files;
 mod holding;
 mod identity;
 mod install;
 mod ledger;
 mod lock;
 mod lockwaits;
+mod output;
 mod preflight;
 mod probe;
 mod protocol;
@@ -83,9 +85,17 @@ pub fn main_entry() -> i32 {
     let cli = match parsed {
         Ok(cli) => cli,
         Err(e) => {
-            let _ = e.print();
+            let printed = e.print();
             if !e.use_stderr() {
-                return EXIT_OK;
+                // --help, --version: their text is the result.
+                return match printed {
+                    Err(io) if io.kind() != std::io::ErrorKind::BrokenPipe => {
+                        // Before logging starts: the one line goes to stderr as it is.
+                        eprintln!("error: cannot write to standard output: {io}");
+                        error::EXIT_OUTPUT
+                    }
+                    _ => EXIT_OK,
+                };
             }
             let text = e.to_string();
             let line = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
@@ -97,18 +107,18 @@ pub fn main_entry() -> i32 {
     match &cli.command {
         Command::Completions { shell } => {
             let mut cmd = cli_command();
-            clap_complete::generate(*shell, &mut cmd, "migrations-gate", &mut std::io::stdout());
-            return EXIT_OK;
+            // Into memory first: clap_complete panics when its writer fails.
+            let mut text = Vec::new();
+            clap_complete::generate(*shell, &mut cmd, "migrations-gate", &mut text);
+            return printed(output::print_bytes(&text));
         }
         Command::Man => {
-            let cmd = cli_command();
-            return match clap_mangen::Man::new(cmd).render(&mut std::io::stdout()) {
-                Ok(()) => EXIT_OK,
-                Err(e) => {
-                    eprintln!("cannot write the man page: {e}");
-                    EXIT_INTERNAL
-                }
-            };
+            let mut page = Vec::new();
+            if let Err(e) = clap_mangen::Man::new(cli_command()).render(&mut page) {
+                eprintln!("error: cannot render the man page: {e}");
+                return EXIT_INTERNAL;
+            }
+            return printed(output::print_bytes(&page));
         }
         _ => {}
     }
@@ -164,17 +174,36 @@ pub fn cli_command() -> clap::Command {
 /// WARNING notices still show.
 const DEFAULT_LOG_FILTER: &str = "info,sqlx::postgres::notice=warn";
 
+/// The exit code of a command whose result is what it printed (before logging starts: its one
+/// line goes to stderr as it is).
+fn printed(result: error::Result<()>) -> i32 {
+    match result {
+        Ok(()) => EXIT_OK,
+        Err(e) => {
+            eprintln!("error: {e}");
+            e.exit_code()
+        }
+    }
+}
+
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MIGRATIONS_GATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
         .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+        .with_ansi(ansi);
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+        // A value in a text line must not start a line of its own (JSON escapes by itself).
+        LogFormat::Text => builder
+            .with_writer(move || output::LogWriter { ansi })
+            .init(),
+        LogFormat::Json => builder
+            .with_writer(std::io::stderr)
+            .json()
+            .flatten_event(true)
+            .init(),
     }
 }
 
@@ -262,6 +291,7 @@ mod tests {
                 ledger: String::new(),
                 seen: String::new(),
             },
+            Error::Output(String::new()),
             Error::Internal(String::new()),
         ];
         for e in errors {

@@ -70,9 +70,15 @@ impl Probe {
             }));
         }
         if let Some(addr) = &args.tcp {
-            if !addr.contains(':') {
+            // The port: after the last colon (an IPv6 host is bracketed), 1 to 65535.
+            let port = addr
+                .rsplit_once(':')
+                .filter(|(host, _)| !host.is_empty())
+                .and_then(|(_, p)| p.parse::<u16>().ok())
+                .filter(|p| *p != 0);
+            if port.is_none() {
                 return Err(Error::Usage(format!(
-                    "--ready-tcp {addr:?} must be HOST:PORT, e.g. 127.0.0.1:8080"
+                    "--ready-tcp {addr:?} must be HOST:PORT with a port from 1 to 65535, e.g. 127.0.0.1:8080"
                 )));
             }
             return Ok(Some(Probe::Tcp(addr.clone())));

@@ -7,6 +7,10 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 
+/// The most the gate reads of one file under `--release-from`: 256 MiB (migrations are text; a
+/// larger file is most likely the wrong PATH).
+const RELEASE_FILE_LIMIT: u64 = 256 * 1024 * 1024;
+
 /// The release ID for `--release-from PATH`: `sha256:` and the first 32 hex digits of a hash over
 /// every regular file under PATH (relative path and contents, in sorted path order), so the ID
 /// changes exactly when a file is added, removed, renamed or edited.
@@ -22,7 +26,7 @@ pub(crate) fn release_from_path(root: &Path) -> Result<String> {
     files.sort();
     let mut hasher = Sha256::new();
     for (rel, full) in &files {
-        let bytes = std::fs::read(full).map_err(|e| {
+        let bytes = crate::files::read_bounded(full, RELEASE_FILE_LIMIT).map_err(|e| {
             Error::Usage(format!(
                 "--release-from: cannot read {}: {e}",
                 full.display()

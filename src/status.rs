@@ -2,8 +2,6 @@
 //! scripts (stable JSON). With `--release R` it doubles as a readiness check: exit 0 only when R
 //! is done.
 
-use std::io::Write;
-
 use serde::Serialize;
 
 use crate::config::Status;
@@ -137,8 +135,7 @@ pub(crate) async fn status(plan: Status) -> Result<i32> {
     } else {
         render(&report, replica.release())
     };
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{text}");
+    crate::output::print(&text)?;
     Ok(match report.release_done {
         Some(false) => EXIT_NOT_DONE,
         _ => EXIT_OK,

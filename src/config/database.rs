@@ -23,9 +23,7 @@ impl DbArgs {
                 LockKey::from_name(&self.lock)
             }
         };
-        if self.schema.is_empty() {
-            return Err(Error::Usage("--schema must not be empty".into()));
-        }
+        schema_name(&self.schema)?;
         Ok(Target {
             database_url,
             lock,
@@ -69,9 +67,9 @@ impl DbArgs {
             })
             .unwrap_or_default();
         if let Some(path) = &self.database_url_file {
-            let text = std::fs::read_to_string(path).map_err(|e| {
+            let text = crate::files::read_text(path, crate::files::SETTINGS_LIMIT).map_err(|e| {
                 Error::Usage(format!(
-                    "cannot read --database-url-file {}: {e}",
+                    "cannot read --database-url-file {}: {e}; it must be a file holding one connection string",
                     path.display()
                 ))
             })?;
@@ -79,6 +77,12 @@ impl DbArgs {
             if url.is_empty() {
                 return Err(Error::Usage(format!(
                     "--database-url-file {} is empty",
+                    path.display()
+                )));
+            }
+            if url.lines().count() > 1 || url.contains('\0') {
+                return Err(Error::Usage(format!(
+                    "--database-url-file {} holds more than one line (or a NUL byte): it must hold one connection string",
                     path.display()
                 )));
             }
@@ -129,4 +133,34 @@ fn libpq_environment_is_set() -> bool {
     ]
     .iter()
     .any(|name| std::env::var(name).is_ok_and(|v| !v.is_empty()))
+}
+
+/// PostgreSQL's `NAMEDATALEN` - 1: a longer identifier is silently cut to this many bytes
+/// ("Identifiers and Key Words"), so two different `--schema` names would share one ledger.
+const MAX_IDENTIFIER_BYTES: usize = 63;
+
+/// A `--schema` the gate can own: not empty, at most 63 bytes, no NUL, and not a schema of the
+/// system's (`pg_catalog`, `information_schema`, `pg_toast`, any `pg_*`: names PostgreSQL reserves,
+/// "Schemas"; `pg_temp` is per session and vanishes with it).
+fn schema_name(schema: &str) -> Result<()> {
+    let refuse = |why: &str| Err(Error::Usage(format!("--schema {schema:?} {why}")));
+    if schema.is_empty() {
+        return refuse("must not be empty");
+    }
+    if schema.contains('\0') {
+        return refuse("contains a NUL byte");
+    }
+    if schema.len() > MAX_IDENTIFIER_BYTES {
+        return refuse(&format!(
+            "is {} bytes: PostgreSQL cuts names to {MAX_IDENTIFIER_BYTES} bytes, so two longer names would share one ledger; choose a shorter one",
+            schema.len()
+        ));
+    }
+    let lower = schema.to_ascii_lowercase();
+    if lower.starts_with("pg_") || lower == "information_schema" {
+        return refuse(
+            "is a system schema (pg_* and information_schema belong to PostgreSQL; pg_temp vanishes with the session): choose a schema of your own, e.g. migrations_gate",
+        );
+    }
+    Ok(())
 }

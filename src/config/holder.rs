@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::parse_duration;
 use super::values::OtherReleasesArg;
+use super::{parse_duration, parse_lock_timeout};
 
 /// How the holder stops, bounds and watches the migration.
 #[derive(Debug, Clone, Args)]
@@ -21,7 +21,7 @@ pub(crate) struct HolderArgs {
     pub(crate) migration_timeout: Option<Duration>,
 
     /// Pass `-c lock_timeout=<ms>` in PGOPTIONS to the migration command's sessions, so that a DDL statement fails instead of queueing behind a long transaction (and blocking every reader of its table). Direct connections only: a pooler refuses PGOPTIONS. The migration then needs a retry.
-    #[arg(long, env = "MIGRATIONS_GATE_LOCK_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long, env = "MIGRATIONS_GATE_LOCK_TIMEOUT", value_name = "DURATION", value_parser = parse_lock_timeout)]
     pub(crate) lock_timeout: Option<Duration>,
 
     /// While the migration runs, log (WARN) each of its sessions that has waited on a lock for longer than this, with who blocks it; repeated every 30s while it lasts.

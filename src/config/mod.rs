@@ -33,12 +33,13 @@ Exit codes:
   66   reset found nothing recorded for its lock, ledger and release
   69   database unavailable (check: also a read-only standby where the release is not done)
   70   internal error
+  74   the output could not be written (a full disk; a closed pipe is a normal end)
   75   timed out: waiting, readiness, --migration-timeout, --other-releases wait; reset while
        the lock is held
   77   authentication or permission refused (check: a privilege the gate needs is missing)
   78   configuration refused: a preflight check (--same-env, --preset, an older release),
-       --other-releases fail, a release migrated for another application, PostgreSQL older
-       than 13
+       --other-releases fail, a release migrated for another application, another
+       application's table where the ledger should be, PostgreSQL older than 13
   126  command not executable
   127  command not found
 A failed migration passes on its own exit code (128+N if killed by signal N).
@@ -421,8 +422,31 @@ pub(crate) enum LogFormat {
     Json,
 }
 
+/// The longest duration any flag takes: a year. Longer is a typo, and a deadline that far
+/// overflows the clock's arithmetic.
+const LONGEST: Duration = Duration::from_secs(365 * 24 * 3600);
+
 pub(crate) fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 30s, 5m, 1h)"))
+    let d =
+        humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 30s, 5m, 1h)"))?;
+    if d > LONGEST {
+        return Err(
+            "longer than a year: give a bound the gate can wait out (examples: 30m, 2h)".into(),
+        );
+    }
+    Ok(d)
+}
+
+/// `--lock-timeout`: a duration PostgreSQL's `lock_timeout` can take, an integer number of
+/// milliseconds up to 2147483647 (about 24.8 days; "Client Connection Defaults").
+pub(crate) fn parse_lock_timeout(s: &str) -> std::result::Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.as_millis() > i32::MAX as u128 {
+        return Err(
+            "longer than PostgreSQL's lock_timeout can be (2147483647 ms, about 24.8 days)".into(),
+        );
+    }
+    Ok(d)
 }
 
 impl ReleaseArgs {

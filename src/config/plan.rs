@@ -315,6 +315,14 @@ fn flag(a: &GateArgs) -> Result<Flag> {
             f.flag
         )));
     }
+    // The gate sets these itself, or the child cannot run without them.
+    const NEEDED: [&str; 5] = ["PATH", "HOME", "PGAPPNAME", "PGOPTIONS", "LD_LIBRARY_PATH"];
+    if NEEDED.contains(&f.flag.as_str()) {
+        return Err(Error::Usage(format!(
+            "--flag {} names a variable the child needs for itself: name the variable your app reads to turn its migrations on (e.g. ENABLE_DB_MIGRATIONS)",
+            f.flag
+        )));
+    }
     Ok(Flag {
         name: f.flag.clone(),
         on: f.on.clone(),

@@ -35,6 +35,15 @@ impl Db {
                     ))),
                     // Too many connections, server starting or shutting down, connection
                     // failures, crash recovery: all pass.
+                    // A column, function, type or kind of object the gate's statements expect
+                    // is not there: its tables are not the shape it made (another
+                    // application's table or view under the gate's schema, or a hand edit).
+                    // Retrying cannot change that; it is configuration, not availability.
+                    c @ ("42703" | "42883" | "42804" | "42809" | "55000") => {
+                        Failure::Fatal(Error::Config(format!(
+                            "the gate's tables at {at} are not the shape the gate made ({msg}, SQLSTATE {c}): another application's table or view where the gate keeps its ledger? pass --schema naming a schema of the gate's own (docs/guide.md, \"A shared database\")"
+                        )))
+                    }
                     c if c.starts_with("53") || c.starts_with("57") || c.starts_with("08") => {
                         Failure::Retry(format!("{msg} (SQLSTATE {c})"))
                     }

@@ -35,16 +35,15 @@ pub(super) fn section(name: &str) -> Result<Vec<(String, String)>> {
     };
     let searched = files();
     for path in &searched {
-        let text = match std::fs::read_to_string(path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => {
-                return Err(Error::Usage(format!(
-                    "cannot read the service file {}: {e}",
-                    path.display()
-                )));
-            }
-        };
+        if !path.exists() {
+            continue;
+        }
+        let text = crate::files::read_text(path, crate::files::SETTINGS_LIMIT).map_err(|e| {
+            Error::Usage(format!(
+                "cannot read the service file {}: {e}",
+                path.display()
+            ))
+        })?;
         let file = ini::Ini::load_from_str_opt(&text, options()).map_err(|e| {
             Error::Usage(format!(
                 "the service file {} is malformed at line {}: write [SERVICE] headers and key=value lines",

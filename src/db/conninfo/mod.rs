@@ -222,7 +222,16 @@ impl ConnUrl {
         let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
         let mut given: Vec<(String, String)> = Vec::new();
         let mut sslmode: Option<(String, String)> = None;
+        libpq_environment(&env)?;
         for (key, value) in pairs {
+            // A C string ends at NUL: libpq could never send it, and a server would see another
+            // name than the one given.
+            if key.contains('\0') || value.contains('\0') {
+                return Err(Error::Usage(format!(
+                    "the database URL's {:?} contains a NUL byte (%00): remove it",
+                    key.replace('\0', "")
+                )));
+            }
             if matches!(key.as_str(), "sslmode" | "ssl") {
                 let mode = ssl_mode(&key, &value)?;
                 if let Some((other, was)) = &sslmode
@@ -370,4 +379,38 @@ fn set(pairs: &mut Vec<(String, String)>, key: &str, value: String) {
         Some(pair) => pair.1 = value,
         None => pairs.push((key.to_string(), value)),
     }
+}
+
+/// libpq's environment variables the gate reads, checked as libpq would refuse them: one line
+/// naming the variable (never the connection string) when a value cannot work.
+fn libpq_environment(env: &dyn Fn(&str) -> Option<String>) -> Result<()> {
+    let refuse = |var: &str, want: &str| {
+        Err(Error::Usage(format!(
+            "the environment variable {var} is not {want}: fix or unset it"
+        )))
+    };
+    if let Some(mode) = env("PGSSLMODE")
+        && !params::SSL_MODES.contains(&mode.to_ascii_lowercase().as_str())
+    {
+        return refuse(
+            "PGSSLMODE",
+            &format!("a TLS mode (one of {})", params::SSL_MODES.join(", ")),
+        );
+    }
+    if let Some(t) = env("PGCONNECT_TIMEOUT")
+        && t.trim().parse::<i64>().is_err()
+    {
+        return refuse("PGCONNECT_TIMEOUT", "a whole number of seconds");
+    }
+    if let Some(ports) = env("PGPORT")
+        && ports
+            .split(',')
+            .any(|p| !p.is_empty() && !p.trim().parse::<u16>().is_ok_and(|p| p > 0))
+    {
+        return refuse(
+            "PGPORT",
+            "a port (1 to 65535) or a comma-separated list of ports",
+        );
+    }
+    Ok(())
 }
