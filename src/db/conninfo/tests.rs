@@ -229,3 +229,56 @@ fn a_key_value_string_with_a_url_in_a_quoted_value_stays_key_value_and_hidden() 
     assert_eq!(host(&u, 0).get_host(), "db");
     assert_eq!(redact_url(kv), "host=db dbname=app user=u password=***");
 }
+
+mod sweep {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Pieces a hostile connection string is made of: libpq's keywords and separators, percent
+    /// escapes (a NUL among them), quotes, and arbitrary text.
+    fn piece() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("postgres://".to_string()),
+            Just("postgresql+psycopg2://".to_string()),
+            Just("@".to_string()),
+            Just(":".to_string()),
+            Just("/".to_string()),
+            Just("?".to_string()),
+            Just("&".to_string()),
+            Just("=".to_string()),
+            Just(",".to_string()),
+            Just("'".to_string()),
+            Just("\\".to_string()),
+            Just(" ".to_string()),
+            Just("%00".to_string()),
+            Just("%zz".to_string()),
+            Just("[::1]".to_string()),
+            Just("host=".to_string()),
+            Just("port=".to_string()),
+            Just("sslmode=".to_string()),
+            Just("service=".to_string()),
+            Just("connect_timeout=".to_string()),
+            Just("target_session_attrs=".to_string()),
+            Just("options=-c statement_timeout=1".to_string()),
+            "[0-9]{1,7}",
+            any::<String>(),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 4000, .. ProptestConfig::default() })]
+
+        /// No input panics, and every refusal is one line.
+        #[test]
+        fn any_connection_string_parses_or_is_refused_in_one_line(
+            pieces in proptest::collection::vec(piece(), 0..12)
+        ) {
+            let raw: String = pieces.concat();
+            if let Err(e) = ConnUrl::parse(&raw) {
+                let line = e.to_string();
+                prop_assert!(!line.contains('\n'), "{line:?}");
+                prop_assert!(!line.is_empty());
+            }
+        }
+    }
+}
