@@ -124,19 +124,21 @@ fn another_locks_takeover_never_ends_a_running_migration() {
             &db,
             d_lock,
             "d1",
-            &["--schema", "iso_d"],
+            &["--schema", "iso_d", "--other-releases", "ignore"],
             "select pg_sleep(60) /* app_d */",
         );
         wait_sleeping(&db, "app_d");
         kill9(d1.id());
         let _ = wait_output(d1, HANG_GUARD);
-        // D's taker-over waits out the fencing time, then ends D's first attempt's sessions:
+        // (D ignores other releases: on a gate that took C's migration for an old release of
+        // D's own, D would otherwise wait for C first.) D's taker-over waits out the fencing
+        // time, then ends D's first attempt's sessions:
         // attempt 1 of ledger iso_d, never attempt 1 of ledger iso_c.
         let d2 = migrate(
             &db,
             d_lock,
             "d1",
-            &["--schema", "iso_d"],
+            &["--schema", "iso_d", "--other-releases", "ignore"],
             "create table d_done ()",
         );
         let c = wait_output(c, HANG_GUARD);
