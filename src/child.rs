@@ -378,34 +378,76 @@ pub(crate) fn check_program(argv: &[String]) -> Result<()> {
     let Some(program) = argv.first() else {
         return Err(Error::Usage("no command given after `--`".into()));
     };
-    use std::os::unix::fs::PermissionsExt;
-    let executable = |p: &std::path::Path| {
-        std::fs::metadata(p)
-            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-            .unwrap_or(false)
-    };
-    if program.contains('/') {
-        let path = std::path::Path::new(program);
-        if !path.exists() {
+    let path = if program.contains('/') {
+        let path = std::path::PathBuf::from(program);
+        if std::fs::symlink_metadata(&path).is_err() {
             return Err(Error::CommandNotFound {
                 program: program.clone(),
             });
         }
-        if !executable(path) {
-            return Err(Error::CommandNotExecutable {
-                program: program.clone(),
-                source: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
-            });
+        path
+    } else {
+        let search = std::env::var_os("PATH").unwrap_or_default();
+        // As execvp(3): the first file of that name on PATH that may be executed.
+        let found = std::env::split_paths(&search)
+            .map(|dir| dir.join(program))
+            .find(|p| runnable(p).is_ok());
+        match found {
+            Some(p) => p,
+            None => {
+                return Err(Error::CommandNotFound {
+                    program: program.clone(),
+                });
+            }
         }
+    };
+    runnable(&path).map_err(|why| Error::CommandNotExecutable {
+        program: program.clone(),
+        source: std::io::Error::other(why),
+    })
+}
+
+/// Why `path` cannot be executed as the kernel would run it, if it cannot: a directory, no
+/// execute bit, a `#!` interpreter that is missing, or neither a binary (ELF) nor a script (a
+/// file execve(2) refuses with ENOEXEC, which execvp(3) would hand to /bin/sh instead).
+fn runnable(path: &std::path::Path) -> std::result::Result<(), String> {
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
+    if meta.is_dir() {
+        return Err("it is a directory".into());
+    }
+    if !meta.is_file() {
+        return Err("it is not a regular file".into());
+    }
+    if meta.permissions().mode() & 0o111 == 0 {
+        return Err("permission denied: the file has no execute bit (chmod +x)".into());
+    }
+    let mut head = [0u8; 256];
+    let n = std::fs::File::open(path)
+        .and_then(|mut f| f.read(&mut head))
+        .map_err(|e| e.to_string())?;
+    let head = &head[..n];
+    if head.starts_with(b"\x7fELF") {
         return Ok(());
     }
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    if std::env::split_paths(&path).any(|dir| executable(&dir.join(program))) {
+    let Some(line) = head.strip_prefix(b"#!") else {
+        return Err("it is neither a program (ELF) nor a script with a #! line".into());
+    };
+    let line = String::from_utf8_lossy(line.split(|b| *b == b'\n').next().unwrap_or_default());
+    let interpreter = line
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let ok = std::fs::metadata(&interpreter)
+        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+    if ok {
         Ok(())
     } else {
-        Err(Error::CommandNotFound {
-            program: program.clone(),
-        })
+        Err(format!(
+            "its #! interpreter {interpreter:?} is missing or not executable"
+        ))
     }
 }
 

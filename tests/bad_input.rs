@@ -70,6 +70,17 @@ fn every_bad_input_gets_its_code_and_one_line() {
     assert!(made.success());
     let two_lines = dir.join("two-lines");
     std::fs::write(&two_lines, format!("{}\nsecond line garbage\n", db.url)).unwrap();
+    let script = |name: &str, text: &str, mode: u32| {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        path.to_string_lossy().into_owned()
+    };
+    let junk = script("junk", "junk\n", 0o755);
+    let no_interpreter = script("no-interpreter", "#!/nonexistent/sh\necho hi\n", 0o755);
+    let no_x_bit = script("no-x-bit", "#!/bin/sh\n", 0o644);
+    let a_directory = dir.to_string_lossy().into_owned();
     let fifo = fifo.to_string_lossy().into_owned();
     let two_lines = two_lines.to_string_lossy().into_owned();
     let long_schema = "s".repeat(64);
@@ -291,6 +302,31 @@ fn every_bad_input_gets_its_code_and_one_line() {
             &["status", "--schema", "infinite"],
             0,
             "",
+        ),
+        // Commands that cannot run: the real reason, with the shell's codes.
+        case(
+            "a file that is no program",
+            &["migrate", "--", &junk],
+            126,
+            "neither a program (ELF) nor a script",
+        ),
+        case(
+            "a script whose interpreter is missing",
+            &["migrate", "--", &no_interpreter],
+            126,
+            "its #! interpreter \"/nonexistent/sh\" is missing",
+        ),
+        case(
+            "a file without the execute bit",
+            &["migrate", "--", &no_x_bit],
+            126,
+            "no execute bit",
+        ),
+        case(
+            "a directory as the command",
+            &["migrate", "--", &a_directory],
+            126,
+            "it is a directory",
         ),
         // reset of something that is not there.
         case(
