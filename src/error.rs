@@ -25,7 +25,8 @@ pub(crate) const EXIT_UNAVAILABLE: i32 = 69;
 /// Exit code: an internal error (`EX_SOFTWARE`).
 pub(crate) const EXIT_INTERNAL: i32 = 70;
 /// Exit code: the gate's output could not be written (`EX_IOERR`): standard output is a full
-/// disk or a closed file (a closed pipe is a normal end, exit 0).
+/// disk or a closed file (a closed pipe is a normal end, exit 0), or `install` cannot write
+/// its copy (a read-only filesystem).
 pub(crate) const EXIT_OUTPUT: i32 = 74;
 /// Exit code: timed out waiting for the lock, the release, or readiness (`EX_TEMPFAIL`).
 pub(crate) const EXIT_TIMEOUT: i32 = 75;
@@ -167,8 +168,9 @@ pub(crate) enum Error {
         seen: String,
     },
 
-    /// Standard output could not be written (a full disk, a closed file).
-    #[error("{0}; the result was not written: check where standard output goes")]
+    /// What the gate writes (standard output, the binary `install` copies) could not be
+    /// written: a full disk, a read-only filesystem, a closed file. The message says what to check.
+    #[error("{0}")]
     Output(String),
 
     /// Something that should not happen.

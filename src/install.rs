@@ -15,8 +15,13 @@ pub(crate) fn install(dir: &Path) -> Result<PathBuf> {
     let source = std::env::current_exe()
         .or_else(|_| std::env::args().next().map(PathBuf::from).ok_or(()))
         .map_err(|_| Error::Internal("cannot find our own executable".into()))?;
-    std::fs::create_dir_all(dir)
-        .map_err(|e| Error::Usage(format!("cannot create {}: {e}", dir.display())))?;
+    // A directory that cannot be made or written is no usage error: the command line was right.
+    std::fs::create_dir_all(dir).map_err(|e| {
+        Error::Output(format!(
+            "cannot create {}: {e}; mount a writable volume there (an emptyDir shared with the app container)",
+            dir.display()
+        ))
+    })?;
     let target = dir.join("migrations-gate");
     let temp = dir.join(format!(".migrations-gate.{}.tmp", std::process::id()));
     let copy = || -> std::io::Result<()> {
@@ -26,8 +31,8 @@ pub(crate) fn install(dir: &Path) -> Result<PathBuf> {
     };
     copy().map_err(|e| {
         let _ = std::fs::remove_file(&temp);
-        Error::Usage(format!(
-            "cannot install into {}: {e}; is the directory writable by this user?",
+        Error::Output(format!(
+            "cannot install into {}: {e}; is the directory writable by this user (and not a read-only filesystem)?",
             dir.display()
         ))
     })?;

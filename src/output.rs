@@ -18,7 +18,7 @@ pub(crate) fn print(text: &str) -> Result<()> {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == ErrorKind::BrokenPipe => Ok(()),
         Err(e) => Err(Error::Output(format!(
-            "cannot write to standard output: {e}"
+            "cannot write to standard output: {e}; the result was not written: check where standard output goes"
         ))),
     }
 }
@@ -30,7 +30,7 @@ pub(crate) fn print_bytes(bytes: &[u8]) -> Result<()> {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == ErrorKind::BrokenPipe => Ok(()),
         Err(e) => Err(Error::Output(format!(
-            "cannot write to standard output: {e}"
+            "cannot write to standard output: {e}; the result was not written: check where standard output goes"
         ))),
     }
 }

@@ -328,6 +328,14 @@ fn every_bad_input_gets_its_code_and_one_line() {
             126,
             "it is a directory",
         ),
+        // install where nothing can be written (sysfs refuses new files, even to root): the
+        // command line was right, the filesystem is not.
+        case(
+            "install where nothing can be written",
+            &["install", "/sys/kernel"],
+            74,
+            "cannot install into /sys/kernel",
+        ),
         // reset of something that is not there.
         case(
             "reset of a lock never used",

@@ -44,6 +44,13 @@ impl Db {
                             "the gate's tables at {at} are not the shape the gate made ({msg}, SQLSTATE {c}): another application's table or view where the gate keeps its ledger? pass --schema naming a schema of the gate's own (docs/guide.md, \"A shared database\")"
                         )))
                     }
+                    // statement_timeout from the URL's options or the role's settings: the
+                    // gate bounds its own round trips, and a retry would time out again.
+                    "57014" if msg.contains("statement timeout") => {
+                        Failure::Fatal(Error::Config(format!(
+                            "the server at {at} cancelled the gate's statement ({msg}): the gate bounds its own round trips; remove statement_timeout from the URL's options, or `ALTER ROLE <role> RESET statement_timeout` for the gate's role"
+                        )))
+                    }
                     c if c.starts_with("53") || c.starts_with("57") || c.starts_with("08") => {
                         Failure::Retry(format!("{msg} (SQLSTATE {c})"))
                     }

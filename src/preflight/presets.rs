@@ -197,16 +197,24 @@ const OPEN_WEBUI: &[Rule] = &[
     // Open WebUI reads these with int(): a value that is not a whole number is a typo the
     // gate's own arithmetic (the connection budget, the first start's workers) must not guess.
     Rule {
-        vars: &["UVICORN_WORKERS", "DATABASE_POOL_SIZE", "DATABASE_POOL_MAX_OVERFLOW"],
+        vars: &[
+            "UVICORN_WORKERS",
+            "DATABASE_POOL_SIZE",
+            "DATABASE_POOL_MAX_OVERFLOW",
+        ],
         check: Check::Why(|cx| {
-            ["UVICORN_WORKERS", "DATABASE_POOL_SIZE", "DATABASE_POOL_MAX_OVERFLOW"]
-                .into_iter()
-                .find(|v| {
-                    cx.var(v)
-                        .filter(|x| !x.trim().is_empty())
-                        .is_some_and(|x| super::open_webui::python_int(&x).is_none())
-                })
-                .map(|v| format!("{v} is not a whole number"))
+            [
+                "UVICORN_WORKERS",
+                "DATABASE_POOL_SIZE",
+                "DATABASE_POOL_MAX_OVERFLOW",
+            ]
+            .into_iter()
+            .find(|v| {
+                cx.var(v)
+                    .filter(|x| !x.trim().is_empty())
+                    .is_some_and(|x| super::open_webui::python_int(&x).is_none())
+            })
+            .map(|v| format!("{v} is not a whole number"))
         }),
         level: Level::Warn,
         wants: "UVICORN_WORKERS, DATABASE_POOL_SIZE and DATABASE_POOL_MAX_OVERFLOW are whole numbers when set",
