@@ -223,6 +223,13 @@ fn every_bad_input_gets_its_code_and_one_line() {
         )
         .env("PGCONNECT_TIMEOUT", "abc"),
         case(
+            "/dev/zero as PGPASSFILE",
+            &["check"],
+            64,
+            "password file /dev/zero",
+        )
+        .env("PGPASSFILE", "/dev/zero"),
+        case(
             "--first-start-env without a probe",
             &[
                 "run",

@@ -412,5 +412,18 @@ fn libpq_environment(env: &dyn Fn(&str) -> Option<String>) -> Result<()> {
             "a port (1 to 65535) or a comma-separated list of ports",
         );
     }
+    // sqlx reads the password file itself, whole: a FIFO there would block the gate and
+    // /dev/zero fill its memory. libpq's default is ~/.pgpass.
+    let passfile = env("PGPASSFILE")
+        .map(std::path::PathBuf::from)
+        .or_else(|| env("HOME").map(|h| std::path::Path::new(&h).join(".pgpass")));
+    if let Some(path) = passfile.filter(|p| p.exists())
+        && let Err(why) = crate::files::read_bounded(&path, crate::files::SETTINGS_LIMIT)
+    {
+        return Err(Error::Usage(format!(
+            "cannot read the password file {} (PGPASSFILE, else ~/.pgpass): {why}",
+            path.display()
+        )));
+    }
     Ok(())
 }
