@@ -18,7 +18,6 @@ use std::fmt;
 use sha2::{Digest, Sha256};
 use sqlx::postgres::PgConnection;
 
-use crate::identity::Identity;
 use crate::sql::{Cols, lit, one_row, query, query_scalar};
 
 /// An advisory lock key, with the name it came from.
@@ -276,14 +275,15 @@ impl std::str::FromStr for WaitSlots {
     }
 }
 
-/// Tries to take a "waiting connection" slot of this gate's [`Identity`]. Waiters that get one keep their
+/// Tries to take a "waiting connection" slot of this gate's identity: `slot_space` is the first
+/// key of its two-int advisory locks ([`crate::identity::Identity::slot_space`]). Waiters that get one keep their
 /// connection and poll often (a query on an open connection is cheap); the others reconnect for
 /// every poll (a new connection costs the server a process and an authentication), so a fleet of
 /// hundreds never holds more connections than the slots while it waits. Session-level advisory
 /// locks: only used on a direct route, where a connection is its own server session.
 pub(crate) async fn try_take_wait_slot(
     conn: &mut PgConnection,
-    identity: &Identity,
+    slot_space: i32,
     slots: WaitSlots,
 ) -> Result<Slot, sqlx::Error> {
     let used = "(SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')::int";
@@ -298,7 +298,7 @@ pub(crate) async fn try_take_wait_slot(
             "SELECT (SELECT count(*) FROM (SELECT s FROM generate_series(0, {count} - 1) s \
                      WHERE pg_try_advisory_lock({}, s) LIMIT 1) t)::text, \
                     ({used}::float8 / {max})::text",
-            identity.slot_space()
+            slot_space
         ),
     )
     .await?;

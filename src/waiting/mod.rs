@@ -184,7 +184,7 @@ impl<'g> Waiter<'g> {
             Route::Direct if self.current.0 => (true, 0.0),
             Route::Direct => {
                 let c = conn.pg().await.map_err(sql)?;
-                let slot = lock::try_take_wait_slot(c, self.replica.identity(), slots)
+                let slot = lock::try_take_wait_slot(c, self.replica.identity().slot_space(), slots)
                     .await
                     .map_err(sql)?;
                 self.current.0 = slot.taken;
@@ -301,7 +301,7 @@ impl<'g> Waiter<'g> {
             return (plain, slot);
         };
         let taken = match listening.pg().await {
-            Ok(c) => lock::try_take_wait_slot(c, replica.identity(), slots)
+            Ok(c) => lock::try_take_wait_slot(c, replica.identity().slot_space(), slots)
                 .await
                 .is_ok_and(|s| s.taken),
             Err(_) => false,
