@@ -6,7 +6,9 @@
 //! once it is there). A venv that cannot be made fails these tests; they are never skipped.
 //!
 //! The real Open WebUI (`--preset open-webui`) runs from its own venv, `$MG_OWUI_VENV` (default
-//! `<repo>/target/owui-venv`, from `tests/python/open-webui-requirements.txt`: about 5 GB).
+//! `<repo>/target/owui-venv`, from `tests/python/open-webui-requirements.txt`: about 7 GB), and
+//! the older release of the upgrade tests from its own, `$MG_OWUI_OLD` (default
+//! `<repo>/target/owui-old`, from `tests/python/open-webui-old-requirements.txt`).
 
 mod support;
 
@@ -497,57 +499,79 @@ fn owui_venv() -> &'static Path {
                 ("MG_PY_CHECK", PathBuf::from("import open_webui")),
             ],
             " (Open WebUI)",
-            "it needs Python 3.11 with venv and pip, PyPI and about 5 GB",
+            "it needs Python 3.11 with venv and pip, PyPI and about 7 GB",
         )
     })
 }
 
 /// The status code of `GET http://127.0.0.1:{port}{path}`, if anything answers.
 fn http_status(port: u16, path: &str) -> Option<u16> {
+    http_status_within(port, path, Duration::from_secs(5))
+}
+
+/// [`http_status`], waiting at most `limit` for the answer.
+fn http_status_within(port: u16, path: &str, limit: Duration) -> Option<u16> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.set_read_timeout(Some(limit)).ok()?;
     write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
     let mut head = [0u8; 12];
     s.read_exact(&mut head).ok()?;
     std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
 }
 
-/// An Open WebUI release: the venv's own, or an older one installed alone beside it.
+/// An Open WebUI release, each in its own venv.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Owui {
-    /// 0.11.0, the Open WebUI venv's own.
+    /// 0.12.4 (`tests/python/open-webui-requirements.txt`).
     Current,
-    /// 0.10.2 (`tests/python/setup-owui-old`): seven Alembic revisions behind.
+    /// 0.11.0 (`tests/python/open-webui-old-requirements.txt`): eleven Alembic revisions and 37
+    /// config keys behind.
     Old,
 }
 
 /// Alembic's head of each release (Open WebUI's `migrations/versions`).
-const OWUI_HEAD: &str = "f0bd01a18a3d";
-const OWUI_OLD_HEAD: &str = "42e2978c7933";
+const OWUI_HEAD: &str = "0bd252b206fb";
+const OWUI_OLD_HEAD: &str = "f0bd01a18a3d";
 
 impl Owui {
     /// The gate's `--release` for it.
     fn release(self) -> &'static str {
         match self {
-            Owui::Current => "owui-0.11.0",
-            Owui::Old => "owui-0.10.2",
+            Owui::Current => "owui-0.12.4",
+            Owui::Old => "owui-0.11.0",
         }
     }
 
-    /// The environment that runs it: the venv, with the old package in front for `Old`.
+    /// Its venv.
+    fn venv(self) -> &'static Path {
+        match self {
+            Owui::Current => owui_venv(),
+            Owui::Old => owui_old(),
+        }
+    }
+
+    fn python(self) -> String {
+        path_str(&self.venv().join("bin/python"))
+    }
+
+    /// The environment that runs it, from its venv. `FROM_INIT_PY=true` is what `open-webui
+    /// serve` sets for itself: with it, `import open_webui.config` finds the frontend inside the
+    /// installed package. Without it, 0.12 raises "Static asset source directory not found"
+    /// after migrating (0.11 went on without the static files), so a pip install's `--migrate`
+    /// step needs it too; the image's layout (`/app/build`) does not.
     fn env(self, c: &mut Command, secret: &str, data: &Path) {
-        let venv = owui_venv();
         c.env(
             "PATH",
             format!(
                 "{}:{}",
-                venv.join("bin").display(),
+                self.venv().join("bin").display(),
                 std::env::var("PATH").unwrap_or_default()
             ),
         )
         .env("HOME", data)
         .env("DATA_DIR", data)
+        .env("FROM_INIT_PY", "true")
         .env("WEBUI_SECRET_KEY", secret)
         .env("OFFLINE_MODE", "true")
         .env("HF_HUB_OFFLINE", "1")
@@ -559,62 +583,71 @@ impl Owui {
         .env("DO_NOT_TRACK", "true")
         .env("ANONYMIZED_TELEMETRY", "false")
         .env("PYTHONDONTWRITEBYTECODE", "1");
-        if self == Owui::Old {
-            c.env("PYTHONPATH", owui_old());
-        }
     }
 
     /// Open WebUI's migration as the recipe runs it (`import open_webui.config` runs Alembic).
     fn migrate_command(self) -> String {
-        format!(
-            "{} -c 'import open_webui.config'",
-            path_str(&owui_venv().join("bin/python"))
-        )
+        format!("{} -c 'import open_webui.config'", self.python())
     }
 
     /// `open-webui serve` on 127.0.0.1:`port`, as argv.
     fn serve(self, port: u16) -> Vec<String> {
-        let venv = owui_venv();
-        let mut argv = match self {
-            Owui::Current => vec![path_str(&venv.join("bin/open-webui"))],
-            // The old package's script, run by the venv's Python (its `#!` names the venv
-            // that installed it).
-            Owui::Old => vec![
-                path_str(&venv.join("bin/python")),
-                path_str(&owui_old().join("bin/open-webui")),
-            ],
-        };
+        let mut argv = vec![path_str(&self.venv().join("bin/open-webui"))];
         argv.extend(
             ["serve", "--host", "127.0.0.1", "--port", &port.to_string()].map(String::from),
         );
         argv
     }
-}
 
-/// The older Open WebUI release (the package alone, beside the venv), made by
-/// `tests/python/setup-owui-old` when missing.
-fn owui_old() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = std::env::var_os("MG_OWUI_OLD")
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/owui-old"));
-        let script = py_dir().join("setup-owui-old");
-        let out = Command::new("bash")
-            .arg(&script)
-            .env("MG_OWUI_VENV", owui_venv())
-            .env("MG_OWUI_OLD", &dir)
+    /// The config keys this release seeds at start-up: its `DEFAULT_CONFIG`, less those its
+    /// database does not keep (`Config.persistent_enabled_for`), read from the release itself.
+    /// `data` is a scratch `DATA_DIR` (the import makes folders in it).
+    fn seeded_config_keys(self, data: &Path) -> Vec<String> {
+        let script = "import open_webui.config as c; from open_webui.models.config import Config; \
+                      print('\\n'.join('KEY ' + k for k in c.DEFAULT_CONFIG \
+                      if Config.persistent_enabled_for(k)))";
+        std::fs::create_dir_all(data).unwrap();
+        let mut cmd = Command::new(self.python());
+        cmd.env_clear();
+        self.env(&mut cmd, "key-unused", data);
+        let out = cmd
+            .env("ENABLE_DB_MIGRATIONS", "False")
+            .args(["-c", script])
             .output()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+            .expect("run the venv's python");
         assert!(
             out.status.success(),
-            "{} failed ({}); it needs PyPI:\n{}",
-            script.display(),
-            out.status,
+            "reading DEFAULT_CONFIG failed: {}",
             stderr(&out)
         );
-        dir
+        let keys: Vec<String> = stdout(&out)
+            .lines()
+            .filter_map(|l| l.strip_prefix("KEY "))
+            .map(str::to_string)
+            .collect();
+        assert!(keys.len() > 100, "too few config keys: {keys:?}");
+        keys
+    }
+}
+
+/// The older Open WebUI release's venv, made by `tests/python/setup-venv` (as
+/// `tests/python/setup-owui-old` would) when missing or stale.
+fn owui_old() -> &'static Path {
+    static VENV: OnceLock<PathBuf> = OnceLock::new();
+    VENV.get_or_init(|| {
+        setup_venv(
+            "MG_OWUI_OLD",
+            "target/owui-old",
+            &[
+                (
+                    "MG_PY_REQUIREMENTS",
+                    py_dir().join("open-webui-old-requirements.txt"),
+                ),
+                ("MG_PY_CHECK", PathBuf::from("import open_webui")),
+            ],
+            " (the older Open WebUI)",
+            "it needs Python 3.11 with venv and pip, PyPI and about 7 GB",
+        )
     })
 }
 
@@ -680,6 +713,16 @@ fn wait_serving(replica: &mut std::process::Child, port: u16, what: &str) {
     }
 }
 
+/// Spawns `cmd` with its stdout and stderr going to the file `log`: Open WebUI logs every
+/// request, which would fill a pipe nobody reads while it serves.
+fn spawn_logged(cmd: &mut Command, log: &Path) -> std::process::Child {
+    let file = std::fs::File::create(log).unwrap();
+    cmd.stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .spawn()
+        .expect("spawn")
+}
+
 /// Stops a replica like Kubernetes would: SIGTERM to the gate, forwarded to Open WebUI.
 fn stop(replica: std::process::Child) -> Output {
     // SAFETY: plain kill(2) on our own child.
@@ -710,7 +753,7 @@ fn open_webui_replica_with_another_secret_key_refuses_with_78_and_the_first_keep
     ));
     wait_serving(&mut first, port1, "replica 1");
     eventually(Duration::from_secs(60), "the release recorded done", || {
-        ledger(&db, "owui-0.11.0") == "done"
+        ledger(&db, Owui::Current.release()) == "done"
     });
 
     // Replica 2 has another WEBUI_SECRET_KEY: it must not start Open WebUI.
@@ -726,7 +769,7 @@ fn open_webui_replica_with_another_secret_key_refuses_with_78_and_the_first_keep
     );
 
     assert_eq!(
-        ledger(&db, "owui-0.11.0"),
+        ledger(&db, Owui::Current.release()),
         "done",
         "one attempt, by replica 1"
     );
@@ -769,7 +812,10 @@ fn open_webui_replica_with_another_secret_key_refuses_with_78_and_the_first_keep
     );
     let line = stderr(&second);
     assert!(
-        line.contains("WEBUI_SECRET_KEY differs from the value release \"owui-0.11.0\" first started with (on owui-1 at"),
+        line.contains(&format!(
+            "WEBUI_SECRET_KEY differs from the value release \"{}\" first started with (on owui-1 at",
+            Owui::Current.release()
+        )),
         "{line}"
     );
     assert!(line.contains("login loops"), "{line}");
@@ -896,9 +942,9 @@ fn open_webui_preset_migrates_the_database_open_webuis_own_database_parts_name()
 
 #[test]
 fn open_webui_upgrade_migrates_only_after_the_old_release_stopped_and_refuses_it_afterwards() {
-    // Open WebUI 0.10.2 serves on the database; 0.11.0 starts through the gate with the preset's
-    // strict policy (--other-releases fail): refused while 0.10.2 is connected, migrates once it
-    // stopped; then 0.10.2 cannot start again on the migrated schema.
+    // Open WebUI 0.11.0 serves on the database; 0.12.4 starts through the gate with the preset's
+    // strict policy (--other-releases fail): refused while 0.11.0 is connected, migrates once it
+    // stopped; then 0.11.0 cannot start again on the migrated schema.
     let db = cluster().new_db("py_owui_upgrade");
     let data = std::env::temp_dir().join(format!("mg-owui-upgrade-{}", std::process::id()));
     std::fs::create_dir_all(&data).unwrap();
@@ -912,12 +958,10 @@ fn open_webui_upgrade_migrates_only_after_the_old_release_stopped_and_refuses_it
     // a pipe nobody reads while they serve.
     let serving = |owui: Owui, name: &str, port: u16| {
         let log = data.join(format!("{name}.log"));
-        let file = std::fs::File::create(&log).unwrap();
-        let child = open_webui_gate(&db, owui, name, secret, port, &data)
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .spawn()
-            .expect("spawn");
+        let child = spawn_logged(
+            &mut open_webui_gate(&db, owui, name, secret, port, &data),
+            &log,
+        );
         (child, log)
     };
     // Sessions of apps the gate started (their application_name is the gate's tag).
@@ -925,25 +969,25 @@ fn open_webui_upgrade_migrates_only_after_the_old_release_stopped_and_refuses_it
         || db.one("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'mgate:%'");
     let started = std::time::Instant::now();
 
-    // 0.10.2 migrates a fresh database and serves.
+    // 0.11.0 migrates a fresh database and serves.
     let (mut r1, r1_log) = serving(Owui::Old, "owui-old-1", port_old);
     wait_serving(
         &mut r1,
         port_old,
-        &format!("Open WebUI 0.10.2 (log: {})", r1_log.display()),
+        &format!("Open WebUI 0.11.0 (log: {})", r1_log.display()),
     );
-    eventually(Duration::from_secs(60), "0.10.2 recorded done", || {
+    eventually(Duration::from_secs(60), "0.11.0 recorded done", || {
         ledger(&db, old) == "done"
     });
     assert_eq!(alembic_version(&db), OWUI_OLD_HEAD);
     eventually(
         Duration::from_secs(60),
-        "0.10.2's sessions, tagged by the gate",
+        "0.11.0's sessions, tagged by the gate",
         || tagged() != "0",
     );
     let serving_old = started.elapsed();
 
-    // 0.11.0 while 0.10.2 is connected: refused before it migrates.
+    // 0.12.4 while 0.11.0 is connected: refused before it migrates.
     let refused = wait_output(
         replica(Owui::Current, "owui-new-1", port_new),
         PYTHON_HANG_GUARD,
@@ -957,12 +1001,12 @@ fn open_webui_upgrade_migrates_only_after_the_old_release_stopped_and_refuses_it
     assert_eq!(
         http_status(port_new, "/health"),
         None,
-        "0.11.0 never served"
+        "0.12.4 never served"
     );
     assert_eq!(
         http_status(port_old, "/health"),
         Some(200),
-        "0.10.2 still serves"
+        "0.11.0 still serves"
     );
     assert_eq!(code(&refused), 78, "{}", stderr(&refused));
     assert_stderr_has(
@@ -972,35 +1016,35 @@ fn open_webui_upgrade_migrates_only_after_the_old_release_stopped_and_refuses_it
         ),
     );
 
-    // 0.10.2 stops; 0.11.0 starts again: it migrates to its head and serves.
+    // 0.11.0 stops; 0.12.4 starts again: it migrates to its head and serves.
     stop(r1);
     let r1_said = std::fs::read_to_string(&r1_log).unwrap();
     assert!(!r1_said.contains(secret), "never the key");
-    eventually(Duration::from_secs(30), "0.10.2's sessions gone", || {
+    eventually(Duration::from_secs(30), "0.11.0's sessions gone", || {
         tagged() == "0"
     });
     let (mut r2, r2_log) = serving(Owui::Current, "owui-new-2", port_new);
     wait_serving(
         &mut r2,
         port_new,
-        &format!("Open WebUI 0.11.0 (log: {})", r2_log.display()),
+        &format!("Open WebUI 0.12.4 (log: {})", r2_log.display()),
     );
-    eventually(Duration::from_secs(60), "0.11.0 recorded done", || {
+    eventually(Duration::from_secs(60), "0.12.4 recorded done", || {
         ledger(&db, new) == "failed,done"
     });
     assert_eq!(alembic_version(&db), OWUI_HEAD);
 
-    // 0.10.2 again: the older-release refusal, and the schema stays 0.11.0's.
+    // 0.11.0 again: the older-release refusal, and the schema stays 0.12.4's.
     let again = wait_output(
         replica(Owui::Old, "owui-old-2", port_old),
         PYTHON_HANG_GUARD,
     );
     assert_eq!(alembic_version(&db), OWUI_HEAD);
-    assert_eq!(ledger(&db, old), "done", "no new attempt at 0.10.2");
+    assert_eq!(ledger(&db, old), "done", "no new attempt at 0.11.0");
     assert_eq!(
         http_status(port_old, "/health"),
         None,
-        "0.10.2 never served again"
+        "0.11.0 never served again"
     );
     assert_eq!(code(&again), 78, "{}", stderr(&again));
     assert_stderr_has(
@@ -1010,14 +1054,563 @@ fn open_webui_upgrade_migrates_only_after_the_old_release_stopped_and_refuses_it
     assert_eq!(
         http_status(port_new, "/health"),
         Some(200),
-        "0.11.0 keeps serving"
+        "0.12.4 keeps serving"
     );
 
     stop(r2);
     eprintln!(
-        "upgrade: 0.10.2 served after {serving_old:?}, the whole test took {:?}",
+        "upgrade: 0.11.0 served after {serving_old:?}, the whole test took {:?}",
         started.elapsed()
     );
     db.assert_no_gate_locks();
     let _ = std::fs::remove_dir_all(&data);
+}
+
+/// A server the test runs as its child for Open WebUI's checklist (Redis, Chroma), on a free
+/// loopback port, its output in a file; stopped by its PID when dropped (SIGTERM, then SIGKILL
+/// after 10 s).
+struct Daemon {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Daemon {
+    /// Starts `cmd` and waits until `answers(port)` (hang guard 60 s); panics with its log if it
+    /// cannot start or exits first. `what` names it and how to install it.
+    fn start(
+        what: &str,
+        cmd: &mut Command,
+        port: u16,
+        log: &Path,
+        answers: impl Fn(u16) -> bool,
+    ) -> Daemon {
+        let file = std::fs::File::create(log).unwrap();
+        let child = cmd
+            .stdin(std::process::Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+        let mut daemon = Daemon { child, port };
+        let started = std::time::Instant::now();
+        while !answers(port) {
+            let said = || std::fs::read_to_string(log).unwrap_or_default();
+            if let Ok(Some(status)) = daemon.child.try_wait() {
+                panic!(
+                    "{what} exited ({status}) before answering on port {port}:\n{}",
+                    said()
+                );
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "{what} did not answer on port {port} within 60 s:\n{}",
+                said()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        daemon
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        stop_child(&mut self.child, Duration::from_secs(10));
+    }
+}
+
+/// Stops our child as a platform would: SIGTERM, then SIGKILL after `grace`; its exit status.
+/// A child that already exited is only reaped: its PID is never signalled once it could have
+/// been reused.
+fn stop_child(child: &mut std::process::Child, grace: Duration) -> std::process::ExitStatus {
+    if let Ok(Some(status)) = child.try_wait() {
+        return status;
+    }
+    // SAFETY: plain kill(2) on our own, unreaped child.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let started = std::time::Instant::now();
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return status;
+        }
+        if started.elapsed() > grace {
+            let _ = child.kill();
+            return child.wait().expect("wait");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Whether a Redis answers `PING` on 127.0.0.1:`port`.
+fn redis_answers(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let mut pong = [0u8; 7];
+    s.set_read_timeout(Some(Duration::from_secs(2))).is_ok()
+        && s.write_all(b"PING\r\n").is_ok()
+        && s.read_exact(&mut pong).is_ok()
+        && &pong == b"+PONG\r\n"
+}
+
+/// Open WebUI's checklist for several replicas, as the guide gives it: a Redis for websockets
+/// and config sync (`WEBSOCKET_MANAGER=redis`, `REDIS_URL`), Chroma over HTTP (`VECTOR_DB=chroma`,
+/// `CHROMA_HTTP_HOST`, `CHROMA_HTTP_PORT`) and `UVICORN_WORKERS=2`; [`Owui::env`] adds the one
+/// `WEBUI_SECRET_KEY` and the one shared `DATA_DIR`. Its Redis (Debian's `redis-server`) and
+/// Chroma (the Open WebUI venv's `chroma run`) stop when it is dropped.
+struct Checklist {
+    redis: Daemon,
+    chroma: Daemon,
+}
+
+impl Checklist {
+    /// Starts its Redis and Chroma, their files in `dir`.
+    fn start(dir: &Path) -> Checklist {
+        let port = free_port();
+        let redis = Daemon::start(
+            "redis-server (Debian: apt-get install redis-server)",
+            Command::new("redis-server")
+                .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+                .args(["--save", "", "--appendonly", "no", "--dir"])
+                .arg(dir),
+            port,
+            &dir.join("redis.log"),
+            redis_answers,
+        );
+        let port = free_port();
+        let chroma = Daemon::start(
+            "chroma run (the Open WebUI venv's chromadb)",
+            Command::new(owui_venv().join("bin/chroma"))
+                .args([
+                    "run",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    &port.to_string(),
+                    "--path",
+                ])
+                .arg(dir.join("chroma"))
+                .env("ANONYMIZED_TELEMETRY", "False"),
+            port,
+            &dir.join("chroma.log"),
+            |port| http_status(port, "/api/v2/heartbeat") == Some(200),
+        );
+        Checklist { redis, chroma }
+    }
+
+    fn env(&self, c: &mut Command) {
+        c.env("UVICORN_WORKERS", "2")
+            .env("ENABLE_WEBSOCKET_SUPPORT", "true")
+            .env("WEBSOCKET_MANAGER", "redis")
+            .env(
+                "REDIS_URL",
+                format!("redis://127.0.0.1:{}/0", self.redis.port),
+            )
+            .env("VECTOR_DB", "chroma")
+            .env("CHROMA_HTTP_HOST", "127.0.0.1")
+            .env("CHROMA_HTTP_PORT", self.chroma.port.to_string());
+    }
+}
+
+/// One replica of [`checklist_replicas`]: the gate, then the app it execs, logging to `log`.
+struct LoggedReplica {
+    name: String,
+    port: u16,
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl LoggedReplica {
+    fn said(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Stops it like Kubernetes would (SIGTERM to the gate or the app it exec'd; SIGKILL after
+    /// 60 s); its exit status.
+    fn stop(&mut self) -> std::process::ExitStatus {
+        stop_child(&mut self.child, Duration::from_secs(60))
+    }
+}
+
+impl Drop for LoggedReplica {
+    /// A test that failed midway still stops its replicas.
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Three replicas of `owui` on the `checklist` started at once, as `open_webui_gate` runs them:
+/// named `NAME-1` to `NAME-3`, each with its own port and its log in `dir`, sharing `data`.
+fn checklist_replicas(
+    db: &TestDb,
+    owui: Owui,
+    checklist: &Checklist,
+    name: &str,
+    dir: &Path,
+    data: &Path,
+) -> Vec<LoggedReplica> {
+    (1..=3)
+        .map(|i| {
+            let name = format!("{name}-{i}");
+            let port = free_port();
+            let log = dir.join(format!("{name}.log"));
+            let mut gate = open_webui_gate(db, owui, &name, CHECKLIST_SECRET, port, data);
+            checklist.env(&mut gate);
+            let child = spawn_logged(&mut gate, &log);
+            LoggedReplica {
+                name,
+                port,
+                child,
+                log,
+            }
+        })
+        .collect()
+}
+
+const CHECKLIST_SECRET: &str = "key-checklist-4d7a90";
+
+/// Waits until every replica answers `/health` with 200 at once (hang guard 10 minutes),
+/// polling them in turn; panics with the log of one that exits first. Returns when, since
+/// `since`, each began to answer for the last time (for the holder: the app as configured, not
+/// its first start, which is stopped within a second of being ready).
+fn wait_all_serving(replicas: &mut [LoggedReplica], since: std::time::Instant) -> Vec<Duration> {
+    let mut up = vec![None; replicas.len()];
+    loop {
+        for (i, r) in replicas.iter_mut().enumerate() {
+            let now = http_status_within(r.port, "/health", Duration::from_millis(500));
+            match (now == Some(200), up[i]) {
+                (true, None) => up[i] = Some(since.elapsed()),
+                (false, Some(_)) => up[i] = None,
+                _ => {}
+            }
+            if let Ok(Some(status)) = r.child.try_wait() {
+                panic!(
+                    "{} exited ({status}) before serving (log: {}):\n{}",
+                    r.name,
+                    r.log.display(),
+                    r.said()
+                );
+            }
+        }
+        if let Some(up) = up.iter().copied().collect::<Option<Vec<_>>>() {
+            return up;
+        }
+        assert!(
+            since.elapsed() < Duration::from_secs(600),
+            "not every replica answered /health within 10 minutes (logs in {})",
+            replicas[0].log.parent().unwrap().display()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// What a start-up race leaves in Open WebUI's log (issue 29): a worker's write that lost to
+/// another's, a migration that met another's table, a worker that gave up.
+const START_UP_RACE_SIGNS: [&str; 4] = [
+    "UniqueViolation",
+    "DuplicateTable",
+    "already exists",
+    "Application startup failed",
+];
+
+/// Asserts that no replica's log shows a sign of a start-up race; names every line that does.
+fn assert_no_start_up_race(replicas: &[LoggedReplica]) {
+    let found: Vec<String> = replicas
+        .iter()
+        .flat_map(|r| {
+            r.said()
+                .lines()
+                .filter(|l| START_UP_RACE_SIGNS.iter().any(|s| l.contains(s)))
+                .map(|l| format!("{} ({}): {l}", r.name, r.log.display()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert!(
+        found.is_empty(),
+        "a start-up race in Open WebUI's logs:\n{}",
+        found.join("\n")
+    );
+}
+
+/// `keys` as an SQL list of string literals.
+fn sql_list(keys: &[String]) -> String {
+    keys.iter()
+        .map(|k| format!("'{}'", k.replace('\'', "''")))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Asserts that Open WebUI's `config` table holds each of `keys` once; `what` names them.
+fn assert_config_keys_once(db: &TestDb, keys: &[String], what: &str) {
+    let present: Vec<String> = db
+        .rows(&format!(
+            "SELECT key FROM config WHERE key IN ({}) ORDER BY key",
+            sql_list(keys)
+        ))
+        .into_iter()
+        .map(|r| r[0].clone())
+        .collect();
+    let missing: Vec<&String> = keys.iter().filter(|k| !present.contains(k)).collect();
+    assert!(
+        missing.is_empty(),
+        "{what} config keys missing: {missing:?}"
+    );
+    assert_eq!(present.len(), keys.len(), "{what} config keys, each once");
+}
+
+/// The replicas that took the lock (`holders`) and that went on after the release was done.
+fn roles(replicas: &[LoggedReplica]) -> (Vec<usize>, usize) {
+    let holders = (0..replicas.len())
+        .filter(|&i| {
+            replicas[i]
+                .said()
+                .contains("lock taken; this replica migrates")
+        })
+        .collect();
+    let followers = replicas
+        .iter()
+        .filter(|r| r.said().contains("release is done"))
+        .count();
+    (holders, followers)
+}
+
+/// The gate's line once the holder's first start is ready, before it stops it.
+const FIRST_START_READY: &str = "the first start (--first-start-env) is ready";
+
+/// Asserts every replica still runs and answers `/health`, one held the lock and two followed,
+/// and the holder's first start ran one uvicorn process (uvicorn says "Started server process"
+/// once per process, and "Started parent process" only with several workers), was stopped and
+/// the app started as configured. Returns that holder's index.
+fn assert_one_holder_started_once_with_one_worker(replicas: &mut [LoggedReplica]) -> usize {
+    for r in replicas.iter_mut() {
+        assert!(
+            r.child.try_wait().unwrap().is_none(),
+            "{} exited:\n{}",
+            r.name,
+            r.said()
+        );
+        assert_eq!(
+            http_status(r.port, "/health"),
+            Some(200),
+            "{} serves",
+            r.name
+        );
+    }
+    let (holders, followers) = roles(replicas);
+    assert_eq!(holders.len(), 1, "one replica migrates: {holders:?}");
+    assert_eq!(followers, 2, "the two others follow");
+    let holder = &replicas[holders[0]];
+    let said = holder.said();
+    let (first, then) = said.split_once(FIRST_START_READY).unwrap_or_else(|| {
+        panic!(
+            "{}'s gate must run a first start (log: {})",
+            holder.name,
+            holder.log.display()
+        )
+    });
+    assert_eq!(
+        (
+            first.matches("Started server process").count(),
+            first.matches("Started parent process").count()
+        ),
+        (1, 0),
+        "the first start runs one uvicorn process (log: {})",
+        holder.log.display()
+    );
+    assert!(
+        then.contains("the first start stopped; starting the app as configured")
+            && then.contains("Started parent process"),
+        "then the app as configured, with its two workers (log: {})",
+        holder.log.display()
+    );
+    holders[0]
+}
+
+/// Seconds since the Unix epoch of `t`.
+fn epoch(t: std::time::SystemTime) -> f64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// Prints how long the start took and what the holder's first start cost: from the release
+/// recorded done (the first start ready; the ledger's `finished_at`) to the holder serving the
+/// app as configured. `since` is when the replicas were started, `up` from [`wait_all_serving`].
+fn report_start(
+    what: &str,
+    db: &TestDb,
+    owui: Owui,
+    (replicas, holder): (&[LoggedReplica], usize),
+    since: std::time::SystemTime,
+    up: &[Duration],
+) {
+    let done: f64 = db
+        .one(&format!(
+            "SELECT extract(epoch FROM finished_at)::text FROM migrations_gate.ledger \
+             WHERE release = '{}' AND outcome = 'done'",
+            owui.release()
+        ))
+        .parse()
+        .expect("the done attempt's finished_at");
+    let serving = epoch(since) + up[holder].as_secs_f64();
+    let gate_said = |key: &str| {
+        let said = replicas[holder].said();
+        let line = said.lines().find(|l| l.contains(key)).unwrap_or_default();
+        line.split("secs=\"")
+            .nth(1)
+            .and_then(|v| v.split('"').next())
+            .unwrap_or("?")
+            .to_string()
+    };
+    eprintln!(
+        "{what}: migration {} s, first start ready after {} s; the app as configured served \
+         {:.1} s after the release was done; all {} replicas served after {:.1} s",
+        gate_said("migration finished"),
+        gate_said("the app is ready"),
+        serving - done,
+        replicas.len(),
+        up.iter().max().unwrap().as_secs_f64(),
+    );
+}
+
+#[test]
+fn open_webui_checklist_three_replicas_with_two_workers_write_config_once_without_a_start_up_race()
+{
+    // The guide's checklist for several replicas (Redis, Chroma over HTTP, UVICORN_WORKERS=2,
+    // one WEBUI_SECRET_KEY, one shared DATA_DIR), three replicas started at once on a fresh
+    // database. Open WebUI 0.12 writes its config rows at start-up in every worker, whatever
+    // ENABLE_DB_MIGRATIONS says (issue 29): the holder's two workers raced on them. The preset
+    // runs the holder's first start with UVICORN_WORKERS=1 until it is ready, then the app as
+    // configured.
+    let db = cluster().new_db("py_owui_workers");
+    let tmp = std::env::temp_dir().join(format!("mg-owui-workers-{}", std::process::id()));
+    let data = tmp.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let checklist = Checklist::start(&tmp);
+    let owui = Owui::Current;
+    let seeded = owui.seeded_config_keys(&tmp.join("keys"));
+
+    let since = (std::time::Instant::now(), std::time::SystemTime::now());
+    let mut replicas = checklist_replicas(&db, owui, &checklist, "owui-w", &tmp, &data);
+    let up = wait_all_serving(&mut replicas, since.0);
+
+    // The database first: one attempt, done; Open WebUI at its head; every config key once.
+    assert_eq!(
+        ledger(&db, owui.release()),
+        "done",
+        "one attempt, by the holder"
+    );
+    assert_eq!(alembic_version(&db), OWUI_HEAD);
+    assert_config_keys_once(&db, &seeded, "0.12.4's");
+    // Then the processes; then what every replica's log says.
+    let holder = assert_one_holder_started_once_with_one_worker(&mut replicas);
+    assert_no_start_up_race(&replicas);
+    report_start(
+        "0.12.4, fresh database",
+        &db,
+        owui,
+        (&replicas, holder),
+        since.1,
+        &up,
+    );
+
+    for r in &mut replicas {
+        r.stop();
+    }
+    assert!(
+        !replicas.iter().any(|r| r.said().contains(CHECKLIST_SECRET)),
+        "never the key"
+    );
+    db.assert_no_gate_locks();
+    drop((replicas, checklist));
+    let _ = std::fs::remove_dir_all(&tmp);
+}
+
+#[test]
+fn open_webui_checklist_upgrade_with_two_workers_adds_config_keys_without_a_start_up_race() {
+    // The same checklist: three 0.11.0 replicas at once on a fresh database, stopped (the
+    // recipe's Recreate), then three 0.12.4 replicas at once on it. 0.12.4 migrates eleven
+    // Alembic revisions and adds 37 config keys, which its workers insert at start-up.
+    let db = cluster().new_db("py_owui_workers_upgrade");
+    let tmp = std::env::temp_dir().join(format!("mg-owui-workers-up-{}", std::process::id()));
+    let data = tmp.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let checklist = Checklist::start(&tmp);
+    let (old, new) = (Owui::Old, Owui::Current);
+    let old_keys = old.seeded_config_keys(&tmp.join("keys-old"));
+    let new_keys = new.seeded_config_keys(&tmp.join("keys-new"));
+    let added: Vec<String> = new_keys
+        .iter()
+        .filter(|k| !old_keys.contains(k))
+        .cloned()
+        .collect();
+    // Sessions of apps the gate started (their application_name is the gate's tag).
+    let tagged =
+        || db.one("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'mgate:%'");
+
+    let since = (std::time::Instant::now(), std::time::SystemTime::now());
+    let mut olds = checklist_replicas(&db, old, &checklist, "owui-old", &tmp, &data);
+    let up = wait_all_serving(&mut olds, since.0);
+    assert_eq!(ledger(&db, old.release()), "done");
+    assert_eq!(alembic_version(&db), OWUI_OLD_HEAD);
+    assert_config_keys_once(&db, &old_keys, "0.11.0's");
+    assert!(!added.is_empty(), "0.12.4 adds config keys");
+    assert_eq!(
+        db.one(&format!(
+            "SELECT count(*) FROM config WHERE key IN ({})",
+            sql_list(&added)
+        )),
+        "0",
+        "0.12.4's added keys are not there yet"
+    );
+    let holder = assert_one_holder_started_once_with_one_worker(&mut olds);
+    report_start(
+        "0.11.0, fresh database",
+        &db,
+        old,
+        (&olds, holder),
+        since.1,
+        &up,
+    );
+    for r in &mut olds {
+        r.stop();
+    }
+    eventually(Duration::from_secs(30), "0.11.0's sessions gone", || {
+        tagged() == "0"
+    });
+
+    let since = (std::time::Instant::now(), std::time::SystemTime::now());
+    let mut news = checklist_replicas(&db, new, &checklist, "owui-new", &tmp, &data);
+    let up = wait_all_serving(&mut news, since.0);
+
+    // The database first: each release done once, 0.12.4's head, all its keys there once.
+    assert_eq!(
+        ledger(&db, old.release()),
+        "done",
+        "no new attempt at 0.11.0"
+    );
+    assert_eq!(ledger(&db, new.release()), "done", "one attempt at 0.12.4");
+    assert_eq!(alembic_version(&db), OWUI_HEAD);
+    assert_config_keys_once(&db, &new_keys, "0.12.4's");
+    // Then the processes; then what all six replicas' logs say.
+    let holder = assert_one_holder_started_once_with_one_worker(&mut news);
+    assert_no_start_up_race(&olds);
+    assert_no_start_up_race(&news);
+    report_start(
+        "0.12.4 over 0.11.0",
+        &db,
+        new,
+        (&news, holder),
+        since.1,
+        &up,
+    );
+
+    for r in &mut news {
+        r.stop();
+    }
+    db.assert_no_gate_locks();
+    drop((olds, news, checklist));
+    let _ = std::fs::remove_dir_all(&tmp);
 }

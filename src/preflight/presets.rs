@@ -220,8 +220,9 @@ const OPEN_WEBUI: &[Rule] = &[
         wants: "UVICORN_WORKERS, DATABASE_POOL_SIZE and DATABASE_POOL_MAX_OVERFLOW are whole numbers when set",
         why: "Open WebUI reads them with int(); the gate counts such a value as unset",
     },
-    // Open WebUI's config.py: RESET_CONFIG_ON_START deletes every `config` row in each worker
-    // of each replica at start-up (`reset_config()`), outside ENABLE_DB_MIGRATIONS.
+    // Open WebUI 0.11 and 0.12: RESET_CONFIG_ON_START makes main.py's lifespan() call
+    // async_reset_config() (Config.clear(): every `config` row deleted) in each worker of each
+    // replica at start-up, outside ENABLE_DB_MIGRATIONS.
     Rule {
         vars: &["RESET_CONFIG_ON_START"],
         check: Check::Holds(|cx| {
