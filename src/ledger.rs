@@ -180,6 +180,11 @@ impl Ledger {
         self.env_key = true;
     }
 
+    /// Its lock and schema: what the gate treats as its own ([`crate::identity`]).
+    pub(crate) fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
     /// The tables of its schema (the ledger is created with [`Tables::create_ledger`]).
     pub(crate) fn tables(&self) -> &Tables {
         &self.tables

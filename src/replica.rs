@@ -72,7 +72,6 @@ pub(crate) struct Replica {
     /// The application it migrates for (`migrate`, `run`), recorded with each attempt and
     /// compared before following a done release ([`crate::application`]).
     pub(crate) application: Option<Application>,
-    identity: Identity,
     host: String,
 }
 
@@ -85,9 +84,7 @@ impl Replica {
             target.connect_timeout,
         )?;
         let ledger = Ledger::new(&target.schema, &target.lock);
-        let identity = Identity::new(&target.lock, &target.schema);
         Ok(Replica {
-            identity,
             application: None,
             target,
             db,
@@ -110,7 +107,7 @@ impl Replica {
 
     /// What this gate treats as its own: its lock's full key and its ledger.
     pub(crate) fn identity(&self) -> &Identity {
-        &self.identity
+        self.ledger.identity()
     }
 
     /// This machine's host name, for the records.
