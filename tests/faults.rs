@@ -331,38 +331,70 @@ fn iptables_usable(test: &str) -> bool {
     ok
 }
 
-/// The connection a waiter keeps while it holds a waiting slot (a two-int advisory lock,
-/// `objsubid = 2`): its backend PID and client port.
-fn kept_connection(db: &TestDb, application_name: &str) -> Option<(String, u16)> {
+/// The connections of a waiter that hold a waiting slot (a two-int advisory lock,
+/// `objsubid = 2`): backend PID and client port of each.
+fn slot_connections(db: &TestDb, application_name: &str) -> Vec<(String, u16)> {
     db.rows(&format!(
         "SELECT s.pid::text, s.client_port::text FROM pg_stat_activity s \
          JOIN pg_locks l ON l.pid = s.pid AND l.locktype = 'advisory' AND l.objsubid = 2 AND l.granted \
          WHERE s.application_name = '{application_name}' AND s.datname = current_database()"
     ))
-    .first()
+    .into_iter()
     .map(|r| (r[0].clone(), r[1].parse().expect("client_port")))
+    .collect()
+}
+
+/// A gate started by [`spawn_waiter`], its stderr in a file the test reads while it runs.
+struct Waiter {
+    child: Child,
+    log: std::path::PathBuf,
+}
+
+impl Waiter {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits for it to exit (with a hang guard): its output, stderr read from the file.
+    fn output(self, limit: Duration) -> std::process::Output {
+        let mut out = wait_output(self.child, limit);
+        out.stderr = std::fs::read(&self.log).unwrap_or_default();
+        let _ = std::fs::remove_file(&self.log);
+        out
+    }
 }
 
 /// Starts `migrate --release r1 --wait-timeout WAIT --application-name NAME -- CMD...` while
-/// the test holds the lock, and waits until it keeps a connection: returns the waiter, and that
-/// connection's backend PID and client port.
-fn spawn_waiter(db: &TestDb, name: &str, wait: &str, cmd: &[&str]) -> (Child, String, u16) {
-    let waiter = spawn(
-        db.gate()
-            .args(["migrate", "--release", "r1", "--wait-timeout", wait])
-            .args(["--application-name", name, "--"])
-            .args(cmd),
-    );
-    let mut kept = None;
+/// the test holds the lock, and waits until its connection is settled: it has logged "waiting
+/// for" (which it does on the connection it keeps, after moving to a listening one) and holds
+/// a waiting slot on exactly one connection. Returns the waiter, and that connection's backend
+/// PID and client port.
+fn spawn_waiter(db: &TestDb, name: &str, wait: &str, cmd: &[&str]) -> (Waiter, String, u16) {
+    let log = std::env::temp_dir().join(format!("{}-{name}.log", db.name));
+    let file = std::fs::File::create(&log).expect("waiter log");
+    let child = db
+        .gate()
+        .args(["migrate", "--release", "r1", "--wait-timeout", wait])
+        .args(["--application-name", name, "--"])
+        .args(cmd)
+        .stdout(std::process::Stdio::null())
+        .stderr(file)
+        .spawn()
+        .expect("spawn the waiter");
+    let waiter = Waiter { child, log };
+    eventually(Duration::from_secs(10), "the waiter logs its wait", || {
+        waiter.log().contains("waiting for release")
+    });
+    let mut kept = Vec::new();
     eventually(
         Duration::from_secs(10),
-        "the waiter keeps a connection",
+        "the waiter keeps one connection",
         || {
-            kept = kept_connection(db, name);
-            kept.is_some()
+            kept = slot_connections(db, name);
+            kept.len() == 1
         },
     );
-    let (backend, client_port) = kept.unwrap();
+    let (backend, client_port) = kept.remove(0);
     (waiter, backend, client_port)
 }
 
@@ -403,7 +435,7 @@ fn waiter_whose_connection_dies_silently_still_gives_up_at_its_wait_timeout() {
     // or a vanished network path. The cut stays until the test ends.
     let cut = Partition::cut(client_port, cluster().port);
     eprintln!("cut the waiter's connection (backend {backend}, client port {client_port})");
-    let out = wait_output(waiter, Duration::from_secs(120));
+    let out = waiter.output(Duration::from_secs(120));
     let took = started.elapsed();
     eprintln!("the cut-off waiter exited {took:?} after its start");
     drop(cut);
@@ -442,20 +474,20 @@ fn waiter_whose_connection_dies_silently_reconnects_and_follows_a_release_done_m
     assert_eq!(code(&second), 0, "{}", stderr(&second));
     let mut cut = Some(cut);
     let exited_after = loop {
-        if waiter.try_wait().expect("try_wait").is_some() {
+        if waiter.child.try_wait().expect("try_wait").is_some() {
             break cut_at.elapsed();
         }
         if cut_at.elapsed() >= LONG_CUT {
             cut = None; // lift the cut
         }
         if cut_at.elapsed() >= HANG_GUARD {
-            let _ = waiter.kill();
+            let _ = waiter.child.kill();
             panic!("the waiter did not finish within {HANG_GUARD:?}");
         }
         std::thread::sleep(Duration::from_millis(50));
     };
     drop(cut);
-    let out = wait_output(waiter, HANG_GUARD);
+    let out = waiter.output(HANG_GUARD);
     end_backend(&db, &backend);
     eprintln!(
         "the cut-off waiter exited {exited_after:?} after the cut (the cut lasts {LONG_CUT:?})"

@@ -198,8 +198,8 @@ impl<'g> Waiter<'g> {
         })
     }
 
-    /// After a busy round: the trouble is over; report who holds the lock now and then; keep
-    /// the connection (moving to a listening one once) or close it.
+    /// After a busy round: the trouble is over; keep the connection (moving to a listening one
+    /// once) or close it; report who holds the lock now and then.
     pub(crate) async fn busy(&mut self, busy: Busy, slots: WaitSlots) {
         let Busy {
             mut conn,
@@ -209,8 +209,8 @@ impl<'g> Waiter<'g> {
         self.trouble_since = None;
         self.last_trouble = None;
         self.pressure = pressure;
-        self.report(&mut conn).await;
         if !keep {
+            self.report(&mut conn).await;
             db::close(conn).await;
             return;
         }
@@ -219,6 +219,9 @@ impl<'g> Waiter<'g> {
             listen_tried = true;
             (conn, slot) = self.listen_instead(conn, slot, slots).await;
         }
+        // Reported on the connection it keeps: once "waiting for" is logged, the connection the
+        // waiter holds from then on is settled (the fault tests cut exactly that one).
+        self.report(&mut conn).await;
         self.kept = Some(Kept {
             conn,
             slot,
