@@ -203,18 +203,8 @@ fn holder_whose_attempt_row_is_removed_fences_itself_and_records_nothing() {
 
 #[test]
 fn holder_host_vanishing_without_a_goodbye_frees_the_lock_within_30_seconds() {
-    if !running_as_root()
-        || Command::new("iptables")
-            .arg("-w")
-            .arg("-L")
-            .arg("-n")
-            .output()
-            .map(|o| !o.status.success())
-            .unwrap_or(true)
-    {
-        panic!(
-            "this test needs root and a working iptables (CI runs as root; .ci/run installs iptables)"
-        );
+    if !iptables_usable("holder_host_vanishing_without_a_goodbye_frees_the_lock_within_30_seconds") {
+        return;
     }
     let db = cluster().new_db("partition");
     let a = spawn(&mut migrate(&db, &["--kill-grace", "2s"], 3000));
@@ -315,20 +305,22 @@ fn postgres_restart_while_replicas_wait_is_survived_and_migrates_once() {
 /// The key of the default lock name `migrations-gate` (README, "The lock key").
 const DEFAULT_LOCK_KEY: &str = "-2194319167836551848";
 
-/// Whether iptables can be used here (root and a working iptables); prints why not.
+/// Whether iptables can be used here (root and a working iptables): see
+/// [`environment_ready`] for what happens when it cannot.
 fn iptables_usable(test: &str) -> bool {
-    let ok = running_as_root()
-        && Command::new("iptables")
-            .args(["-w", "-L", "-n"])
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false);
-    if !ok {
-        eprintln!(
-            "SKIPPED {test}: needs root and a working iptables (CI runs as root; .ci/run installs iptables)"
-        );
-    }
-    ok
+    let ready = if !running_as_root() {
+        Err("it needs root (iptables rules on loopback)".to_string())
+    } else {
+        match Command::new("iptables").args(["-w", "-L", "-n"]).output() {
+            Ok(o) if o.status.success() => Ok(()),
+            Ok(o) => Err(format!(
+                "`iptables -L` failed: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            )),
+            Err(e) => Err(format!("iptables is not runnable: {e}")),
+        }
+    };
+    environment_ready(test, ready)
 }
 
 /// The connections of a waiter that hold a waiting slot (a two-int advisory lock,

@@ -258,7 +258,10 @@ fn same_port_pooler(pool_mode: &str, pool_size: u32) -> Option<SamePort> {
     let ns = match support::netns::NetNs::create() {
         Ok(ns) => ns,
         Err(why) => {
-            eprintln!("skipped: `ip netns` is unusable here ({why})");
+            environment_ready(
+                "the same-port pooler tests",
+                Err(format!("`ip netns` is unusable here ({why})")),
+            );
             return None;
         }
     };

@@ -29,6 +29,24 @@ pub const PASSWORD: &str = "s3cret-test-pw";
 /// guard, not a timing assertion (a test that bounds a time asserts it itself).
 pub const HANG_GUARD: Duration = Duration::from_secs(120);
 
+/// The environment variable that lets a test whose environment is missing (iptables, a
+/// network namespace) skip, with a printed line, instead of failing. Never set in CI.
+pub const ALLOW_SKIP: &str = "MIGRATIONS_GATE_TEST_ALLOW_SKIP";
+
+/// A test's environment: `Ok` runs the test; `Err(why)` fails it with one line, or, when
+/// [`ALLOW_SKIP`] is `1`, prints `SKIPPED` and returns `false` so the test returns early.
+#[track_caller]
+pub fn environment_ready(test: &str, ready: Result<(), String>) -> bool {
+    let Err(why) = ready else { return true };
+    if std::env::var(ALLOW_SKIP).as_deref() == Ok("1") {
+        eprintln!("SKIPPED {test}: {why} ({ALLOW_SKIP}=1)");
+        return false;
+    }
+    panic!(
+        "{test} cannot run here: {why}. .ci/run installs what it needs; to skip it knowingly, set {ALLOW_SKIP}=1"
+    );
+}
+
 /// A PostgreSQL server private to this test binary.
 pub struct Cluster {
     pub dir: PathBuf,
