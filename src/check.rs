@@ -18,7 +18,7 @@ use crate::lock::{self, Holder, Scope};
 use crate::preflight::{self, Fleet};
 use crate::replica::Replica;
 use crate::route::Route;
-use crate::schema::{Found, Need};
+use crate::schema::{Inspected, Need};
 use crate::sessions;
 use crate::sql::{one_row, query};
 
@@ -241,7 +241,7 @@ async fn server(c: &mut sqlx::PgConnection) -> Result<(Server, bool), sqlx::Erro
 async fn ledger(
     c: &mut sqlx::PgConnection,
     replica: &Replica,
-    found: &Found,
+    found: &Inspected,
 ) -> Result<LedgerSeen, sqlx::Error> {
     let release = replica.release();
     let (release_state, newest_attempt) = if found.readable() {

@@ -9,10 +9,10 @@ use crate::child::{self, Program};
 use crate::config::{Gate, Migrate, Reset, Run, Wait};
 use crate::db::{Conn, close};
 use crate::error::{EXIT_OK, Error, Result};
-use crate::holding::{Bounds, Ending, Holding};
+use crate::holding::{Ending, Holding};
 use crate::lock;
 use crate::preflight::Store;
-use crate::protocol::{Turn, Want, wait_turn};
+use crate::protocol::{Decision, Role, wait_for_decision};
 use crate::replica::Replica;
 use crate::sessions;
 use crate::termination;
@@ -22,18 +22,17 @@ pub(crate) async fn migrate(plan: Migrate) -> Result<i32> {
     let Migrate {
         gate,
         application,
-        bounds,
+        holder,
         command,
     } = plan;
     let mut replica = replica_for(&gate)?.for_holder();
     replica.application = Some(application);
-    let want = Want::Lock {
+    let want = Role::Migrate {
         slots: gate.slots,
-        max_failures: bounds.max_failures,
-        keep_tool_locks: bounds.keep_tool_locks,
+        plan: holder,
     };
-    match wait_turn(&replica, want, gate.wait_timeout).await? {
-        Turn::Follower { seen, conn } => {
+    match wait_for_decision(&replica, want, gate.wait_timeout).await? {
+        Decision::Follow { seen, conn } => {
             gate.preflight.follower(&replica, seen, conn).await?;
             termination::write_success(&format!(
                 "{} is done; this replica did not migrate",
@@ -41,12 +40,12 @@ pub(crate) async fn migrate(plan: Migrate) -> Result<i32> {
             ));
             Ok(EXIT_OK)
         }
-        Turn::Holder(holding) => {
-            let holding = cleared(&gate, &bounds, &replica, *holding).await?;
+        Decision::Hold(holding) => {
+            let holding = clear_to_migrate(&gate, &replica, *holding).await?;
             let flag = &gate.flag;
             let program = Program::new(&command, (&flag.name, &flag.on));
             let holding = holding
-                .migrate(&replica, &program, "migration command", &bounds)
+                .migrate(&replica, &program, "migration command")
                 .await?;
             let after = holding
                 .previous_failure()
@@ -72,7 +71,7 @@ pub(crate) async fn run(plan: Run) -> Result<i32> {
     let Run {
         gate,
         application,
-        bounds,
+        holder,
         migrate,
         probe,
         ready_timeout,
@@ -85,23 +84,22 @@ pub(crate) async fn run(plan: Run) -> Result<i32> {
     // The app started with the flag off is no attempt: its sessions carry the release only.
     let app_off = Program::new(&command, (&flag.name, &flag.off))
         .with_env(sessions::app_env(replica.identity(), replica.release()));
-    let want = Want::Lock {
+    let want = Role::Migrate {
         slots: gate.slots,
-        max_failures: bounds.max_failures,
-        keep_tool_locks: bounds.keep_tool_locks,
+        plan: holder,
     };
-    let mut holding = match wait_turn(&replica, want, gate.wait_timeout).await? {
-        Turn::Follower { seen, conn } => {
+    let mut holding = match wait_for_decision(&replica, want, gate.wait_timeout).await? {
+        Decision::Follow { seen, conn } => {
             gate.preflight.follower(&replica, seen, conn).await?;
             return Err(child::exec(&app_off));
         }
-        Turn::Holder(holding) => cleared(&gate, &bounds, &replica, *holding).await?,
+        Decision::Hold(holding) => clear_to_migrate(&gate, &replica, *holding).await?,
     };
 
     if let Some(argv) = &migrate {
         let program = Program::new(argv, (&flag.name, &flag.on));
         holding = holding
-            .migrate(&replica, &program, "--migrate command", &bounds)
+            .migrate(&replica, &program, "--migrate command")
             .await?;
     }
 
@@ -124,12 +122,12 @@ pub(crate) async fn run(plan: Run) -> Result<i32> {
     };
     let app = Program::new(&command, (&flag.name, value)).with_env(first_start_env.clone());
     let child = holding
-        .start_app(&replica, &app, &probe, ready_timeout, &bounds)
+        .start_app(&replica, &app, &probe, ready_timeout)
         .await?;
     if first_start_env.is_empty() {
         return Ok(parent_of(child).await);
     }
-    Err(restart_as_configured(child, &bounds, &app_off).await)
+    Err(restart_as_configured(child, holder.kill_grace, &app_off).await)
 }
 
 /// The holder's first start of the app ran with `--first-start-env` and is ready: its start-up
@@ -138,13 +136,13 @@ pub(crate) async fn run(plan: Run) -> Result<i32> {
 /// Returns only if the exec fails.
 async fn restart_as_configured(
     mut child: child::Supervisor,
-    bounds: &Bounds,
+    kill_grace: std::time::Duration,
     app_off: &Program<'_>,
 ) -> Error {
     info!(
         "the first start (--first-start-env) is ready; stopping it to start the app as configured"
     );
-    let code = child.stop(bounds.kill_grace).await;
+    let code = child.stop(kill_grace).await;
     child.finish();
     info!(
         code,
@@ -165,8 +163,10 @@ async fn parent_of(mut child: child::Supervisor) -> i32 {
 pub(crate) async fn wait(plan: Wait) -> Result<i32> {
     let Wait { gate, command } = plan;
     let replica = replica_for(&gate)?;
-    let want = Want::Done { slots: gate.slots };
-    if let Turn::Follower { seen, conn } = wait_turn(&replica, want, gate.wait_timeout).await? {
+    let want = Role::Watch { slots: gate.slots };
+    if let Decision::Follow { seen, conn } =
+        wait_for_decision(&replica, want, gate.wait_timeout).await?
+    {
         gate.preflight.follower(&replica, seen, conn).await?;
     }
     if command.is_empty() {
@@ -289,18 +289,11 @@ fn replica_for(gate: &Gate) -> Result<Replica> {
 /// The holder, cleared to migrate: its preflight checks passed, and no app of another release
 /// is connected (`--other-releases`). A refusal is recorded as a failed attempt, which frees the
 /// lock for a replica that is configured right.
-async fn cleared(
-    gate: &Gate,
-    bounds: &Bounds,
-    replica: &Replica,
-    holding: Holding,
-) -> Result<Holding> {
+async fn clear_to_migrate(gate: &Gate, replica: &Replica, holding: Holding) -> Result<Holding> {
     if let Err(e) = gate.preflight.holder(replica).await {
         return Err(holding.refuse(replica, e).await);
     }
-    holding
-        .no_other_releases(replica, bounds.other_releases, gate.wait_timeout)
-        .await
+    holding.no_other_releases(replica).await
 }
 
 /// "release \"R\"", or what serial mode is, for summaries.

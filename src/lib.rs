@@ -10,7 +10,7 @@
 //! - [`preflight`]: checks before the app starts (`--same-env`, presets, older releases);
 //! - [`protocol`]: **the protocol in one file**, top to bottom: the waiting loop (done? follow;
 //!   lock free? take over; otherwise wait) and taking over as named steps, ending in a
-//!   [`protocol::Turn`];
+//!   [`protocol::Decision`];
 //! - [`waiting`]: a waiting replica's bookkeeping between rounds (kept connections, waiting
 //!   slots, `LISTEN`, the route, failure streaks, reports, pauses);
 //! - [`holding`]: the holder's life once it has begun an attempt (migrate, start the app,

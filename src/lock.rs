@@ -76,20 +76,16 @@ impl fmt::Display for LockKey {
     }
 }
 
-/// How the lock is held.
+/// How the lock is held (`--lock-scope`). Why each: its `--help` line, in
+/// `config/value_enums.rs`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum Scope {
-    /// Decide once per gate, on its first connection that needs it: session on a direct
-    /// connection, transaction when a pooler or proxy sits between.
+    /// Session or transaction, decided on the gate's first connection that needs it.
     Auto,
-    /// `pg_try_advisory_lock`, held by the session: no open transaction while migrating, so
-    /// `CREATE INDEX CONCURRENTLY` in the migration never waits for us. Needs a direct
-    /// connection or session pooling.
+    /// `pg_try_advisory_lock`, held by the session.
     Session,
-    /// `pg_try_advisory_xact_lock` inside a transaction kept open (with heartbeats) until the
-    /// ledger row commits: correct behind transaction pooling, where a session lock would leak
-    /// onto a pooled server connection and never be released.
+    /// `pg_try_advisory_xact_lock`, in a transaction kept open until the ledger row commits.
     Transaction,
 }
 
@@ -169,7 +165,31 @@ pub(crate) async fn held_by_us(
 /// transaction (PostgreSQL, "pg_locks"), unlike `pg_stat_activity`, whose snapshot is taken
 /// once per transaction; the session's own `backend_start` never changes, so that is safe.
 #[derive(Debug, Clone)]
-pub(crate) struct Proof(String);
+pub(crate) struct Proof {
+    /// `pg_locks.classid` of the lock's key.
+    pub(crate) classid: u32,
+    /// `pg_locks.objid` of the lock's key.
+    pub(crate) objid: u32,
+    /// The lock session's backend PID.
+    pub(crate) pid: i32,
+    /// The lock session's `backend_start`, as a SQL literal.
+    pub(crate) start: String,
+}
+
+/// SQL, a string literal: the condition that the lock session of a [`Proof`] holds its lock now.
+/// Written once, here, and spliced at compile time (`concat!`) into each statement that carries
+/// it, so that each statement's text is whole in one `format!`; it binds `held_classid`,
+/// `held_objid`, `held_pid` and `held_start` by name ([`Proof`]'s fields). The unit tests of those
+/// statements show them whole.
+macro_rules! lock_held {
+    () => {
+        "EXISTS (SELECT 1 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+         WHERE l.locktype = 'advisory' AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+         AND l.classid = {held_classid} AND l.objid = {held_objid} AND l.objsubid = 1 \
+         AND l.granted AND l.pid = {held_pid} AND a.backend_start = {held_start}::timestamptz)"
+    };
+}
+pub(crate) use lock_held;
 
 impl Proof {
     /// The proof for the lock session `conn`, which must hold `lock`.
@@ -181,18 +201,23 @@ impl Proof {
         )
         .await?;
         let row = one_row(&rows)?;
-        let pid: i32 = row.parse(0)?;
-        Ok(Proof(format!(
-            "EXISTS (SELECT 1 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
-             WHERE {} AND l.granted AND l.pid = {pid} AND a.backend_start = {}::timestamptz)",
-            lock.pg_locks_filter(),
-            lit(&row.text(1)?)
-        )))
+        Ok(Proof {
+            classid: lock.classid(),
+            objid: lock.objid(),
+            pid: row.parse(0)?,
+            start: lit(&row.text(1)?),
+        })
     }
 
-    /// The SQL condition: true while the lock session holds the lock.
-    pub(crate) fn sql(&self) -> &str {
-        &self.0
+    /// A proof with fixed values, for the tests that pin statements' text.
+    #[cfg(test)]
+    pub(crate) fn example() -> Proof {
+        Proof {
+            classid: 1,
+            objid: 2,
+            pid: 3,
+            start: lit("2026-01-01 00:00:00+00"),
+        }
     }
 }
 

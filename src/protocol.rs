@@ -32,71 +32,69 @@ use tracing::{info, warn};
 use crate::application::Compared;
 use crate::db::{Conn, Failure};
 use crate::error::{Error, Result};
-use crate::holding::{self, Holding, Taken};
-use crate::ledger::{AttemptRow, Begun, Outcome, ReadKey, Seen, Stale};
+use crate::holding::{self, HolderPlan, Holding, Takeover};
+use crate::ledger::{AttemptRow, Begun, HeldAttempt, Outcome, ReadKey, Seen, Stale};
 use crate::lock::{self, Proof, Scope, WaitSlots};
 use crate::replica::Replica;
-use crate::sessions::{self, Ended, Which};
+use crate::sessions::{self, Terminated, Which};
 use crate::tools;
 use crate::waiting::{Busy, Waiter};
 
 /// What the replica wants from waiting.
 #[derive(Debug, Clone, Copy)]
-pub(crate) enum Want {
+pub(crate) enum Role {
     /// Its turn to migrate (`migrate`, `run`): take the lock when it is free.
-    Lock {
+    Migrate {
         /// `--waiting-connections`.
         slots: WaitSlots,
-        /// `--max-failures` (0: no limit).
-        max_failures: u32,
-        /// `--keep-tool-locks`.
-        keep_tool_locks: bool,
+        /// The holder's settings, for when it gets the lock.
+        plan: HolderPlan,
     },
     /// Only to see the release done (`wait`): never take the lock.
-    Done {
+    Watch {
         /// `--waiting-connections`.
         slots: WaitSlots,
     },
 }
 
-impl Want {
+impl Role {
     /// `--waiting-connections`.
     pub(crate) fn slots(self) -> WaitSlots {
         match self {
-            Want::Lock { slots, .. } | Want::Done { slots } => slots,
+            Role::Migrate { slots, .. } | Role::Watch { slots } => slots,
         }
     }
 }
 
 /// Whose turn it is: the one outcome of waiting.
-pub(crate) enum Turn {
+pub(crate) enum Decision {
     /// The release is done: go on with the flag off. `seen`: what the ledger read saw, for the
     /// preflight checks; `conn`: its connection, for a preflight check that needs one more round
     /// trip (dropped otherwise: a follower execs or exits next, and both close the socket).
-    Follower { seen: Seen, conn: Option<Conn> },
+    Follow { seen: Seen, conn: Option<Conn> },
     /// We hold the lock and have begun an attempt: migrate.
-    Holder(Box<Holding>),
+    Hold(Box<Holding>),
 }
 
 /// What one round saw.
 enum Round {
-    /// A turn: follow or hold.
-    Turn(Turn),
+    /// Decided: follow or hold.
+    Decided(Decision),
     /// Not yet: the lock is taken (or we only watch).
     Busy(Busy),
     /// The server is a read-only standby and the release is not done there.
     Standby,
 }
 
-/// Waits until the release is done (follower) or, with [`Want::Lock`], this replica holds the
+/// Waits until the release is done (follower) or, with [`Role::Migrate`], this replica holds the
 /// lock and has begun an attempt (holder). Fails after `wait_timeout` (`--wait-timeout`, also how
 /// long a holder waits for earlier sessions it may not end), or after `--connect-timeout` of
 /// trouble.
-pub(crate) async fn wait_turn(
+pub(crate) async fn wait_for_decision(
     replica: &Replica,
-    want: Want,
+    want: Role,
     wait_timeout: Duration,
-) -> Result<Turn> {
+) -> Result<Decision> {
     let started = Instant::now();
     let deadline = tokio::time::Instant::from_std(started + wait_timeout);
     let mut waiter = Waiter::new(replica);
@@ -107,7 +105,9 @@ pub(crate) async fn wait_turn(
         };
         match tokio::time::timeout_at(deadline, round).await {
             Err(_) => return Err(waiter.timed_out(started.elapsed())),
-            Ok(Ok(Round::Turn(turn))) => return Ok(said(replica, turn, started)),
+            Ok(Ok(Round::Decided(decision))) => {
+                return Ok(log_decision(replica, decision, started));
+            }
             Ok(Ok(Round::Busy(busy))) => waiter.busy(busy, want.slots()).await,
             Ok(Ok(Round::Standby)) => waiter.standby()?,
             Ok(Err(Failure::Fatal(e))) => return Err(e),
@@ -121,14 +121,14 @@ pub(crate) async fn wait_turn(
 }
 
 /// Logs whose turn it is and how long the wait took.
-fn said(replica: &Replica, turn: Turn, started: Instant) -> Turn {
+fn log_decision(replica: &Replica, decision: Decision, started: Instant) -> Decision {
     let waited_ms = started.elapsed().as_millis() as u64;
-    match &turn {
-        Turn::Follower { .. } => info!(
+    match &decision {
+        Decision::Follow { .. } => info!(
             release = replica.release(),
             waited_ms, "release is done; starting with the flag off"
         ),
-        Turn::Holder(holding) => info!(
+        Decision::Hold(holding) => info!(
             release = replica.release(),
             lock = %replica.lock(),
             attempt = holding.attempt_id(),
@@ -136,14 +136,14 @@ fn said(replica: &Replica, turn: Turn, started: Instant) -> Turn {
             "lock taken; this replica migrates"
         ),
     }
-    turn
+    decision
 }
 
 /// One round (steps 1 and 2) on `conn`: done? follow; lock free? take over; otherwise busy.
 async fn round(
     waiter: &mut Waiter<'_>,
     mut conn: Conn,
-    want: Want,
+    want: Role,
     wait_timeout: Duration,
 ) -> Result<Round, Failure> {
     let replica = waiter.replica();
@@ -156,12 +156,7 @@ async fn round(
         Some(seen) if seen.standby => return Ok(Round::Standby),
         _ => {}
     }
-    let Want::Lock {
-        max_failures,
-        keep_tool_locks,
-        ..
-    } = want
-    else {
+    let Role::Migrate { plan, .. } = want else {
         return waiter
             .keep_or_drop(conn, want.slots())
             .await
@@ -185,15 +180,14 @@ async fn round(
             .await
             .map(Round::Busy);
     }
-    let taken = Taken {
+    let taken = Takeover {
         route,
         scope,
         wait_timeout,
-        max_failures,
-        keep_tool_locks,
         app_column,
+        plan,
     };
-    take_over(replica, conn, taken).await.map(Round::Turn)
+    take_over(replica, conn, taken).await.map(Round::Decided)
 }
 
 /// Whether the release is done (one round trip, the whole fast path); `None` without a
@@ -238,7 +232,7 @@ fn same_application(replica: &Replica, seen: &Seen) -> Result<(), Failure> {
 }
 
 fn follower(seen: Seen, conn: Conn) -> Round {
-    Round::Turn(Turn::Follower {
+    Round::Decided(Decision::Follow {
         seen,
         conn: Some(conn),
     })
@@ -246,29 +240,38 @@ fn follower(seen: Seen, conn: Conn) -> Round {
 
 /// Step 3, once `conn` holds the lock: each step a function below, in order. Errors come sorted
 /// into "retry" (the lock is lost: wait again) and "give up".
-async fn take_over(replica: &Replica, mut conn: Conn, taken: Taken) -> Result<Turn, Failure> {
+async fn take_over(
+    replica: &Replica,
+    mut conn: Conn,
+    taken: Takeover,
+) -> Result<Decision, Failure> {
     let sql = |e: sqlx::Error| replica.db.classify(&e);
     let (proof, server_version) = configure_lock_session(replica, &mut conn, taken.scope).await?;
     if let Some(seen) = done_under_lock(replica, &mut conn, taken.scope).await? {
         same_application(replica, &seen)?;
-        return Ok(Turn::Follower {
+        return Ok(Decision::Follow {
             seen,
             conn: Some(conn),
         });
     }
     refuse_failing_release(replica, &mut conn, &taken).await?;
     let mut witness = open_witness(replica, taken.scope).await?;
-    let book = match witness.as_mut() {
+    let ledger_conn = match witness.as_mut() {
         Some(w) => w.pg().await.map_err(sql)?,
         None => conn.pg().await.map_err(sql)?,
     };
-    let stale = wait_out_vanished_holder(replica, book, &proof).await?;
-    let ended = end_earlier_sessions(replica, book, &proof, &stale, taken.wait_timeout).await?;
-    let previous = replica.ledger.attempts(book, replica.release(), 1).await;
+    let stale = wait_out_vanished_holder(replica, ledger_conn, &proof).await?;
+    let ended =
+        terminate_earlier_sessions(replica, ledger_conn, &proof, &stale, taken.wait_timeout)
+            .await?;
+    let previous = replica
+        .ledger
+        .attempts(ledger_conn, replica.release(), 1)
+        .await;
     let new = holding::new_attempt(replica, taken.app_column);
     let id = match replica
         .ledger
-        .begin(book, &new, &proof)
+        .begin(ledger_conn, &new, &proof)
         .await
         .map_err(sql)?
     {
@@ -277,11 +280,12 @@ async fn take_over(replica: &Replica, mut conn: Conn, taken: Taken) -> Result<Tu
         // Only a holder writes `done`, so not while we hold the lock; cheap to honour anyway.
         Begun::AlreadyDone => return Err(lost("before it began (the release is done)")),
     };
-    let cleaned = tool_state(replica, book, (id, &proof), &previous, &taken).await;
-    let holding = Holding::new(replica, (conn, witness), (proof, id), taken, server_version)
-        .after(previous.ok(), ended)
-        .noting(cleaned);
-    Ok(Turn::Holder(Box::new(holding)))
+    let held = HeldAttempt { id, proof };
+    let cleaned = tool_state(replica, ledger_conn, &held, &previous, &taken).await;
+    let holding = Holding::new(replica, (conn, witness), held, taken, server_version)
+        .with_history(previous.ok(), ended)
+        .with_tool_notes(cleaned);
+    Ok(Decision::Hold(Box::new(holding)))
 }
 
 /// What the migration tool left behind, now that every earlier attempt's session is gone and
@@ -290,10 +294,10 @@ async fn take_over(replica: &Replica, mut conn: Conn, taken: Taken) -> Result<Tu
 /// the lines for this attempt's record.
 async fn tool_state(
     replica: &Replica,
-    book: &mut sqlx::PgConnection,
-    (id, proof): (i64, &Proof),
+    ledger_conn: &mut sqlx::PgConnection,
+    held: &HeldAttempt,
     previous: &std::result::Result<Vec<AttemptRow>, sqlx::Error>,
-    taken: &Taken,
+    taken: &Takeover,
 ) -> Vec<String> {
     let after_trouble = previous.as_ref().is_ok_and(|p| {
         p.first()
@@ -301,9 +305,11 @@ async fn tool_state(
     });
     let mut lines = Vec::new();
     if after_trouble {
-        lines.extend(tools::report_dirty(book).await);
+        lines.extend(tools::report_dirty(ledger_conn).await);
     }
-    lines.extend(tools::clear_stale_locks(replica, book, (id, proof), taken.keep_tool_locks).await);
+    lines.extend(
+        tools::clear_stale_locks(replica, ledger_conn, held, taken.plan.keep_tool_locks).await,
+    );
     lines
 }
 
@@ -361,10 +367,10 @@ async fn done_under_lock(
 async fn refuse_failing_release(
     replica: &Replica,
     conn: &mut Conn,
-    taken: &Taken,
+    taken: &Takeover,
 ) -> Result<(), Failure> {
     let sql = |e: sqlx::Error| replica.db.classify(&e);
-    let (Some(release), max) = (replica.release(), taken.max_failures) else {
+    let (Some(release), max) = (replica.release(), taken.plan.max_failures) else {
         return Ok(());
     };
     if max == 0 {
@@ -405,7 +411,10 @@ async fn open_witness(replica: &Replica, scope: Scope) -> Result<Option<Conn>, F
     match scope {
         Scope::Session => Ok(None),
         _ => Ok(Some(
-            replica.db.connect_once(replica.db.attempt_limit()).await?,
+            replica
+                .db
+                .connect_once(replica.db.connect_try_timeout())
+                .await?,
         )),
     }
 }
@@ -415,12 +424,12 @@ async fn open_witness(replica: &Replica, scope: Scope) -> Result<Option<Conn>, F
 /// look ([`holding::wait_out_fence`]).
 async fn wait_out_vanished_holder(
     replica: &Replica,
-    book: &mut sqlx::PgConnection,
+    ledger_conn: &mut sqlx::PgConnection,
     proof: &Proof,
 ) -> Result<Stale, Failure> {
     let stale = replica
         .ledger
-        .stale(book, proof)
+        .stale(ledger_conn, proof)
         .await
         .map_err(|e| replica.db.classify(&e))?;
     if !stale.held {
@@ -432,7 +441,7 @@ async fn wait_out_vanished_holder(
             fence_wait_s = format!("{:.1}", stale.wait_secs),
             "the previous holder vanished mid-migration; taking over once it has surely stopped its migration"
         );
-        if !holding::wait_out_fence(replica, book, proof, stale.wait_secs).await {
+        if !holding::wait_out_fence(replica, ledger_conn, proof, stale.wait_secs).await {
             return Err(lost("while waiting out the previous holder's fencing time"));
         }
     }
@@ -442,30 +451,27 @@ async fn wait_out_vanished_holder(
 /// An attempt is over only when its sessions are: a vanished, fenced or failed holder's statement
 /// may still run (or sit in a lock queue) on the server. Ends them (each signal under the proof),
 /// then marks the vanished holder's attempts `abandoned` (under the proof too).
-async fn end_earlier_sessions(
+async fn terminate_earlier_sessions(
     replica: &Replica,
-    book: &mut sqlx::PgConnection,
+    ledger_conn: &mut sqlx::PgConnection,
     proof: &Proof,
     stale: &Stale,
     wait_timeout: Duration,
-) -> Result<Ended, Failure> {
+) -> Result<Terminated, Failure> {
     let tag = sessions::Tag::new(replica.identity(), replica.release(), None);
-    let earlier = Which::unfinished(
-        &tag,
-        &replica.ledger.unfinished_ids(),
-        &replica.ledger.unfinished_seen(),
-    )
-    .while_holding(proof);
-    let Some(ended) = holding::end_sessions(book, &earlier, replica.db.username(), wait_timeout)
-        .await
-        .map_err(Failure::Fatal)?
+    let earlier = Which::unfinished(&tag, &replica.ledger.tables().ledger(), replica.lock().key)
+        .while_holding(proof);
+    let Some(ended) =
+        holding::terminate_sessions(ledger_conn, &earlier, replica.db.username(), wait_timeout)
+            .await
+            .map_err(Failure::Fatal)?
     else {
         return Err(lost("while ending earlier attempts' sessions"));
     };
     if stale.running > 0
         && !replica
             .ledger
-            .abandon_stale(book, &ended.to_string(), proof)
+            .abandon_stale(ledger_conn, &ended.to_string(), proof)
             .await
             .map_err(|e| replica.db.classify(&e))?
     {

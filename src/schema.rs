@@ -285,7 +285,7 @@ impl Tables {
     /// What exists of the ledger, and what the connected role may do with it. Read from the
     /// catalogs and the `has_*_privilege` functions only, never through the schema itself
     /// (`to_regclass` would need `USAGE` on it): works without any privilege, changes nothing.
-    pub(crate) async fn inspect(&self, conn: &mut PgConnection) -> Result<Found, sqlx::Error> {
+    pub(crate) async fn inspect(&self, conn: &mut PgConnection) -> Result<Inspected, sqlx::Error> {
         let may = |f: &str, privilege: &str| format!("coalesce({f}, '{privilege}'), false)::text");
         let sql = format!(
             "SELECT (n.oid IS NOT NULL)::text, (t.oid IS NOT NULL)::text, \
@@ -312,7 +312,7 @@ impl Tables {
         let rows = query(conn, sql).await?;
         let row = one_row(&rows)?;
         let yes = |i: usize| -> Result<bool, sqlx::Error> { Ok(row.text(i)? == "true") };
-        Ok(Found {
+        Ok(Inspected {
             schema: yes(0)?,
             table: yes(1)?,
             index: yes(2)?,
@@ -337,7 +337,7 @@ impl Tables {
     /// a release that finds the table never runs [`Tables::create_ledger`]).
     pub(crate) fn needs(
         &self,
-        found: &Found,
+        found: &Inspected,
         role: &str,
         database: &str,
         with_release: bool,
@@ -469,7 +469,7 @@ impl Tables {
 /// What exists of the ledger, and what the connected role may do with it
 /// ([`Tables::inspect`]); [`Tables::needs`] turns it into privileges.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct Found {
+pub(crate) struct Inspected {
     /// The schema exists.
     pub(crate) schema: bool,
     /// `<schema>.ledger` exists.
@@ -489,7 +489,7 @@ pub(crate) struct Found {
     usage_on_sequence: bool,
 }
 
-impl Found {
+impl Inspected {
     /// Whether the role may read the ledger's rows (for the release's state).
     pub(crate) fn readable(&self) -> bool {
         self.table && self.usage_on_schema && self.select

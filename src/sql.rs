@@ -202,3 +202,13 @@ mod tests {
         assert_eq!(ident("a\0b"), "\"ab\"");
     }
 }
+
+/// A statement laid out one clause per line, for the snapshots that pin statements' text.
+#[cfg(test)]
+pub(crate) fn pretty(sql: &str) -> String {
+    sqlformat::format(
+        sql,
+        &sqlformat::QueryParams::None,
+        &sqlformat::FormatOptions::default(),
+    )
+}

@@ -105,7 +105,7 @@ pub(crate) async fn status(plan: Status) -> Result<i32> {
         let env_checks = store.summary(c, Some(&releases)).await?;
         let running = running(c, &replica, &attempts).await?;
         let ids: Vec<i64> = attempts.iter().map(|a| a.id).collect();
-        let tool_locks = tools::released(c, replica.ledger.tables(), &ids).await?;
+        let tool_locks = tools::found_tool_locks(c, replica.ledger.tables(), &ids).await?;
         Ok::<_, sqlx::Error>((
             holder,
             attempts,

@@ -203,7 +203,8 @@ fn holder_whose_attempt_row_is_removed_fences_itself_and_records_nothing() {
 
 #[test]
 fn holder_host_vanishing_without_a_goodbye_frees_the_lock_within_30_seconds() {
-    if !iptables_usable("holder_host_vanishing_without_a_goodbye_frees_the_lock_within_30_seconds") {
+    if !iptables_usable("holder_host_vanishing_without_a_goodbye_frees_the_lock_within_30_seconds")
+    {
         return;
     }
     let db = cluster().new_db("partition");

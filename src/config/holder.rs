@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::values::OtherReleasesArg;
 use super::{parse_duration, parse_lock_timeout};
+use crate::holding::OtherReleases;
 
 /// How the holder stops, bounds and watches the migration.
 #[derive(Debug, Clone, Args)]
@@ -38,7 +38,7 @@ pub(crate) struct HolderArgs {
 
     /// Before migrating, what to do while apps of another release of this lock are connected (their sessions' tags name it; the gate's own and untagged clients never count; needs --release): wait for them to disconnect (up to --wait-timeout), fail (exit 78, recorded failed), or ignore. [default: wait; fail with --preset open-webui]
     #[arg(long, env = "MIGRATIONS_GATE_OTHER_RELEASES", value_enum, value_name = "POLICY")]
-    pub(crate) other_releases: Option<OtherReleasesArg>,
+    pub(crate) other_releases: Option<OtherReleases>,
 
     /// The application this gate migrates for, recorded (as a salted fingerprint) with each attempt and compared before following a done release: a replica that finds its release migrated for another application refuses (exit 78) instead of starting unmigrated. Default: the migration command itself (--migrate CMD, the command after `--` for migrate, or the app for run without --migrate), which every replica of one release shares. Set the same NAME where one application's replicas start by different commands.
     #[arg(long, env = "MIGRATIONS_GATE_APP", value_name = "NAME")]

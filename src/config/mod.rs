@@ -11,16 +11,15 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 mod database;
 mod holder;
 mod plan;
-mod values;
+mod value_enums;
 
 pub(crate) use holder::HolderArgs;
 pub(crate) use plan::{Check, Gate, Migrate, Plan, Reset, Run, Status, Wait};
-use values::{OnMismatchArg, PresetArg, ScopeArg};
 
 use crate::db::ConnUrl;
 use crate::error::{Error, Result};
-use crate::lock::{LockKey, WaitSlots};
-use crate::preflight::{self, Preset};
+use crate::lock::{LockKey, Scope, WaitSlots};
+use crate::preflight::{self, OnMismatch, Preset};
 use crate::release::release_from_path;
 use crate::replica::{GATE_NAME_PREFIX, Target, hostname};
 
@@ -163,8 +162,8 @@ pub(crate) struct DbArgs {
     pub(crate) schema: String,
 
     /// How the lock is held: session, transaction (for transaction-pooling PgBouncer), or auto-detect.
-    #[arg(long, env = "MIGRATIONS_GATE_LOCK_SCOPE", value_enum, default_value_t = ScopeArg::Auto)]
-    pub(crate) lock_scope: ScopeArg,
+    #[arg(long, env = "MIGRATIONS_GATE_LOCK_SCOPE", value_enum, default_value_t = Scope::Auto)]
+    pub(crate) lock_scope: Scope,
 
     /// Keep retrying a database that is not up yet for this long.
     #[arg(long, env = "MIGRATIONS_GATE_CONNECT_TIMEOUT", value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
@@ -239,12 +238,12 @@ pub(crate) struct PreflightArgs {
     pub(crate) same_env: Vec<String>,
 
     /// What a --same-env difference does: fail (exit 78, the app does not start) or warn (log it and start).
-    #[arg(long, env = "MIGRATIONS_GATE_ON_MISMATCH", value_enum, default_value_t = OnMismatchArg::Fail)]
-    pub(crate) on_mismatch: OnMismatchArg,
+    #[arg(long, env = "MIGRATIONS_GATE_ON_MISMATCH", value_enum, default_value_t = OnMismatch::Fail)]
+    pub(crate) on_mismatch: OnMismatch,
 
     /// Check a known app's multi-replica setup (its rules fail with 78 or warn; see the README, "Preflight"), and find the database as the app does when no --database-url is given (open-webui: its DATABASE_* parts, else DATABASE_URL).
     #[arg(long, env = "MIGRATIONS_GATE_PRESET", value_enum)]
-    pub(crate) preset: Option<PresetArg>,
+    pub(crate) preset: Option<Preset>,
 
     /// Start even when a newer release was already migrated on this database (e.g. a deliberate rollback after restoring it). Without it such a replica exits 78.
     #[arg(long, env = "MIGRATIONS_GATE_ALLOW_OLDER_RELEASE")]
@@ -358,7 +357,7 @@ pub(crate) struct StatusArgs {
 
     /// Find the database as this app does when no --database-url is given, as `run --preset` does (open-webui: its DATABASE_* parts, else DATABASE_URL).
     #[arg(long, env = "MIGRATIONS_GATE_PRESET", value_enum)]
-    pub(crate) preset: Option<PresetArg>,
+    pub(crate) preset: Option<Preset>,
 
     /// Print stable JSON instead of a table.
     #[arg(long, env = "MIGRATIONS_GATE_STATUS_JSON")]
@@ -386,7 +385,7 @@ pub(crate) struct CheckArgs {
 
     /// Find the database as this app does when no --database-url is given, as `run --preset` does (open-webui: its DATABASE_* parts, else DATABASE_URL), and report the preset's fleet-wide checks: the shared DATA_DIR and the connection budget.
     #[arg(long, env = "MIGRATIONS_GATE_PRESET", value_enum)]
-    pub(crate) preset: Option<PresetArg>,
+    pub(crate) preset: Option<Preset>,
 
     /// Report whether this directory holds the release's shared-directory marker (see `run --shared-dir`); reads only.
     #[arg(long, env = "MIGRATIONS_GATE_SHARED_DIR", value_name = "PATH")]
@@ -406,7 +405,7 @@ pub(crate) struct ResetArgs {
 
     /// Find the database as this app does when no --database-url is given, as `run --preset` does (open-webui: its DATABASE_* parts, else DATABASE_URL).
     #[arg(long, env = "MIGRATIONS_GATE_PRESET", value_enum)]
-    pub(crate) preset: Option<PresetArg>,
+    pub(crate) preset: Option<Preset>,
 
     /// Forget only the release's --same-env fingerprints (the next replica sets them anew); the release stays done.
     #[arg(long, env = "MIGRATIONS_GATE_RESET_ENV")]
@@ -468,8 +467,8 @@ impl PreflightArgs {
     pub(crate) fn settings(&self) -> preflight::Settings {
         preflight::Settings {
             same_env: self.same_env.clone(),
-            on_mismatch: self.on_mismatch.into(),
-            preset: self.preset.map(Preset::from),
+            on_mismatch: self.on_mismatch,
+            preset: self.preset,
             allow_older_release: self.allow_older_release,
             shared_dir: self.shared_dir.clone(),
             require_shared_dir: self.require_shared_dir,

@@ -10,7 +10,7 @@ use super::{CheckArgs, Command, GateArgs, MigrateArgs, ResetArgs, RunArgs, Statu
 use crate::application::Application;
 use crate::child::check_program;
 use crate::error::{Error, Result};
-use crate::holding::{Bounds, OtherReleases};
+use crate::holding::{HolderPlan, OtherReleases};
 use crate::lock::WaitSlots;
 use crate::preflight::{Mode, Preflight, Preset};
 use crate::probe::{self, Probe};
@@ -62,7 +62,8 @@ pub(crate) struct Migrate {
     pub(crate) gate: Gate,
     /// `--app`, or the command: whose release this is.
     pub(crate) application: Application,
-    pub(crate) bounds: Bounds,
+    /// The holder's settings.
+    pub(crate) holder: HolderPlan,
     pub(crate) command: Vec<String>,
 }
 
@@ -71,7 +72,8 @@ pub(crate) struct Run {
     pub(crate) gate: Gate,
     /// `--app`, or the migration command (`--migrate`, else the app): whose release this is.
     pub(crate) application: Application,
-    pub(crate) bounds: Bounds,
+    /// The holder's settings.
+    pub(crate) holder: HolderPlan,
     /// `--migrate`, split into words.
     pub(crate) migrate: Option<Vec<String>>,
     /// `--ready-http`, `--ready-tcp` or `--ready-sql`.
@@ -143,7 +145,7 @@ fn migrate(a: MigrateArgs) -> Result<Migrate> {
     Ok(Migrate {
         application: application(a.holder.app.as_deref(), &a.command)?,
         gate: gate(a.gate, flag, release, Mode::Migrate)?,
-        bounds: bounds(&a.holder, preset),
+        holder: holder_plan(&a.holder, preset),
         command: a.command,
     })
 }
@@ -180,7 +182,7 @@ fn run(a: RunArgs) -> Result<Run> {
             migrate.as_deref().unwrap_or(&a.command),
         )?,
         gate: gate(a.gate, flag, release, mode)?,
-        bounds: bounds(&a.holder, preset),
+        holder: holder_plan(&a.holder, preset),
         migrate,
         probe,
         ready_timeout: a.ready_timeout,
@@ -330,14 +332,14 @@ fn flag(a: &GateArgs) -> Result<Flag> {
     })
 }
 
-/// The holder's plain settings; `preset` picks the default of `--other-releases`.
-fn bounds(a: &super::HolderArgs, preset: Option<Preset>) -> Bounds {
+/// The holder's settings; `preset` picks the default of `--other-releases`.
+fn holder_plan(a: &super::HolderArgs, preset: Option<Preset>) -> HolderPlan {
     let other_releases = match (a.other_releases, preset) {
         (Some(chosen), _) => chosen.into(),
         (None, Some(Preset::OpenWebui)) => OtherReleases::Fail,
         (None, None) => OtherReleases::Wait,
     };
-    Bounds {
+    HolderPlan {
         kill_grace: a.kill_grace,
         migration_timeout: a.migration_timeout,
         lock_timeout: a.lock_timeout,

@@ -62,7 +62,7 @@ impl Db {
 
     /// One connection attempt on the host list: the first host, in order, that connects and
     /// suits [`Db::wanted`]; each host's attempt is bounded by `limit` (and by
-    /// [`Db::attempt_limit`]).
+    /// [`Db::connect_try_timeout`]).
     pub(crate) async fn connect_once(&self, limit: Duration) -> Result<Conn, Failure> {
         let wanted = self.wanted();
         // prefer-standby: a standby if there is one, else any host (a second pass).

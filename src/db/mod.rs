@@ -310,15 +310,15 @@ impl Db {
     /// The longest single attempt: at most a third of `--connect-timeout`, so that an attempt
     /// that hangs (a dropped SYN, a stalled server) leaves room for more.
     /// The URL's `connect_timeout`, when it has one, sets it instead (as in libpq).
-    pub(crate) fn attempt_limit(&self) -> Duration {
+    pub(crate) fn connect_try_timeout(&self) -> Duration {
         self.attempt_cap.unwrap_or_else(|| {
             (self.connect_timeout / 3).clamp(Duration::from_secs(1), ATTEMPT_TIMEOUT)
         })
     }
 
-    /// One connection attempt to host `i`, bounded by `limit` and [`Db::attempt_limit`].
+    /// One connection attempt to host `i`, bounded by `limit` and [`Db::connect_try_timeout`].
     async fn connect_host(&self, i: usize, limit: Duration) -> Result<Conn, Failure> {
-        let limit = limit.clamp(Duration::from_millis(100), self.attempt_limit());
+        let limit = limit.clamp(Duration::from_millis(100), self.connect_try_timeout());
         match tokio::time::timeout(limit, self.hosts[i].options.connect()).await {
             Ok(Ok(conn)) => {
                 set_client_keepalives();
@@ -354,7 +354,7 @@ impl Db {
     /// itself until the attempt limit; the caller has a plain connection already and simply
     /// keeps polling on it when this fails.
     pub(crate) async fn connect_listening(&self, channel: &str) -> Result<Conn, sqlx::Error> {
-        let limit = self.attempt_limit();
+        let limit = self.connect_try_timeout();
         let pool = PgPoolOptions::new()
             .max_connections(1)
             .min_connections(0)

@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::ledger::{NewAttempt, NotCounted};
 use crate::lock::{self, Proof};
 use crate::replica::Replica;
-use crate::sessions::{self, EndError, Ended, Which};
+use crate::sessions::{self, TerminateError, Terminated, Which};
 use crate::sql;
 
 /// How long after its last heartbeat a holder has surely noticed a lost session and stopped its
@@ -25,7 +25,7 @@ use crate::sql;
 /// [`HEARTBEAT`] after the last one and fails within [`HEARTBEAT_TIMEOUT`]; a holder that
 /// fences then SIGKILLs its child's process group at once, with no `--kill-grace` (the next
 /// holder must not wait for a migration to clean up), which leaves the second for the kernel to
-/// deliver it. The child's sessions are the taker-over's to end ([`end_sessions`]); the tool's
+/// deliver it. The child's sessions are the taker-over's to end ([`terminate_sessions`]); the tool's
 /// own lock rows that the kill leaves are cleared by [`crate::tools`].
 const FENCE_TIME: Duration = HEARTBEAT
     .saturating_add(HEARTBEAT_TIMEOUT)
@@ -59,7 +59,7 @@ impl Holding {
         what: &str,
     ) -> Result<Holding> {
         let sessions = self.sessions.clone();
-        let busy = match self.book().await {
+        let busy = match self.ledger_conn().await {
             Ok(c) => sessions.busy_after_success(c, SETTLE_AFTER_SUCCESS).await,
             Err(e) => Err(e),
         };
@@ -136,11 +136,11 @@ impl Holding {
             if !lock::held_by_us(self.conn.pg().await?, replica.lock()).await? {
                 return Ok(Err("the lock is no longer held by our session"));
             }
-            let book = match self.witness.as_mut() {
+            let ledger_conn = match self.witness.as_mut() {
                 Some(w) => w.pg().await?,
                 None => self.conn.pg().await?,
             };
-            if !replica.ledger.heartbeat(book, self.attempt).await? {
+            if !replica.ledger.heartbeat(ledger_conn, self.attempt).await? {
                 return Ok(Err(
                     "our attempt's row is no longer `running` (another holder marked it, or a reset removed it)",
                 ));
@@ -161,7 +161,7 @@ impl Holding {
         let mut sessions = self.sessions.clone();
         let mut ports = std::mem::take(&mut self.ports_seen);
         let attempt = self.attempt;
-        if let Ok(c) = self.book().await {
+        if let Ok(c) = self.ledger_conn().await {
             let noted = async {
                 if sessions.remember(c, pgid, &mut ports).await? {
                     replica
@@ -185,30 +185,30 @@ impl Holding {
 /// `bound` (`--wait-timeout`), saying once which session and what to grant; then gives up with
 /// the lock never freed while they ran: exit 77 when not allowed, 69 otherwise. `None`: the
 /// guard of a [`Which::while_holding`] failed, the lock is lost.
-pub(crate) async fn end_sessions(
+pub(crate) async fn terminate_sessions(
     conn: &mut sqlx::PgConnection,
     which: &Which,
     role: &str,
     bound: Duration,
-) -> Result<Option<Ended>> {
+) -> Result<Option<Terminated>> {
     let until = Instant::now() + bound;
     let mut said = false;
     loop {
-        let e = match sessions::end(conn, which).await {
+        let e = match sessions::terminate(conn, which).await {
             Ok(ended) => return Ok(Some(ended)),
             Err(e) => e,
         };
         let line = e.describe(role);
         match e {
-            EndError::LockLost => return Ok(None),
-            EndError::Sql(_) => return Err(Error::Unavailable(line)),
+            TerminateError::LockLost => return Ok(None),
+            TerminateError::Sql(_) => return Err(Error::Unavailable(line)),
             _ if Instant::now() >= until => {
                 let line = format!(
                     "{line}; gave up after --wait-timeout ({}) without freeing the lock while they ran",
                     duration::short(bound)
                 );
                 return Err(match e {
-                    EndError::Denied(_) => Error::Auth(line),
+                    TerminateError::Denied(_) => Error::Auth(line),
                     _ => Error::Unavailable(line),
                 });
             }
@@ -231,7 +231,7 @@ const FENCE_POLL: Duration = Duration::from_secs(1);
 /// lock (or cannot show it still holds it): the turn is over, whatever the ledger says.
 pub(crate) async fn wait_out_fence(
     replica: &Replica,
-    book: &mut sqlx::PgConnection,
+    ledger_conn: &mut sqlx::PgConnection,
     proof: &Proof,
     wait: f64,
 ) -> bool {
@@ -245,7 +245,9 @@ pub(crate) async fn wait_out_fence(
     loop {
         let left = until.saturating_duration_since(tokio::time::Instant::now());
         tokio::time::sleep(left.min(FENCE_POLL)).await;
-        match crate::sql::deadline(HEARTBEAT_TIMEOUT, replica.ledger.stale(book, proof)).await {
+        match crate::sql::deadline(HEARTBEAT_TIMEOUT, replica.ledger.stale(ledger_conn, proof))
+            .await
+        {
             Ok(stale) if !stale.held => return false,
             Ok(stale) if stale.running == 0 => {
                 tracing::info!(
@@ -283,7 +285,7 @@ async fn record_fenced(
     };
     let recorded = async {
         let pg = c.pg().await?;
-        let detail = match sessions::end(pg, &sessions.which()).await {
+        let detail = match sessions::terminate(pg, &sessions.which()).await {
             Ok(ended) => format!("{detail}; sessions: {ended}"),
             Err(e) => {
                 let line = e.describe(replica.db.username());

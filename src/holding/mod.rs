@@ -14,18 +14,18 @@ use tracing::info;
 
 use crate::db::{Conn, close};
 use crate::error::{Error, Result};
-use crate::ledger::{AttemptRow, Outcome};
+use crate::ledger::{AttemptEnd, AttemptRow, HeldAttempt, Outcome};
 use crate::lock::{self, Proof, Scope};
 use crate::replica::Replica;
 use crate::route::Route;
-use crate::sessions::{self, Ended};
+use crate::sessions::{self, Terminated};
 
 mod ending;
 mod running;
 mod watch;
 
-pub(crate) use ending::{end_sessions, new_attempt, wait_out_fence};
-pub(crate) use watch::{Bounds, OtherReleases};
+pub(crate) use ending::{new_attempt, terminate_sessions, wait_out_fence};
+pub(crate) use watch::{HolderPlan, OtherReleases};
 
 /// How often the holder checks that its lock session is alive while a child runs.
 const HEARTBEAT: Duration = Duration::from_secs(1);
@@ -69,8 +69,11 @@ pub(crate) struct Holding {
     direct: bool,
     /// The server's `server_version_num`, from the connection's start-up (0: unknown).
     server_version: u32,
-    /// `--wait-timeout`: how long to keep the lock waiting for sessions we may not end.
+    /// `--wait-timeout`: how long to keep the lock waiting for sessions we may not end, and
+    /// for apps of other releases to disconnect.
     wait_timeout: Duration,
+    /// The holder's settings.
+    plan: HolderPlan,
     /// What taking over ended of earlier attempts, for this attempt's record.
     note: Option<String>,
     /// The attempt before ours when it failed, for the termination message ("the previous
@@ -81,17 +84,15 @@ pub(crate) struct Holding {
 /// What a replica got with the lock, for its attempt: how it reaches PostgreSQL and holds the
 /// lock, and the bounds its fencing and ending depend on.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Taken {
+pub(crate) struct Takeover {
     /// What sits between the gate and PostgreSQL.
     pub(crate) route: Route,
     /// How the lock is held.
     pub(crate) scope: Scope,
     /// `--wait-timeout`: how long to keep the lock waiting for sessions we may not end.
     pub(crate) wait_timeout: Duration,
-    /// `--max-failures` (0: no limit).
-    pub(crate) max_failures: u32,
-    /// `--keep-tool-locks`.
-    pub(crate) keep_tool_locks: bool,
+    /// The holder's settings.
+    pub(crate) plan: HolderPlan,
     /// Whether the ledger has its `app` column ([`crate::application`]).
     pub(crate) app_column: bool,
 }
@@ -128,27 +129,32 @@ impl<'a> Ending<'a> {
 }
 
 impl Holding {
-    /// The holder of attempt `id`, begun by [`crate::protocol`] on `conn` (and its witness)
-    /// with the lock's `proof`.
+    /// The holder of the attempt `held`, begun by [`crate::protocol`] on `conn` (and its
+    /// witness) under the lock's proof.
     pub(crate) fn new(
         replica: &Replica,
         (conn, witness): (Conn, Option<Conn>),
-        (proof, id): (Proof, i64),
-        taken: Taken,
+        held: HeldAttempt,
+        taken: Takeover,
         server_version: u32,
     ) -> Holding {
         Holding {
             conn,
             witness,
             scope: taken.scope,
-            proof,
-            attempt: id,
+            sessions: sessions::AttemptSessions::new(
+                replica.identity(),
+                replica.release(),
+                held.id,
+            ),
+            proof: held.proof,
+            attempt: held.id,
             since: Instant::now(),
-            sessions: sessions::AttemptSessions::new(replica.identity(), replica.release(), id),
             ports_seen: BTreeMap::new(),
             direct: taken.route == Route::Direct,
             server_version,
             wait_timeout: taken.wait_timeout,
+            plan: taken.plan,
             note: None,
             previous_failure: None,
         }
@@ -156,16 +162,20 @@ impl Holding {
 
     /// What came before this attempt: the newest earlier attempt of the release (`previous`,
     /// said when it failed) and what taking over ended of earlier attempts' sessions.
-    pub(crate) fn after(mut self, previous: Option<Vec<AttemptRow>>, ended: Ended) -> Holding {
+    pub(crate) fn with_history(
+        mut self,
+        previous: Option<Vec<AttemptRow>>,
+        ended: Terminated,
+    ) -> Holding {
         self.previous_failure = watch::say_previous_failure(previous);
-        self.note = (ended != Ended::default())
+        self.note = (ended != Terminated::default())
             .then(|| format!("before it, earlier attempts' sessions: {ended}"));
         self
     }
 
     /// What taking over found of the migration tool's own state ([`crate::tools`]), for this
     /// attempt's record.
-    pub(crate) fn noting(mut self, lines: Vec<String>) -> Holding {
+    pub(crate) fn with_tool_notes(mut self, lines: Vec<String>) -> Holding {
         if !lines.is_empty() {
             let lines = lines.join("; ");
             self.note = Some(match self.note.take() {
@@ -190,7 +200,7 @@ impl Holding {
     /// The connection that commits on its own: the witness in transaction scope, else the lock
     /// session. `pg_stat_activity` is read through it: inside the lock's transaction it would
     /// show the same snapshot on every read.
-    async fn book(&mut self) -> Result<&mut sqlx::PgConnection, sqlx::Error> {
+    async fn ledger_conn(&mut self) -> Result<&mut sqlx::PgConnection, sqlx::Error> {
         match self.witness.as_mut() {
             Some(w) => w.pg().await,
             None => self.conn.pg().await,
@@ -235,7 +245,14 @@ impl Holding {
         }
         let (outcome, attempt) = (ending.outcome, self.attempt);
         let result = self
-            .record_and_unlock(replica, (outcome, ending.exit_code, &detail))
+            .record_and_unlock(
+                replica,
+                &AttemptEnd {
+                    outcome,
+                    exit_code: ending.exit_code,
+                    detail: &detail,
+                },
+            )
             .await;
         let held_ms = self.since.elapsed().as_millis() as u64;
         self.close().await;
@@ -258,13 +275,13 @@ impl Holding {
     }
 
     /// Ends this attempt's database sessions and confirms they are gone, keeping the lock.
-    async fn end_own_sessions(&mut self, replica: &Replica) -> Result<Ended> {
+    async fn end_own_sessions(&mut self, replica: &Replica) -> Result<Terminated> {
         let (which, bound) = (self.sessions.which(), self.wait_timeout);
-        let c = self.book().await.map_err(|e| {
+        let c = self.ledger_conn().await.map_err(|e| {
             Error::Unavailable(format!("could not look at the attempt's sessions: {e}"))
         })?;
         // Our own attempt's sessions are ended without a guard: `None` is never returned.
-        Ok(end_sessions(c, &which, replica.db.username(), bound)
+        Ok(terminate_sessions(c, &which, replica.db.username(), bound)
             .await?
             .unwrap_or_default())
     }
@@ -274,7 +291,7 @@ impl Holding {
     async fn record_and_unlock(
         &mut self,
         replica: &Replica,
-        ended: (Outcome, Option<i32>, &str),
+        ended: &AttemptEnd<'_>,
     ) -> Result<bool, sqlx::Error> {
         let (attempt, proof, scope) = (self.attempt, self.proof.clone(), self.scope);
         let c = self.conn.pg().await?;

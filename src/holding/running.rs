@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{error, info, warn};
 
-use super::{Bounds, Ending, FROZEN_AFTER, HEARTBEAT, Holding, LOOK_AT_WAITS, PROBE_EVERY};
+use super::{Ending, FROZEN_AFTER, HEARTBEAT, Holding, LOOK_AT_WAITS, PROBE_EVERY};
 use crate::child::{self, Program, Supervisor};
 use crate::db::{Db, close};
 use crate::duration;
@@ -48,10 +48,10 @@ impl Holding {
         replica: &Replica,
         program: &Program<'_>,
         what: &str,
-        bounds: &Bounds,
     ) -> Result<Holding> {
+        let bounds = self.plan;
         info!(command = %program.display(), flag = %format!("{}={}", program.flag.0, program.flag.1), tag = %self.sessions.tag(), "migration started");
-        self.say_route_limits(bounds);
+        self.say_route_limits();
         let started = Instant::now();
         let program = program.with_env(self.child_env(bounds.lock_timeout));
         let mut child = match child::spawn(&program) {
@@ -85,7 +85,8 @@ impl Holding {
     }
 
     /// What a route through a pooler or proxy means for the migration, said as it starts.
-    fn say_route_limits(&self, bounds: &Bounds) {
+    fn say_route_limits(&self) {
+        let bounds = self.plan;
         if self.direct {
             return;
         }
@@ -154,8 +155,8 @@ impl Holding {
         app: &Program<'_>,
         probe: &Probe,
         ready_timeout: Duration,
-        bounds: &Bounds,
     ) -> Result<Supervisor> {
+        let bounds = self.plan;
         info!(command = %app.display(), probe = %probe.describe(), flag = %format!("{}={}", app.flag.0, app.flag.1), tag = %self.sessions.tag(), "starting the app; holding the lock until it is ready");
         let started = Instant::now();
         let app = &app.with_env(self.child_env(None));

@@ -1,5 +1,5 @@
 //! What bounds and watches the holder's migration: `--migration-timeout`, `--lock-timeout`,
-//! `--report-waits-after` ([`Bounds`]), what its sessions wait on, and apps of other releases
+//! `--report-waits-after` ([`HolderPlan`]), what its sessions wait on, and apps of other releases
 //! still connected before it migrates (`--other-releases`).
 
 use std::time::{Duration, Instant};
@@ -14,10 +14,13 @@ use crate::replica::Replica;
 use crate::sessions;
 use crate::sql;
 
-/// How the holder stops, bounds and watches a migration: the plain settings of
-/// `--kill-grace`, `--migration-timeout`, `--lock-timeout` and `--report-waits-after`.
+/// The holder's settings, made once from the command line ([`crate::config`]) and carried with
+/// the lock ([`crate::protocol::Role::Migrate`], then [`super::Takeover`]) into [`Holding`]:
+/// what taking over reads (`--max-failures`, `--keep-tool-locks`) and how the holder stops,
+/// bounds and watches a migration (`--kill-grace`, `--migration-timeout`, `--lock-timeout`,
+/// `--report-waits-after`, `--other-releases`).
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Bounds {
+pub(crate) struct HolderPlan {
     /// After SIGTERM, how long before SIGKILL.
     pub(crate) kill_grace: Duration,
     /// How long the migration command may run (`None`: no bound).
@@ -35,14 +38,15 @@ pub(crate) struct Bounds {
 }
 
 /// What the holder does when apps of another release of the same lock are still connected
-/// before it migrates (`--other-releases`).
+/// before it migrates (`--other-releases`; each value's `--help` line is in
+/// `config/value_enums.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum OtherReleases {
-    /// Wait until they have disconnected (bounded by --wait-timeout), then migrate.
+    /// Wait for them to disconnect, then migrate.
     Wait,
-    /// Refuse (exit 78): record the attempt failed and free the lock.
+    /// Refuse: exit 78.
     Fail,
-    /// Migrate anyway (migrations that old releases survive).
+    /// Migrate anyway.
     Ignore,
 }
 
@@ -71,12 +75,8 @@ impl Holding {
     /// as `policy` says. Without a release there is nothing to compare. A refusal, or a wait
     /// longer than `bound` (`--wait-timeout`), is recorded as a failed attempt (which frees the
     /// lock) and exits 78 or 75.
-    pub(crate) async fn no_other_releases(
-        mut self,
-        replica: &Replica,
-        policy: OtherReleases,
-        bound: Duration,
-    ) -> Result<Holding> {
+    pub(crate) async fn no_other_releases(mut self, replica: &Replica) -> Result<Holding> {
+        let (policy, bound) = (self.plan.other_releases, self.wait_timeout);
         let Some(release) = replica.release() else {
             return Ok(self);
         };
@@ -122,10 +122,15 @@ impl Holding {
 
     /// The sessions of this lock's apps of another release, in one line (empty: none).
     async fn other_releases(&mut self, replica: &Replica) -> Result<String> {
-        let (tag, names) = (self.sessions.tag().clone(), replica.ledger.release_names());
-        let found = match self.book().await {
+        let tag = self.sessions.tag().clone();
+        let ledger = (replica.ledger.tables().ledger(), replica.lock().key);
+        let found = match self.ledger_conn().await {
             Ok(c) => {
-                sql::deadline(HEARTBEAT_TIMEOUT, sessions::other_releases(c, &tag, &names)).await
+                sql::deadline(
+                    HEARTBEAT_TIMEOUT,
+                    sessions::other_releases(c, &tag, (&ledger.0, ledger.1)),
+                )
+                .await
             }
             Err(e) => Err(e),
         };
@@ -147,7 +152,7 @@ impl Holding {
         after: Duration,
     ) {
         let (which, version) = (self.sessions.which(), self.server_version);
-        let found = match self.book().await {
+        let found = match self.ledger_conn().await {
             Ok(c) => {
                 sql::deadline(
                     HEARTBEAT_TIMEOUT,

@@ -55,23 +55,14 @@ fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
     mac.finalize().into_bytes().into()
 }
 
-/// 32 bytes from the kernel's CSPRNG (`getrandom(2)`).
+/// 32 bytes from the kernel's CSPRNG (`getrandom(2)`, through the `getrandom` crate, which
+/// retries an interrupted call). An OS error keeps its errno.
 pub(super) fn random_key() -> std::io::Result<[u8; 32]> {
     let mut buf = [0u8; 32];
-    let mut filled = 0;
-    while filled < buf.len() {
-        // SAFETY: writes at most `buf.len() - filled` bytes into the rest of `buf`.
-        let n =
-            unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), buf.len() - filled, 0) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        filled += n as usize;
-    }
+    getrandom::getrandom(&mut buf).map_err(|e| match e.raw_os_error() {
+        Some(errno) => std::io::Error::from_raw_os_error(errno),
+        None => std::io::Error::other(e.to_string()),
+    })?;
     Ok(buf)
 }
 

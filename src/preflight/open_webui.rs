@@ -399,25 +399,9 @@ pub(crate) fn python_int(s: &str) -> Option<i64> {
 /// Python's `urllib.parse.unquote`: `%XX` decoded, a `%` without two hex digits kept, the
 /// bytes read as UTF-8 with replacement.
 fn unquote(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        if bytes[i] == b'%'
-            && let (Some(h), Some(l)) = (
-                bytes.get(i + 1).and_then(|b| hex(*b)),
-                bytes.get(i + 2).and_then(|b| hex(*b)),
-            )
-        {
-            out.push((h * 16 + l) as u8);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 /// Python's `parse_qsl` as SQLAlchemy calls it: `&`-separated, `+` is a space, pairs without

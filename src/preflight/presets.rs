@@ -3,10 +3,11 @@
 
 use super::open_webui::{self, AppDatabase, Problem};
 
-/// A named set of rules for a known app (README, "Preflight").
+/// A named set of rules for a known app (README, "Preflight"; `--preset`, whose `--help` line
+/// for each is in `config/value_enums.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Preset {
-    /// Open WebUI's multi-replica checklist.
+    /// `open-webui`: [`OPEN_WEBUI`].
     OpenWebui,
 }
 
@@ -43,7 +44,7 @@ pub(crate) enum Level {
 
 /// What a rule wants of its variables.
 #[derive(Debug, Clone, Copy)]
-pub(crate) enum Check {
+pub(crate) enum Condition {
     /// The same value (or unset) on every replica of a release: compared by fingerprint.
     Same,
     /// Set and not empty.
@@ -59,10 +60,10 @@ pub(crate) enum Check {
 /// One row of a preset.
 #[derive(Debug)]
 pub(crate) struct Rule {
-    /// The variables the rule reads (with [`Check::Same`]: the ones compared).
+    /// The variables the rule reads (with [`Condition::Same`]: the ones compared).
     pub(crate) vars: &'static [&'static str],
-    /// What it wants.
-    pub(crate) check: Check,
+    /// What it wants, as the gate tests it ([`Rule::wants`] says it in words).
+    pub(crate) condition: Condition,
     /// What it does when broken.
     pub(crate) level: Level,
     /// What it wants, for messages ("DATABASE_URL points at PostgreSQL").
@@ -77,21 +78,21 @@ pub(crate) struct Rule {
 const OPEN_WEBUI: &[Rule] = &[
     Rule {
         vars: &["WEBUI_SECRET_KEY"],
-        check: Check::Same,
+        condition: Condition::Same,
         level: Level::Fail,
         wants: "WEBUI_SECRET_KEY is the same on every replica",
         why: "each replica signs sessions with its key: different keys mean login loops and 401s",
     },
     Rule {
         vars: &["WEBUI_SECRET_KEY"],
-        check: Check::Set,
+        condition: Condition::Set,
         level: Level::Warn,
         wants: "WEBUI_SECRET_KEY is set",
         why: "unset, each container generates its own key in its data directory, so replicas disagree unless they share that directory",
     },
     Rule {
         vars: &["DATABASE_URL", "DATABASE_TYPE"],
-        check: Check::Why(|cx| match open_webui_database(cx).conninfo {
+        condition: Condition::Why(|cx| match open_webui_database(cx).conninfo {
             Err(Problem::NotPostgres(why)) => Some(why),
             _ => None,
         }),
@@ -101,7 +102,7 @@ const OPEN_WEBUI: &[Rule] = &[
     },
     Rule {
         vars: &OPEN_WEBUI_DATABASE,
-        check: Check::Why(|cx| match open_webui_database(cx).conninfo {
+        condition: Condition::Why(|cx| match open_webui_database(cx).conninfo {
             Err(Problem::Misread(why)) => Some(why),
             _ => None,
         }),
@@ -111,14 +112,14 @@ const OPEN_WEBUI: &[Rule] = &[
     },
     Rule {
         vars: &OPEN_WEBUI_DATABASE,
-        check: Check::Same,
+        condition: Condition::Same,
         level: Level::Warn,
         wants: "Open WebUI's database settings are the same on every replica",
         why: "replicas on different databases share no users, chats or settings",
     },
     Rule {
         vars: &["ENABLE_WEBSOCKET_SUPPORT"],
-        check: Check::Is {
+        condition: Condition::Is {
             value: "true",
             unset_ok: true,
         },
@@ -128,7 +129,7 @@ const OPEN_WEBUI: &[Rule] = &[
     },
     Rule {
         vars: &["WEBSOCKET_MANAGER"],
-        check: Check::Is {
+        condition: Condition::Is {
             value: "redis",
             unset_ok: false,
         },
@@ -140,14 +141,14 @@ const OPEN_WEBUI: &[Rule] = &[
     // REDIS_URL)`, so REDIS_URL alone serves the websocket manager too.
     Rule {
         vars: &["WEBSOCKET_REDIS_URL", "REDIS_URL"],
-        check: Check::Holds(|cx| cx.set("WEBSOCKET_REDIS_URL") || cx.set("REDIS_URL")),
+        condition: Condition::Holds(|cx| cx.set("WEBSOCKET_REDIS_URL") || cx.set("REDIS_URL")),
         level: Level::Warn,
         wants: "WEBSOCKET_REDIS_URL is set, or REDIS_URL (which Open WebUI falls back to)",
         why: "the websocket manager needs a Redis shared by every replica",
     },
     Rule {
         vars: &["REDIS_URL"],
-        check: Check::Set,
+        condition: Condition::Set,
         level: Level::Warn,
         wants: "REDIS_URL is set",
         why: "settings changed on one replica reach the others through Redis",
@@ -159,21 +160,21 @@ const OPEN_WEBUI: &[Rule] = &[
             "WEBSOCKET_REDIS_URL",
             "REDIS_URL",
         ],
-        check: Check::Same,
+        condition: Condition::Same,
         level: Level::Warn,
         wants: "the websocket and Redis settings are the same on every replica",
         why: "replicas must share one Redis for websockets and config sync",
     },
     Rule {
         vars: &["VECTOR_DB", "CHROMA_HTTP_HOST", "UVICORN_WORKERS"],
-        check: Check::Holds(|cx| cx.workers() <= 1 || shared_vector_store(cx)),
+        condition: Condition::Holds(|cx| cx.workers() <= 1 || shared_vector_store(cx)),
         level: Level::Fail,
         wants: "a client-server vector store (VECTOR_DB other than chroma, or CHROMA_HTTP_HOST) when UVICORN_WORKERS > 1",
         why: "the default local ChromaDB keeps its index in SQLite, and forked workers crash on it",
     },
     Rule {
         vars: &["UVICORN_WORKERS"],
-        check: Check::Holds(|cx| {
+        condition: Condition::Holds(|cx| {
             cx.workers() <= 1 || !matches!(cx.mode, Mode::Run { migrate: false })
         }),
         level: Level::Fail,
@@ -182,14 +183,14 @@ const OPEN_WEBUI: &[Rule] = &[
     },
     Rule {
         vars: &["VECTOR_DB", "CHROMA_HTTP_HOST"],
-        check: Check::Holds(shared_vector_store),
+        condition: Condition::Holds(shared_vector_store),
         level: Level::Warn,
         wants: "a client-server vector store (VECTOR_DB other than chroma, or CHROMA_HTTP_HOST)",
         why: "the default local ChromaDB is per container (replicas do not see each other's documents) and SQLite on a shared volume is unsafe",
     },
     Rule {
         vars: &["VECTOR_DB"],
-        check: Check::Same,
+        condition: Condition::Same,
         level: Level::Warn,
         wants: "VECTOR_DB is the same on every replica",
         why: "replicas would index and search different stores",
@@ -202,7 +203,7 @@ const OPEN_WEBUI: &[Rule] = &[
             "DATABASE_POOL_SIZE",
             "DATABASE_POOL_MAX_OVERFLOW",
         ],
-        check: Check::Why(|cx| {
+        condition: Condition::Why(|cx| {
             [
                 "UVICORN_WORKERS",
                 "DATABASE_POOL_SIZE",
@@ -225,7 +226,7 @@ const OPEN_WEBUI: &[Rule] = &[
     // replica at start-up, outside ENABLE_DB_MIGRATIONS.
     Rule {
         vars: &["RESET_CONFIG_ON_START"],
-        check: Check::Holds(|cx| {
+        condition: Condition::Holds(|cx| {
             !cx.var("RESET_CONFIG_ON_START")
                 .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
         }),
@@ -235,7 +236,7 @@ const OPEN_WEBUI: &[Rule] = &[
     },
     Rule {
         vars: &[],
-        check: Check::Holds(|cx| !matches!(cx.mode, Mode::Run { migrate: false })),
+        condition: Condition::Holds(|cx| !matches!(cx.mode, Mode::Run { migrate: false })),
         level: Level::Warn,
         wants: "`run` has --migrate \"python -c 'import open_webui.config'\"",
         why: "without it the app migrates on start-up, and with UVICORN_WORKERS > 1 its own workers race each other inside the migrating container",
@@ -312,21 +313,21 @@ pub(super) fn broken(rule: &Rule, cx: &Context) -> Option<String> {
             .iter()
             .find_map(|v| f(cx.var(v)).map(|how| format!("{v} {how}")))
     };
-    match rule.check {
-        Check::Same => None,
-        Check::Set => each(&|v| match v {
+    match rule.condition {
+        Condition::Same => None,
+        Condition::Set => each(&|v| match v {
             None => Some("is unset"),
             Some(v) if v.trim().is_empty() => Some("is empty"),
             Some(_) => None,
         }),
-        Check::Is { value, unset_ok } => each(&|v| match v {
+        Condition::Is { value, unset_ok } => each(&|v| match v {
             None if unset_ok => None,
             None => Some("is unset"),
             Some(v) if v.trim().eq_ignore_ascii_case(value) => None,
             Some(_) => Some("has another value"),
         }),
-        Check::Why(f) => f(cx),
-        Check::Holds(f) => {
+        Condition::Why(f) => f(cx),
+        Condition::Holds(f) => {
             if f(cx) {
                 None
             } else if rule.vars.is_empty() {
@@ -372,7 +373,9 @@ mod tests {
         Preset::OpenWebui
             .rules()
             .iter()
-            .filter(|r| r.vars.contains(&"WEBSOCKET_REDIS_URL") && !matches!(r.check, Check::Same))
+            .filter(|r| {
+                r.vars.contains(&"WEBSOCKET_REDIS_URL") && !matches!(r.condition, Condition::Same)
+            })
             .filter_map(|r| broken(r, &cx(vars)))
             .collect()
     }

@@ -8,6 +8,7 @@ use sqlx::postgres::PgConnection;
 use tracing::info;
 
 use super::{POLL, Session, Which, list};
+use crate::lock::lock_held;
 use crate::sql::query;
 
 /// How long cancelled sessions get to end before they are terminated.
@@ -17,14 +18,14 @@ const TERMINATE_GRACE: Duration = Duration::from_secs(5);
 
 /// How an attempt's sessions ended, for the ledger and `status`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct Ended {
+pub(crate) struct Terminated {
     /// Sessions that ended after `pg_cancel_backend`.
     pub(crate) cancelled: usize,
     /// Sessions that had to be terminated.
     pub(crate) terminated: usize,
 }
 
-impl fmt::Display for Ended {
+impl fmt::Display for Terminated {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match (self.cancelled, self.terminated) {
             (0, 0) => write!(f, "no session left"),
@@ -37,7 +38,7 @@ impl fmt::Display for Ended {
 
 /// Why sessions could not be ended.
 #[derive(Debug)]
-pub(crate) enum EndError {
+pub(crate) enum TerminateError {
     /// The database could not be asked.
     Sql(sqlx::Error),
     /// Our role may not signal these sessions (SQLSTATE 42501): they belong to another role and
@@ -49,13 +50,13 @@ pub(crate) enum EndError {
     LockLost,
 }
 
-impl From<sqlx::Error> for EndError {
+impl From<sqlx::Error> for TerminateError {
     fn from(e: sqlx::Error) -> Self {
-        EndError::Sql(e)
+        TerminateError::Sql(e)
     }
 }
 
-impl EndError {
+impl TerminateError {
     /// One line for the log and the error: which sessions, and what to do.
     pub(crate) fn describe(&self, role: &str) -> String {
         let list = |s: &[Session]| {
@@ -65,18 +66,18 @@ impl EndError {
                 .join(", ")
         };
         match self {
-            EndError::Sql(e) => format!("could not look at the attempt's sessions: {e}"),
-            EndError::Denied(s) => format!(
+            TerminateError::Sql(e) => format!("could not look at the attempt's sessions: {e}"),
+            TerminateError::Denied(s) => format!(
                 "the role {role:?} may not end {}: ask a DBA to run `{}` \
                  (or run the migration as the gate's role), or end them yourself with \
                  `SELECT pg_terminate_backend(pid)`",
                 list(s),
                 signal_grant(role)
             ),
-            EndError::LockLost => {
+            TerminateError::LockLost => {
                 "the lock session lost the lock: earlier attempts' sessions are no longer ours to end".into()
             }
-            EndError::Stuck(s) => format!(
+            TerminateError::Stuck(s) => format!(
                 "{} did not end within {} of pg_terminate_backend",
                 list(s),
                 crate::duration::short(TERMINATE_GRACE)
@@ -98,16 +99,29 @@ async fn signal(
     which: &Which,
     function: &str,
     pid: i32,
-) -> Result<bool, EndError> {
-    let sql = match &which.guard {
-        None => format!("SELECT {function}({pid})::text"),
-        Some(guard) => format!("SELECT {function}({pid})::text WHERE {guard}"),
-    };
+) -> Result<bool, TerminateError> {
+    let sql = signal_statement(which, function, pid);
     match query(conn, sql).await {
-        Ok(rows) if rows.is_empty() => Err(EndError::LockLost),
+        Ok(rows) if rows.is_empty() => Err(TerminateError::LockLost),
         Ok(_) => Ok(true),
         Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42501") => Ok(false),
         Err(e) => Err(e.into()),
+    }
+}
+
+/// The statement of [`signal`]: one row when it was sent; none when the guard no longer holds.
+fn signal_statement(which: &Which, function: &str, pid: i32) -> String {
+    match &which.guard {
+        None => format!("SELECT {function}({pid})::text"),
+        Some(proof) => format!(
+            concat!("SELECT {function}({pid})::text WHERE ", lock_held!()),
+            function = function,
+            pid = pid,
+            held_classid = proof.classid,
+            held_objid = proof.objid,
+            held_pid = proof.pid,
+            held_start = proof.start,
+        ),
     }
 }
 
@@ -131,10 +145,13 @@ pub(super) async fn settle(
 
 /// Ends every session `which` selects: cancels what runs, waits [`CANCEL_GRACE`], terminates
 /// what is left (idle ones too: their client is gone), and confirms they are gone.
-pub(crate) async fn end(conn: &mut PgConnection, which: &Which) -> Result<Ended, EndError> {
+pub(crate) async fn terminate(
+    conn: &mut PgConnection,
+    which: &Which,
+) -> Result<Terminated, TerminateError> {
     let found = list(conn, which).await?;
     if found.is_empty() {
-        return Ok(Ended::default());
+        return Ok(Terminated::default());
     }
     let mut denied = Vec::new();
     for s in found.iter().filter(|s| s.busy()) {
@@ -143,7 +160,7 @@ pub(crate) async fn end(conn: &mut PgConnection, which: &Which) -> Result<Ended,
         }
     }
     if !denied.is_empty() {
-        return Err(EndError::Denied(denied));
+        return Err(TerminateError::Denied(denied));
     }
     let left = settle(conn, which, CANCEL_GRACE, Session::busy).await?;
     // A session may turn busy during the grace (a pooled connection picking up a statement):
@@ -162,18 +179,43 @@ pub(crate) async fn end(conn: &mut PgConnection, which: &Which) -> Result<Ended,
         }
     }
     if !denied.is_empty() {
-        return Err(EndError::Denied(denied));
+        return Err(TerminateError::Denied(denied));
     }
     let stuck = settle(conn, which, TERMINATE_GRACE, |_| true).await?;
     if !stuck.is_empty() {
-        return Err(EndError::Stuck(stuck));
+        return Err(TerminateError::Stuck(stuck));
     }
-    let ended = Ended {
+    let ended = Terminated {
         cancelled,
         terminated: rest.len(),
     };
-    if ended != Ended::default() {
+    if ended != Terminated::default() {
         info!(%ended, "ended the attempt's remaining database sessions");
     }
     Ok(ended)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Effect: tests/attempt_sessions.rs and tests/faults.rs (sessions of earlier attempts
+    /// ended only while the lock is held).
+    #[test]
+    fn signal_under_the_proof() {
+        let lock = crate::lock::LockKey::from_name("migrations-gate");
+        let identity = crate::identity::Identity::new(&lock, "migrations_gate");
+        let tag = super::super::Tag::new(&identity, Some("r1"), None);
+        let which = Which::unfinished(&tag, "l", lock.key);
+        assert_eq!(
+            signal_statement(&which, "pg_cancel_backend", 12),
+            "SELECT pg_cancel_backend(12)::text"
+        );
+        let guarded = which.while_holding(&crate::lock::Proof::example());
+        insta::assert_snapshot!(crate::sql::pretty(&signal_statement(
+            &guarded,
+            "pg_terminate_backend",
+            12
+        )));
+    }
 }

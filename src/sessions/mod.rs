@@ -47,7 +47,7 @@ mod ending;
 mod others;
 
 use ending::settle;
-pub(crate) use ending::{EndError, Ended, end, signal_grant};
+pub(crate) use ending::{TerminateError, Terminated, signal_grant, terminate};
 pub(crate) use others::other_releases;
 
 /// The prefix that marks a session as started by a gate's child.
@@ -217,13 +217,14 @@ impl Session {
 /// and the same lock name (and attempt numbers) recur in every database of a cluster.
 const SAME_DATABASE: &str = "a.datname = current_database()";
 
-/// Which sessions to look at: a SQL condition on `pg_stat_activity` aliased `a`. Tagged
-/// sessions count only in the gate's own database ([`SAME_DATABASE`]).
+/// Which sessions to look at: a SQL condition on `pg_stat_activity` aliased `a`, built here
+/// from literals only. Tagged sessions count only in the gate's own database
+/// ([`SAME_DATABASE`]).
 #[derive(Debug, Clone)]
 pub(crate) struct Which {
     cond: String,
-    /// A condition every signal is sent under ([`Which::while_holding`]).
-    guard: Option<String>,
+    /// The lock session every signal is sent under ([`Which::while_holding`]).
+    guard: Option<Proof>,
 }
 
 impl Which {
@@ -255,22 +256,30 @@ impl Which {
     /// signal: sessions of *earlier* attempts are ours to end only while we hold the lock (after
     /// losing it, they may be the next holder's).
     pub(crate) fn while_holding(mut self, proof: &Proof) -> Which {
-        self.guard = Some(proof.sql().to_string());
+        self.guard = Some(proof.clone());
         self
     }
 
-    /// The sessions of this lock's attempts that the ledger does not record `done`: what a
-    /// holder that takes over must see gone before it migrates. `unfinished` is a SQL subquery
-    /// of attempt IDs (text) recorded `running`, `failed` or `abandoned`; `seen` one of the
-    /// untagged sessions (`pid`, `backend_start`) their holders recorded.
-    pub(crate) fn unfinished(tag: &Tag, unfinished: &str, seen: &str) -> Which {
+    /// The sessions of this lock's attempts that its ledger (`ledger`, the quoted table name,
+    /// rows of `lock_key`) does not record `done`: what a holder that takes over must see gone
+    /// before it migrates. Tagged with an attempt recorded `running`, `failed` or `abandoned`,
+    /// or one of the untagged sessions (`pid@backend_start`) that a `running` attempt's holder
+    /// recorded in its `detail` after [`SEEN_NOTE`] ([`crate::ledger::Ledger::note_sessions`]).
+    pub(crate) fn unfinished(tag: &Tag, ledger: &str, lock_key: i64) -> Which {
         Which {
             cond: format!(
-                "((left(a.application_name, {}) = {} AND {} IN ({unfinished}) AND {SAME_DATABASE}) \
-                  OR (a.pid, a.backend_start) IN ({seen}))",
-                tag.identity_prefix().len(),
-                lit(&tag.identity_prefix()),
-                field(ATTEMPT_FIELD),
+                "((left(a.application_name, {prefix_len}) = {prefix} AND {attempt} IN ( \
+                      SELECT id::text FROM {ledger} WHERE lock_key = {lock_key} AND outcome IN ('running', 'failed', 'abandoned')) \
+                   AND {SAME_DATABASE}) \
+                  OR (a.pid, a.backend_start) IN ( \
+                      SELECT split_part(s, '@', 1)::int, split_part(s, '@', 2)::timestamptz \
+                      FROM {ledger} l, unnest(string_to_array(substr(l.detail, {after_note}), ';')) s \
+                      WHERE l.lock_key = {lock_key} AND l.outcome = 'running' AND starts_with(l.detail, {note}) AND s <> ''))",
+                prefix_len = tag.identity_prefix().len(),
+                prefix = lit(&tag.identity_prefix()),
+                attempt = field(ATTEMPT_FIELD),
+                after_note = SEEN_NOTE.len() + 1,
+                note = lit(SEEN_NOTE),
             ),
             guard: None,
         }
@@ -432,6 +441,17 @@ impl AttemptSessions {
 mod tests {
     use super::*;
 
+    /// The sessions a taker-over ends, whole. Effect: tests/attempt_sessions.rs (an earlier
+    /// attempt's tagged and untagged sessions are ended; another lock's are not).
+    #[test]
+    fn unfinished_attempts_sessions() {
+        let lock = crate::lock::LockKey::from_name("migrations-gate");
+        let identity = Identity::new(&lock, "migrations_gate");
+        let tag = Tag::new(&identity, Some("r1"), None);
+        let which = Which::unfinished(&tag, "\"migrations_gate\".\"ledger\"", lock.key);
+        insta::assert_snapshot!(crate::sql::pretty(which.condition()));
+    }
+
     #[test]
     fn tag_names_the_whole_identity_release_and_attempt_and_keeps_the_operators_name_after_it() {
         let lock = crate::lock::LockKey::from_name("migrations-gate");
@@ -489,8 +509,8 @@ mod tests {
 
     #[test]
     fn ended_reads_like_the_ledger_says_it() {
-        assert_eq!(Ended::default().to_string(), "no session left");
-        let e = Ended {
+        assert_eq!(Terminated::default().to_string(), "no session left");
+        let e = Terminated {
             cancelled: 1,
             terminated: 2,
         };

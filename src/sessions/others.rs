@@ -33,12 +33,12 @@ impl fmt::Display for OtherRelease {
 
 /// The sessions in our database tagged with `tag`'s whole identity (lock key and ledger) but another release than `tag`'s
 /// (apps of an older release still running): sessions without a release (`-`), the gate's own
-/// (never tagged) and other clients' (untagged) do not count. `releases` is a SQL subquery of
-/// release names, to name the hashes.
+/// (never tagged) and other clients' (untagged) do not count. The release names recorded in
+/// `ledger` (the quoted table name) for `lock_key` name the hashes.
 pub(crate) async fn other_releases(
     conn: &mut PgConnection,
     tag: &Tag,
-    releases: &str,
+    (ledger, lock_key): (&str, i64),
 ) -> Result<Vec<OtherRelease>, sqlx::Error> {
     let sql = format!(
         "WITH s AS (SELECT {hash} AS hash, coalesce(host(a.client_addr), 'local') AS client \
@@ -47,7 +47,8 @@ pub(crate) async fn other_releases(
                       AND {hash} NOT IN ({own}, '-', '') AND a.pid <> pg_backend_pid()), \
               n AS (SELECT DISTINCT ON (h) h, release \
                     FROM (SELECT left(encode(sha256(convert_to(r.release, 'UTF8')), 'hex'), 8) AS h, \
-                                 r.release FROM ({releases}) r(release)) x \
+                                 r.release FROM (SELECT DISTINCT release FROM {ledger} \
+                                                 WHERE lock_key = {lock_key} AND release IS NOT NULL) r) x \
                     ORDER BY h, release) \
          SELECT s.hash, coalesce(n.release, ''), count(*)::text, \
                 string_agg(DISTINCT s.client, ', ') \

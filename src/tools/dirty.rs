@@ -13,7 +13,7 @@
 
 use tracing::warn;
 
-use super::{Found, find};
+use super::{ToolTable, find};
 use crate::sql::{Cols, lit, query};
 
 /// A tool's marker: its table, a query of the half-applied versions (one text column), and what
@@ -99,7 +99,7 @@ pub(crate) async fn report_dirty(conn: &mut sqlx::PgConnection) -> Vec<String> {
 async fn versions(
     conn: &mut sqlx::PgConnection,
     marker: &Marker,
-    table: &Found,
+    table: &ToolTable,
 ) -> Result<Vec<String>, sqlx::Error> {
     let has_column = format!(
         "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = {}::regclass AND attname = {} AND NOT attisdropped)::text",

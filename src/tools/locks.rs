@@ -33,8 +33,9 @@ use std::fmt;
 
 use tracing::{info, warn};
 
-use super::{Found, find};
-use crate::lock::Proof;
+use super::{ToolTable, find};
+use crate::ledger::HeldAttempt;
+use crate::lock::{Proof, lock_held};
 use crate::replica::Replica;
 use crate::sql::{Cols, ident, lit, query};
 
@@ -119,50 +120,11 @@ impl Tool {
             Tool::Knex => "k.is_locked = 1",
         }
     }
-
-    /// SQL: the statement that releases the lock rows that an earlier attempt took
-    /// (`taken_in` of their who and when, see [`taken_in`]) while `proof` (SQL) holds,
-    /// returning the row as it was: who held it (`who`), since when (`at`, text) and the
-    /// attempt (`taken_in`); `None` for a tool whose lock is never released.
-    fn release(
-        self,
-        table: &str,
-        proof: &str,
-        taken_in: impl Fn(&str, &str) -> String,
-    ) -> Option<String> {
-        match self {
-            // An UPDATE returns the new row: the old one comes from a locked read of it.
-            Tool::Liquibase => {
-                let (who, when) = ("o.o_who", "o.o_at");
-                Some(format!(
-                    "UPDATE {table} SET locked = false, lockgranted = NULL, lockedby = NULL \
-                     FROM (SELECT k.id AS o_id, {} AS o_who, {} AS o_at FROM {table} k WHERE {} FOR UPDATE) o \
-                     WHERE {table}.id = o.o_id AND EXISTS ({}) AND {proof} \
-                     RETURNING {who} AS who, {when}::text AS at, (SELECT max(t.id) FROM ({}) t) AS taken_in",
-                    self.who(),
-                    self.when(),
-                    self.held(),
-                    taken_in(who, when),
-                    taken_in(who, when),
-                ))
-            }
-            Tool::Yoyo => {
-                let (who, when) = (self.who(), self.when());
-                Some(format!(
-                    "DELETE FROM {table} k WHERE EXISTS ({}) AND {proof} \
-                     RETURNING {who} AS who, {when}::text AS at, (SELECT max(t.id) FROM ({}) t) AS taken_in",
-                    taken_in(who, when),
-                    taken_in(who, when),
-                ))
-            }
-            Tool::Knex => None,
-        }
-    }
 }
 
 /// A lock row a holder released.
 #[derive(Debug, Clone)]
-struct Released {
+struct Unlocked {
     tool: Tool,
     table: String,
     locked_by: String,
@@ -171,7 +133,7 @@ struct Released {
     taken_in: Option<i64>,
 }
 
-impl fmt::Display for Released {
+impl fmt::Display for Unlocked {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
@@ -198,8 +160,8 @@ impl fmt::Display for Released {
 pub(crate) async fn clear_stale_locks(
     replica: &Replica,
     conn: &mut sqlx::PgConnection,
-    (attempt, proof): (i64, &Proof),
-    keep: bool,
+    held: &HeldAttempt,
+    leave_alone: bool,
 ) -> Vec<String> {
     let names: Vec<&str> = TOOLS.iter().map(|t| t.table()).collect();
     let found = match find(conn, &names).await {
@@ -223,14 +185,14 @@ pub(crate) async fn clear_stale_locks(
             false
         }
     };
-    let keep = keep || !recorded;
+    let keep = leave_alone || !recorded;
     let mut notes = Vec::new();
     for table in found {
         let Some(tool) = TOOLS.into_iter().find(|t| t.table() == table.name) else {
             continue;
         };
         if !keep {
-            match release(replica, conn, tool, &table, (attempt, proof)).await {
+            match unlock(replica, conn, tool, &table, held).await {
                 Ok(released) => notes.extend(released.iter().map(ToString::to_string)),
                 Err(e) => warn!(
                     tool = tool.name(),
@@ -246,7 +208,7 @@ pub(crate) async fn clear_stale_locks(
                 ),
             }
         }
-        let how = (attempt, keep, recorded);
+        let how = (held.id, keep, recorded);
         if let Err(e) = name_held(replica, conn, tool, &table, how).await {
             warn!(error = %e, table = table.shown(), "could not read {}'s lock", tool.name());
         }
@@ -256,32 +218,27 @@ pub(crate) async fn clear_stale_locks(
 
 /// Releases `tool`'s lock rows in `table` that an earlier attempt took, under the proof, and
 /// records them.
-async fn release(
+async fn unlock(
     replica: &Replica,
     conn: &mut sqlx::PgConnection,
     tool: Tool,
-    table: &Found,
-    (attempt, proof): (i64, &Proof),
-) -> Result<Vec<Released>, sqlx::Error> {
-    let Some(sql) = tool.release(&table.sql(), proof.sql(), |who, when| {
-        taken_in(replica, tool, attempt, (who, when))
-    }) else {
+    table: &ToolTable,
+    held: &HeldAttempt,
+) -> Result<Vec<Unlocked>, sqlx::Error> {
+    let tables = replica.ledger.tables();
+    let Some(sql) = unlock_statement(
+        tool,
+        (&table.sql(), &table.shown()),
+        (&tables.ledger(), &tables.tool_locks(), replica.lock().key),
+        (held.id, &held.proof),
+    ) else {
         return Ok(Vec::new());
     };
-    // Recorded in the same statement: released exactly when recorded.
-    let sql = format!(
-        "WITH r AS ({sql}), i AS (INSERT INTO {} (attempt_id, tool, lock_table, locked_by, locked_at, taken_in, released) \
-             SELECT {attempt}, {}, {}, r.who, r.at, r.taken_in, true FROM r) \
-         SELECT who, at, taken_in::text FROM r",
-        replica.ledger.tables().tool_locks(),
-        lit(tool.name()),
-        lit(&table.shown()),
-    );
     let rows = query(conn, sql).await?;
     let mut released = Vec::new();
     for r in &rows {
         let c = Cols(r);
-        let one = Released {
+        let one = Unlocked {
             tool,
             table: table.shown(),
             locked_by: c.text(0)?,
@@ -300,29 +257,96 @@ async fn release(
     Ok(released)
 }
 
-/// SQL: a subquery of the IDs of the earlier, ended attempts of this lock within whose interval
-/// `tool`'s lock was taken at `when` (SQL, a `timestamp` read as UTC) and, for Liquibase, on
-/// whose host (the host part of `who`, SQL: `LOCKEDBY` is `host[#description] (address)`).
-fn taken_in(replica: &Replica, tool: Tool, attempt: i64, (who, when): (&str, &str)) -> String {
-    let host = match tool {
-        Tool::Liquibase => format!(
-            " AND lower(split_part(l.host, '.', 1)) = \
-               lower(split_part(split_part(split_part({who}, ' (', 1), '#', 1), '.', 1))"
-        ),
-        _ => String::new(),
-    };
-    let slack = tool.slack_secs();
-    format!(
-        "SELECT l.id FROM {} l WHERE l.lock_key = {} AND l.id <> {attempt} AND l.outcome <> 'running' \
-           AND ({when} AT TIME ZONE 'UTC') BETWEEN l.started_at - make_interval(secs => {slack}) \
-               AND coalesce(l.finished_at, l.heartbeat_at, l.started_at) + make_interval(secs => {slack}){host} \
-           AND NOT EXISTS (SELECT 1 FROM {} s WHERE s.attempt_id = l.id AND NOT s.released \
-               AND s.tool = {} AND s.locked_by = {who} AND s.locked_at IS NOT DISTINCT FROM {when}::text)",
-        replica.ledger.tables().ledger(),
-        replica.lock().key,
-        replica.ledger.tables().tool_locks(),
-        lit(tool.name()),
-    )
+/// The statement that releases `tool`'s lock rows in `table` (quoted; `shown` for the record)
+/// that an earlier, ended attempt of this lock took, while the lock session of `proof` holds the
+/// lock, and records each in the gate's `tool_locks` with `attempt`, in the same statement:
+/// released exactly when recorded. It returns each row as it was: who held it (`who`), since when
+/// (`at`, text) and the attempt that took it (`taken_in`). `None` for a tool whose lock is never
+/// released.
+///
+/// The attempt that took a lock row (`taken_in`): the newest of this lock's ended attempts,
+/// other than `attempt`, within whose interval the tool's time (a `timestamp`, read as UTC) lies,
+/// give or take [`Tool::slack_secs`], and which did not find the very same lock held when it
+/// began; for Liquibase also on whose host (the host part of `LOCKEDBY`, which is
+/// `host[#description] (address)`). Computed once per row, in the locked read of the row.
+fn unlock_statement(
+    tool: Tool,
+    (table, shown): (&str, &str),
+    (ledger, tool_locks, lock_key): (&str, &str, i64),
+    (attempt, proof): (i64, &Proof),
+) -> Option<String> {
+    match tool {
+        // An UPDATE returns the new row: the old one comes from the locked read.
+        Tool::Liquibase => Some(format!(
+            concat!(
+                "WITH r AS ( \
+                   UPDATE {table} SET locked = false, lockgranted = NULL, lockedby = NULL \
+                   FROM (SELECT k.id AS o_id, coalesce(k.lockedby, 'unknown') AS o_who, k.lockgranted AS o_at, \
+                                (SELECT max(l.id) FROM {ledger} l \
+                                 WHERE l.lock_key = {lock_key} AND l.id <> {attempt} AND l.outcome <> 'running' \
+                                   AND (k.lockgranted AT TIME ZONE 'UTC') BETWEEN l.started_at - make_interval(secs => {slack}) \
+                                       AND coalesce(l.finished_at, l.heartbeat_at, l.started_at) + make_interval(secs => {slack}) \
+                                   AND lower(split_part(l.host, '.', 1)) = lower(split_part(split_part(split_part( \
+                                       coalesce(k.lockedby, 'unknown'), ' (', 1), '#', 1), '.', 1)) \
+                                   AND NOT EXISTS (SELECT 1 FROM {tool_locks} s WHERE s.attempt_id = l.id AND NOT s.released \
+                                       AND s.tool = {name} AND s.locked_by = coalesce(k.lockedby, 'unknown') \
+                                       AND s.locked_at IS NOT DISTINCT FROM k.lockgranted::text)) AS o_taken_in \
+                         FROM {table} k WHERE k.locked FOR UPDATE) o \
+                   WHERE {table}.id = o.o_id AND o.o_taken_in IS NOT NULL AND ",
+                lock_held!(),
+                " RETURNING o.o_who AS who, o.o_at::text AS at, o.o_taken_in AS taken_in), \
+                 i AS (INSERT INTO {tool_locks} (attempt_id, tool, lock_table, locked_by, locked_at, taken_in, released) \
+                       SELECT {attempt}, {name}, {shown}, r.who, r.at, r.taken_in, true FROM r) \
+                 SELECT who, at, taken_in::text FROM r"
+            ),
+            table = table,
+            ledger = ledger,
+            lock_key = lock_key,
+            attempt = attempt,
+            tool_locks = tool_locks,
+            slack = tool.slack_secs(),
+            name = lit(tool.name()),
+            shown = lit(shown),
+            held_classid = proof.classid,
+            held_objid = proof.objid,
+            held_pid = proof.pid,
+            held_start = proof.start,
+        )),
+        Tool::Yoyo => Some(format!(
+            concat!(
+                "WITH r AS ( \
+                   DELETE FROM {table} k \
+                   USING (SELECT k.ctid AS o_ctid, \
+                                 (SELECT max(l.id) FROM {ledger} l \
+                                  WHERE l.lock_key = {lock_key} AND l.id <> {attempt} AND l.outcome <> 'running' \
+                                    AND (k.ctime AT TIME ZONE 'UTC') BETWEEN l.started_at - make_interval(secs => {slack}) \
+                                        AND coalesce(l.finished_at, l.heartbeat_at, l.started_at) + make_interval(secs => {slack}) \
+                                    AND NOT EXISTS (SELECT 1 FROM {tool_locks} s WHERE s.attempt_id = l.id AND NOT s.released \
+                                        AND s.tool = {name} AND s.locked_by = 'process ' || k.pid \
+                                        AND s.locked_at IS NOT DISTINCT FROM k.ctime::text)) AS o_taken_in \
+                          FROM {table} k) o \
+                   WHERE k.ctid = o.o_ctid AND o.o_taken_in IS NOT NULL AND ",
+                lock_held!(),
+                " RETURNING 'process ' || k.pid AS who, k.ctime::text AS at, o.o_taken_in AS taken_in), \
+                 i AS (INSERT INTO {tool_locks} (attempt_id, tool, lock_table, locked_by, locked_at, taken_in, released) \
+                       SELECT {attempt}, {name}, {shown}, r.who, r.at, r.taken_in, true FROM r) \
+                 SELECT who, at, taken_in::text FROM r"
+            ),
+            table = table,
+            ledger = ledger,
+            lock_key = lock_key,
+            attempt = attempt,
+            tool_locks = tool_locks,
+            slack = tool.slack_secs(),
+            name = lit(tool.name()),
+            shown = lit(shown),
+            held_classid = proof.classid,
+            held_objid = proof.objid,
+            held_pid = proof.pid,
+            held_start = proof.start,
+        )),
+        Tool::Knex => None,
+    }
 }
 
 /// Logs every lock of `tool` in `table` still held (not an earlier attempt's, so not ours to
@@ -332,7 +356,7 @@ async fn name_held(
     replica: &Replica,
     conn: &mut sqlx::PgConnection,
     tool: Tool,
-    table: &Found,
+    table: &ToolTable,
     (attempt, keep, recorded): (i64, bool, bool),
 ) -> Result<(), sqlx::Error> {
     let held = format!(
@@ -423,7 +447,7 @@ impl fmt::Display for ToolLock {
 
 /// The tool locks the attempts `ids` found held, oldest first (none when no holder ever
 /// looked: the table does not exist).
-pub(crate) async fn released(
+pub(crate) async fn found_tool_locks(
     conn: &mut sqlx::PgConnection,
     tables: &crate::schema::Tables,
     ids: &[i64],
@@ -456,4 +480,35 @@ pub(crate) async fn released(
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The release statements whole. Effect: tests/recovery.rs (a killed holder's Liquibase and
+    /// yoyo locks released and the fleet finishes; a lock taken outside the gate left alone).
+    #[test]
+    fn release_statements() {
+        let proof = Proof::example();
+        let ledger = (
+            "\"migrations_gate\".\"ledger\"",
+            "\"migrations_gate\".\"tool_locks\"",
+            7,
+        );
+        for (tool, table) in [
+            (Tool::Liquibase, "\"public\".\"databasechangeloglock\""),
+            (Tool::Yoyo, "\"public\".\"yoyo_lock\""),
+        ] {
+            let sql = unlock_statement(tool, (table, "public.t"), ledger, (9, &proof));
+            insta::assert_snapshot!(
+                format!("release_{}", tool.name()),
+                crate::sql::pretty(&sql.unwrap_or_default())
+            );
+        }
+        assert_eq!(
+            unlock_statement(Tool::Knex, ("k", "k"), ledger, (9, &proof)),
+            None
+        );
+    }
 }

@@ -17,18 +17,18 @@ mod dirty;
 mod locks;
 
 pub(crate) use dirty::report_dirty;
-pub(crate) use locks::{ToolLock, clear_stale_locks, released};
+pub(crate) use locks::{ToolLock, clear_stale_locks, found_tool_locks};
 
 /// A table of a known tool, found in the gated database.
 #[derive(Debug, Clone)]
-struct Found {
+struct ToolTable {
     /// Its schema.
     schema: String,
     /// Its name.
     name: String,
 }
 
-impl Found {
+impl ToolTable {
     /// `schema.name`, quoted for SQL.
     fn sql(&self) -> String {
         format!(
@@ -46,7 +46,7 @@ impl Found {
 
 /// The tables named one of `names` in any schema of the database that the role may see (a
 /// tool's tables live in the schema its own connection uses, which need not be the gate's).
-async fn find(conn: &mut PgConnection, names: &[&str]) -> Result<Vec<Found>, sqlx::Error> {
+async fn find(conn: &mut PgConnection, names: &[&str]) -> Result<Vec<ToolTable>, sqlx::Error> {
     let names: Vec<String> = names.iter().map(|n| lit(n)).collect();
     let sql = format!(
         "SELECT n.nspname::text, c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
@@ -60,7 +60,7 @@ async fn find(conn: &mut PgConnection, names: &[&str]) -> Result<Vec<Found>, sql
         .iter()
         .map(|r| {
             let c = Cols(r);
-            Ok(Found {
+            Ok(ToolTable {
                 schema: c.text(0)?,
                 name: c.text(1)?,
             })

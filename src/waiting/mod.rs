@@ -113,7 +113,7 @@ impl<'g> Waiter<'g> {
         }
         self.current = (false, false);
         let db = &self.replica.db;
-        db.connect_once(db.attempt_limit()).await
+        db.connect_once(db.connect_try_timeout()).await
     }
 
     /// The round read the ledger: it exists.

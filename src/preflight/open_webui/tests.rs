@@ -268,3 +268,32 @@ fn the_pattern_matches_sqlalchemys() {
     assert_eq!(python_int("5__432"), None);
     assert_eq!(unquote("%e2%82%ac%4"), "€%4");
 }
+
+/// `unquote` as the hand-written decoder it replaced returned (recorded by running it): valid
+/// escapes in either case, a `%` without two hex digits kept as is, bytes that are not UTF-8
+/// replaced, and `+` left alone (only `query_pairs` turns it into a space).
+#[test]
+fn unquote_keeps_what_the_hand_written_decoder_returned() {
+    for (escaped, decoded) in [
+        ("p%40ss", "p@ss"),
+        ("a%3Ab%2Fc", "a:b/c"),
+        ("%e2%82%ac", "€"),
+        ("%E2%82%AC", "€"),
+        ("%C3%A9t%C3%A9", "été"),
+        ("é%41", "éA"),
+        ("%00", "\0"),
+        ("100%", "100%"),
+        ("%4", "%4"),
+        ("%2", "%2"),
+        ("%zz", "%zz"),
+        ("%4g", "%4g"),
+        ("%+1", "%+1"),
+        ("%%", "%%"),
+        ("%%41", "%A"),
+        ("%ff", "\u{fffd}"),
+        ("%e2%82", "\u{fffd}"),
+        ("a+b", "a+b"),
+    ] {
+        assert_eq!(unquote(escaped), decoded, "{escaped:?}");
+    }
+}

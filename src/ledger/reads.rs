@@ -1,0 +1,250 @@
+//! What replicas and `status` read from the ledger.
+
+use sqlx::postgres::PgConnection;
+
+use super::{AttemptRow, Ledger, NOT_COUNTED, Newer, ReadKey, Seen, Stale};
+use crate::lock::{Proof, lock_held};
+use crate::schema::StoredKey;
+use crate::sql::{Cols, is_missing_relation, lit, one_row, query, query_if_exists, query_scalar};
+
+impl Ledger {
+    /// Whether `release` is recorded done (`None` when the ledger does not exist yet), and
+    /// whether the server is a read-only standby: one round trip, the whole fast path. The same
+    /// statement finds the newest release done after this one (the older-release check) and,
+    /// with [`Ledger::read_env_key`], the `--same-env` key.
+    pub(crate) async fn is_done(
+        &self,
+        conn: &mut PgConnection,
+        release: &str,
+        read_key: ReadKey,
+    ) -> Result<Seen, sqlx::Error> {
+        let table = self.table();
+        let key = self.lock.key;
+        let release = lit(release);
+        // A ledger made by an older gate has no key table yet: then read without it.
+        for with_key in [self.env_key && read_key == ReadKey::IfCompared, false] {
+            let key_column = if with_key {
+                format!(
+                    ", (SELECT encode(key, 'hex') FROM {})",
+                    self.tables.env_key()
+                )
+            } else {
+                String::new()
+            };
+            let sql = format!(
+                "SELECT EXISTS (SELECT 1 FROM {table} WHERE lock_key = {key} AND release = {release} AND outcome = 'done')::text, \
+                        pg_is_in_recovery()::text, n.release, n.holder, n.finished_at, \
+                        (SELECT to_jsonb(d) ->> 'app' FROM {table} d WHERE d.lock_key = {key} AND d.release = {release} AND d.outcome = 'done'){key_column} \
+                 FROM (SELECT 1) one LEFT JOIN LATERAL ( \
+                     SELECT release, holder, to_char(finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS \"UTC\"') AS finished_at \
+                     FROM {table} WHERE lock_key = {key} AND outcome = 'done' AND release IS NOT NULL \
+                     AND id > (SELECT id FROM {table} WHERE lock_key = {key} AND release = {release} AND outcome = 'done') \
+                     ORDER BY id DESC LIMIT 1) n ON true"
+            );
+            match query(conn, sql).await {
+                Ok(rows) => {
+                    let row = one_row(&rows)?;
+                    let text = |i: usize| row.opt(i);
+                    let newer = match (text(2)?, text(3)?, text(4)?) {
+                        (Some(release), Some(holder), finished_at) => Some(Newer {
+                            release,
+                            holder,
+                            finished_at: finished_at.unwrap_or_default(),
+                        }),
+                        _ => None,
+                    };
+                    return Ok(Seen {
+                        done: Some(text(0)?.as_deref() == Some("true")),
+                        standby: text(1)?.as_deref() == Some("true"),
+                        newer,
+                        app: text(5)?,
+                        env_key: if with_key {
+                            text(6)?.map(StoredKey)
+                        } else {
+                            None
+                        },
+                    });
+                }
+                Err(e) if is_missing_relation(&e) && with_key => continue,
+                Err(e) if is_missing_relation(&e) => break,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(Seen {
+            done: None,
+            standby: query_scalar(conn, "SELECT pg_is_in_recovery()::text".into())
+                .await?
+                .as_deref()
+                == Some("true"),
+            ..Seen::default()
+        })
+    }
+
+    /// How many attempts were left `running` by a holder that vanished, how long to wait
+    /// before migrating, and whether our lock session still holds the lock (`proof`): until the
+    /// latest vanished holder's last heartbeat plus its fencing time (heartbeat timeout + kill
+    /// grace), by which point a holder that merely lost its session has surely stopped its
+    /// migration. A holder killed outright took its migration with it (the guard), but we cannot
+    /// tell the two apart from here. Nothing is marked yet: a taker-over that dies while it waits
+    /// leaves the rows `running`, so the next one waits too ([`Ledger::abandon_stale`] marks
+    /// them after the wait).
+    pub(crate) async fn stale(
+        &self,
+        conn: &mut PgConnection,
+        proof: &Proof,
+    ) -> Result<Stale, sqlx::Error> {
+        let sql = self.stale_statement(proof);
+        let rows = query(conn, sql).await?;
+        let row = one_row(&rows)?;
+        Ok(Stale {
+            running: row.parse(0)?,
+            wait_secs: row.parse(1)?,
+            held: row.parse(2)?,
+        })
+    }
+
+    /// What this ledger holds, for an operator whose `reset` found nothing: this lock's newest
+    /// releases, and the other locks recorded in the same ledger. One line.
+    pub(crate) async fn holds(&self, conn: &mut PgConnection) -> Result<String, sqlx::Error> {
+        let table = self.table();
+        let rows = query_if_exists(
+            conn,
+            format!(
+                "SELECT coalesce((SELECT string_agg(release, ', ') FROM (SELECT release FROM {table} \
+                                   WHERE lock_key = {key} AND release IS NOT NULL \
+                                   GROUP BY release ORDER BY max(id) DESC LIMIT 5) r), ''), \
+                        coalesce((SELECT string_agg(DISTINCT lock_name, ', ') FROM {table} WHERE lock_key <> {key}), '')",
+                key = self.lock.key
+            ),
+        )
+        .await?;
+        let Some(row) = rows.first() else {
+            return Ok("the ledger does not exist".into());
+        };
+        let row = Cols(row);
+        let (releases, others) = (row.text(0)?, row.text(1)?);
+        let mut seen = if releases.is_empty() {
+            "no release recorded for this lock".to_string()
+        } else {
+            format!("this lock's newest releases: {releases}")
+        };
+        if !others.is_empty() {
+            seen.push_str(&format!("; other locks in this ledger: {others}"));
+        }
+        Ok(seen)
+    }
+
+    /// The failed attempts of `release` that count against `--max-failures`, newest first, at
+    /// most `limit`: **only a migration's own failure counts**. An attempt whose `detail` starts
+    /// with one of [`NOT_COUNTED`]'s prefixes ended for a reason that says nothing about the
+    /// migration, and does not count: fenced (the holder lost its connection), refused (the
+    /// migration never started: a preflight refusal, `--other-releases`, a wait the gate gave
+    /// up, a command it could not start), interrupted (the platform stopped the gate: a pod
+    /// deleted, a rollout, a drain). Neither do `abandoned` attempts (a crash), nor, for ledgers
+    /// written before the prefixes, exit 78 (a refusal). What counts: the migration exited
+    /// non-zero on its own, ran past `--migration-timeout`, or (`run` with a probe) the app
+    /// exited or was not ready within `--ready-timeout`. `reset --release R` removes the
+    /// attempts, and the count starts again.
+    pub(crate) async fn failures(
+        &self,
+        conn: &mut PgConnection,
+        release: &str,
+        limit: u32,
+    ) -> Result<Vec<AttemptRow>, sqlx::Error> {
+        let not_counted: String = NOT_COUNTED
+            .iter()
+            .map(|p| {
+                format!(
+                    " AND NOT starts_with(coalesce(detail, ''), {})",
+                    lit(p.prefix())
+                )
+            })
+            .collect();
+        let failed = format!(
+            "outcome = 'failed'{not_counted} AND coalesce(exit_code, 0) <> {}",
+            crate::error::EXIT_CONFIG
+        );
+        let rows = self
+            .attempts_where(conn, Some(release), &failed, limit)
+            .await?;
+        Ok(rows)
+    }
+
+    /// The newest `limit` attempts (of `release` only, if given), newest first. An absent
+    /// ledger has none.
+    pub(crate) async fn attempts(
+        &self,
+        conn: &mut PgConnection,
+        release: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<AttemptRow>, sqlx::Error> {
+        self.attempts_where(conn, release, "true", limit).await
+    }
+
+    /// The attempts of `release` (all without one) whose row meets the SQL condition `cond`,
+    /// newest first, at most `limit`.
+    async fn attempts_where(
+        &self,
+        conn: &mut PgConnection,
+        release: Option<&str>,
+        cond: &str,
+        limit: u32,
+    ) -> Result<Vec<AttemptRow>, sqlx::Error> {
+        let filter = release
+            .map(|r| format!(" AND release = {}", lit(r)))
+            .unwrap_or_default();
+        let sql = format!(
+            "SELECT id::text, coalesce(release, ''), outcome, holder, host, pid::text, \
+                    coalesce(to_char(started_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), started_at::text), \
+                    coalesce(to_char(finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), finished_at::text, ''), \
+                    coalesce(CASE WHEN isfinite(started_at) AND isfinite(coalesce(finished_at, clock_timestamp())) \
+                             THEN extract(epoch FROM coalesce(finished_at, clock_timestamp()) - started_at)::float8::text END, ''), \
+                    coalesce(exit_code::text, ''), coalesce(detail, '') \
+             FROM {} WHERE lock_key = {}{filter} AND ({cond}) ORDER BY id DESC LIMIT {limit}",
+            self.table(),
+            self.lock.key
+        );
+        query_if_exists(conn, sql)
+            .await?
+            .iter()
+            .map(|r| {
+                let row = Cols(r);
+                let t = |i: usize| row.text(i);
+                Ok(AttemptRow {
+                    id: row.parse(0)?,
+                    release: Some(t(1)?).filter(|s| !s.is_empty()),
+                    outcome: row.parse(2)?,
+                    holder: t(3)?,
+                    host: t(4)?,
+                    pid: row.parse(5)?,
+                    started_at: t(6)?,
+                    finished_at: Some(t(7)?).filter(|s| !s.is_empty()),
+                    duration_secs: row.parse_opt(8)?,
+                    exit_code: row.parse_opt(9)?,
+                    detail: t(10)?,
+                })
+            })
+            .collect()
+    }
+
+    /// The statement of [`Ledger::stale`].
+    pub(super) fn stale_statement(&self, proof: &Proof) -> String {
+        format!(
+            concat!(
+                "SELECT count(*)::text, \
+                        coalesce(greatest(0, extract(epoch FROM max(coalesce(heartbeat_at, started_at) \
+                            + make_interval(secs => fence_secs)) - clock_timestamp())), 0)::float8::text, \
+                        (",
+                lock_held!(),
+                ")::text \
+                 FROM {table} WHERE lock_key = {key} AND outcome = 'running'"
+            ),
+            table = self.table(),
+            key = self.lock.key,
+            held_classid = proof.classid,
+            held_objid = proof.objid,
+            held_pid = proof.pid,
+            held_start = proof.start,
+        )
+    }
+}
