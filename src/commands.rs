@@ -27,11 +27,11 @@ pub(crate) async fn migrate(plan: Migrate) -> Result<i32> {
     } = plan;
     let mut replica = replica_for(&gate)?.for_holder();
     replica.application = Some(application);
-    let want = Role::Migrate {
+    let role = Role::Migrate {
         slots: gate.slots,
         plan: holder,
     };
-    match wait_for_decision(&replica, want, gate.wait_timeout).await? {
+    match wait_for_decision(&replica, role, gate.wait_timeout).await? {
         Decision::Follow { seen, conn } => {
             gate.preflight.follower(&replica, seen, conn).await?;
             termination::write_success(&format!(
@@ -84,11 +84,11 @@ pub(crate) async fn run(plan: Run) -> Result<i32> {
     // The app started with the flag off is no attempt: its sessions carry the release only.
     let app_off = Program::new(&command, (&flag.name, &flag.off))
         .with_env(sessions::app_env(replica.identity(), replica.release()));
-    let want = Role::Migrate {
+    let role = Role::Migrate {
         slots: gate.slots,
         plan: holder,
     };
-    let mut holding = match wait_for_decision(&replica, want, gate.wait_timeout).await? {
+    let mut holding = match wait_for_decision(&replica, role, gate.wait_timeout).await? {
         Decision::Follow { seen, conn } => {
             gate.preflight.follower(&replica, seen, conn).await?;
             return Err(child::exec(&app_off));
@@ -163,9 +163,9 @@ async fn parent_of(mut child: child::Supervisor) -> i32 {
 pub(crate) async fn wait(plan: Wait) -> Result<i32> {
     let Wait { gate, command } = plan;
     let replica = replica_for(&gate)?;
-    let want = Role::Watch { slots: gate.slots };
+    let role = Role::Watch { slots: gate.slots };
     if let Decision::Follow { seen, conn } =
-        wait_for_decision(&replica, want, gate.wait_timeout).await?
+        wait_for_decision(&replica, role, gate.wait_timeout).await?
     {
         gate.preflight.follower(&replica, seen, conn).await?;
     }

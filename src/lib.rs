@@ -32,7 +32,7 @@
 //! - [`db`]: the connection string's forms, connecting, retrying, classifying errors,
 //!   keepalives, redacting URLs;
 //! - [`sql`]: pooler-safe queries with deadlines, reading rows, quoting, SQLSTATE predicates;
-//! - [`error`]: failures and their exit codes; [`duration`]: durations for people.
+//! - [`mod@error`]: failures and their exit codes; [`duration`]: durations for people.
 //!
 //! Visibility: the library exports [`main_entry`] and [`cli_command`] and nothing else; below
 //! them an item is `pub(crate)` when another module uses it, `pub(super)` when only its own

@@ -23,7 +23,7 @@ pub(crate) fn print(text: &str) -> Result<()> {
     }
 }
 
-/// [`print`] for bytes that are not text (a man page is; completions are): same rules.
+/// [`fn@print`] for bytes that are not text (a man page is; completions are): same rules.
 pub(crate) fn print_bytes(bytes: &[u8]) -> Result<()> {
     let mut out = std::io::stdout().lock();
     match out.write_all(bytes).and_then(|()| out.flush()) {

@@ -92,7 +92,7 @@ enum Round {
 /// trouble.
 pub(crate) async fn wait_for_decision(
     replica: &Replica,
-    want: Role,
+    role: Role,
     wait_timeout: Duration,
 ) -> Result<Decision> {
     let started = Instant::now();
@@ -101,14 +101,14 @@ pub(crate) async fn wait_for_decision(
     loop {
         let round = async {
             let conn = waiter.connection().await?;
-            round(&mut waiter, conn, want, wait_timeout).await
+            round(&mut waiter, conn, role, wait_timeout).await
         };
         match tokio::time::timeout_at(deadline, round).await {
             Err(_) => return Err(waiter.timed_out(started.elapsed())),
             Ok(Ok(Round::Decided(decision))) => {
                 return Ok(log_decision(replica, decision, started));
             }
-            Ok(Ok(Round::Busy(busy))) => waiter.busy(busy, want.slots()).await,
+            Ok(Ok(Round::Busy(busy))) => waiter.busy(busy, role.slots()).await,
             Ok(Ok(Round::Standby)) => waiter.standby()?,
             Ok(Err(Failure::Fatal(e))) => return Err(e),
             Ok(Err(Failure::Retry(reason))) => waiter.retry(reason)?,
@@ -133,7 +133,7 @@ fn log_decision(replica: &Replica, decision: Decision, started: Instant) -> Deci
             lock = %replica.lock(),
             attempt = holding.attempt_id(),
             waited_ms,
-            "lock taken; this replica migrates"
+            "lock takeover; this replica migrates"
         ),
     }
     decision
@@ -143,7 +143,7 @@ fn log_decision(replica: &Replica, decision: Decision, started: Instant) -> Deci
 async fn round(
     waiter: &mut Waiter<'_>,
     mut conn: Conn,
-    want: Role,
+    role: Role,
     wait_timeout: Duration,
 ) -> Result<Round, Failure> {
     let replica = waiter.replica();
@@ -156,9 +156,9 @@ async fn round(
         Some(seen) if seen.standby => return Ok(Round::Standby),
         _ => {}
     }
-    let Role::Migrate { plan, .. } = want else {
+    let Role::Migrate { plan, .. } = role else {
         return waiter
-            .keep_or_drop(conn, want.slots())
+            .keep_or_drop(conn, role.slots())
             .await
             .map(Round::Busy);
     };
@@ -176,18 +176,18 @@ async fn round(
         .map_err(sql)?
     {
         return waiter
-            .keep_or_drop(conn, want.slots())
+            .keep_or_drop(conn, role.slots())
             .await
             .map(Round::Busy);
     }
-    let taken = Takeover {
+    let takeover = Takeover {
         route,
         scope,
         wait_timeout,
         app_column,
         plan,
     };
-    take_over(replica, conn, taken).await.map(Round::Decided)
+    take_over(replica, conn, takeover).await.map(Round::Decided)
 }
 
 /// Whether the release is done (one round trip, the whole fast path); `None` without a
@@ -243,32 +243,32 @@ fn follower(seen: Seen, conn: Conn) -> Round {
 async fn take_over(
     replica: &Replica,
     mut conn: Conn,
-    taken: Takeover,
+    takeover: Takeover,
 ) -> Result<Decision, Failure> {
     let sql = |e: sqlx::Error| replica.db.classify(&e);
-    let (proof, server_version) = configure_lock_session(replica, &mut conn, taken.scope).await?;
-    if let Some(seen) = done_under_lock(replica, &mut conn, taken.scope).await? {
+    let (proof, server_version) = configure_lock_session(replica, &mut conn, takeover.scope).await?;
+    if let Some(seen) = done_under_lock(replica, &mut conn, takeover.scope).await? {
         same_application(replica, &seen)?;
         return Ok(Decision::Follow {
             seen,
             conn: Some(conn),
         });
     }
-    refuse_failing_release(replica, &mut conn, &taken).await?;
-    let mut witness = open_witness(replica, taken.scope).await?;
+    refuse_failing_release(replica, &mut conn, &takeover).await?;
+    let mut witness = open_witness(replica, takeover.scope).await?;
     let ledger_conn = match witness.as_mut() {
         Some(w) => w.pg().await.map_err(sql)?,
         None => conn.pg().await.map_err(sql)?,
     };
     let stale = wait_out_vanished_holder(replica, ledger_conn, &proof).await?;
     let ended =
-        terminate_earlier_sessions(replica, ledger_conn, &proof, &stale, taken.wait_timeout)
+        terminate_earlier_sessions(replica, ledger_conn, &proof, &stale, takeover.wait_timeout)
             .await?;
     let previous = replica
         .ledger
         .attempts(ledger_conn, replica.release(), 1)
         .await;
-    let new = holding::new_attempt(replica, taken.app_column);
+    let new = holding::new_attempt(replica, takeover.app_column);
     let id = match replica
         .ledger
         .begin(ledger_conn, &new, &proof)
@@ -281,8 +281,8 @@ async fn take_over(
         Begun::AlreadyDone => return Err(lost("before it began (the release is done)")),
     };
     let held = HeldAttempt { id, proof };
-    let cleaned = tool_state(replica, ledger_conn, &held, &previous, &taken).await;
-    let holding = Holding::new(replica, (conn, witness), held, taken, server_version)
+    let cleaned = tool_state(replica, ledger_conn, &held, &previous, &takeover).await;
+    let holding = Holding::new(replica, (conn, witness), held, takeover, server_version)
         .with_history(previous.ok(), ended)
         .with_tool_notes(cleaned);
     Ok(Decision::Hold(Box::new(holding)))
@@ -297,7 +297,7 @@ async fn tool_state(
     ledger_conn: &mut sqlx::PgConnection,
     held: &HeldAttempt,
     previous: &std::result::Result<Vec<AttemptRow>, sqlx::Error>,
-    taken: &Takeover,
+    takeover: &Takeover,
 ) -> Vec<String> {
     let after_trouble = previous.as_ref().is_ok_and(|p| {
         p.first()
@@ -308,7 +308,7 @@ async fn tool_state(
         lines.extend(tools::report_dirty(ledger_conn).await);
     }
     lines.extend(
-        tools::clear_stale_locks(replica, ledger_conn, held, taken.plan.keep_tool_locks).await,
+        tools::clear_stale_locks(replica, ledger_conn, held, takeover.plan.keep_tool_locks).await,
     );
     lines
 }
@@ -367,10 +367,10 @@ async fn done_under_lock(
 async fn refuse_failing_release(
     replica: &Replica,
     conn: &mut Conn,
-    taken: &Takeover,
+    takeover: &Takeover,
 ) -> Result<(), Failure> {
     let sql = |e: sqlx::Error| replica.db.classify(&e);
-    let (Some(release), max) = (replica.release(), taken.plan.max_failures) else {
+    let (Some(release), max) = (replica.release(), takeover.plan.max_failures) else {
         return Ok(());
     };
     if max == 0 {
@@ -385,7 +385,7 @@ async fn refuse_failing_release(
     let Some(last) = failed.first().filter(|_| failed.len() >= max as usize) else {
         return Ok(());
     };
-    lock::unlock(c, replica.lock(), taken.scope)
+    lock::unlock(c, replica.lock(), takeover.scope)
         .await
         .map_err(sql)?;
     let first_line = last.detail.lines().next().unwrap_or("no detail recorded");

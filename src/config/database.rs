@@ -30,7 +30,7 @@ impl DbArgs {
             schema: self.schema.clone(),
             connect_timeout: self.connect_timeout,
             application_name,
-            lock_scope: self.lock_scope.into(),
+            lock_scope: self.lock_scope,
         })
     }
 

@@ -1,6 +1,6 @@
 //! The holder's flags: how the replica that migrates stops its child, bounds the migration and
 //! watches what it waits on. Shared by `migrate` and `run`; turned into plain
-//! [`crate::holding::Bounds`] by the plan.
+//! [`crate::holding::HolderPlan`] by the plan.
 
 use std::time::Duration;
 

@@ -99,7 +99,7 @@ pub(crate) enum Failure {
 }
 
 /// The gate's own end of its database connections, as its kernel sees it: one half of the proof
-/// that a route is direct (the server's view is the other, [`crate::lock::ServerSide`]).
+/// that a route is direct (the server's view is the other, [`crate::route::ServerSide`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum OwnEnd {
     /// Over TCP: the local address and port of each of the gate's TCP sockets (`getsockname`).
@@ -255,7 +255,7 @@ impl Db {
     }
 
     /// The gate's own end of its connections, as the kernel sees it, for the route proof
-    /// ([`crate::lock::judge_route`]): read after a connection is made, before it is used
+    /// ([`crate::route::judge_route`]): read after a connection is made, before it is used
     /// by anything else.
     pub(crate) fn own_end(&self) -> OwnEnd {
         match Db::unix_socket(self.options()) {

@@ -1,4 +1,4 @@
-//! How the holder's attempt ends other than by [`Holding::complete`] alone: sessions left busy
+//! How the holder's attempt ends other than by [`Holding::end`] alone: sessions left busy
 //! after a successful migration, a child that could not start, a lost lock session (fencing),
 //! the heartbeat that notices it, and ending sessions while the lock is held.
 

@@ -1,11 +1,11 @@
 //! Holding the lock: the replica that migrates, from taking over to the end of its attempt. A
 //! [`Holding`] exists only while this replica holds the lock; it owns the lock session, the
-//! lock's scope and the ledger row of its attempt. Its life: [`Holding::take_over`] once the
-//! waiter got the lock, [`Holding::migrate`] (and/or [`Holding::start_app`]), checking the lock
-//! session on every heartbeat while a child runs, then the attempt ends in one of two places:
-//! [`Holding::complete`], which records the outcome, notifies the waiters and frees the lock, or
-//! [`Holding::fence`] when the session was lost. Both consume it: a holder cannot complete twice,
-//! nor fence and then complete.
+//! lock's scope and the ledger row of its attempt. Its life: [`Holding::new`] once
+//! [`crate::protocol`] took over and began the attempt, [`Holding::migrate`] (and/or
+//! [`Holding::start_app`]), checking the lock session on every heartbeat while a child runs, then
+//! the attempt ends in one of two places: [`Holding::end`], which records the outcome, notifies
+//! the waiters and frees the lock, or [`Holding::fence`] when the session was lost. Both consume
+//! it: a holder cannot end twice, nor fence and then end.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -52,7 +52,7 @@ const PROBE_EVERY: Duration = Duration::from_millis(250);
 pub(crate) struct Holding {
     conn: Conn,
     /// In transaction scope: the connection through which the attempt row and its heartbeats
-    /// commit, outside the lock's transaction (see [`Holding::take_over`]).
+    /// commit, outside the lock's transaction (see [`crate::protocol`], "open the witness").
     witness: Option<Conn>,
     scope: Scope,
     /// The server's proof that the lock session holds the lock, carried by every statement

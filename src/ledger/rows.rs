@@ -32,7 +32,7 @@ pub(crate) struct HeldAttempt {
     pub(crate) proof: Proof,
 }
 
-/// How an attempt ended, as [`Ledger::finish`] records it.
+/// How an attempt ended, as [`super::Ledger::finish`] records it.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct AttemptEnd<'a> {
     pub(crate) outcome: Outcome,
@@ -42,7 +42,7 @@ pub(crate) struct AttemptEnd<'a> {
     pub(crate) detail: &'a str,
 }
 
-/// What [`Ledger::stale`] found.
+/// What [`super::Ledger::stale`] found.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Stale {
     /// Attempts still recorded `running`.
@@ -53,7 +53,7 @@ pub(crate) struct Stale {
     pub(crate) held: bool,
 }
 
-/// What [`Ledger::begin`] did.
+/// What [`super::Ledger::begin`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Begun {
     /// The attempt is recorded `running` with this row ID.
@@ -112,7 +112,7 @@ impl std::str::FromStr for Outcome {
     }
 }
 
-/// Why a `failed` attempt does not count against `--max-failures` ([`Ledger::failures`]): the
+/// Why a `failed` attempt does not count against `--max-failures` ([`super::Ledger::failures`]): the
 /// start of its `detail`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum NotCounted {
@@ -159,7 +159,7 @@ impl NotCounted {
 #[error("unknown attempt outcome {0:?} in the ledger")]
 pub(crate) struct UnknownOutcome(String);
 
-/// Whether [`Ledger::is_done`] may read the `--same-env` key. Not inside the lock's
+/// Whether [`super::Ledger::is_done`] may read the `--same-env` key. Not inside the lock's
 /// transaction: a missing key table there would abort it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ReadKey {
@@ -179,7 +179,7 @@ pub(crate) struct Seen {
     /// When the release is done: the newest release done after it on this lock, if any (a
     /// replica of an older release must not start on a schema that moved on).
     pub(crate) newer: Option<Newer>,
-    /// The `--same-env` key, when asked for ([`Ledger::read_env_key`]) and it exists.
+    /// The `--same-env` key, when asked for ([`super::Ledger::read_env_key`]) and it exists.
     pub(crate) env_key: Option<StoredKey>,
     /// When the release is done: the fingerprint of the application its holder migrated for
     /// ([`crate::application`]); `None` when none was recorded. Read as `to_jsonb(row) ->>

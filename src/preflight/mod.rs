@@ -24,7 +24,7 @@
 //! [`Preflight`] of one replica, the state its steps share. The steps live apart because they
 //! run at different times and touch different things: [`compile`] turns the flags and the
 //! preset's rules into what to compare, before any connection; [`same_env`] is the one round
-//! trip that records and compares, after the ledger read; [`fleet`] is what only `check`
+//! trip that records and compares, after the ledger read; [`mod@fleet`] is what only `check`
 //! reports, reading and never writing.
 
 mod budget;
