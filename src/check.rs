@@ -14,7 +14,7 @@ use crate::config::Check;
 use crate::db::{Conn, Reached, close};
 use crate::error::{Error, Result, check_exit_code};
 use crate::ledger::{AttemptRow, ReadKey};
-use crate::lock::{self, Holder, Scope};
+use crate::lock::{self, GrantedSession, Scope};
 use crate::preflight::{self, Fleet};
 use crate::replica::Replica;
 use crate::route::Route;
@@ -85,7 +85,7 @@ pub(crate) struct LockSeen {
     /// Its 64-bit key.
     pub(crate) key: i64,
     /// The session holding it now, if any.
-    pub(crate) holder: Option<Holder>,
+    pub(crate) holder: Option<GrantedSession>,
 }
 
 /// The ledger, and the release's state in it.

@@ -346,7 +346,7 @@ pub(crate) struct Slot {
 
 /// The session that holds a lock, as PostgreSQL sees it.
 #[derive(Debug, Clone, serde::Serialize)]
-pub(crate) struct Holder {
+pub(crate) struct GrantedSession {
     /// Backend PID of the holding session.
     pub(crate) pid: i32,
     /// Its `application_name` (the gate sets `migrations-gate/<hostname>` by default).
@@ -361,7 +361,7 @@ pub(crate) struct Holder {
     pub(crate) state: String,
 }
 
-impl fmt::Display for Holder {
+impl fmt::Display for GrantedSession {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let or =
             |s: &str, default: &'static str| if s.is_empty() { default } else { s }.to_string();
@@ -381,7 +381,7 @@ impl fmt::Display for Holder {
 pub(crate) async fn holder(
     conn: &mut PgConnection,
     lock: &LockKey,
-) -> Result<Option<Holder>, sqlx::Error> {
+) -> Result<Option<GrantedSession>, sqlx::Error> {
     let sql = format!(
         "SELECT a.pid::text, coalesce(a.application_name, ''), coalesce(host(a.client_addr), ''), \
                 coalesce(a.backend_start::text, ''), \
@@ -396,7 +396,7 @@ pub(crate) async fn holder(
         return Ok(None);
     };
     let text = |i: usize| Ok::<_, sqlx::Error>(row.opt(i)?.unwrap_or_default());
-    Ok(Some(Holder {
+    Ok(Some(GrantedSession {
         // NULL when the session left pg_stat_activity between the two reads: shown as 0.
         pid: row.parse_opt(0)?.unwrap_or(0),
         application_name: text(1)?,

@@ -246,7 +246,8 @@ async fn take_over(
     takeover: Takeover,
 ) -> Result<Decision, Failure> {
     let sql = |e: sqlx::Error| replica.db.classify(&e);
-    let (proof, server_version) = configure_lock_session(replica, &mut conn, takeover.scope).await?;
+    let (proof, server_version) =
+        configure_lock_session(replica, &mut conn, takeover.scope).await?;
     if let Some(seen) = done_under_lock(replica, &mut conn, takeover.scope).await? {
         same_application(replica, &seen)?;
         return Ok(Decision::Follow {

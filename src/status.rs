@@ -8,7 +8,7 @@ use crate::config::Status;
 use crate::db::close;
 use crate::error::{EXIT_NOT_DONE, EXIT_OK, Error, Result};
 use crate::ledger::{AttemptRow, Outcome, ReadKey};
-use crate::lock::{self, Holder};
+use crate::lock::{self, GrantedSession};
 use crate::lockwaits::{self, Wait};
 use crate::preflight::{EnvCheck, Store};
 use crate::replica::Replica;
@@ -23,7 +23,7 @@ pub(crate) struct StatusReport {
     /// The 64-bit advisory lock key.
     pub(crate) lock_key: i64,
     /// The session holding the lock now, if any.
-    pub(crate) holder: Option<Holder>,
+    pub(crate) holder: Option<GrantedSession>,
     /// With `--release`: whether it is done.
     pub(crate) release_done: Option<bool>,
     /// Attempts, newest first.

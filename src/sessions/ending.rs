@@ -125,17 +125,21 @@ fn signal_statement(which: &Which, function: &str, pid: i32) -> String {
     }
 }
 
-/// Waits up to `limit` until none of `which`'s sessions is left that `keep` selects; returns
+/// Waits up to `limit` until none of `which`'s sessions is left that `counts` selects; returns
 /// those still there.
 pub(super) async fn settle(
     conn: &mut PgConnection,
     which: &Which,
     limit: Duration,
-    keep: fn(&Session) -> bool,
+    counts: fn(&Session) -> bool,
 ) -> Result<Vec<Session>, sqlx::Error> {
     let until = tokio::time::Instant::now() + limit;
     loop {
-        let left: Vec<Session> = list(conn, which).await?.into_iter().filter(keep).collect();
+        let left: Vec<Session> = list(conn, which)
+            .await?
+            .into_iter()
+            .filter(counts)
+            .collect();
         if left.is_empty() || tokio::time::Instant::now() >= until {
             return Ok(left);
         }

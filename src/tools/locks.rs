@@ -122,6 +122,17 @@ impl Tool {
     }
 }
 
+/// How [`name_held`] records the locks it finds held.
+#[derive(Debug, Clone, Copy)]
+struct LockNote {
+    /// The attempt that found them.
+    attempt: i64,
+    /// Whether every lock is left alone (`--keep-tool-locks`, or no record possible).
+    leave_alone: bool,
+    /// Whether they can be recorded in `tool_locks`.
+    recorded: bool,
+}
+
 /// A lock row a holder released.
 #[derive(Debug, Clone)]
 struct Unlocked {
@@ -185,13 +196,13 @@ pub(crate) async fn clear_stale_locks(
             false
         }
     };
-    let keep = leave_alone || !recorded;
+    let leave_alone = leave_alone || !recorded;
     let mut notes = Vec::new();
     for table in found {
         let Some(tool) = TOOLS.into_iter().find(|t| t.table() == table.name) else {
             continue;
         };
-        if !keep {
+        if !leave_alone {
             match unlock(replica, conn, tool, &table, held).await {
                 Ok(released) => notes.extend(released.iter().map(ToString::to_string)),
                 Err(e) => warn!(
@@ -208,7 +219,11 @@ pub(crate) async fn clear_stale_locks(
                 ),
             }
         }
-        let how = (held.id, keep, recorded);
+        let how = LockNote {
+            attempt: held.id,
+            leave_alone,
+            recorded,
+        };
         if let Err(e) = name_held(replica, conn, tool, &table, how).await {
             warn!(error = %e, table = table.shown(), "could not read {}'s lock", tool.name());
         }
@@ -357,8 +372,13 @@ async fn name_held(
     conn: &mut sqlx::PgConnection,
     tool: Tool,
     table: &ToolTable,
-    (attempt, keep, recorded): (i64, bool, bool),
+    how: LockNote,
 ) -> Result<(), sqlx::Error> {
+    let LockNote {
+        attempt,
+        leave_alone,
+        recorded,
+    } = how;
     let held = format!(
         "SELECT {} AS who, {}::text AS at FROM {} k WHERE {}",
         tool.who(),
@@ -378,7 +398,7 @@ async fn name_held(
         let c = Cols(r);
         let who = c.text(0)?;
         let when = c.opt(1)?.unwrap_or_else(|| "an unknown time".into());
-        let why = if keep {
+        let why = if leave_alone {
             "left alone (--keep-tool-locks)".to_string()
         } else if tool == Tool::Knex {
             "left alone: knex records no owner, so nothing proves that a crashed attempt took it"
