@@ -13,7 +13,7 @@ use serde::Serialize;
 use crate::config::Check;
 use crate::db::{Conn, Reached, close};
 use crate::error::{Error, Result, check_exit_code};
-use crate::ledger::{AttemptRow, ReadKey};
+use crate::ledger::{AttemptRow, ContractState, ReadKey};
 use crate::lock::{self, GrantedSession, Scope};
 use crate::preflight::{self, Fleet};
 use crate::replica::Replica;
@@ -106,6 +106,9 @@ pub(crate) struct LedgerSeen {
     pub(crate) release_state: Option<String>,
     /// The newest attempt (of the release, with `--release`).
     pub(crate) newest_attempt: Option<AttemptRow>,
+    /// The contract step of the release (else of the newest release done), when this lock uses
+    /// `contract` ([`crate::contract`]); `null` otherwise.
+    pub(crate) contract: Option<ContractState>,
 }
 
 /// Something that stops the gate, with the exit code the gate would have.
@@ -244,6 +247,11 @@ async fn ledger(
     found: &Inspected,
 ) -> Result<LedgerSeen, sqlx::Error> {
     let release = replica.release();
+    let contract = if found.readable() {
+        replica.ledger.contract_state(c, release).await?
+    } else {
+        None
+    };
     let (release_state, newest_attempt) = if found.readable() {
         let newest = replica.ledger.attempts(c, release, 1).await?.pop();
         let state = match release {
@@ -271,6 +279,7 @@ async fn ledger(
         release: release.map(String::from),
         release_state,
         newest_attempt,
+        contract,
     })
 }
 
@@ -447,5 +456,8 @@ fn render_ledger(s: &mut String, l: &LedgerSeen) {
             "release: none given (--release); newest attempt: {}\n",
             newest.unwrap_or_else(|| "none".into())
         )),
+    }
+    if let Some(c) = &l.contract {
+        s.push_str(&format!("{}\n", crate::status::contract_line(c)));
     }
 }

@@ -33,7 +33,7 @@ pub(crate) async fn migrate(plan: Migrate) -> Result<i32> {
     };
     match wait_for_decision(&replica, role, gate.wait_timeout).await? {
         Decision::Follow { seen, conn } => {
-            gate.preflight.follower(&replica, seen, conn).await?;
+            gate.preflight.follower(&replica, *seen, conn).await?;
             termination::write_success(&format!(
                 "{} is done; this replica did not migrate",
                 release_name(&replica)
@@ -90,7 +90,7 @@ pub(crate) async fn run(plan: Run) -> Result<i32> {
     };
     let mut holding = match wait_for_decision(&replica, role, gate.wait_timeout).await? {
         Decision::Follow { seen, conn } => {
-            gate.preflight.follower(&replica, seen, conn).await?;
+            gate.preflight.follower(&replica, *seen, conn).await?;
             return Err(child::exec(&app_off));
         }
         Decision::Hold(holding) => clear_to_migrate(&gate, &replica, *holding).await?,
@@ -167,7 +167,7 @@ pub(crate) async fn wait(plan: Wait) -> Result<i32> {
     if let Decision::Follow { seen, conn } =
         wait_for_decision(&replica, role, gate.wait_timeout).await?
     {
-        gate.preflight.follower(&replica, seen, conn).await?;
+        gate.preflight.follower(&replica, *seen, conn).await?;
     }
     if command.is_empty() {
         termination::write_success(&format!("{} is done", release_name(&replica)));

@@ -45,6 +45,7 @@ mod check;
 mod child;
 mod commands;
 mod config;
+mod contract;
 mod db;
 mod duration;
 mod error;
@@ -141,6 +142,7 @@ pub fn main_entry() -> i32 {
             Plan::Migrate(plan) => commands::migrate(plan).await,
             Plan::Run(plan) => commands::run(plan).await,
             Plan::Wait(plan) => commands::wait(plan).await,
+            Plan::Contract(plan) => contract::contract(plan).await,
             Plan::Status(plan) => status::status(plan).await,
             Plan::Check(plan) => check::check(plan).await,
             Plan::Reset(plan) => commands::reset(plan).await,

@@ -58,16 +58,6 @@ impl LockKey {
     pub(crate) fn objid(&self) -> u32 {
         (self.key as u64 & 0xffff_ffff) as u32
     }
-
-    /// SQL condition selecting this lock's rows in `pg_locks` aliased `l`.
-    pub(crate) fn pg_locks_filter(&self) -> String {
-        format!(
-            "l.locktype = 'advisory' AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-             AND l.classid = {} AND l.objid = {} AND l.objsubid = 1",
-            self.classid(),
-            self.objid()
-        )
-    }
 }
 
 impl fmt::Display for LockKey {
@@ -97,28 +87,31 @@ pub(crate) async fn try_acquire(
     lock: &LockKey,
     scope: Scope,
 ) -> Result<bool, sqlx::Error> {
-    if scope == Scope::Transaction {
-        let got = query_scalar(
-            conn,
-            format!(
-                "BEGIN; SELECT pg_try_advisory_xact_lock({})::text",
-                lock.key
-            ),
-        )
-        .await?;
-        if got.as_deref() == Some("true") {
-            return Ok(true);
-        }
-        query(conn, "ROLLBACK".into()).await?;
-        return Ok(false);
+    let got = query_scalar(conn, try_acquire_statement(lock, scope)).await?;
+    if got.as_deref() == Some("true") {
+        return Ok(true);
     }
-    let got = query_scalar(
-        conn,
-        format!("SELECT pg_try_advisory_lock({})::text", lock.key),
-    )
-    .await?;
-    Ok(got.as_deref() == Some("true"))
+    if scope == Scope::Transaction {
+        query(conn, ROLLBACK.into()).await?;
+    }
+    Ok(false)
 }
+
+/// The statement of [`try_acquire`]: `true` when the lock was taken. In transaction scope it
+/// opens the lock transaction, which [`ROLLBACK`] ends when the lock was not taken.
+fn try_acquire_statement(lock: &LockKey, scope: Scope) -> String {
+    if scope == Scope::Transaction {
+        format!(
+            "BEGIN; SELECT pg_try_advisory_xact_lock({})::text",
+            lock.key
+        )
+    } else {
+        format!("SELECT pg_try_advisory_lock({})::text", lock.key)
+    }
+}
+
+/// Ends the lock transaction of a [`try_acquire`] that did not get the lock.
+const ROLLBACK: &str = "ROLLBACK";
 
 /// Frees the lock: unlock in session scope, COMMIT (of everything written meanwhile, the
 /// ledger row included) in transaction scope.
@@ -127,12 +120,16 @@ pub(crate) async fn unlock(
     lock: &LockKey,
     scope: Scope,
 ) -> Result<(), sqlx::Error> {
+    query(conn, unlock_statement(lock, scope)).await.map(|_| ())
+}
+
+/// The statement of [`unlock`].
+fn unlock_statement(lock: &LockKey, scope: Scope) -> String {
     if scope == Scope::Transaction {
-        query(conn, "COMMIT".into()).await?;
+        "COMMIT".into()
     } else {
-        query(conn, format!("SELECT pg_advisory_unlock({})", lock.key)).await?;
+        format!("SELECT pg_advisory_unlock({})", lock.key)
     }
-    Ok(())
 }
 
 /// Whether this session still holds `lock` (the holder's heartbeat; in transaction scope also
@@ -141,15 +138,21 @@ pub(crate) async fn held_by_us(
     conn: &mut PgConnection,
     lock: &LockKey,
 ) -> Result<bool, sqlx::Error> {
-    let n = query_scalar(
-        conn,
-        format!(
-            "SELECT count(*)::text FROM pg_locks l WHERE {} AND l.granted AND l.pid = pg_backend_pid()",
-            lock.pg_locks_filter()
-        ),
-    )
-    .await?;
+    let n = query_scalar(conn, held_by_us_statement(lock)).await?;
     Ok(n.is_some_and(|n| n != "0"))
+}
+
+/// The statement of [`held_by_us`]: how many granted rows of `lock` in `pg_locks` are this
+/// session's.
+fn held_by_us_statement(lock: &LockKey) -> String {
+    format!(
+        "SELECT count(*)::text FROM pg_locks l \
+         WHERE l.locktype = 'advisory' AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+           AND l.classid = {classid} AND l.objid = {objid} AND l.objsubid = 1 \
+           AND l.granted AND l.pid = pg_backend_pid()",
+        classid = lock.classid(),
+        objid = lock.objid(),
+    )
 }
 
 /// The server's proof that one session holds the lock *now*: a SQL condition that a statement
@@ -191,15 +194,14 @@ macro_rules! lock_held {
 }
 pub(crate) use lock_held;
 
+/// The statement of [`Proof::of`]: this session's backend PID and `backend_start`.
+const THIS_SESSION: &str =
+    "SELECT pid::text, backend_start::text FROM pg_stat_activity WHERE pid = pg_backend_pid()";
+
 impl Proof {
     /// The proof for the lock session `conn`, which must hold `lock`.
     pub(crate) async fn of(conn: &mut PgConnection, lock: &LockKey) -> Result<Proof, sqlx::Error> {
-        let rows = query(
-            conn,
-            "SELECT pid::text, backend_start::text FROM pg_stat_activity WHERE pid = pg_backend_pid()"
-                .into(),
-        )
-        .await?;
+        let rows = query(conn, THIS_SESSION.into()).await?;
         let row = one_row(&rows)?;
         Ok(Proof {
             classid: lock.classid(),
@@ -237,9 +239,18 @@ pub(crate) async fn configure_lock_session(
     conn: &mut PgConnection,
     scope: Scope,
 ) -> Result<(), sqlx::Error> {
-    let local = scope == Scope::Transaction;
     let version = conn.server_version_num().unwrap_or(0);
-    let sql: String = lock_session_settings(version)
+    query(conn, lock_session_statement(version, scope))
+        .await
+        .map(|_| ())
+}
+
+/// The statement of [`configure_lock_session`] for a server of `version`: one `DO` block per
+/// setting, each of which ignores its own failure (a managed service that forbids one setting
+/// still gets the others).
+fn lock_session_statement(version: u32, scope: Scope) -> String {
+    let local = scope == Scope::Transaction;
+    lock_session_settings(version)
         .into_iter()
         .map(|(name, value)| {
             format!(
@@ -247,8 +258,7 @@ pub(crate) async fn configure_lock_session(
                  EXCEPTION WHEN OTHERS THEN NULL; END $$;"
             )
         })
-        .collect();
-    query(conn, sql).await.map(|_| ())
+        .collect()
 }
 
 /// The settings of [`configure_lock_session`] that a server of `version` (`server_version_num`
@@ -311,27 +321,34 @@ pub(crate) async fn try_take_wait_slot(
     slot_space: i32,
     slots: WaitSlots,
 ) -> Result<Slot, sqlx::Error> {
-    let used = "(SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')::int";
-    let max = "current_setting('max_connections')::int";
-    let count = match slots {
-        WaitSlots::Fixed(n) => n.to_string(),
-        WaitSlots::Auto => format!("least(100, greatest(5, ({max} - {used}) / 3))"),
-    };
-    let rows = query(
-        conn,
-        format!(
-            "SELECT (SELECT count(*) FROM (SELECT s FROM generate_series(0, {count} - 1) s \
-                     WHERE pg_try_advisory_lock({}, s) LIMIT 1) t)::text, \
-                    ({used}::float8 / {max})::text",
-            slot_space
-        ),
-    )
-    .await?;
+    let rows = query(conn, wait_slot_statement(slot_space, slots)).await?;
     let row = one_row(&rows)?;
     Ok(Slot {
         taken: row.text(0)? == "1",
         pressure: row.parse(1)?,
     })
+}
+
+/// The statement of [`try_take_wait_slot`]: whether a slot was taken (`1`), and the share of
+/// `max_connections` in use.
+fn wait_slot_statement(slot_space: i32, slots: WaitSlots) -> String {
+    match slots {
+        WaitSlots::Fixed(count) => format!(
+            "SELECT (SELECT count(*) FROM (SELECT s FROM generate_series(0, {count} - 1) s \
+                     WHERE pg_try_advisory_lock({slot_space}, s) LIMIT 1) t)::text, \
+                    ((SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')::int::float8 \
+                     / current_setting('max_connections')::int)::text"
+        ),
+        // A third of the free connections, at least 5, at most 100.
+        WaitSlots::Auto => format!(
+            "SELECT (SELECT count(*) FROM (SELECT s FROM generate_series(0, \
+                         least(100, greatest(5, (current_setting('max_connections')::int \
+                             - (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')::int) / 3)) - 1) s \
+                     WHERE pg_try_advisory_lock({slot_space}, s) LIMIT 1) t)::text, \
+                    ((SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')::int::float8 \
+                     / current_setting('max_connections')::int)::text"
+        ),
+    }
 }
 
 /// The answer of [`try_take_wait_slot`].
@@ -382,15 +399,7 @@ pub(crate) async fn holder(
     conn: &mut PgConnection,
     lock: &LockKey,
 ) -> Result<Option<GrantedSession>, sqlx::Error> {
-    let sql = format!(
-        "SELECT a.pid::text, coalesce(a.application_name, ''), coalesce(host(a.client_addr), ''), \
-                coalesce(a.backend_start::text, ''), \
-                coalesce(extract(epoch FROM now() - a.backend_start)::float8::text, '0'), \
-                coalesce(a.state, '') \
-         FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
-         WHERE {} AND l.granted LIMIT 1",
-        lock.pg_locks_filter()
-    );
+    let sql = holder_statement(lock);
     let rows = query(conn, sql).await?;
     let Some(row) = rows.first().map(Cols) else {
         return Ok(None);
@@ -407,9 +416,111 @@ pub(crate) async fn holder(
     }))
 }
 
+/// The statement of [`holder`]: the session with a granted row of `lock` in `pg_locks`, if any.
+fn holder_statement(lock: &LockKey) -> String {
+    format!(
+        "SELECT a.pid::text, coalesce(a.application_name, ''), coalesce(host(a.client_addr), ''), \
+                coalesce(a.backend_start::text, ''), \
+                coalesce(extract(epoch FROM now() - a.backend_start)::float8::text, '0'), \
+                coalesce(a.state, '') \
+         FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
+         WHERE l.locktype = 'advisory' AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+           AND l.classid = {classid} AND l.objid = {objid} AND l.objsubid = 1 \
+           AND l.granted LIMIT 1",
+        classid = lock.classid(),
+        objid = lock.objid(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn lock() -> LockKey {
+        LockKey::from_name("migrations-gate")
+    }
+
+    /// Effect: tests/gate.rs (eight gates at once migrate exactly once; a released lock is taken
+    /// by the next) and tests/poolers.rs (transaction scope behind a transaction pooler leaks no
+    /// lock).
+    #[test]
+    fn try_acquire_statements() {
+        insta::assert_snapshot!(
+            "try_acquire_session",
+            crate::sql::pretty(&try_acquire_statement(&lock(), Scope::Session))
+        );
+        insta::assert_snapshot!(
+            "try_acquire_transaction",
+            crate::sql::pretty(&try_acquire_statement(&lock(), Scope::Transaction))
+        );
+        insta::assert_snapshot!("try_acquire_rollback", ROLLBACK);
+    }
+
+    /// Effect: tests/gate.rs (replicas without a release migrate one after another: each frees
+    /// the lock for the next) and tests/poolers.rs (no lock leaked behind transaction pooling).
+    #[test]
+    fn unlock_statements() {
+        insta::assert_snapshot!(
+            "unlock_session",
+            crate::sql::pretty(&unlock_statement(&lock(), Scope::Session))
+        );
+        insta::assert_snapshot!(
+            "unlock_transaction",
+            unlock_statement(&lock(), Scope::Transaction)
+        );
+    }
+
+    /// Effect: tests/faults.rs (a holder whose lock session is terminated fences itself, and one
+    /// waiter takes over).
+    #[test]
+    fn held_by_us_statement_whole() {
+        insta::assert_snapshot!(crate::sql::pretty(&held_by_us_statement(&lock())));
+    }
+
+    /// Effect: tests/faults.rs and tests/attempt_sessions.rs (every statement carrying the
+    /// proof acts only while the lock session read here holds the lock).
+    #[test]
+    fn this_session_statement() {
+        insta::assert_snapshot!(crate::sql::pretty(THIS_SESSION));
+    }
+
+    /// Effect: tests/faults.rs (a holder whose host vanishes without a goodbye frees the lock
+    /// within 30 seconds: the keepalives set here).
+    #[test]
+    fn lock_session_statements() {
+        for (version, scope) in [
+            (13_00_22, Scope::Session),
+            (16_00_14, Scope::Session),
+            (17_00_10, Scope::Transaction),
+        ] {
+            insta::assert_snapshot!(
+                format!("lock_session_{version}_{scope:?}"),
+                lock_session_statement(version, scope)
+            );
+        }
+    }
+
+    /// Effect: tests/faults.rs (a waiter keeps a waiting slot on exactly one connection) and
+    /// tests/scale.rs (300 gates against 50 connections all start).
+    #[test]
+    fn wait_slot_statements() {
+        insta::assert_snapshot!(
+            "wait_slot_fixed",
+            crate::sql::pretty(&wait_slot_statement(7, WaitSlots::Fixed(3)))
+        );
+        insta::assert_snapshot!(
+            "wait_slot_auto",
+            crate::sql::pretty(&wait_slot_statement(7, WaitSlots::Auto))
+        );
+    }
+
+    /// Effect: tests/gate.rs (a waiter that gives up names the holder), tests/watching.rs (a
+    /// lock held by a session that is not a gate is named) and tests/operator.rs (`status` shows
+    /// the holder).
+    #[test]
+    fn holder_statement_whole() {
+        insta::assert_snapshot!(crate::sql::pretty(&holder_statement(&lock())));
+    }
 
     #[test]
     fn key_is_first_eight_bytes_of_sha256_big_endian() {

@@ -20,15 +20,6 @@ use crate::sql::{Cols, query};
 /// How often a wait that lasts is reported again.
 pub(crate) const REPEAT: Duration = Duration::from_secs(30);
 
-/// SQL: the command tag of the statement of the `pg_stat_activity` row aliased `alias`: its
-/// first word, and `TABLE` or `INDEX` after it (`ALTER TABLE`, `CREATE INDEX`); empty when the
-/// text is hidden from our role or starts otherwise (a comment).
-fn command(alias: &str) -> String {
-    format!(
-        "coalesce(substring(upper(ltrim({alias}.query, E' \\t\\r\\n')) from '^[A-Z]+(?:\\s+(?:TABLE|INDEX|MATERIALIZED VIEW))?'), '')"
-    )
-}
-
 /// A session that blocks a waiting one.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub(crate) struct Blocker {
@@ -119,32 +110,7 @@ pub(crate) async fn waits(
     after: Duration,
     server_version: u32,
 ) -> Result<Vec<Wait>, sqlx::Error> {
-    let since = if server_version >= 140_000 {
-        "coalesce(l.waitstart, a.query_start)"
-    } else {
-        "a.query_start"
-    };
-    let sql = format!(
-        "SELECT w.pid::text, w.command, round(w.secs::numeric, 1)::text, w.lock, w.mode, \
-                coalesce(b.pid::text, ''), coalesce(b.application_name, ''), \
-                coalesce(host(b.client_addr), CASE WHEN b.pid IS NOT NULL AND b.client_port = -1 THEN 'local' ELSE '' END), \
-                coalesce(b.state, ''), \
-                coalesce(round(extract(epoch FROM now() - b.xact_start)::numeric, 1)::text, ''), \
-                {b_command} \
-         FROM (SELECT a.pid, {a_command} AS command, \
-                      extract(epoch FROM now() - {since}) AS secs, \
-                      coalesce(l.relation::regclass::text, l.locktype) AS lock, l.mode \
-               FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid AND NOT l.granted \
-               WHERE a.wait_event_type = 'Lock' AND a.pid <> pg_backend_pid() AND ({which})) w \
-         LEFT JOIN LATERAL unnest(pg_blocking_pids(w.pid)) AS bp(pid) ON true \
-         LEFT JOIN pg_stat_activity b ON b.pid = bp.pid \
-         WHERE w.secs >= {after} \
-         ORDER BY w.pid, b.pid",
-        a_command = command("a"),
-        b_command = command("b"),
-        which = which.condition(),
-        after = after.as_secs_f64(),
-    );
+    let sql = waits_statement(which, after, server_version);
     let mut found: Vec<Wait> = Vec::new();
     for r in &query(conn, sql).await? {
         let c = Cols(r);
@@ -172,6 +138,53 @@ pub(crate) async fn waits(
         }
     }
     Ok(found)
+}
+
+/// SQL, a string literal: the statement of [`waits`], one row per waiting session and blocker,
+/// with `$since` (a literal) for when a wait began; it binds `which` ([`Which::condition`]) and
+/// `after` (seconds) by name. A statement shows as its command tag only (`w.command`,
+/// `b.command`): the first word of its text, and `TABLE`, `INDEX` or `MATERIALIZED VIEW` after
+/// it; empty when the text is hidden from our role or starts otherwise (a comment).
+macro_rules! waits_sql {
+    ($since:literal) => {
+        concat!(
+            "SELECT w.pid::text, w.command, round(w.secs::numeric, 1)::text, w.lock, w.mode, \
+                    coalesce(b.pid::text, ''), coalesce(b.application_name, ''), \
+                    coalesce(host(b.client_addr), CASE WHEN b.pid IS NOT NULL AND b.client_port = -1 THEN 'local' ELSE '' END), \
+                    coalesce(b.state, ''), \
+                    coalesce(round(extract(epoch FROM now() - b.xact_start)::numeric, 1)::text, ''), \
+                    coalesce(substring(upper(ltrim(b.query, E' \\t\\r\\n')) \
+                                       from '^[A-Z]+(?:\\s+(?:TABLE|INDEX|MATERIALIZED VIEW))?'), '') \
+             FROM (SELECT a.pid, \
+                          coalesce(substring(upper(ltrim(a.query, E' \\t\\r\\n')) \
+                                             from '^[A-Z]+(?:\\s+(?:TABLE|INDEX|MATERIALIZED VIEW))?'), '') AS command, \
+                          extract(epoch FROM now() - ",
+            $since,
+            ") AS secs, \
+                          coalesce(l.relation::regclass::text, l.locktype) AS lock, l.mode \
+                   FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid AND NOT l.granted \
+                   WHERE a.wait_event_type = 'Lock' AND a.pid <> pg_backend_pid() AND ({which})) w \
+             LEFT JOIN LATERAL unnest(pg_blocking_pids(w.pid)) AS bp(pid) ON true \
+             LEFT JOIN pg_stat_activity b ON b.pid = bp.pid \
+             WHERE w.secs >= {after} \
+             ORDER BY w.pid, b.pid"
+        )
+    };
+}
+
+/// The statement of [`waits`]: `server_version` (`server_version_num`) 14+ knows when the wait
+/// began (`pg_locks.waitstart`); before, the statement's start stands in.
+fn waits_statement(which: &Which, after: Duration, server_version: u32) -> String {
+    let (which, after) = (which.condition(), after.as_secs_f64());
+    if server_version >= 140_000 {
+        format!(
+            waits_sql!("coalesce(l.waitstart, a.query_start)"),
+            which = which,
+            after = after
+        )
+    } else {
+        format!(waits_sql!("a.query_start"), which = which, after = after)
+    }
 }
 
 /// Reports the waits of a running attempt: one WARN line per waiting session when it is
@@ -238,6 +251,26 @@ impl Reporter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The waits of one attempt's sessions, on PostgreSQL 14+ (`pg_locks.waitstart`) and 13.
+    /// Effect: tests/watching.rs (a migration blocked behind an open transaction is reported
+    /// with its blocker until it commits) and tests/operator.rs (`status` of a running attempt).
+    #[test]
+    fn waits_statements() {
+        let lock = crate::lock::LockKey::from_name("migrations-gate");
+        let identity = crate::identity::Identity::new(&lock, "migrations_gate");
+        let which = crate::sessions::AttemptSessions::new(&identity, Some("r1"), 42).which();
+        for version in [13_00_22, 17_00_10] {
+            insta::assert_snapshot!(
+                format!("waits_{version}"),
+                crate::sql::pretty(&waits_statement(
+                    &which,
+                    Duration::from_millis(5500),
+                    version
+                ))
+            );
+        }
+    }
 
     #[test]
     fn a_wait_reads_with_its_blocker_and_never_a_query() {

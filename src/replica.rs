@@ -17,6 +17,9 @@ use crate::route::{self, Route};
 /// The start of the gate's default `application_name` (`migrations-gate/<hostname>`).
 pub(crate) const GATE_NAME_PREFIX: &str = "migrations-gate/";
 
+/// Ends the transaction of a [`Replica::create_ledger`] whose DDL was denied.
+const ROLLBACK: &str = "ROLLBACK";
+
 /// Who holds the lock, for messages.
 #[derive(Debug, Clone)]
 pub(crate) struct HolderNote {
@@ -72,6 +75,10 @@ pub(crate) struct Replica {
     /// The application it migrates for (`migrate`, `run`), recorded with each attempt and
     /// compared before following a done release ([`crate::application`]).
     pub(crate) application: Option<Application>,
+    /// The release its attempts' and apps' sessions are tagged with, when not its own: a
+    /// contract step (`contract:R`) tags with `R`, so that its sessions count as `R`'s
+    /// ([`crate::contract`]).
+    pub(crate) tag_release: Option<String>,
     host: String,
 }
 
@@ -86,6 +93,7 @@ impl Replica {
         let ledger = Ledger::new(&target.schema, &target.lock);
         Ok(Replica {
             application: None,
+            tag_release: None,
             target,
             db,
             ledger,
@@ -117,6 +125,11 @@ impl Replica {
 
     pub(crate) fn release(&self) -> Option<&str> {
         self.release.as_deref()
+    }
+
+    /// The release its sessions' tags carry ([`Replica::tag_release`], else its own).
+    pub(crate) fn tagged_release(&self) -> Option<&str> {
+        self.tag_release.as_deref().or(self.release())
     }
 
     /// What a waiter waits for, for messages.
@@ -203,7 +216,7 @@ impl Replica {
                 // The DDL ran in one transaction, now aborted: end it, then see what was
                 // missing. Only the index missing means the table is there but not ours.
                 let tables = self.ledger.tables();
-                let only_index = crate::sql::query(c, "ROLLBACK".to_string()).await.is_ok()
+                let only_index = crate::sql::query(c, ROLLBACK.into()).await.is_ok()
                     && tables
                         .inspect(c)
                         .await
@@ -217,5 +230,15 @@ impl Replica {
             }
             Err(e) => Err(self.db.classify(&e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Effect: tests/privileges.rs (a ledger that lost its index names the CREATE INDEX its
+    /// owner must run: the denied DDL's transaction is ended, then the ledger inspected).
+    #[test]
+    fn rollback_after_denied_ddl() {
+        insta::assert_snapshot!(super::ROLLBACK);
     }
 }

@@ -50,14 +50,18 @@ pub(crate) struct ServerSide {
     pub(crate) client: Option<(IpAddr, u16)>,
 }
 
+/// The first statement of [`server_side`]: the backend's PID, and its client's address and port
+/// (NULL for a Unix socket).
+const SERVER_SIDE: &str =
+    "SELECT pg_backend_pid()::text, host(inet_client_addr()), inet_client_port()::text";
+
+/// The second statement of [`server_side`], in a transaction of its own: the backend's PID.
+const BACKEND_PID: &str = "SELECT pg_backend_pid()::text";
+
 /// Reads [`ServerSide`]: two short queries, as many round trips as the PID comparison alone
 /// needs. Only would-be holders and waiters ask (a follower never does).
 pub(crate) async fn server_side(conn: &mut PgConnection) -> Result<ServerSide, sqlx::Error> {
-    let rows = query(
-        conn,
-        "SELECT pg_backend_pid()::text, host(inet_client_addr()), inet_client_port()::text".into(),
-    )
-    .await?;
+    let rows = query(conn, SERVER_SIDE.into()).await?;
     let row = one_row(&rows)?;
     let pid = row.parse(0)?;
     let client = match (row.opt(1)?, row.opt(2)?) {
@@ -72,7 +76,7 @@ pub(crate) async fn server_side(conn: &mut PgConnection) -> Result<ServerSide, s
         }
         _ => None,
     };
-    let again = query_scalar(conn, "SELECT pg_backend_pid()::text".into())
+    let again = query_scalar(conn, BACKEND_PID.into())
         .await?
         .and_then(|p| p.parse().ok())
         .unwrap_or(0);
@@ -178,6 +182,14 @@ fn list(addrs: &[SocketAddr]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Effect: tests/check.rs (through PgBouncer the route is not direct, and check says why)
+    /// and tests/poolers.rs (a pooler on the same port number is not taken for the server).
+    #[test]
+    fn server_side_statements() {
+        insta::assert_snapshot!("server_side", crate::sql::pretty(SERVER_SIDE));
+        insta::assert_snapshot!("backend_pid", crate::sql::pretty(BACKEND_PID));
+    }
 
     fn tcp(addr: &str) -> SocketAddr {
         addr.parse().expect("test address")

@@ -25,6 +25,9 @@ use crate::sql::{ident, lit, one_row, query};
 /// The ledger's unique index (one `done` row per lock and release).
 const LEDGER_INDEX: &str = "ledger_one_done_per_release";
 
+/// Ends the transaction of a failed [`Tables::ensure_app_column`].
+const ROLLBACK: &str = "ROLLBACK";
+
 /// The gate's tables in one schema.
 #[derive(Debug, Clone)]
 pub(crate) struct Tables {
@@ -79,6 +82,11 @@ impl Tables {
         &self,
         conn: &mut PgConnection,
     ) -> Result<(), sqlx::Error> {
+        self.create_missing(conn, &self.tool_locks_objects()).await
+    }
+
+    /// What [`Tables::create_tool_locks`] creates.
+    fn tool_locks_objects(&self) -> Objects {
         let table = format!(
             "CREATE TABLE IF NOT EXISTS {} (
                  attempt_id  bigint NOT NULL,
@@ -92,8 +100,13 @@ impl Tables {
              );",
             self.tool_locks()
         );
-        let objects = [(format!("to_regclass({})", lit(&self.tool_locks())), table)];
-        self.create_missing(conn, &objects).await
+        Objects {
+            missing: format!(
+                "SELECT (to_regclass({}) IS NULL)::text",
+                lit(&self.tool_locks())
+            ),
+            ddl: vec![table],
+        }
     }
 
     /// The DDL of the ledger's unique index: one `done` row per lock and release.
@@ -107,17 +120,24 @@ impl Tables {
 
     /// Creates what is missing of the schema, the ledger and its index.
     pub(crate) async fn create_ledger(&self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+        self.create_missing(conn, &self.ledger_objects()).await
+    }
+
+    /// What [`Tables::create_ledger`] creates: the schema, the ledger, its index.
+    fn ledger_objects(&self) -> Objects {
         let schema = ident(&self.schema);
         let table = self.ledger();
-        let index = format!("{schema}.{LEDGER_INDEX}");
-        let objects = [
-            (
-                format!("to_regnamespace({})::text", lit(&schema)),
-                format!("CREATE SCHEMA IF NOT EXISTS {schema};"),
-            ),
-            (
-                format!("to_regclass({})", lit(&table)),
-                format!(
+        let missing = format!(
+            "SELECT (to_regnamespace({schema_name})::text IS NULL)::text, \
+                    (to_regclass({table_name}) IS NULL)::text, \
+                    (to_regclass({index_name}) IS NULL)::text",
+            schema_name = lit(&schema),
+            table_name = lit(&table),
+            index_name = lit(&format!("{schema}.{LEDGER_INDEX}")),
+        );
+        let ddl = vec![
+            format!("CREATE SCHEMA IF NOT EXISTS {schema};"),
+            format!(
                     "CREATE TABLE IF NOT EXISTS {table} (
                  id          bigserial PRIMARY KEY,
                  lock_key    bigint NOT NULL,
@@ -135,11 +155,10 @@ impl Tables {
                  fence_secs  integer NOT NULL DEFAULT 0,
                  app         text
              );"
-                ),
             ),
-            (format!("to_regclass({})", lit(&index)), self.ledger_index()),
+            self.ledger_index(),
         ];
-        self.create_missing(conn, &objects).await
+        Objects { missing, ddl }
     }
 
     /// Whether the ledger has its `app` column, adding it when it is missing and the role owns the
@@ -151,18 +170,7 @@ impl Tables {
         &self,
         conn: &mut PgConnection,
     ) -> Result<bool, sqlx::Error> {
-        let table = self.ledger();
-        let rows = query(
-            conn,
-            format!(
-                "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass({t}) \
-                                AND attname = 'app' AND NOT attisdropped)::text, \
-                        coalesce((SELECT pg_has_role(relowner, 'USAGE') FROM pg_class \
-                                  WHERE oid = to_regclass({t})), false)::text",
-                t = lit(&table)
-            ),
-        )
-        .await?;
+        let rows = query(conn, self.app_column_statement()).await?;
         let row = one_row(&rows)?;
         if row.text(0)? == "true" {
             return Ok(true);
@@ -170,17 +178,36 @@ impl Tables {
         if row.text(1)? != "true" {
             return Ok(false);
         }
-        let alter = format!(
-            "BEGIN; SET LOCAL lock_timeout = '1s'; ALTER TABLE {table} ADD COLUMN IF NOT EXISTS app text; COMMIT;"
-        );
-        match query(conn, alter).await {
+        match query(conn, self.add_app_column_statement()).await {
             Ok(_) => Ok(true),
             Err(sqlx::Error::Database(_)) => {
                 // The transaction failed (lock timeout, privileges): end it, and go on without.
-                query(conn, "ROLLBACK".into()).await.map(|_| false)
+                query(conn, ROLLBACK.into()).await.map(|_| false)
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// The first statement of [`Tables::ensure_app_column`]: whether the ledger has its `app`
+    /// column, and whether the role owns the ledger.
+    fn app_column_statement(&self) -> String {
+        let table = self.ledger();
+        format!(
+            "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass({t}) \
+                                AND attname = 'app' AND NOT attisdropped)::text, \
+                        coalesce((SELECT pg_has_role(relowner, 'USAGE') FROM pg_class \
+                                  WHERE oid = to_regclass({t})), false)::text",
+            t = lit(&table)
+        )
+    }
+
+    /// The statement of [`Tables::ensure_app_column`] that adds the column, waiting at most a
+    /// second for its lock.
+    fn add_app_column_statement(&self) -> String {
+        let table = self.ledger();
+        format!(
+            "BEGIN; SET LOCAL lock_timeout = '1s'; ALTER TABLE {table} ADD COLUMN IF NOT EXISTS app text; COMMIT;"
+        )
     }
 
     /// Creates the `--same-env` tables that are missing (the ledger made the schema).
@@ -188,6 +215,11 @@ impl Tables {
         &self,
         conn: &mut PgConnection,
     ) -> Result<(), sqlx::Error> {
+        self.create_missing(conn, &self.preflight_objects()).await
+    }
+
+    /// What [`Tables::create_preflight`] creates.
+    fn preflight_objects(&self) -> Objects {
         let key = format!(
             "CREATE TABLE IF NOT EXISTS {} (
                  only_row   boolean PRIMARY KEY DEFAULT true CHECK (only_row),
@@ -216,13 +248,17 @@ impl Tables {
              );",
             self.env_checks()
         );
-        let regclass = |table: String| format!("to_regclass({})", lit(&table));
-        let objects = [
-            (regclass(self.env_key()), key),
-            (regclass(self.env_reference()), reference),
-            (regclass(self.env_checks()), checks),
-        ];
-        self.create_missing(conn, &objects).await
+        let missing = format!(
+            "SELECT (to_regclass({}) IS NULL)::text, (to_regclass({}) IS NULL)::text, \
+                    (to_regclass({}) IS NULL)::text",
+            lit(&self.env_key()),
+            lit(&self.env_reference()),
+            lit(&self.env_checks()),
+        );
+        Objects {
+            missing,
+            ddl: vec![key, reference, checks],
+        }
     }
 
     /// What to tell an operator whose role may not create the ledger: the grants, as SQL a DBA
@@ -286,29 +322,7 @@ impl Tables {
     /// catalogs and the `has_*_privilege` functions only, never through the schema itself
     /// (`to_regclass` would need `USAGE` on it): works without any privilege, changes nothing.
     pub(crate) async fn inspect(&self, conn: &mut PgConnection) -> Result<Inspected, sqlx::Error> {
-        let may = |f: &str, privilege: &str| format!("coalesce({f}, '{privilege}'), false)::text");
-        let sql = format!(
-            "SELECT (n.oid IS NOT NULL)::text, (t.oid IS NOT NULL)::text, \
-                    (i.oid IS NOT NULL)::text, s.relname, \
-                    has_database_privilege(current_database(), 'CREATE')::text, {}, {}, \
-                    coalesce(pg_has_role(t.relowner, 'USAGE'), false)::text, {}, {}, {}, {}, {} \
-             FROM (SELECT 1) one \
-             LEFT JOIN pg_namespace n ON n.nspname = {} \
-             LEFT JOIN pg_class t ON t.relnamespace = n.oid AND t.relname = 'ledger' AND t.relkind IN ('r', 'p') \
-             LEFT JOIN pg_class i ON i.relnamespace = n.oid AND i.relname = {} AND i.relkind IN ('i', 'I') \
-             LEFT JOIN LATERAL (SELECT c.oid, c.relname FROM pg_depend d JOIN pg_class c ON c.oid = d.objid \
-                 WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass \
-                 AND d.refobjid = t.oid AND d.deptype = 'a' AND c.relkind = 'S' LIMIT 1) s ON true",
-            may("has_schema_privilege(n.oid", "USAGE"),
-            may("has_schema_privilege(n.oid", "CREATE"),
-            may("has_table_privilege(t.oid", "SELECT"),
-            may("has_table_privilege(t.oid", "INSERT"),
-            may("has_table_privilege(t.oid", "UPDATE"),
-            may("has_table_privilege(t.oid", "DELETE"),
-            may("has_sequence_privilege(s.oid", "USAGE, UPDATE"),
-            lit(&self.schema),
-            lit(LEDGER_INDEX),
-        );
+        let sql = self.inspect_statement();
         let rows = query(conn, sql).await?;
         let row = one_row(&rows)?;
         let yes = |i: usize| -> Result<bool, sqlx::Error> { Ok(row.text(i)? == "true") };
@@ -327,6 +341,32 @@ impl Tables {
             delete: yes(11)?,
             usage_on_sequence: yes(12)?,
         })
+    }
+
+    /// The statement of [`Tables::inspect`].
+    fn inspect_statement(&self) -> String {
+        format!(
+            "SELECT (n.oid IS NOT NULL)::text, (t.oid IS NOT NULL)::text, \
+                    (i.oid IS NOT NULL)::text, s.relname, \
+                    has_database_privilege(current_database(), 'CREATE')::text, \
+                    coalesce(has_schema_privilege(n.oid, 'USAGE'), false)::text, \
+                    coalesce(has_schema_privilege(n.oid, 'CREATE'), false)::text, \
+                    coalesce(pg_has_role(t.relowner, 'USAGE'), false)::text, \
+                    coalesce(has_table_privilege(t.oid, 'SELECT'), false)::text, \
+                    coalesce(has_table_privilege(t.oid, 'INSERT'), false)::text, \
+                    coalesce(has_table_privilege(t.oid, 'UPDATE'), false)::text, \
+                    coalesce(has_table_privilege(t.oid, 'DELETE'), false)::text, \
+                    coalesce(has_sequence_privilege(s.oid, 'USAGE, UPDATE'), false)::text \
+             FROM (SELECT 1) one \
+             LEFT JOIN pg_namespace n ON n.nspname = {schema} \
+             LEFT JOIN pg_class t ON t.relnamespace = n.oid AND t.relname = 'ledger' AND t.relkind IN ('r', 'p') \
+             LEFT JOIN pg_class i ON i.relnamespace = n.oid AND i.relname = {index} AND i.relkind IN ('i', 'I') \
+             LEFT JOIN LATERAL (SELECT c.oid, c.relname FROM pg_depend d JOIN pg_class c ON c.oid = d.objid \
+                 WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass \
+                 AND d.refobjid = t.oid AND d.deptype = 'a' AND c.relkind = 'S' LIMIT 1) s ON true",
+            schema = lit(&self.schema),
+            index = lit(LEDGER_INDEX),
+        )
     }
 
     /// Every privilege `role` needs for what [`Tables::create_ledger`] and the ledger's
@@ -431,24 +471,19 @@ impl Tables {
         needs
     }
 
-    /// Creates each object of `objects` that does not exist yet, and nothing else: `(check, ddl)`,
-    /// where `check` is a SQL expression that is NULL while the object is missing. Concurrent
+    /// Creates each object of `objects` that does not exist yet, and nothing else. Concurrent
     /// gates with different lock names may race here, so the DDL runs in one transaction under
     /// an advisory lock of its own, one per schema (the ledger's and the preflight tables next to
     /// it).
     async fn create_missing(
         &self,
         conn: &mut PgConnection,
-        objects: &[(String, String)],
+        objects: &Objects,
     ) -> Result<(), sqlx::Error> {
-        let checks: Vec<String> = objects
-            .iter()
-            .map(|(check, _)| format!("({check} IS NULL)::text"))
-            .collect();
-        let rows = query(conn, format!("SELECT {}", checks.join(", "))).await?;
+        let rows = query(conn, objects.missing.clone()).await?;
         let row = one_row(&rows)?;
         let mut missing = Vec::new();
-        for (i, (_, ddl)) in objects.iter().enumerate() {
+        for (i, ddl) in objects.ddl.iter().enumerate() {
             if row.text(i)? == "true" {
                 missing.push(ddl.as_str());
             }
@@ -456,14 +491,29 @@ impl Tables {
         if missing.is_empty() {
             return Ok(());
         }
+        query(conn, self.create_statement(&missing))
+            .await
+            .map(|_| ())
+    }
+
+    /// The statement of [`Tables::create_missing`] that creates the `missing` objects: their DDL
+    /// (each statement whole), in one transaction under the schema's own advisory lock.
+    fn create_statement(&self, missing: &[&str]) -> String {
         let name = format!("migrations-gate ledger ddl {}", self.schema);
         let ddl_key = LockKey::from_name(&name).key;
-        let sql = format!(
+        format!(
             "BEGIN; SELECT pg_advisory_xact_lock({ddl_key});{}COMMIT;",
             missing.concat()
-        );
-        query(conn, sql).await.map(|_| ())
+        )
     }
+}
+
+/// Objects that [`Tables::create_missing`] creates if they are missing.
+struct Objects {
+    /// The statement that says, for each object in order, whether it is missing (`true`).
+    missing: String,
+    /// The DDL of each, a whole statement.
+    ddl: Vec<String>,
 }
 
 /// What exists of the ledger, and what the connected role may do with it
@@ -511,4 +561,52 @@ pub(crate) struct Need {
     pub(crate) granted: bool,
     /// The statement a DBA runs (once) to give it.
     pub(crate) grant: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tables() -> Tables {
+        Tables::new("migrations_gate")
+    }
+
+    /// The checks and the DDL of the ledger, of `tool_locks` and of the `--same-env` tables, each
+    /// as sent when all of it is missing. Effect: tests/privileges.rs (a role without CREATE on
+    /// the database uses the schema a DBA made for it; a ledger that lost its index names the
+    /// CREATE INDEX), tests/gate.rs (first use creates the ledger), tests/recovery.rs
+    /// (`tool_locks`) and tests/preflight.rs (the `--same-env` tables, in transaction scope too).
+    #[test]
+    fn create_statements() {
+        let t = tables();
+        for (name, objects) in [
+            ("ledger", t.ledger_objects()),
+            ("tool_locks", t.tool_locks_objects()),
+            ("preflight", t.preflight_objects()),
+        ] {
+            insta::assert_snapshot!(
+                format!("missing_{name}"),
+                crate::sql::pretty(&objects.missing)
+            );
+            let ddl: Vec<&str> = objects.ddl.iter().map(String::as_str).collect();
+            insta::assert_snapshot!(format!("create_{name}"), t.create_statement(&ddl));
+        }
+    }
+
+    /// No effect test adds the `app` column to a ledger made before 0.2; tests/gate.rs and
+    /// tests/neighbours.rs run the first statement on every would-be holder's ledger.
+    #[test]
+    fn app_column_statements() {
+        let t = tables();
+        insta::assert_snapshot!("app_column", crate::sql::pretty(&t.app_column_statement()));
+        insta::assert_snapshot!("add_app_column", t.add_app_column_statement());
+        insta::assert_snapshot!("add_app_column_rollback", ROLLBACK);
+    }
+
+    /// Effect: tests/check.rs (a least-privilege role on a fresh database gets the grant to ask
+    /// for; a DBA-made ledger with read-only rights names each missing grant).
+    #[test]
+    fn inspect_statement_whole() {
+        insta::assert_snapshot!(crate::sql::pretty(&tables().inspect_statement()));
+    }
 }

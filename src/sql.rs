@@ -182,6 +182,16 @@ pub(crate) fn ident(s: &str) -> String {
     format!("\"{}\"", s.replace('\0', "").replace('"', "\"\""))
 }
 
+/// A statement laid out one clause per line, for the snapshots that pin statements' text.
+#[cfg(test)]
+pub(crate) fn pretty(sql: &str) -> String {
+    sqlformat::format(
+        sql,
+        &sqlformat::QueryParams::None,
+        &sqlformat::FormatOptions::default(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -201,14 +211,4 @@ mod tests {
         assert_eq!(ident("My \"odd\" schema"), "\"My \"\"odd\"\" schema\"");
         assert_eq!(ident("a\0b"), "\"ab\"");
     }
-}
-
-/// A statement laid out one clause per line, for the snapshots that pin statements' text.
-#[cfg(test)]
-pub(crate) fn pretty(sql: &str) -> String {
-    sqlformat::format(
-        sql,
-        &sqlformat::QueryParams::None,
-        &sqlformat::FormatOptions::default(),
-    )
 }

@@ -7,7 +7,7 @@ use serde::Serialize;
 use crate::config::Status;
 use crate::db::close;
 use crate::error::{EXIT_NOT_DONE, EXIT_OK, Error, Result};
-use crate::ledger::{AttemptRow, Outcome, ReadKey};
+use crate::ledger::{AttemptRow, ContractState, Outcome, ReadKey};
 use crate::lock::{self, GrantedSession};
 use crate::lockwaits::{self, Wait};
 use crate::preflight::{EnvCheck, Store};
@@ -35,6 +35,9 @@ pub(crate) struct StatusReport {
     pub(crate) env_checks: Vec<EnvCheck>,
     /// Migration tools' locks the shown attempts found held before migrating, released or left alone ([`crate::tools`]).
     pub(crate) tool_locks: Vec<ToolLock>,
+    /// The contract step of the release (else of the newest release done), when this lock uses
+    /// `contract` ([`crate::contract`]); `null` otherwise.
+    pub(crate) contract: Option<ContractState>,
 }
 
 /// A running attempt's database sessions (those that carry its tag) and their lock waits.
@@ -106,18 +109,19 @@ pub(crate) async fn status(plan: Status) -> Result<i32> {
         let running = running(c, &replica, &attempts).await?;
         let ids: Vec<i64> = attempts.iter().map(|a| a.id).collect();
         let tool_locks = tools::found_tool_locks(c, replica.ledger.tables(), &ids).await?;
+        let contract = replica.ledger.contract_state(c, replica.release()).await?;
         Ok::<_, sqlx::Error>((
             holder,
             attempts,
             release_done,
             env_checks,
             running,
-            tool_locks,
+            (tool_locks, contract),
         ))
     }
     .await;
     close(conn).await;
-    let (holder, attempts, release_done, env_checks, running, tool_locks) =
+    let (holder, attempts, release_done, env_checks, running, (tool_locks, contract)) =
         gathered.map_err(|e| replica.db.fail(&e, "while reading the status"))?;
     let report = StatusReport {
         lock: replica.lock().name.clone(),
@@ -128,6 +132,7 @@ pub(crate) async fn status(plan: Status) -> Result<i32> {
         running,
         env_checks,
         tool_locks,
+        contract,
     };
     let text = if plan.json {
         serde_json::to_string_pretty(&report)
@@ -140,6 +145,18 @@ pub(crate) async fn status(plan: Status) -> Result<i32> {
         Some(false) => EXIT_NOT_DONE,
         _ => EXIT_OK,
     })
+}
+
+/// One line for a release's contract step, and what to do when it is pending.
+pub(crate) fn contract_line(c: &ContractState) -> String {
+    let todo = match c.state.as_str() {
+        "pending" => format!(
+            ": run `migrations-gate contract --release {} -- CMD` once no replica of an older release is left",
+            c.release
+        ),
+        _ => String::new(),
+    };
+    format!("contract step of release {}: {}{todo}", c.release, c.state)
 }
 
 /// The human-readable table.
@@ -157,6 +174,9 @@ pub(crate) fn render(report: &StatusReport, release: Option<&str>) -> String {
             "release {r}: {}\n",
             if done { "done" } else { "NOT done" }
         ));
+    }
+    if let Some(c) = &report.contract {
+        s.push_str(&format!("{}\n", contract_line(c)));
     }
     if report.attempts.is_empty() {
         s.push_str("\nno attempts recorded\n");

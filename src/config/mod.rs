@@ -14,7 +14,7 @@ mod plan;
 mod value_enums;
 
 pub(crate) use holder::HolderArgs;
-pub(crate) use plan::{Check, Gate, Migrate, Plan, Reset, Run, Status, Wait};
+pub(crate) use plan::{Check, Contract, Gate, Migrate, Plan, Reset, Run, Status, Wait};
 
 use crate::db::ConnUrl;
 use crate::error::{Error, Result};
@@ -79,6 +79,14 @@ pub(crate) enum Command {
     /// until APP is ready, records the release and stays as APP's parent, forwarding signals.
     Run(RunArgs),
 
+    /// After a rollout: run CMD once for a release (its contract step) when no replica of an older release is left.
+    ///
+    /// Waits until the release is done and no app session of an older release of this lock has
+    /// been seen for --settle, then runs CMD with the flag on under the lock, once, recorded in
+    /// the ledger as the release's contract step (`contract:R`); every other runner of the step
+    /// waits for it and exits 0. Afterwards a replica of an older release is refused (exit 78).
+    Contract(ContractArgs),
+
     /// Block until a release is done (workers, cron jobs, sidecars), then exit 0 or exec CMD.
     ///
     /// Never takes the lock and never migrates: it only waits for the positive signal. CMD runs
@@ -127,6 +135,7 @@ impl Command {
             Command::Migrate(a) => a.gate.db.log_format,
             Command::Run(a) => a.gate.db.log_format,
             Command::Wait(a) => a.gate.db.log_format,
+            Command::Contract(a) => a.db.log_format,
             Command::Status(a) => a.db.log_format,
             Command::Check(a) => a.db.log_format,
             Command::Reset(a) => a.db.log_format,
@@ -287,6 +296,42 @@ pub(crate) struct MigrateArgs {
     pub(crate) holder: HolderArgs,
 
     /// The migration command, run with the flag on by the lock holder only.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub(crate) command: Vec<String>,
+}
+
+/// `contract` mode.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct ContractArgs {
+    /// Where the database and the lock are.
+    #[command(flatten)]
+    pub(crate) db: DbArgs,
+
+    /// The release whose contract step this is (it must be done first).
+    #[command(flatten)]
+    pub(crate) release: ReleaseArgs,
+
+    /// The environment variable handed to CMD (set to its "on" value).
+    #[command(flatten)]
+    pub(crate) flag: FlagArgs,
+
+    /// How a runner waits (--wait-timeout bounds the whole command: the release, the settle window, the lock).
+    #[command(flatten)]
+    pub(crate) waiting: WaitingArgs,
+
+    /// How the runner that holds the lock stops, bounds and watches CMD.
+    #[command(flatten)]
+    pub(crate) holder: HolderArgs,
+
+    /// How long no app session of an older release of this lock (tagged with its release, as the gate tags every app it starts) must have been seen before CMD runs: the rollback window. A session of an older release that appears meanwhile restarts it.
+    #[arg(long, env = "MIGRATIONS_GATE_SETTLE", value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
+    pub(crate) settle: Duration,
+
+    /// Run even when no app session of the release itself is visible by its tag. Without it the step refuses (exit 78): with no tagged session of the release in sight, the gate cannot see an older one either (apps whose driver does not read PGAPPNAME, or not started through the gate).
+    #[arg(long, env = "MIGRATIONS_GATE_ACCEPT_UNTAGGED")]
+    pub(crate) accept_untagged: bool,
+
+    /// The contract command (drop the old column, add the NOT NULL), run with the flag on by the runner that holds the lock, once per release.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub(crate) command: Vec<String>,
 }

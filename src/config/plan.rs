@@ -6,11 +6,15 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::{CheckArgs, Command, GateArgs, MigrateArgs, ResetArgs, RunArgs, StatusArgs, WaitArgs};
+use super::{
+    CheckArgs, Command, ContractArgs, GateArgs, MigrateArgs, ResetArgs, RunArgs, StatusArgs,
+    WaitArgs,
+};
 use crate::application::Application;
 use crate::child::check_program;
 use crate::error::{Error, Result};
 use crate::holding::{HolderPlan, OtherReleases};
+use crate::ledger::CONTRACT_STEP;
 use crate::lock::WaitSlots;
 use crate::preflight::{Mode, Preflight, Preset};
 use crate::probe::{self, Probe};
@@ -21,6 +25,7 @@ pub(crate) enum Plan {
     Migrate(Migrate),
     Run(Run),
     Wait(Wait),
+    Contract(Contract),
     Status(Status),
     Check(Check),
     Reset(Reset),
@@ -93,6 +98,29 @@ pub(crate) struct Wait {
     pub(crate) command: Vec<String>,
 }
 
+/// `contract --release R [--settle D] -- CMD`.
+pub(crate) struct Contract {
+    /// Where the database and the lock are.
+    pub(crate) target: Target,
+    /// The release whose contract step this is.
+    pub(crate) release: String,
+    /// `--flag`, `--on`, `--off`: CMD runs with the flag on.
+    pub(crate) flag: Flag,
+    /// `--wait-timeout`: bounds the whole command.
+    pub(crate) wait_timeout: Duration,
+    /// `--waiting-connections`.
+    pub(crate) slots: WaitSlots,
+    /// `--settle`: the rollback window.
+    pub(crate) settle: Duration,
+    /// `--accept-untagged`.
+    pub(crate) accept_untagged: bool,
+    /// `--app`, or the command: whose step this is.
+    pub(crate) application: Application,
+    /// The holder's settings (`--other-releases` does not apply: the step waits itself).
+    pub(crate) holder: HolderPlan,
+    pub(crate) command: Vec<String>,
+}
+
 /// `status`.
 pub(crate) struct Status {
     pub(crate) target: Target,
@@ -128,6 +156,7 @@ impl Command {
             Command::Migrate(a) => Plan::Migrate(migrate(a)?),
             Command::Run(a) => Plan::Run(run(a)?),
             Command::Wait(a) => Plan::Wait(wait(a)?),
+            Command::Contract(a) => Plan::Contract(contract(a)?),
             Command::Status(a) => Plan::Status(status(a)?),
             Command::Check(a) => Plan::Check(check(a)?),
             Command::Reset(a) => Plan::Reset(reset(a)?),
@@ -138,10 +167,10 @@ impl Command {
 }
 
 fn migrate(a: MigrateArgs) -> Result<Migrate> {
-    let flag = flag(&a.gate)?;
+    let flag = flag(&a.gate.flag)?;
     check_program(&a.command)?;
     let release = a.gate.release.resolve()?;
-    let preset = a.gate.preflight.preset.map(Preset::from);
+    let preset = a.gate.preflight.preset;
     Ok(Migrate {
         application: application(a.holder.app.as_deref(), &a.command)?,
         gate: gate(a.gate, flag, release, Mode::Migrate)?,
@@ -150,8 +179,51 @@ fn migrate(a: MigrateArgs) -> Result<Migrate> {
     })
 }
 
+fn contract(a: ContractArgs) -> Result<Contract> {
+    let flag = flag(&a.flag)?;
+    check_program(&a.command)?;
+    let Some(release) = a.release.resolve()? else {
+        return Err(Error::Usage(
+            "contract needs --release R (or --release-from PATH): the release whose contract step this is"
+                .into(),
+        ));
+    };
+    not_a_step(&release)?;
+    if a.holder.other_releases.is_some() {
+        return Err(Error::Usage(
+            "contract waits for older releases' apps itself (--settle): --other-releases does not apply"
+                .into(),
+        ));
+    }
+    let mut holder = holder_plan(&a.holder, None);
+    // Checked by the step itself, before it takes the lock and again under it.
+    holder.other_releases = OtherReleases::Ignore;
+    Ok(Contract {
+        application: application(a.holder.app.as_deref(), &a.command)?,
+        target: a.db.target(None)?,
+        release,
+        flag,
+        wait_timeout: a.waiting.wait_timeout,
+        slots: a.waiting.waiting_connections,
+        settle: a.settle,
+        accept_untagged: a.accept_untagged,
+        holder,
+        command: a.command,
+    })
+}
+
+/// A release ID the ledger keeps for contract steps (`contract:R`) is not a release of its own.
+fn not_a_step(release: &str) -> Result<()> {
+    if release.starts_with(CONTRACT_STEP) {
+        return Err(Error::Usage(format!(
+            "release IDs that start with {CONTRACT_STEP:?} name contract steps in the ledger (migrations-gate contract --release R): give the release itself"
+        )));
+    }
+    Ok(())
+}
+
 fn run(a: RunArgs) -> Result<Run> {
-    let flag = flag(&a.gate)?;
+    let flag = flag(&a.gate.flag)?;
     let probe = Probe::from_settings(&probe::Requested {
         http: a.ready_http,
         tcp: a.ready_tcp,
@@ -173,7 +245,7 @@ fn run(a: RunArgs) -> Result<Run> {
         migrate: migrate.is_some(),
     };
     let release = a.gate.release.resolve()?;
-    let preset = a.gate.preflight.preset.map(Preset::from);
+    let preset = a.gate.preflight.preset;
     let first_start_env = first_start_env(&a.first_start_env, preset, probe.is_some())?;
     Ok(Run {
         first_start_env,
@@ -246,7 +318,7 @@ fn application(name: Option<&str>, migrating: &[String]) -> Result<Application> 
 }
 
 fn wait(a: WaitArgs) -> Result<Wait> {
-    let flag = flag(&a.gate)?;
+    let flag = flag(&a.gate.flag)?;
     let Some(release) = a.gate.release.resolve()? else {
         return Err(Error::Usage(
             "wait needs --release ID or --release-from PATH: the release to wait for".into(),
@@ -263,7 +335,7 @@ fn wait(a: WaitArgs) -> Result<Wait> {
 
 fn status(a: StatusArgs) -> Result<Status> {
     Ok(Status {
-        target: a.db.target(a.preset.map(Preset::from))?,
+        target: a.db.target(a.preset)?,
         release: a.release.resolve()?,
         json: a.json,
         limit: a.limit,
@@ -272,10 +344,10 @@ fn status(a: StatusArgs) -> Result<Status> {
 
 fn check(a: CheckArgs) -> Result<Check> {
     Ok(Check {
-        target: a.db.target(a.preset.map(Preset::from))?,
+        target: a.db.target(a.preset)?,
         release: a.release.resolve()?,
         json: a.json,
-        preset: a.preset.map(Preset::from),
+        preset: a.preset,
         shared_dir: a.shared_dir,
     })
 }
@@ -287,7 +359,7 @@ fn reset(a: ResetArgs) -> Result<Reset> {
         ));
     };
     Ok(Reset {
-        target: a.db.target(a.preset.map(Preset::from))?,
+        target: a.db.target(a.preset)?,
         release,
         env: a.env,
     })
@@ -296,7 +368,10 @@ fn reset(a: ResetArgs) -> Result<Reset> {
 /// The flags of every gating replica, in the order they are checked after the flag, the
 /// programs and the release: the local preflight rules, the database.
 fn gate(a: GateArgs, flag: Flag, release: Option<String>, mode: Mode) -> Result<Gate> {
-    let preset = a.preflight.preset.map(Preset::from);
+    if let Some(r) = &release {
+        not_a_step(r)?;
+    }
+    let preset = a.preflight.preset;
     let preflight = Preflight::new(&a.preflight.settings(), mode, release.as_deref())?;
     Ok(Gate {
         target: a.db.target(preset)?,
@@ -309,8 +384,7 @@ fn gate(a: GateArgs, flag: Flag, release: Option<String>, mode: Mode) -> Result<
 }
 
 /// The validated `--flag`, `--on`, `--off`.
-fn flag(a: &GateArgs) -> Result<Flag> {
-    let f = &a.flag;
+fn flag(f: &super::FlagArgs) -> Result<Flag> {
     if f.flag.is_empty() || f.flag.contains('=') || f.flag.contains('\0') {
         return Err(Error::Usage(format!(
             "--flag {:?} is not a valid environment variable name",
@@ -335,7 +409,7 @@ fn flag(a: &GateArgs) -> Result<Flag> {
 /// The holder's settings; `preset` picks the default of `--other-releases`.
 fn holder_plan(a: &super::HolderArgs, preset: Option<Preset>) -> HolderPlan {
     let other_releases = match (a.other_releases, preset) {
-        (Some(chosen), _) => chosen.into(),
+        (Some(chosen), _) => chosen,
         (None, Some(Preset::OpenWebui)) => OtherReleases::Fail,
         (None, None) => OtherReleases::Wait,
     };

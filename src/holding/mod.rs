@@ -144,7 +144,7 @@ impl Holding {
             scope: taken.scope,
             sessions: sessions::AttemptSessions::new(
                 replica.identity(),
-                replica.release(),
+                replica.tagged_release(),
                 held.id,
             ),
             proof: held.proof,

@@ -2,7 +2,10 @@
 
 use sqlx::postgres::PgConnection;
 
-use super::{AttemptRow, Ledger, NOT_COUNTED, Newer, ReadKey, Seen, Stale};
+use super::{
+    AttemptRow, CONTRACT_STEP, ContractState, Ledger, NOT_COUNTED, Newer, Outcome, ReadKey, Seen,
+    Stale, contract_step,
+};
 use crate::lock::{Proof, lock_held};
 use crate::schema::StoredKey;
 use crate::sql::{Cols, is_missing_relation, lit, one_row, query, query_if_exists, query_scalar};
@@ -10,37 +13,18 @@ use crate::sql::{Cols, is_missing_relation, lit, one_row, query, query_if_exists
 impl Ledger {
     /// Whether `release` is recorded done (`None` when the ledger does not exist yet), and
     /// whether the server is a read-only standby: one round trip, the whole fast path. The same
-    /// statement finds the newest release done after this one (the older-release check) and,
-    /// with [`Ledger::read_env_key`], the `--same-env` key.
+    /// statement finds the newest release done after this one (the older-release check), the
+    /// newest contract step of another release done after it ([`CONTRACT_STEP`]) and, with
+    /// [`Ledger::read_env_key`], the `--same-env` key.
     pub(crate) async fn is_done(
         &self,
         conn: &mut PgConnection,
         release: &str,
         read_key: ReadKey,
     ) -> Result<Seen, sqlx::Error> {
-        let table = self.table();
-        let key = self.lock.key;
-        let release = lit(release);
         // A ledger made by an older gate has no key table yet: then read without it.
         for with_key in [self.env_key && read_key == ReadKey::IfCompared, false] {
-            let key_column = if with_key {
-                format!(
-                    ", (SELECT encode(key, 'hex') FROM {})",
-                    self.tables.env_key()
-                )
-            } else {
-                String::new()
-            };
-            let sql = format!(
-                "SELECT EXISTS (SELECT 1 FROM {table} WHERE lock_key = {key} AND release = {release} AND outcome = 'done')::text, \
-                        pg_is_in_recovery()::text, n.release, n.holder, n.finished_at, \
-                        (SELECT to_jsonb(d) ->> 'app' FROM {table} d WHERE d.lock_key = {key} AND d.release = {release} AND d.outcome = 'done'){key_column} \
-                 FROM (SELECT 1) one LEFT JOIN LATERAL ( \
-                     SELECT release, holder, to_char(finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS \"UTC\"') AS finished_at \
-                     FROM {table} WHERE lock_key = {key} AND outcome = 'done' AND release IS NOT NULL \
-                     AND id > (SELECT id FROM {table} WHERE lock_key = {key} AND release = {release} AND outcome = 'done') \
-                     ORDER BY id DESC LIMIT 1) n ON true"
-            );
+            let sql = self.is_done_statement(release, with_key);
             match query(conn, sql).await {
                 Ok(rows) => {
                     let row = one_row(&rows)?;
@@ -53,13 +37,22 @@ impl Ledger {
                         }),
                         _ => None,
                     };
+                    let contracted = match (text(6)?, text(7)?, text(8)?) {
+                        (Some(release), Some(holder), finished_at) => Some(Newer {
+                            release,
+                            holder,
+                            finished_at: finished_at.unwrap_or_default(),
+                        }),
+                        _ => None,
+                    };
                     return Ok(Seen {
                         done: Some(text(0)?.as_deref() == Some("true")),
                         standby: text(1)?.as_deref() == Some("true"),
                         newer,
+                        contracted,
                         app: text(5)?,
                         env_key: if with_key {
-                            text(6)?.map(StoredKey)
+                            text(9)?.map(StoredKey)
                         } else {
                             None
                         },
@@ -245,6 +238,123 @@ impl Ledger {
             held_objid = proof.objid,
             held_pid = proof.pid,
             held_start = proof.start,
+        )
+    }
+
+    /// The statement of [`Ledger::is_done`]: done, standby, the newer release (release,
+    /// holder, time), the done row's app, the newer contract step (its release, holder, time)
+    /// and, `with_key`, the `--same-env` key.
+    pub(super) fn is_done_statement(&self, release: &str, with_key: bool) -> String {
+        // The done row of `release`, and of its own contract step (never "another release's").
+        format!(
+            "SELECT EXISTS (SELECT 1 FROM {table} WHERE lock_key = {key} AND release = {release} AND outcome = 'done')::text, \
+                    pg_is_in_recovery()::text, n.release, n.holder, n.finished_at, \
+                    (SELECT to_jsonb(d) ->> 'app' FROM {table} d WHERE d.lock_key = {key} AND d.release = {release} AND d.outcome = 'done'), \
+                    c.release, c.holder, c.finished_at{key_column} \
+             FROM (SELECT 1) one LEFT JOIN LATERAL ( \
+                 SELECT release, holder, to_char(finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS \"UTC\"') AS finished_at \
+                 FROM {table} WHERE lock_key = {key} AND outcome = 'done' AND release IS NOT NULL \
+                 AND NOT starts_with(release, {step}) \
+                 AND id > (SELECT id FROM {table} WHERE lock_key = {key} AND release = {release} AND outcome = 'done') \
+                 ORDER BY id DESC LIMIT 1) n ON true \
+             LEFT JOIN LATERAL ( \
+                 SELECT substr(release, {after_step}) AS release, holder, \
+                        to_char(finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS \"UTC\"') AS finished_at \
+                 FROM {table} WHERE lock_key = {key} AND outcome = 'done' AND starts_with(release, {step}) \
+                 AND release <> {own_step} \
+                 AND id > (SELECT id FROM {table} WHERE lock_key = {key} AND release = {release} AND outcome = 'done') \
+                 ORDER BY id DESC LIMIT 1) c ON true",
+            table = self.table(),
+            key = self.lock.key,
+            release = lit(release),
+            step = lit(CONTRACT_STEP),
+            after_step = CONTRACT_STEP.len() + 1,
+            own_step = lit(&contract_step(release)),
+            key_column = if with_key {
+                format!(
+                    ", (SELECT encode(key, 'hex') FROM {})",
+                    self.tables.env_key()
+                )
+            } else {
+                String::new()
+            },
+        )
+    }
+
+    /// The releases of this lock first recorded after `release` was done (none if it is not
+    /// done), contract steps left out: the releases newer than it, done or under way.
+    pub(crate) async fn newer_than(
+        &self,
+        conn: &mut PgConnection,
+        release: &str,
+    ) -> Result<Vec<String>, sqlx::Error> {
+        let sql = format!(
+            "SELECT release FROM {table} WHERE lock_key = {key} AND release IS NOT NULL \
+               AND NOT starts_with(release, {step}) \
+             GROUP BY release \
+             HAVING min(id) > (SELECT id FROM {table} WHERE lock_key = {key} AND release = {release} AND outcome = 'done') \
+             ORDER BY min(id)",
+            table = self.table(),
+            key = self.lock.key,
+            release = lit(release),
+            step = lit(CONTRACT_STEP),
+        );
+        query_if_exists(conn, sql)
+            .await?
+            .iter()
+            .map(|r| Cols(r).text(0))
+            .collect()
+    }
+
+    /// The contract step of `release` (else of the newest release done), when this lock's
+    /// ledger has ever recorded a contract step or that release's step has a row: `None` for a
+    /// lock that never used `contract`, so that `status` and `check` stay quiet there.
+    pub(crate) async fn contract_state(
+        &self,
+        conn: &mut PgConnection,
+        release: Option<&str>,
+    ) -> Result<Option<ContractState>, sqlx::Error> {
+        let rows = query_if_exists(conn, self.contract_state_statement(release)).await?;
+        let Some(row) = rows.first() else {
+            return Ok(None);
+        };
+        let row = Cols(row);
+        let (Some(release), used) = (row.opt(0)?, row.parse::<bool>(1)?) else {
+            return Ok(None);
+        };
+        let last: Option<Outcome> = row.parse_opt(2)?;
+        if last.is_none() && !used {
+            return Ok(None);
+        }
+        let done = row.parse::<bool>(3)?;
+        let state = match last {
+            Some(outcome) => outcome.as_str(),
+            None if done => "pending",
+            None => "waiting for its release",
+        };
+        Ok(Some(ContractState {
+            step: contract_step(&release),
+            release,
+            state: state.to_string(),
+        }))
+    }
+
+    /// The statement of [`Ledger::contract_state`]: the release, whether this lock ever ran a
+    /// contract step, the outcome of the newest attempt of its step, whether it is done.
+    pub(super) fn contract_state_statement(&self, release: Option<&str>) -> String {
+        format!(
+            "WITH r AS (SELECT coalesce({release}, (SELECT release FROM {table} WHERE lock_key = {key} AND outcome = 'done' \
+                                                     AND release IS NOT NULL AND NOT starts_with(release, {step}) \
+                                                     ORDER BY id DESC LIMIT 1)) AS release) \
+             SELECT r.release, \
+                    EXISTS (SELECT 1 FROM {table} WHERE lock_key = {key} AND starts_with(release, {step}))::text, \
+                    (SELECT outcome FROM {table} WHERE lock_key = {key} AND release = {step} || r.release ORDER BY id DESC LIMIT 1), \
+                    EXISTS (SELECT 1 FROM {table} WHERE lock_key = {key} AND release = r.release AND outcome = 'done')::text \
+             FROM r",
+            release = release.map(lit).unwrap_or_else(|| "NULL::text".into()),
+            table = self.table(),
+            key = self.lock.key,
+            step = lit(CONTRACT_STEP),
         )
     }
 }

@@ -179,12 +179,39 @@ pub(crate) struct Seen {
     /// When the release is done: the newest release done after it on this lock, if any (a
     /// replica of an older release must not start on a schema that moved on).
     pub(crate) newer: Option<Newer>,
+    /// When the release is done: the newest contract step of *another* release done after it
+    /// (`release` is that release): the schema was contracted for a newer release, and this
+    /// one's code may not run on it.
+    pub(crate) contracted: Option<Newer>,
     /// The `--same-env` key, when asked for ([`super::Ledger::read_env_key`]) and it exists.
     pub(crate) env_key: Option<StoredKey>,
     /// When the release is done: the fingerprint of the application its holder migrated for
     /// ([`crate::application`]); `None` when none was recorded. Read as `to_jsonb(row) ->>
     /// 'app'`, so that a ledger without the column reads `NULL` instead of failing.
     pub(crate) app: Option<String>,
+}
+
+/// How the ledger names a release's contract step (`migrations-gate contract`, [`crate::contract`]):
+/// its own release ID in the ledger, so that it is done once, fenced, bounded and counted as a
+/// migration is. `--release` refuses IDs that start with it.
+pub(crate) const CONTRACT_STEP: &str = "contract:";
+
+/// The ledger's release ID of `release`'s contract step.
+pub(crate) fn contract_step(release: &str) -> String {
+    format!("{CONTRACT_STEP}{release}")
+}
+
+/// Where a release's contract step stands, for `status` and `check`. The JSON field names are
+/// a stable interface.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub(crate) struct ContractState {
+    /// The release.
+    pub(crate) release: String,
+    /// Its step's release ID in the ledger (`contract:R`).
+    pub(crate) step: String,
+    /// `pending` (the release is done, its step has not run), `waiting for its release`, or the
+    /// outcome of the step's newest attempt: `running`, `done`, `failed`, `abandoned`.
+    pub(crate) state: String,
 }
 
 /// A release done after the one a replica asked about.

@@ -89,9 +89,10 @@ pub(crate) async fn fleet(
 /// What the server allows non-superusers, for `check` before any replica has recorded a
 /// comparison (the preflight tables do not exist yet): the columns of
 /// [`Store::replicas_and_limit`], with 0 replicas.
-pub(super) const NO_REPLICAS_AND_LIMIT: &str = "SELECT 0::text, current_setting('max_connections'), \
-                    current_setting('superuser_reserved_connections'), \
-                    coalesce(current_setting('reserved_connections', true), '0')";
+pub(super) const NO_REPLICAS_AND_LIMIT: &str = "\
+    SELECT 0::text, current_setting('max_connections'), \
+           current_setting('superuser_reserved_connections'), \
+           coalesce(current_setting('reserved_connections', true), '0')";
 
 /// Runs [`NO_REPLICAS_AND_LIMIT`].
 async fn no_replicas_and_limit(

@@ -5,20 +5,20 @@
 //! Three kinds of check, in the order a replica meets them:
 //!
 //! 1. **Local rules** of a preset (`--preset`), before any connection: a small table of
-//!    [`Rule`]s, each naming its variables, its [`presets::Condition`], whether it fails or warns, and why
-//!    (the README's preset table is this table: [`presets`]).
+//!    [`Rule`]s, each naming its variables, its [`presets::Condition`], whether it fails or
+//!    warns, and why (the README's preset table is this table: [`presets`]).
 //! 2. **No older release** (always, unless `--allow-older-release`): a replica whose release is
 //!    done but older than a release done after it must not start on a schema that moved on.
 //!    The ledger read of the fast path already answers it ([`crate::ledger::Seen::newer`]): no
 //!    extra round trip.
-//! 3. **Same settings** (`--same-env`, and the presets' [`presets::Condition::Same`] rules): per variable, a
-//!    fingerprint of this replica's value, HMAC-SHA256 under a random key that the gate creates
-//!    once per ledger schema and keeps in the database (`<schema>.env_key`), so that a
-//!    fingerprint alone does not reveal a short secret ([`fingerprint`]). The first replica of a
-//!    release sets the reference (`<schema>.env_reference`); every replica records whether it
-//!    agreed (`<schema>.env_checks`, for `status`). Reading the reference and recording both
-//!    happen in one statement: one round trip ([`store`]). Values and fingerprints are never
-//!    printed.
+//! 3. **Same settings** (`--same-env`, and the presets' [`presets::Condition::Same`] rules):
+//!    per variable, a fingerprint of this replica's value, HMAC-SHA256 under a random key that
+//!    the gate creates once per ledger schema and keeps in the database (`<schema>.env_key`), so
+//!    that a fingerprint alone does not reveal a short secret ([`fingerprint`]). The first
+//!    replica of a release sets the reference (`<schema>.env_reference`); every replica records
+//!    whether it agreed (`<schema>.env_checks`, for `status`). Reading the reference and
+//!    recording both happen in one statement: one round trip ([`store`]). Values and
+//!    fingerprints are never printed.
 //!
 //! This file holds what the command line hands the preflight ([`Settings`]) and the
 //! [`Preflight`] of one replica, the state its steps share. The steps live apart because they

@@ -1,6 +1,10 @@
 //! The rows of the preflight tables next to the ledger (their DDL is in [`crate::schema`]): the
 //! key (`<schema>.env_key`), each release's reference fingerprints (`<schema>.env_reference`)
 //! and each replica's last comparison (`<schema>.env_checks`).
+//!
+//! Each statement is written whole in one `format!` (a `*_sql` method just above the function
+//! that runs it) whose only parts are quoted identifiers and literals, so that it reads as
+//! PostgreSQL gets it; the unit tests below show each one's text.
 
 use sqlx::postgres::{PgConnection, PgRow};
 
@@ -281,7 +285,8 @@ pub(super) struct Reference {
     pub(super) set_at: String,
 }
 
-/// The rows of [`Store::record`] and [`Store::compare_without_recording`]: variable, agrees, replica, set at.
+/// The rows of [`Store::record`] and [`Store::compare_without_recording`]: variable, agrees,
+/// replica, set at.
 fn references(rows: &[PgRow]) -> Result<Vec<Reference>, sqlx::Error> {
     rows.iter()
         .map(|r| {
@@ -347,7 +352,9 @@ pub(crate) struct ReplicaSeen {
 #[cfg(test)]
 mod tests {
     //! The text of each statement, whole, for fixed inputs: what the gate sends, to read and to
-    //! diff. Their effect on a real database is tested in `tests/preflight.rs`.
+    //! diff. Their effect on a real database is tested in `tests/preflight.rs`, except
+    //! [`Store::compare_without_recording`] (a read-only standby) and [`Store::summary`] of
+    //! every release (no caller asks for it).
 
     use super::*;
 

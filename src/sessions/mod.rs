@@ -48,7 +48,7 @@ mod others;
 
 use ending::settle;
 pub(crate) use ending::{TerminateError, Terminated, signal_grant, terminate};
-pub(crate) use others::other_releases;
+pub(crate) use others::{OtherRelease, other_releases};
 
 /// The prefix that marks a session as started by a gate's child.
 const PREFIX: &str = "mgate";
@@ -155,17 +155,6 @@ pub(crate) fn release_hash(release: &str) -> String {
     hex::encode(&Sha256::digest(release.as_bytes())[..4])
 }
 
-/// The position of a tag's release field (`mgate:<key>:<ledger>:<release>:<attempt>`).
-const RELEASE_FIELD: u8 = 4;
-/// The position of a tag's attempt field.
-const ATTEMPT_FIELD: u8 = 5;
-
-/// SQL: the field at `position` ([`RELEASE_FIELD`], [`ATTEMPT_FIELD`]) of a tagged
-/// `application_name` of `pg_stat_activity` aliased `a`.
-fn field(position: u8) -> String {
-    format!("split_part(split_part(a.application_name, ' ', 1), ':', {position})")
-}
-
 /// One session of an attempt, as `pg_stat_activity` shows it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub(crate) struct Session {
@@ -213,13 +202,13 @@ impl Session {
     }
 }
 
-/// SQL: the session of `pg_stat_activity` aliased `a` is in our database. Tags are per lock,
-/// and the same lock name (and attempt numbers) recur in every database of a cluster.
-const SAME_DATABASE: &str = "a.datname = current_database()";
-
 /// Which sessions to look at: a SQL condition on `pg_stat_activity` aliased `a`, built here
-/// from literals only. Tagged sessions count only in the gate's own database
-/// ([`SAME_DATABASE`]).
+/// from literals only, which [`list`], [`terminate`]'s signals and [`crate::lockwaits::waits`]
+/// share: the tests of their statements show it whole. Tagged sessions count only in the gate's
+/// own database (`a.datname = current_database()`): tags are per lock, and the same lock name
+/// (and attempt numbers) recur in every database of a cluster. A tag's attempt field is the 5th
+/// `:`-separated field of the first word of `application_name`
+/// (`mgate:<key>:<ledger>:<release>:<attempt>`).
 #[derive(Debug, Clone)]
 pub(crate) struct Which {
     cond: String,
@@ -232,11 +221,12 @@ impl Which {
     /// child's own sockets.
     fn attempt(tag: &Tag, id: i64, seen: &BTreeSet<(i32, String)>) -> Which {
         let mut cond = format!(
-            "(left(a.application_name, {}) = {} AND {} = {} AND {SAME_DATABASE})",
-            tag.identity_prefix().len(),
-            lit(&tag.identity_prefix()),
-            field(ATTEMPT_FIELD),
-            lit(&id.to_string())
+            "(left(a.application_name, {prefix_len}) = {prefix} \
+              AND split_part(split_part(a.application_name, ' ', 1), ':', 5) = {attempt} \
+              AND a.datname = current_database())",
+            prefix_len = tag.identity_prefix().len(),
+            prefix = lit(&tag.identity_prefix()),
+            attempt = lit(&id.to_string())
         );
         for (pid, start) in seen {
             cond.push_str(&format!(
@@ -268,16 +258,16 @@ impl Which {
     pub(crate) fn unfinished(tag: &Tag, ledger: &str, lock_key: i64) -> Which {
         Which {
             cond: format!(
-                "((left(a.application_name, {prefix_len}) = {prefix} AND {attempt} IN ( \
+                "((left(a.application_name, {prefix_len}) = {prefix} \
+                   AND split_part(split_part(a.application_name, ' ', 1), ':', 5) IN ( \
                       SELECT id::text FROM {ledger} WHERE lock_key = {lock_key} AND outcome IN ('running', 'failed', 'abandoned')) \
-                   AND {SAME_DATABASE}) \
+                   AND a.datname = current_database()) \
                   OR (a.pid, a.backend_start) IN ( \
                       SELECT split_part(s, '@', 1)::int, split_part(s, '@', 2)::timestamptz \
                       FROM {ledger} l, unnest(string_to_array(substr(l.detail, {after_note}), ';')) s \
                       WHERE l.lock_key = {lock_key} AND l.outcome = 'running' AND starts_with(l.detail, {note}) AND s <> ''))",
                 prefix_len = tag.identity_prefix().len(),
                 prefix = lit(&tag.identity_prefix()),
-                attempt = field(ATTEMPT_FIELD),
                 after_note = SEEN_NOTE.len() + 1,
                 note = lit(SEEN_NOTE),
             ),
@@ -291,14 +281,7 @@ pub(crate) async fn list(
     conn: &mut PgConnection,
     which: &Which,
 ) -> Result<Vec<Session>, sqlx::Error> {
-    let sql = format!(
-        "SELECT a.pid::text, coalesce(a.usename::text, ''), coalesce(a.application_name, ''), \
-                coalesce(a.state, ''), \
-                coalesce(to_char(a.query_start AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), ''), \
-                (a.xact_start IS NOT NULL)::text \
-         FROM pg_stat_activity a WHERE a.pid <> pg_backend_pid() AND ({}) ORDER BY a.pid",
-        which.cond
-    );
+    let sql = list_statement(which);
     query(conn, sql)
         .await?
         .iter()
@@ -314,6 +297,18 @@ pub(crate) async fn list(
             })
         })
         .collect()
+}
+
+/// The statement of [`list`].
+fn list_statement(which: &Which) -> String {
+    format!(
+        "SELECT a.pid::text, coalesce(a.usename::text, ''), coalesce(a.application_name, ''), \
+                coalesce(a.state, ''), \
+                coalesce(to_char(a.query_start AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), ''), \
+                (a.xact_start IS NOT NULL)::text \
+         FROM pg_stat_activity a WHERE a.pid <> pg_backend_pid() AND ({}) ORDER BY a.pid",
+        which.cond
+    )
 }
 
 /// How many heartbeats a socket of the child's is matched against `pg_stat_activity` before the
@@ -379,20 +374,7 @@ impl AttemptSessions {
             return Ok(false);
         }
         let before = self.seen.len();
-        let ports = fresh
-            .iter()
-            .map(u16::to_string)
-            .collect::<Vec<_>>()
-            .join(",");
-        let rows = query(
-            conn,
-            format!(
-                "SELECT a.pid::text, a.backend_start::text, a.client_port::text FROM pg_stat_activity a \
-                 WHERE a.client_port IN ({ports}) AND a.pid <> pg_backend_pid() \
-                   AND a.client_addr = inet_client_addr()"
-            ),
-        )
-        .await?;
+        let rows = query(conn, remember_statement(&fresh)).await?;
         for r in &rows {
             let c = Cols(r);
             self.seen.insert((c.parse(0)?, c.text(1)?));
@@ -437,9 +419,75 @@ impl AttemptSessions {
     }
 }
 
+/// The statement of [`AttemptSessions::remember`]: the sessions, other than ours, whose client
+/// is one of `ports` on our own client address.
+fn remember_statement(ports: &[u16]) -> String {
+    let ports = ports
+        .iter()
+        .map(u16::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    format!(
+        "SELECT a.pid::text, a.backend_start::text, a.client_port::text FROM pg_stat_activity a \
+         WHERE a.client_port IN ({ports}) AND a.pid <> pg_backend_pid() \
+           AND a.client_addr = inet_client_addr()"
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The position of a tag's release field (`mgate:<key>:<ledger>:<release>:<attempt>`), as
+    /// the statements read it (`split_part(.., ':', 4)`).
+    const RELEASE_FIELD: u8 = 4;
+    /// The position of a tag's attempt field, as the statements read it (`split_part(.., ':', 5)`).
+    const ATTEMPT_FIELD: u8 = 5;
+
+    fn example_tag(attempt: Option<i64>) -> (crate::lock::LockKey, Tag) {
+        let lock = crate::lock::LockKey::from_name("migrations-gate");
+        let identity = Identity::new(&lock, "migrations_gate");
+        let tag = Tag::new(&identity, Some("r1"), attempt);
+        (lock, tag)
+    }
+
+    /// The sessions of one attempt, listed: tagged with it, or seen on the child's sockets.
+    /// Effect: tests/attempt_sessions.rs (a killed migration's statement is ended before the
+    /// attempt is recorded; a client that sets its own application_name is ended too) and
+    /// tests/operator.rs (`status` lists a running attempt's sessions).
+    #[test]
+    fn list_of_an_attempt() {
+        let (_, tag) = example_tag(Some(42));
+        let seen = BTreeSet::from([
+            (4242, "2026-01-01 00:00:00.5+00".to_string()),
+            (4243, "2026-01-01 00:00:01+00".to_string()),
+        ]);
+        insta::assert_snapshot!(
+            "list_attempt",
+            crate::sql::pretty(&list_statement(&Which::attempt(&tag, 42, &BTreeSet::new())))
+        );
+        insta::assert_snapshot!(
+            "list_attempt_and_seen",
+            crate::sql::pretty(&list_statement(&Which::attempt(&tag, 42, &seen)))
+        );
+    }
+
+    /// The sessions of unfinished attempts, listed. Effect: tests/attempt_sessions.rs (a
+    /// taker-over ends a SIGKILLed holder's statement before it migrates; never another
+    /// database's attempt with the same ID).
+    #[test]
+    fn list_of_unfinished_attempts() {
+        let (lock, tag) = example_tag(None);
+        let which = Which::unfinished(&tag, "\"migrations_gate\".ledger", lock.key);
+        insta::assert_snapshot!(crate::sql::pretty(&list_statement(&which)));
+    }
+
+    /// Effect: tests/attempt_sessions.rs (a migration client that sets its own
+    /// application_name is found on the child's sockets, recorded and ended).
+    #[test]
+    fn remember_by_ports() {
+        insta::assert_snapshot!(crate::sql::pretty(&remember_statement(&[40001, 40002])));
+    }
 
     /// The sessions a taker-over ends, whole. Effect: tests/attempt_sessions.rs (an earlier
     /// attempt's tagged and untagged sessions are ended; another lock's are not).

@@ -5,7 +5,7 @@ use std::fmt;
 
 use sqlx::postgres::PgConnection;
 
-use super::{RELEASE_FIELD, SAME_DATABASE, Tag, field};
+use super::Tag;
 use crate::sql::{Cols, lit, query};
 
 /// Sessions of another release of the same lock, connected now.
@@ -40,25 +40,7 @@ pub(crate) async fn other_releases(
     tag: &Tag,
     (ledger, lock_key): (&str, i64),
 ) -> Result<Vec<OtherRelease>, sqlx::Error> {
-    let sql = format!(
-        "WITH s AS (SELECT {hash} AS hash, coalesce(host(a.client_addr), 'local') AS client \
-                    FROM pg_stat_activity a \
-                    WHERE left(a.application_name, {len}) = {prefix} AND {same} \
-                      AND {hash} NOT IN ({own}, '-', '') AND a.pid <> pg_backend_pid()), \
-              n AS (SELECT DISTINCT ON (h) h, release \
-                    FROM (SELECT left(encode(sha256(convert_to(r.release, 'UTF8')), 'hex'), 8) AS h, \
-                                 r.release FROM (SELECT DISTINCT release FROM {ledger} \
-                                                 WHERE lock_key = {lock_key} AND release IS NOT NULL) r) x \
-                    ORDER BY h, release) \
-         SELECT s.hash, coalesce(n.release, ''), count(*)::text, \
-                string_agg(DISTINCT s.client, ', ') \
-         FROM s LEFT JOIN n ON n.h = s.hash GROUP BY s.hash, n.release ORDER BY s.hash",
-        hash = field(RELEASE_FIELD),
-        len = tag.identity_prefix().len(),
-        prefix = lit(&tag.identity_prefix()),
-        own = lit(&tag.release),
-        same = SAME_DATABASE,
-    );
+    let sql = other_releases_statement(tag, ledger, lock_key);
     query(conn, sql)
         .await?
         .iter()
@@ -73,4 +55,50 @@ pub(crate) async fn other_releases(
             })
         })
         .collect()
+}
+
+/// The statement of [`other_releases`]. A tag's release field is the 4th `:`-separated field of
+/// the first word of `application_name` (`mgate:<key>:<ledger>:<release>:<attempt>`); tags are
+/// per lock, and the same lock name recurs in every database of a cluster: only our database
+/// counts.
+fn other_releases_statement(tag: &Tag, ledger: &str, lock_key: i64) -> String {
+    format!(
+        "WITH s AS (SELECT split_part(split_part(a.application_name, ' ', 1), ':', 4) AS hash, \
+                           coalesce(host(a.client_addr), 'local') AS client \
+                    FROM pg_stat_activity a \
+                    WHERE left(a.application_name, {len}) = {prefix} AND a.datname = current_database() \
+                      AND split_part(split_part(a.application_name, ' ', 1), ':', 4) NOT IN ({own}, '-', '') \
+                      AND a.pid <> pg_backend_pid()), \
+              n AS (SELECT DISTINCT ON (h) h, release \
+                    FROM (SELECT left(encode(sha256(convert_to(r.release, 'UTF8')), 'hex'), 8) AS h, \
+                                 r.release FROM (SELECT DISTINCT release FROM {ledger} \
+                                                 WHERE lock_key = {lock_key} AND release IS NOT NULL) r) x \
+                    ORDER BY h, release) \
+         SELECT s.hash, coalesce(n.release, ''), count(*)::text, \
+                string_agg(DISTINCT s.client, ', ') \
+         FROM s LEFT JOIN n ON n.h = s.hash GROUP BY s.hash, n.release ORDER BY s.hash",
+        len = tag.identity_prefix().len(),
+        prefix = lit(&tag.identity_prefix()),
+        own = lit(&tag.release),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Effect: tests/watching.rs (a new release waits for the old release's app, refuses under
+    /// `fail`, goes on under `ignore`) and tests/neighbours.rs (another application's release
+    /// with the same ID is refused, not followed).
+    #[test]
+    fn other_releases_whole() {
+        let lock = crate::lock::LockKey::from_name("migrations-gate");
+        let identity = crate::identity::Identity::new(&lock, "migrations_gate");
+        let tag = Tag::new(&identity, Some("r2"), None);
+        insta::assert_snapshot!(crate::sql::pretty(&other_releases_statement(
+            &tag,
+            "\"migrations_gate\".ledger",
+            lock.key
+        )));
+    }
 }

@@ -23,8 +23,8 @@ struct Marker {
     table: &'static str,
     /// The column the table must have to be this tool's.
     column: &'static str,
-    /// SQL of the half-applied versions, with `{t}` for the table.
-    versions: &'static str,
+    /// The statement of the half-applied versions in a table (quoted).
+    versions: fn(&str) -> String,
     /// The tool's way out, with `{v}` for the version.
     way_out: &'static str,
 }
@@ -34,21 +34,29 @@ const MARKERS: [Marker; 3] = [
         tool: "golang-migrate",
         table: "schema_migrations",
         column: "dirty",
-        versions: "SELECT version::text FROM {t} WHERE dirty",
+        versions: |t| format!("SELECT version::text FROM {t} WHERE dirty"),
         way_out: "version {v} is dirty (it failed halfway): fix the schema by hand, then `migrate force V` with the version the schema is really at",
     },
     Marker {
         tool: "Flyway",
         table: "flyway_schema_history",
         column: "success",
-        versions: "SELECT coalesce(version, description) FROM {t} WHERE NOT success ORDER BY installed_rank",
+        versions: |t| {
+            format!(
+                "SELECT coalesce(version, description) FROM {t} WHERE NOT success ORDER BY installed_rank"
+            )
+        },
         way_out: "migration {v} is recorded failed: fix the schema by hand, then `flyway repair`",
     },
     Marker {
         tool: "Prisma",
         table: "_prisma_migrations",
         column: "rolled_back_at",
-        versions: "SELECT migration_name FROM {t} WHERE finished_at IS NULL AND rolled_back_at IS NULL ORDER BY started_at",
+        versions: |t| {
+            format!(
+                "SELECT migration_name FROM {t} WHERE finished_at IS NULL AND rolled_back_at IS NULL ORDER BY started_at"
+            )
+        },
         way_out: "migration {v} started but did not finish: fix the schema by hand, then `prisma migrate resolve --rolled-back {v}` (or `--applied {v}`)",
     },
 ];
@@ -101,11 +109,7 @@ async fn versions(
     marker: &Marker,
     table: &ToolTable,
 ) -> Result<Vec<String>, sqlx::Error> {
-    let has_column = format!(
-        "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = {}::regclass AND attname = {} AND NOT attisdropped)::text",
-        lit(&table.sql()),
-        lit(marker.column)
-    );
+    let has_column = has_column_statement(marker, table);
     let rows = query(conn, has_column).await?;
     if rows
         .first()
@@ -116,9 +120,48 @@ async fn versions(
     {
         return Ok(Vec::new());
     }
-    query(conn, marker.versions.replace("{t}", &table.sql()))
+    query(conn, versions_statement(marker, table))
         .await?
         .iter()
         .map(|r| Cols(r).text(0))
         .collect()
+}
+
+/// The first statement of [`versions`]: whether `table` has `marker`'s column.
+fn has_column_statement(marker: &Marker, table: &ToolTable) -> String {
+    format!(
+        "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = {}::regclass AND attname = {} AND NOT attisdropped)::text",
+        lit(&table.sql()),
+        lit(marker.column)
+    )
+}
+
+/// The second statement of [`versions`]: the half-applied versions `marker` finds in `table`.
+fn versions_statement(marker: &Marker, table: &ToolTable) -> String {
+    (marker.versions)(&table.sql())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Effect: tests/recovery.rs (golang-migrate's dirty marker is named after a failed attempt);
+    /// Flyway's and Prisma's markers have no effect test.
+    #[test]
+    fn marker_statements() {
+        for marker in &MARKERS {
+            let table = ToolTable {
+                schema: "public".into(),
+                name: marker.table.into(),
+            };
+            insta::assert_snapshot!(
+                format!("has_column_{}", marker.tool),
+                crate::sql::pretty(&has_column_statement(marker, &table))
+            );
+            insta::assert_snapshot!(
+                format!("versions_{}", marker.tool),
+                crate::sql::pretty(&versions_statement(marker, &table))
+            );
+        }
+    }
 }

@@ -92,34 +92,6 @@ impl Tool {
             Tool::Yoyo => "DELETE",
         }
     }
-
-    /// SQL: who holds the lock, as the tool records it. Columns of the tool's table are
-    /// qualified `k.` (the ledger, in subqueries, has a `pid` too): every query aliases it `k`.
-    fn who(self) -> &'static str {
-        match self {
-            Tool::Liquibase => "coalesce(k.lockedby, 'unknown')",
-            Tool::Yoyo => "'process ' || k.pid",
-            Tool::Knex => "'unknown (knex records no owner)'",
-        }
-    }
-
-    /// SQL: when it was taken (`timestamp`, as the tool wrote it), or NULL.
-    fn when(self) -> &'static str {
-        match self {
-            Tool::Liquibase => "k.lockgranted",
-            Tool::Yoyo => "k.ctime",
-            Tool::Knex => "NULL::timestamp",
-        }
-    }
-
-    /// SQL: the row is a held lock.
-    fn held(self) -> &'static str {
-        match self {
-            Tool::Liquibase => "k.locked",
-            Tool::Yoyo => "true",
-            Tool::Knex => "k.is_locked = 1",
-        }
-    }
 }
 
 /// How [`name_held`] records the locks it finds held.
@@ -379,22 +351,10 @@ async fn name_held(
         leave_alone,
         recorded,
     } = how;
-    let held = format!(
-        "SELECT {} AS who, {}::text AS at FROM {} k WHERE {}",
-        tool.who(),
-        tool.when(),
-        table.sql(),
-        tool.held()
-    );
-    let sql = format!(
-        "WITH h AS ({held}), i AS (INSERT INTO {} (attempt_id, tool, lock_table, locked_by, locked_at, released) \
-             SELECT {attempt}, {}, {}, h.who, h.at, false FROM h) \
-         SELECT who, at FROM h",
-        replica.ledger.tables().tool_locks(),
-        lit(tool.name()),
-        lit(&table.shown()),
-    );
-    for r in &query(conn, if recorded { sql } else { held }).await? {
+    let tool_locks = replica.ledger.tables().tool_locks();
+    let record = recorded.then_some((tool_locks.as_str(), attempt));
+    let sql = name_held_statement(tool, (&table.sql(), &table.shown()), record);
+    for r in &query(conn, sql).await? {
         let c = Cols(r);
         let who = c.text(0)?;
         let when = c.opt(1)?.unwrap_or_else(|| "an unknown time".into());
@@ -418,6 +378,79 @@ async fn name_held(
         );
     }
     Ok(())
+}
+
+/// SQL, a string literal: the held lock rows of a tool's table `{table}` (aliased `k`): who
+/// holds each, as the tool records it, and since when (the `timestamp` it wrote, as text, or
+/// NULL). Columns of the tool's table are qualified `k.`.
+macro_rules! held_rows {
+    (Liquibase) => {
+        "SELECT coalesce(k.lockedby, 'unknown') AS who, k.lockgranted::text AS at FROM {table} k WHERE k.locked"
+    };
+    (Yoyo) => {
+        "SELECT 'process ' || k.pid AS who, k.ctime::text AS at FROM {table} k WHERE true"
+    };
+    (Knex) => {
+        "SELECT 'unknown (knex records no owner)' AS who, NULL::timestamp::text AS at FROM {table} k WHERE k.is_locked = 1"
+    };
+}
+
+/// SQL, a string literal: [`held_rows`] of `$tool`, each also recorded in the gate's
+/// `{tool_locks}` as left alone by attempt `{attempt}` (`{tool}` and `{shown}`: literals).
+macro_rules! held_rows_recorded {
+    ($tool:ident) => {
+        concat!(
+            "WITH h AS (",
+            held_rows!($tool),
+            "), i AS (INSERT INTO {tool_locks} (attempt_id, tool, lock_table, locked_by, locked_at, released) \
+                 SELECT {attempt}, {tool}, {shown}, h.who, h.at, false FROM h) \
+             SELECT who, at FROM h"
+        )
+    };
+}
+
+/// The statement of [`name_held`]: who holds `tool`'s lock rows in `table` (quoted; `shown` for
+/// the record) and since when (text); with `record` (the gate's `tool_locks` and the attempt),
+/// it also records each as left alone, in the same statement.
+fn name_held_statement(
+    tool: Tool,
+    (table, shown): (&str, &str),
+    record: Option<(&str, i64)>,
+) -> String {
+    let Some((tool_locks, attempt)) = record else {
+        return match tool {
+            Tool::Liquibase => format!(held_rows!(Liquibase), table = table),
+            Tool::Yoyo => format!(held_rows!(Yoyo), table = table),
+            Tool::Knex => format!(held_rows!(Knex), table = table),
+        };
+    };
+    let (name, shown) = (lit(tool.name()), lit(shown));
+    match tool {
+        Tool::Liquibase => format!(
+            held_rows_recorded!(Liquibase),
+            table = table,
+            tool_locks = tool_locks,
+            attempt = attempt,
+            tool = name,
+            shown = shown
+        ),
+        Tool::Yoyo => format!(
+            held_rows_recorded!(Yoyo),
+            table = table,
+            tool_locks = tool_locks,
+            attempt = attempt,
+            tool = name,
+            shown = shown
+        ),
+        Tool::Knex => format!(
+            held_rows_recorded!(Knex),
+            table = table,
+            tool_locks = tool_locks,
+            attempt = attempt,
+            tool = name,
+            shown = shown
+        ),
+    }
 }
 
 /// A tool's lock a holder found held before it migrated, released or left alone, as `status`
@@ -475,14 +508,7 @@ pub(crate) async fn found_tool_locks(
     if ids.is_empty() {
         return Ok(Vec::new());
     }
-    let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
-    let sql = format!(
-        "SELECT attempt_id::text, tool, lock_table, locked_by, locked_at, coalesce(taken_in::text, ''), \
-                to_char(seen_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), released::text \
-         FROM {} WHERE attempt_id IN ({}) ORDER BY seen_at",
-        tables.tool_locks(),
-        ids.join(", ")
-    );
+    let sql = found_statement(&tables.tool_locks(), ids);
     crate::sql::query_if_exists(conn, sql)
         .await?
         .iter()
@@ -502,9 +528,55 @@ pub(crate) async fn found_tool_locks(
         .collect()
 }
 
+/// The statement of [`found_tool_locks`]: the rows of `tool_locks` (quoted) of the attempts
+/// `ids`.
+fn found_statement(tool_locks: &str, ids: &[i64]) -> String {
+    let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
+    format!(
+        "SELECT attempt_id::text, tool, lock_table, locked_by, locked_at, coalesce(taken_in::text, ''), \
+                to_char(seen_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), released::text \
+         FROM {} WHERE attempt_id IN ({}) ORDER BY seen_at",
+        tool_locks,
+        ids.join(", ")
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The statements that name the held locks each tool's table has, recorded in `tool_locks`
+    /// or not. Effect: tests/recovery.rs (a tool lock taken outside the gate is left alone and
+    /// named, and `status` shows it); knex's has no effect test.
+    #[test]
+    fn name_held_statements() {
+        for tool in TOOLS {
+            let table = format!("\"public\".\"{}\"", tool.table());
+            let shown = format!("public.{}", tool.table());
+            insta::assert_snapshot!(
+                format!("held_{}", tool.name()),
+                crate::sql::pretty(&name_held_statement(tool, (&table, &shown), None))
+            );
+            insta::assert_snapshot!(
+                format!("held_recorded_{}", tool.name()),
+                crate::sql::pretty(&name_held_statement(
+                    tool,
+                    (&table, &shown),
+                    Some(("\"migrations_gate\".tool_locks", 9))
+                ))
+            );
+        }
+    }
+
+    /// Effect: tests/recovery.rs (`status --json` shows the released lock with the attempt
+    /// that found it).
+    #[test]
+    fn found_statement_whole() {
+        insta::assert_snapshot!(crate::sql::pretty(&found_statement(
+            "\"migrations_gate\".tool_locks",
+            &[7, 9]
+        )));
+    }
 
     /// The release statements whole. Effect: tests/recovery.rs (a killed holder's Liquibase and
     /// yoyo locks released and the fleet finishes; a lock taken outside the gate left alone).

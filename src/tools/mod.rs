@@ -47,14 +47,7 @@ impl ToolTable {
 /// The tables named one of `names` in any schema of the database that the role may see (a
 /// tool's tables live in the schema its own connection uses, which need not be the gate's).
 async fn find(conn: &mut PgConnection, names: &[&str]) -> Result<Vec<ToolTable>, sqlx::Error> {
-    let names: Vec<String> = names.iter().map(|n| lit(n)).collect();
-    let sql = format!(
-        "SELECT n.nspname::text, c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-         WHERE c.relkind IN ('r', 'p') AND c.relname IN ({}) \
-           AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
-         ORDER BY n.nspname, c.relname",
-        names.join(", ")
-    );
+    let sql = find_statement(names);
     query(conn, sql)
         .await?
         .iter()
@@ -66,4 +59,29 @@ async fn find(conn: &mut PgConnection, names: &[&str]) -> Result<Vec<ToolTable>,
             })
         })
         .collect()
+}
+
+/// The statement of [`find`].
+fn find_statement(names: &[&str]) -> String {
+    let names: Vec<String> = names.iter().map(|n| lit(n)).collect();
+    format!(
+        "SELECT n.nspname::text, c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE c.relkind IN ('r', 'p') AND c.relname IN ({}) \
+           AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
+         ORDER BY n.nspname, c.relname",
+        names.join(", ")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    /// Effect: tests/recovery.rs (Liquibase's and yoyo's lock tables and golang-migrate's
+    /// `schema_migrations` are found in the gated database).
+    #[test]
+    fn find_statement_whole() {
+        insta::assert_snapshot!(crate::sql::pretty(&super::find_statement(&[
+            "databasechangeloglock",
+            "yoyo_lock"
+        ])));
+    }
 }
