@@ -99,18 +99,7 @@ impl Ledger {
     /// What this ledger holds, for an operator whose `reset` found nothing: this lock's newest
     /// releases, and the other locks recorded in the same ledger. One line.
     pub(crate) async fn holds(&self, conn: &mut PgConnection) -> Result<String, sqlx::Error> {
-        let table = self.table();
-        let rows = query_if_exists(
-            conn,
-            format!(
-                "SELECT coalesce((SELECT string_agg(release, ', ') FROM (SELECT release FROM {table} \
-                                   WHERE lock_key = {key} AND release IS NOT NULL \
-                                   GROUP BY release ORDER BY max(id) DESC LIMIT 5) r), ''), \
-                        coalesce((SELECT string_agg(DISTINCT lock_name, ', ') FROM {table} WHERE lock_key <> {key}), '')",
-                key = self.lock.key
-            ),
-        )
-        .await?;
+        let rows = query_if_exists(conn, self.holds_statement()).await?;
         let Some(row) = rows.first() else {
             return Ok("the ledger does not exist".into());
         };
@@ -144,19 +133,7 @@ impl Ledger {
         release: &str,
         limit: u32,
     ) -> Result<Vec<AttemptRow>, sqlx::Error> {
-        let not_counted: String = NOT_COUNTED
-            .iter()
-            .map(|p| {
-                format!(
-                    " AND NOT starts_with(coalesce(detail, ''), {})",
-                    lit(p.prefix())
-                )
-            })
-            .collect();
-        let failed = format!(
-            "outcome = 'failed'{not_counted} AND coalesce(exit_code, 0) <> {}",
-            crate::error::EXIT_CONFIG
-        );
+        let failed = Self::counted_failure();
         let rows = self
             .attempts_where(conn, Some(release), &failed, limit)
             .await?;
@@ -183,20 +160,7 @@ impl Ledger {
         cond: &str,
         limit: u32,
     ) -> Result<Vec<AttemptRow>, sqlx::Error> {
-        let filter = release
-            .map(|r| format!(" AND release = {}", lit(r)))
-            .unwrap_or_default();
-        let sql = format!(
-            "SELECT id::text, coalesce(release, ''), outcome, holder, host, pid::text, \
-                    coalesce(to_char(started_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), started_at::text), \
-                    coalesce(to_char(finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), finished_at::text, ''), \
-                    coalesce(CASE WHEN isfinite(started_at) AND isfinite(coalesce(finished_at, clock_timestamp())) \
-                             THEN extract(epoch FROM coalesce(finished_at, clock_timestamp()) - started_at)::float8::text END, ''), \
-                    coalesce(exit_code::text, ''), coalesce(detail, '') \
-             FROM {} WHERE lock_key = {}{filter} AND ({cond}) ORDER BY id DESC LIMIT {limit}",
-            self.table(),
-            self.lock.key
-        );
+        let sql = self.attempts_statement(release, cond, limit);
         query_if_exists(conn, sql)
             .await?
             .iter()
@@ -288,18 +252,7 @@ impl Ledger {
         conn: &mut PgConnection,
         release: &str,
     ) -> Result<Vec<String>, sqlx::Error> {
-        let sql = format!(
-            "SELECT release FROM {table} WHERE lock_key = {key} AND release IS NOT NULL \
-               AND NOT starts_with(release, {step}) \
-             GROUP BY release \
-             HAVING min(id) > (SELECT id FROM {table} WHERE lock_key = {key} AND release = {release} AND outcome = 'done') \
-             ORDER BY min(id)",
-            table = self.table(),
-            key = self.lock.key,
-            release = lit(release),
-            step = lit(CONTRACT_STEP),
-        );
-        query_if_exists(conn, sql)
+        query_if_exists(conn, self.newer_than_statement(release))
             .await?
             .iter()
             .map(|r| Cols(r).text(0))
@@ -355,6 +308,74 @@ impl Ledger {
             table = self.table(),
             key = self.lock.key,
             step = lit(CONTRACT_STEP),
+        )
+    }
+
+    /// The statement of [`Ledger::newer_than`].
+    pub(super) fn newer_than_statement(&self, release: &str) -> String {
+        format!(
+            "SELECT release FROM {table} WHERE lock_key = {key} AND release IS NOT NULL \
+               AND NOT starts_with(release, {step}) \
+             GROUP BY release \
+             HAVING min(id) > (SELECT id FROM {table} WHERE lock_key = {key} AND release = {release} AND outcome = 'done') \
+             ORDER BY min(id)",
+            table = self.table(),
+            key = self.lock.key,
+            release = lit(release),
+            step = lit(CONTRACT_STEP),
+        )
+    }
+
+    /// The statement of [`Ledger::attempts_where`]; `cond` is [`Ledger::failures`]' condition
+    /// or `true`.
+    pub(super) fn attempts_statement(
+        &self,
+        release: Option<&str>,
+        cond: &str,
+        limit: u32,
+    ) -> String {
+        let filter = release
+            .map(|r| format!(" AND release = {}", lit(r)))
+            .unwrap_or_default();
+        format!(
+            "SELECT id::text, coalesce(release, ''), outcome, holder, host, pid::text, \
+                    coalesce(to_char(started_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), started_at::text), \
+                    coalesce(to_char(finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), finished_at::text, ''), \
+                    coalesce(CASE WHEN isfinite(started_at) AND isfinite(coalesce(finished_at, clock_timestamp())) \
+                             THEN extract(epoch FROM coalesce(finished_at, clock_timestamp()) - started_at)::float8::text END, ''), \
+                    coalesce(exit_code::text, ''), coalesce(detail, '') \
+             FROM {} WHERE lock_key = {}{filter} AND ({cond}) ORDER BY id DESC LIMIT {limit}",
+            self.table(),
+            self.lock.key
+        )
+    }
+
+    /// The statement of [`Ledger::holds`].
+    pub(super) fn holds_statement(&self) -> String {
+        format!(
+            "SELECT coalesce((SELECT string_agg(release, ', ') FROM (SELECT release FROM {table} \
+                               WHERE lock_key = {key} AND release IS NOT NULL \
+                               GROUP BY release ORDER BY max(id) DESC LIMIT 5) r), ''), \
+                    coalesce((SELECT string_agg(DISTINCT lock_name, ', ') FROM {table} WHERE lock_key <> {key}), '')",
+            table = self.table(),
+            key = self.lock.key
+        )
+    }
+
+    /// The condition of [`Ledger::failures`]: a failed attempt that counts.
+    pub(super) fn counted_failure() -> String {
+        let not_counted: String = NOT_COUNTED
+            .iter()
+            .map(|p| {
+                format!(
+                    " AND NOT starts_with(coalesce(detail, ''), {})",
+                    lit(p.prefix())
+                )
+            })
+            .collect();
+        format!(
+            "outcome = 'failed'{not_counted} AND coalesce(exit_code, 0) <> {}",
+            crate::error::EXIT_CONFIG
         )
     }
 }

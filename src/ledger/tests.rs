@@ -65,3 +65,59 @@ fn abandon() {
 fn stale() {
     insta::assert_snapshot!(pretty(&ledger().stale_statement(&Proof::example())));
 }
+
+/// The fast path's one statement. Effect: tests/gate.rs (followers of a done release),
+/// tests/preflight.rs (an older release refused), tests/contract.rs (a release older than a
+/// contract step refused; the step's own runners follow).
+#[test]
+fn is_done() {
+    let l = ledger();
+    insta::assert_snapshot!("is_done", pretty(&l.is_done_statement("v1", false)));
+    insta::assert_snapshot!("is_done_with_key", pretty(&l.is_done_statement("v1", true)));
+}
+
+/// Effect: tests/contract.rs (a release's own sessions and newer ones never hold its step).
+#[test]
+fn newer_than_and_contract_state() {
+    let l = ledger();
+    insta::assert_snapshot!(
+        "contract_state_of_v2",
+        pretty(&l.contract_state_statement(Some("v2")))
+    );
+    insta::assert_snapshot!(
+        "contract_state_of_newest",
+        pretty(&l.contract_state_statement(None))
+    );
+    insta::assert_snapshot!("newer_than_v2", pretty(&l.newer_than_statement("v2")));
+}
+
+/// Effect: tests/faults.rs (a holder whose row was removed or marked fences itself; a fenced
+/// holder's failure recorded; an abandoned row kept), tests/attempt_sessions.rs (untagged
+/// sessions noted and ended by the taker-over), tests/gate.rs and tests/recovery.rs (`reset`).
+#[test]
+fn heartbeat_note_fenced_forget() {
+    let l = ledger();
+    insta::assert_snapshot!("heartbeat", pretty(&l.heartbeat_statement(7)));
+    insta::assert_snapshot!(
+        "note_sessions",
+        pretty(&l.note_sessions_statement(7, "sessions seen: 12@2026-01-01 00:00:00+00;"))
+    );
+    insta::assert_snapshot!(
+        "record_fenced",
+        pretty(&l.record_fenced_statement(7, &attempt(Some("r1"), None), 137, "fenced: lost"))
+    );
+    insta::assert_snapshot!("forget", pretty(&l.forget_statement("r1")));
+}
+
+/// Effect: tests/recovery.rs (`--max-failures`: interrupted, refused and fenced attempts do not
+/// count), tests/operator.rs (`status`, `reset` naming what the ledger holds).
+#[test]
+fn attempts_failures_holds() {
+    let l = ledger();
+    insta::assert_snapshot!(
+        "failures_of_r1",
+        pretty(&l.attempts_statement(Some("r1"), &Ledger::counted_failure(), 3))
+    );
+    insta::assert_snapshot!("attempts", pretty(&l.attempts_statement(None, "true", 20)));
+    insta::assert_snapshot!("holds", pretty(&l.holds_statement()));
+}

@@ -33,15 +33,7 @@ impl Ledger {
         conn: &mut PgConnection,
         id: i64,
     ) -> Result<bool, sqlx::Error> {
-        let n = query_scalar(
-            conn,
-            format!(
-                "WITH u AS (UPDATE {} SET heartbeat_at = clock_timestamp() WHERE id = {id} AND outcome = 'running' RETURNING 1) \
-                 SELECT count(*)::text FROM u",
-                self.table()
-            ),
-        )
-        .await?;
+        let n = query_scalar(conn, self.heartbeat_statement(id)).await?;
         Ok(n.as_deref() == Some("1"))
     }
 
@@ -54,12 +46,9 @@ impl Ledger {
         id: i64,
         note: &str,
     ) -> Result<(), sqlx::Error> {
-        let sql = format!(
-            "UPDATE {} SET detail = {} WHERE id = {id} AND outcome = 'running'",
-            self.table(),
-            lit(note)
-        );
-        query(conn, sql).await.map(|_| ())
+        query(conn, self.note_sessions_statement(id, note))
+            .await
+            .map(|_| ())
     }
 
     /// Records how attempt `id` ended, on the lock session, in a statement that proves it still
@@ -89,22 +78,7 @@ impl Ledger {
         exit_code: i32,
         detail: &str,
     ) -> Result<(), sqlx::Error> {
-        let table = self.table();
-        let release = attempt.release.map(lit).unwrap_or_else(|| "NULL".into());
-        let detail = lit(detail);
-        let sql = format!(
-            "WITH u AS (UPDATE {table} SET outcome = 'failed', finished_at = clock_timestamp(), \
-                 exit_code = {exit_code}, detail = {detail} \
-                 WHERE id = {id} AND outcome = 'running' RETURNING 1) \
-             INSERT INTO {table} (lock_key, lock_name, release, outcome, holder, host, pid, finished_at, exit_code, detail) \
-             SELECT {}, {}, {release}, 'failed', {}, {}, {}, clock_timestamp(), {exit_code}, {detail} \
-             WHERE NOT EXISTS (SELECT 1 FROM {table} WHERE id = {id}) AND NOT EXISTS (SELECT 1 FROM u)",
-            self.lock.key,
-            lit(&self.lock.name),
-            lit(attempt.holder),
-            lit(attempt.host),
-            attempt.pid
-        );
+        let sql = self.record_fenced_statement(id, attempt, exit_code, detail);
         query(conn, sql).await.map(|_| ())
     }
 
@@ -132,16 +106,7 @@ impl Ledger {
         if before.is_empty() {
             return Ok(before);
         }
-        query(
-            conn,
-            format!(
-                "DELETE FROM {} WHERE lock_key = {} AND release = {}",
-                self.table(),
-                self.lock.key,
-                lit(release)
-            ),
-        )
-        .await?;
+        query(conn, self.forget_statement(release)).await?;
         Ok(before)
     }
 
@@ -238,6 +203,60 @@ impl Ledger {
             held_objid = proof.objid,
             held_pid = proof.pid,
             held_start = proof.start,
+        )
+    }
+
+    /// The statement of [`Ledger::record_fenced`].
+    pub(super) fn record_fenced_statement(
+        &self,
+        id: i64,
+        attempt: &NewAttempt<'_>,
+        exit_code: i32,
+        detail: &str,
+    ) -> String {
+        let table = self.table();
+        let release = attempt.release.map(lit).unwrap_or_else(|| "NULL".into());
+        let detail = lit(detail);
+        format!(
+            "WITH u AS (UPDATE {table} SET outcome = 'failed', finished_at = clock_timestamp(), \
+                 exit_code = {exit_code}, detail = {detail} \
+                 WHERE id = {id} AND outcome = 'running' RETURNING 1) \
+             INSERT INTO {table} (lock_key, lock_name, release, outcome, holder, host, pid, finished_at, exit_code, detail) \
+             SELECT {}, {}, {release}, 'failed', {}, {}, {}, clock_timestamp(), {exit_code}, {detail} \
+             WHERE NOT EXISTS (SELECT 1 FROM {table} WHERE id = {id}) AND NOT EXISTS (SELECT 1 FROM u)",
+            self.lock.key,
+            lit(&self.lock.name),
+            lit(attempt.holder),
+            lit(attempt.host),
+            attempt.pid
+        )
+    }
+
+    /// The statement of [`Ledger::heartbeat`]: how many rows it stamped (0 or 1).
+    pub(super) fn heartbeat_statement(&self, id: i64) -> String {
+        format!(
+            "WITH u AS (UPDATE {table} SET heartbeat_at = clock_timestamp() WHERE id = {id} AND outcome = 'running' RETURNING 1) \
+             SELECT count(*)::text FROM u",
+            table = self.table()
+        )
+    }
+
+    /// The statement of [`Ledger::note_sessions`].
+    pub(super) fn note_sessions_statement(&self, id: i64, note: &str) -> String {
+        format!(
+            "UPDATE {table} SET detail = {note} WHERE id = {id} AND outcome = 'running'",
+            table = self.table(),
+            note = lit(note)
+        )
+    }
+
+    /// The statement of [`Ledger::forget`].
+    pub(super) fn forget_statement(&self, release: &str) -> String {
+        format!(
+            "DELETE FROM {table} WHERE lock_key = {key} AND release = {release}",
+            table = self.table(),
+            key = self.lock.key,
+            release = lit(release)
         )
     }
 }
