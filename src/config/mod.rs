@@ -37,8 +37,10 @@ Exit codes:
        the lock is held
   77   authentication or permission refused (check: a privilege the gate needs is missing)
   78   configuration refused: a preflight check (--same-env, --preset, an older release),
-       --other-releases fail, a release migrated for another application, another
-       application's table where the ledger should be, PostgreSQL older than 13
+       a release older than one whose contract step ran, a contract step with no tagged app
+       of its release in sight, --other-releases fail, a release migrated for another
+       application, another application's table where the ledger should be, PostgreSQL
+       older than 13
   126  command not executable
   127  command not found
 A failed migration passes on its own exit code (128+N if killed by signal N).
