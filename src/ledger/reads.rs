@@ -29,22 +29,18 @@ impl Ledger {
                 Ok(rows) => {
                     let row = one_row(&rows)?;
                     let text = |i: usize| row.opt(i);
-                    let newer = match (text(2)?, text(3)?, text(4)?) {
-                        (Some(release), Some(holder), finished_at) => Some(Newer {
-                            release,
-                            holder,
-                            finished_at: finished_at.unwrap_or_default(),
-                        }),
-                        _ => None,
+                    // Three columns from `first`: release, holder, time.
+                    let newer_at = |first: usize| -> Result<Option<Newer>, sqlx::Error> {
+                        Ok(match (text(first)?, text(first + 1)?, text(first + 2)?) {
+                            (Some(release), Some(holder), finished_at) => Some(Newer {
+                                release,
+                                holder,
+                                finished_at: finished_at.unwrap_or_default(),
+                            }),
+                            _ => None,
+                        })
                     };
-                    let contracted = match (text(6)?, text(7)?, text(8)?) {
-                        (Some(release), Some(holder), finished_at) => Some(Newer {
-                            release,
-                            holder,
-                            finished_at: finished_at.unwrap_or_default(),
-                        }),
-                        _ => None,
-                    };
+                    let (newer, contracted) = (newer_at(2)?, newer_at(6)?);
                     return Ok(Seen {
                         done: Some(text(0)?.as_deref() == Some("true")),
                         standby: text(1)?.as_deref() == Some("true"),
