@@ -194,6 +194,22 @@ macro_rules! lock_held {
 }
 pub(crate) use lock_held;
 
+/// `format!` for a statement that carries [`lock_held!`]: binds its values from `proof`, then
+/// the statement's own named arguments.
+macro_rules! format_held {
+    ($proof:expr, $sql:expr, $($args:tt)*) => {
+        format!(
+            $sql,
+            held_classid = $proof.classid,
+            held_objid = $proof.objid,
+            held_pid = $proof.pid,
+            held_start = $proof.start,
+            $($args)*
+        )
+    };
+}
+pub(crate) use format_held;
+
 /// The statement of [`Proof::of`]: this session's backend PID and `backend_start`.
 const THIS_SESSION: &str =
     "SELECT pid::text, backend_start::text FROM pg_stat_activity WHERE pid = pg_backend_pid()";

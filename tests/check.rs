@@ -322,6 +322,7 @@ fn check_json_has_the_stable_keys_and_an_unreachable_server_exits_69_with_json_t
     assert_eq!(
         keys(&v["ledger"]),
         [
+            "contract",
             "newest_attempt",
             "readable",
             "release",

@@ -6,7 +6,7 @@ use super::{
     AttemptRow, CONTRACT_STEP, ContractState, Ledger, NOT_COUNTED, Newer, Outcome, ReadKey, Seen,
     Stale, contract_step,
 };
-use crate::lock::{Proof, lock_held};
+use crate::lock::{Proof, format_held, lock_held};
 use crate::schema::StoredKey;
 use crate::sql::{Cols, is_missing_relation, lit, one_row, query, query_if_exists, query_scalar};
 
@@ -182,7 +182,8 @@ impl Ledger {
 
     /// The statement of [`Ledger::stale`].
     pub(super) fn stale_statement(&self, proof: &Proof) -> String {
-        format!(
+        format_held!(
+            proof,
             concat!(
                 "SELECT count(*)::text, \
                         coalesce(greatest(0, extract(epoch FROM max(coalesce(heartbeat_at, started_at) \
@@ -194,10 +195,6 @@ impl Ledger {
             ),
             table = self.table(),
             key = self.lock.key,
-            held_classid = proof.classid,
-            held_objid = proof.objid,
-            held_pid = proof.pid,
-            held_start = proof.start,
         )
     }
 

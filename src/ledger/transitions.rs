@@ -4,7 +4,7 @@
 use sqlx::postgres::PgConnection;
 
 use super::{AttemptEnd, AttemptRow, Begun, Ledger, NewAttempt};
-use crate::lock::{Proof, lock_held};
+use crate::lock::{Proof, format_held, lock_held};
 use crate::sql::{lit, one_row, query, query_scalar};
 
 impl Ledger {
@@ -119,7 +119,8 @@ impl Ledger {
             Some(fingerprint) => (", app", format!(", {}", lit(fingerprint))),
             None => ("", String::new()),
         };
-        format!(
+        format_held!(
+            proof,
             concat!(
                 "WITH i AS (INSERT INTO {table} (lock_key, lock_name, release, outcome, holder, host, pid, fence_secs{app_column}) \
                      SELECT {key}, {name}, {release}, 'running', {holder}, {host}, {pid}, {fence_secs}{app} WHERE ",
@@ -139,10 +140,6 @@ impl Ledger {
             host = lit(attempt.host),
             pid = attempt.pid,
             fence_secs = attempt.fence_secs,
-            held_classid = proof.classid,
-            held_objid = proof.objid,
-            held_pid = proof.pid,
-            held_start = proof.start,
         )
     }
 
@@ -160,7 +157,8 @@ impl Ledger {
         // The notification is delivered when this commits (with the row in session scope, with
         // the lock's transaction in transaction scope): waiters that LISTEN wake at once and
         // read the row themselves; the payload is only a hint.
-        format!(
+        format_held!(
+            proof,
             concat!(
                 "WITH u AS (UPDATE {table} SET outcome = {outcome}, finished_at = clock_timestamp(), exit_code = {code}, detail = {detail} \
                      WHERE id = {id} AND outcome = 'running' AND ",
@@ -174,10 +172,6 @@ impl Ledger {
             outcome = lit(ended.outcome.as_str()),
             detail = lit(ended.detail),
             channel = lit(&self.identity.channel()),
-            held_classid = proof.classid,
-            held_objid = proof.objid,
-            held_pid = proof.pid,
-            held_start = proof.start,
         )
     }
 
@@ -186,7 +180,8 @@ impl Ledger {
         let detail = format!(
             "the holder vanished (crash, kill or lost connection); taken over; sessions: {sessions}"
         );
-        format!(
+        format_held!(
+            proof,
             concat!(
                 "WITH u AS (UPDATE {table} SET outcome = 'abandoned', finished_at = clock_timestamp(), detail = {detail} \
                      WHERE lock_key = {key} AND outcome = 'running' AND ",
@@ -199,10 +194,6 @@ impl Ledger {
             table = self.table(),
             detail = lit(&detail),
             key = self.lock.key,
-            held_classid = proof.classid,
-            held_objid = proof.objid,
-            held_pid = proof.pid,
-            held_start = proof.start,
         )
     }
 

@@ -8,7 +8,7 @@ use sqlx::postgres::PgConnection;
 use tracing::info;
 
 use super::{POLL, Session, Which, list};
-use crate::lock::lock_held;
+use crate::lock::{format_held, lock_held};
 use crate::sql::query;
 
 /// How long cancelled sessions get to end before they are terminated.
@@ -113,14 +113,11 @@ async fn signal(
 fn signal_statement(which: &Which, function: &str, pid: i32) -> String {
     match &which.guard {
         None => format!("SELECT {function}({pid})::text"),
-        Some(proof) => format!(
+        Some(proof) => format_held!(
+            proof,
             concat!("SELECT {function}({pid})::text WHERE ", lock_held!()),
             function = function,
             pid = pid,
-            held_classid = proof.classid,
-            held_objid = proof.objid,
-            held_pid = proof.pid,
-            held_start = proof.start,
         ),
     }
 }

@@ -35,7 +35,7 @@ use tracing::{info, warn};
 
 use super::{ToolTable, find};
 use crate::ledger::HeldAttempt;
-use crate::lock::{Proof, lock_held};
+use crate::lock::{Proof, format_held, lock_held};
 use crate::replica::Replica;
 use crate::sql::{Cols, ident, lit, query};
 
@@ -264,7 +264,8 @@ fn unlock_statement(
 ) -> Option<String> {
     match tool {
         // An UPDATE returns the new row: the old one comes from the locked read.
-        Tool::Liquibase => Some(format!(
+        Tool::Liquibase => Some(format_held!(
+            proof,
             concat!(
                 "WITH r AS ( \
                    UPDATE {table} SET locked = false, lockgranted = NULL, lockedby = NULL \
@@ -294,12 +295,9 @@ fn unlock_statement(
             slack = tool.slack_secs(),
             name = lit(tool.name()),
             shown = lit(shown),
-            held_classid = proof.classid,
-            held_objid = proof.objid,
-            held_pid = proof.pid,
-            held_start = proof.start,
         )),
-        Tool::Yoyo => Some(format!(
+        Tool::Yoyo => Some(format_held!(
+            proof,
             concat!(
                 "WITH r AS ( \
                    DELETE FROM {table} k \
@@ -327,10 +325,6 @@ fn unlock_statement(
             slack = tool.slack_secs(),
             name = lit(tool.name()),
             shown = lit(shown),
-            held_classid = proof.classid,
-            held_objid = proof.objid,
-            held_pid = proof.pid,
-            held_start = proof.start,
         )),
         Tool::Knex => None,
     }
