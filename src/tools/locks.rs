@@ -262,12 +262,27 @@ fn unlock_statement(
     (ledger, tool_locks, lock_key): (&str, &str, i64),
     (attempt, proof): (i64, &Proof),
 ) -> Option<String> {
+    // Each tool's statement whole at compile time; the same values bound.
+    macro_rules! unlock {
+        ($sql:expr) => {
+            format_held!(
+                proof,
+                $sql,
+                table = table,
+                ledger = ledger,
+                lock_key = lock_key,
+                attempt = attempt,
+                tool_locks = tool_locks,
+                slack = tool.slack_secs(),
+                name = lit(tool.name()),
+                shown = lit(shown),
+            )
+        };
+    }
     match tool {
         // An UPDATE returns the new row: the old one comes from the locked read.
-        Tool::Liquibase => Some(format_held!(
-            proof,
-            concat!(
-                "WITH r AS ( \
+        Tool::Liquibase => Some(unlock!(concat!(
+            "WITH r AS ( \
                    UPDATE {table} SET locked = false, lockgranted = NULL, lockedby = NULL \
                    FROM (SELECT k.id AS o_id, coalesce(k.lockedby, 'unknown') AS o_who, k.lockgranted AS o_at, \
                                 (SELECT max(l.id) FROM {ledger} l \
@@ -281,25 +296,14 @@ fn unlock_statement(
                                        AND s.locked_at IS NOT DISTINCT FROM k.lockgranted::text)) AS o_taken_in \
                          FROM {table} k WHERE k.locked FOR UPDATE) o \
                    WHERE {table}.id = o.o_id AND o.o_taken_in IS NOT NULL AND ",
-                lock_held!(),
-                " RETURNING o.o_who AS who, o.o_at::text AS at, o.o_taken_in AS taken_in), \
+            lock_held!(),
+            " RETURNING o.o_who AS who, o.o_at::text AS at, o.o_taken_in AS taken_in), \
                  i AS (INSERT INTO {tool_locks} (attempt_id, tool, lock_table, locked_by, locked_at, taken_in, released) \
                        SELECT {attempt}, {name}, {shown}, r.who, r.at, r.taken_in, true FROM r) \
                  SELECT who, at, taken_in::text FROM r"
-            ),
-            table = table,
-            ledger = ledger,
-            lock_key = lock_key,
-            attempt = attempt,
-            tool_locks = tool_locks,
-            slack = tool.slack_secs(),
-            name = lit(tool.name()),
-            shown = lit(shown),
-        )),
-        Tool::Yoyo => Some(format_held!(
-            proof,
-            concat!(
-                "WITH r AS ( \
+        ))),
+        Tool::Yoyo => Some(unlock!(concat!(
+            "WITH r AS ( \
                    DELETE FROM {table} k \
                    USING (SELECT k.ctid AS o_ctid, \
                                  (SELECT max(l.id) FROM {ledger} l \
@@ -311,21 +315,12 @@ fn unlock_statement(
                                         AND s.locked_at IS NOT DISTINCT FROM k.ctime::text)) AS o_taken_in \
                           FROM {table} k) o \
                    WHERE k.ctid = o.o_ctid AND o.o_taken_in IS NOT NULL AND ",
-                lock_held!(),
-                " RETURNING 'process ' || k.pid AS who, k.ctime::text AS at, o.o_taken_in AS taken_in), \
+            lock_held!(),
+            " RETURNING 'process ' || k.pid AS who, k.ctime::text AS at, o.o_taken_in AS taken_in), \
                  i AS (INSERT INTO {tool_locks} (attempt_id, tool, lock_table, locked_by, locked_at, taken_in, released) \
                        SELECT {attempt}, {name}, {shown}, r.who, r.at, r.taken_in, true FROM r) \
                  SELECT who, at, taken_in::text FROM r"
-            ),
-            table = table,
-            ledger = ledger,
-            lock_key = lock_key,
-            attempt = attempt,
-            tool_locks = tool_locks,
-            slack = tool.slack_secs(),
-            name = lit(tool.name()),
-            shown = lit(shown),
-        )),
+        ))),
         Tool::Knex => None,
     }
 }
@@ -419,31 +414,23 @@ fn name_held_statement(
         };
     };
     let (name, shown) = (lit(tool.name()), lit(shown));
+    // One statement text per tool, each whole at compile time; the same values bound.
+    macro_rules! recorded {
+        ($tool:ident) => {
+            format!(
+                held_rows_recorded!($tool),
+                table = table,
+                tool_locks = tool_locks,
+                attempt = attempt,
+                tool = name,
+                shown = shown
+            )
+        };
+    }
     match tool {
-        Tool::Liquibase => format!(
-            held_rows_recorded!(Liquibase),
-            table = table,
-            tool_locks = tool_locks,
-            attempt = attempt,
-            tool = name,
-            shown = shown
-        ),
-        Tool::Yoyo => format!(
-            held_rows_recorded!(Yoyo),
-            table = table,
-            tool_locks = tool_locks,
-            attempt = attempt,
-            tool = name,
-            shown = shown
-        ),
-        Tool::Knex => format!(
-            held_rows_recorded!(Knex),
-            table = table,
-            tool_locks = tool_locks,
-            attempt = attempt,
-            tool = name,
-            shown = shown
-        ),
+        Tool::Liquibase => recorded!(Liquibase),
+        Tool::Yoyo => recorded!(Yoyo),
+        Tool::Knex => recorded!(Knex),
     }
 }
 
