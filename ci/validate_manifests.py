@@ -27,6 +27,11 @@ containers), every gated replica is checked against the platform that runs it:
   Open WebUI       one recipe: --preset open-webui, a pinned version, the release equal to it,
                    a health check of the file's own
   admin Job        runs status with the lock, schema and database of the deployment it names
+  contract step    `contract` runs once: a Kubernetes Job (activeDeadlineSeconds covering
+                   --wait-timeout + --migration-timeout) with the deployment's lock, schema and
+                   database; a Compose one-shot (restart no or on-failure), a Swarm job
+                   (deploy.mode replicated-job, never restart condition any); --wait-timeout
+                   longer than --settle; no --other-releases (the gate refuses it, exit 64)
 
 Prints one line per problem and exits 1 if there is any. Runs in the validate-manifests venv
 (PyYAML, and kubernetes-validate's schemas and jsonschema for helm-values).
@@ -58,8 +63,8 @@ def gate_mode(argv):
 def check_gate_argv(where, argv, app_args):
     """argv: the gate's command line up to and including '--'; app_args: what follows."""
     mode = gate_mode(argv)
-    if mode not in ("run", "migrate"):
-        err(f"{where}: gate mode {mode!r}, expected run or migrate")
+    if mode not in ("run", "migrate", "contract"):
+        err(f"{where}: gate mode {mode!r}, expected run, migrate or contract")
         return
     if "--" not in argv and "--" not in app_args:
         err(f"{where}: no '--' before the app command")
@@ -272,6 +277,45 @@ def budget_rule(where, what, have, need, then="the kill would land on a running 
             f"{then}. Lengthen it, or lower the gate's timeouts")
 
 
+def contract_rules(where, argv, env, deadline=None, deadline_text=None):
+    """`contract` (a release's contract step, run once after the rollout): its bounds make sense,
+    and what the gate would refuse is not there. `deadline`, in seconds, is what may stop it
+    (a Job's activeDeadlineSeconds)."""
+    if has_flag(argv, env, "--other-releases", "MIGRATIONS_GATE_OTHER_RELEASES"):
+        err(f"{where}: contract with --other-releases (MIGRATIONS_GATE_OTHER_RELEASES): the gate refuses it "
+            "(exit 64), the step waits for older releases' apps itself (--settle)")
+    defaults = gate_defaults()
+
+    def bound(flag, name):
+        v = gate_setting(argv, env, flag, name)
+        v = defaults.get(name) if v is None else v
+        s = seconds(v) if v is not None else None
+        if v is not None and s is None:
+            err(f"{where}: cannot read {flag} {v!r} as a duration")
+        return v, s
+
+    (wait_text, wait), (settle_text, settle) = (bound("--wait-timeout", "MIGRATIONS_GATE_WAIT_TIMEOUT"),
+                                                bound("--settle", "MIGRATIONS_GATE_SETTLE"))
+    if wait is None or settle is None:
+        if wait_text is None or settle_text is None:
+            err(f"{where}: cannot find the defaults of --wait-timeout and --settle in src/config/")
+        return
+    if wait <= settle:
+        err(f"{where}: contract --wait-timeout {wait_text} is not longer than --settle {settle_text}: "
+            "--wait-timeout bounds the whole wait (the rollout, then --settle), so the step never runs "
+            "(exit 75 every time); give it the rollout plus --settle")
+    mig_text, mig = bound("--migration-timeout", "MIGRATIONS_GATE_MIGRATION_TIMEOUT")
+    if mig_text is None:
+        err(f"{where}: no --migration-timeout (MIGRATIONS_GATE_MIGRATION_TIMEOUT): the contract command is "
+            "unbounded by default, so nothing that stops the step can be set to cover it; the file must set one")
+        return
+    if deadline is not None and mig is not None:
+        need = wait + mig
+        budget_rule(where, deadline_text, deadline,
+                    (need, f"--wait-timeout {minutes(wait)} + --migration-timeout {minutes(mig)} = {minutes(need)}"),
+                    "Kubernetes would stop the step while it waits or while its command runs")
+
+
 def k8s_probe_budget(probe):
     p = {**K8S_PROBE_DEFAULTS, **(probe or {})}
     return p["initialDelaySeconds"] + p["failureThreshold"] * p["periodSeconds"]
@@ -400,6 +444,9 @@ def compose(path, rendered):
                 dep = (svc.get("depends_on") or {}).get(inst)
                 if not dep or dep.get("condition") != "service_completed_successfully":
                     err(f"{where}: must depend_on {inst} with condition service_completed_successfully")
+        if gate_mode(ep) == "contract":
+            compose_contract_rules(where, svc, ep, env, stack)
+            continue
         app = "open-webui" if "open-webui" in image else "default"
         if app == "open-webui":
             check_open_webui(where, ep, svc, "working_dir", env)
@@ -432,6 +479,26 @@ def compose(path, rendered):
                     "not rolled back; use pause (the Swarm twin of never `helm --atomic`)")
     if not gated:
         err(f"{path}: no service uses the gate as its entrypoint")
+
+
+def compose_contract_rules(where, svc, ep, env, stack):
+    """A service that runs `contract`: a one-shot, never started again after it exits 0 (a runner
+    started after the step is done exits 0 at once, so a restart policy of `always` loops)."""
+    restart = str(svc.get("restart") or "no")
+    if restart in ("always", "unless-stopped"):
+        err(f"{where}: restart {restart} starts the contract step's runner again after every exit 0; "
+            "it is a one-shot: restart \"no\" or on-failure")
+    if stack:
+        deploy = svc.get("deploy") or {}
+        mode = deploy.get("mode") or "replicated"
+        if mode not in ("replicated-job", "global-job"):
+            err(f"{where}: deploy.mode {mode}: Swarm restarts a service's task after it exits 0, so the contract "
+                "step's runner would start again and again; use deploy.mode: replicated-job")
+        cond = (deploy.get("restart_policy") or {}).get("condition") or "any"
+        if cond == "any":
+            err(f"{where}: restart_policy condition any restarts the contract step's runner after it exits 0; "
+                "use on-failure")
+    contract_rules(where, ep, env)
 
 
 def check_open_webui(where, argv, spec, workdir_key, env):
@@ -481,6 +548,12 @@ def admin_rules(where, job, c):
     args = c.get("args") or []
     if args[:1] == ["reset"]:
         err(f"{where}: a shipped admin Job runs status; reset is the documented second step, never applied as is")
+    settings_from_rules(where, job, c, "status and reset must see the deployment's own lock, schema and database")
+
+
+def settings_from_rules(where, job, c, why):
+    """A Job that works on a gated deployment's ledger (the admin Job, a contract step) has the
+    lock, schema and database of the deployment its annotation names."""
     src = ((job.get("metadata") or {}).get("annotations") or {}).get(ADMIN_SOURCE)
     if not src:
         err(f"{where}: annotate the Job with {ADMIN_SOURCE}: <the deployment file whose gate settings it uses>")
@@ -513,8 +586,7 @@ def admin_rules(where, job, c):
 
     for n in SAME_SETTINGS:
         if mine.get(n) != theirs.get(n):
-            err(f"{where}: {n} is {said(mine.get(n))} here and {said(theirs.get(n))} in {src}: status and "
-                "reset must see the deployment's own lock, schema and database")
+            err(f"{where}: {n} is {said(mine.get(n))} here and {said(theirs.get(n))} in {src}: {why}")
 
 
 def sc_get(c, pod, key):
@@ -627,6 +699,16 @@ def k8s(path, rendered):
                     inst = installers.get(vol)
                     if inst is None or (section == "initContainers" and inst >= idx):
                         err(f"{where}: no earlier init container runs `install /gate` into {vol}")
+            if gate_mode(cmd) == "contract":
+                if kind != "Job":
+                    err(f"{where}: `contract` belongs in a Job (it runs once, after the rollout, and exits 0); "
+                        f"in a {kind} it would start again after every exit")
+                    continue
+                contract_rules(where, argv, env_values(c), d["spec"].get("activeDeadlineSeconds"),
+                               "activeDeadlineSeconds")
+                settings_from_rules(where, d, c, "the contract step must see the deployment's own lock, schema, "
+                                    "database and apps")
+                continue
             if gate_mode(cmd) == "migrate":
                 if section != "initContainers":
                     err(f"{where}: `migrate` belongs in an init container")

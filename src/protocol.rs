@@ -124,6 +124,10 @@ pub(crate) async fn wait_for_decision(
 fn log_decision(replica: &Replica, decision: Decision, started: Instant) -> Decision {
     let waited_ms = started.elapsed().as_millis() as u64;
     match &decision {
+        Decision::Follow { .. } if replica.tag_release.is_some() => info!(
+            release = replica.release(),
+            waited_ms, "the contract step is done"
+        ),
         Decision::Follow { .. } => info!(
             release = replica.release(),
             waited_ms, "release is done; starting with the flag off"

@@ -135,6 +135,9 @@ impl Replica {
     /// What a waiter waits for, for messages.
     pub(crate) fn waiting_for(&self) -> String {
         match self.release() {
+            Some(r) if self.tag_release.is_some() => {
+                format!("the contract step ({r:?}) to run")
+            }
             Some(r) => format!("release {r:?} to be migrated"),
             None => "our turn to migrate".into(),
         }

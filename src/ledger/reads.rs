@@ -202,7 +202,9 @@ impl Ledger {
     /// holder, time), the done row's app, the newer contract step (its release, holder, time)
     /// and, `with_key`, the `--same-env` key.
     pub(super) fn is_done_statement(&self, release: &str, with_key: bool) -> String {
-        // The done row of `release`, and of its own contract step (never "another release's").
+        // A contract step counts only for a release done after this one (a step run late, after
+        // a newer release, contracts nothing this one's successors need), and never this
+        // release's own step.
         format!(
             "SELECT EXISTS (SELECT 1 FROM {table} WHERE lock_key = {key} AND release = {release} AND outcome = 'done')::text, \
                     pg_is_in_recovery()::text, n.release, n.holder, n.finished_at, \
@@ -217,9 +219,11 @@ impl Ledger {
              LEFT JOIN LATERAL ( \
                  SELECT substr(release, {after_step}) AS release, holder, \
                         to_char(finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS \"UTC\"') AS finished_at \
-                 FROM {table} WHERE lock_key = {key} AND outcome = 'done' AND starts_with(release, {step}) \
+                 FROM {table} s WHERE lock_key = {key} AND outcome = 'done' AND starts_with(release, {step}) \
                  AND release <> {own_step} \
-                 AND id > (SELECT id FROM {table} WHERE lock_key = {key} AND release = {release} AND outcome = 'done') \
+                 AND EXISTS (SELECT 1 FROM {table} x WHERE x.lock_key = {key} AND x.outcome = 'done' \
+                             AND x.release = substr(s.release, {after_step}) \
+                             AND x.id > (SELECT id FROM {table} WHERE lock_key = {key} AND release = {release} AND outcome = 'done')) \
                  ORDER BY id DESC LIMIT 1) c ON true",
             table = self.table(),
             key = self.lock.key,
