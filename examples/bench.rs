@@ -71,6 +71,14 @@ fn main() {
     }
 }
 
+/// A gate of the benchmark's one application: its migrations and its app start by different
+/// commands, so they name the application (`--app`; docs/guide.md, "A shared database").
+fn gate(db: &TestDb) -> Command {
+    let mut c = db.gate();
+    c.env("MIGRATIONS_GATE_APP", "bench");
+    c
+}
+
 fn cores() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
@@ -114,8 +122,7 @@ fn trust_loopback(cluster: &Cluster) {
 
 /// The statement a follower of a done release sends, as the gate itself logs it at trace level.
 fn follower_query(db: &TestDb) -> String {
-    let out = db
-        .gate()
+    let out = gate(db)
         .args(run_args("r1", "false", &["/bin/true"]))
         .env("MIGRATIONS_GATE_LOG_FORMAT", "json")
         .env("MIGRATIONS_GATE_LOG", "migrations_gate::sql=trace")
@@ -161,8 +168,7 @@ fn floor_ms(cluster: &Cluster, db: &TestDb, transactions: usize) -> f64 {
 fn fast_path(cluster: &Cluster, runs: usize) {
     trust_loopback(cluster);
     let db = cluster.new_db("bench_fast");
-    let st = db
-        .gate()
+    let st = gate(&db)
         .args(["migrate", "--release", "r1", "--", "true"])
         .stderr(Stdio::null())
         .status()
@@ -170,7 +176,7 @@ fn fast_path(cluster: &Cluster, runs: usize) {
     assert!(st.success());
     let floor = floor_ms(cluster, &db, runs * 4);
     let follower = time_runs(runs, || {
-        let mut c = db.gate();
+        let mut c = gate(&db);
         c.args(run_args("r1", "false", &["/bin/true"]));
         c
     });
@@ -252,7 +258,7 @@ fn hand_off(cluster: &Cluster, n: usize, approach: Approach) -> Result {
     let command = |first: bool| -> Command {
         match approach {
             Approach::Gate => {
-                let mut c = db.gate();
+                let mut c = gate(&db);
                 c.args(["run", "--release", "r1", "--migrate"])
                     .arg(if first { migration.as_str() } else { "false" })
                     .args(["--", standin(), "stamp"])
@@ -379,7 +385,7 @@ fn takeover(cluster: &Cluster, runs: usize) {
         let db = cluster.new_db("bench_takeover");
         let dir = server_dir("mg-bench-takeover");
         let stamp = dir.join("stamp");
-        let mut holder = db.gate();
+        let mut holder = gate(&db);
         holder
             .args(["migrate", "--release", "r1", "--", "sh", "-c", "sleep 60"])
             .stdout(Stdio::null())
@@ -392,7 +398,7 @@ fn takeover(cluster: &Cluster, runs: usize) {
             )
             .is_ok_and(|r| r[0][0] == "1")
         });
-        let mut waiter = db.gate();
+        let mut waiter = gate(&db);
         waiter
             .args(["migrate", "--release", "r1", "--", "sh", "-c"])
             .arg(format!("date +%s%N > {}", stamp.display()))
