@@ -294,11 +294,13 @@ fn hand_off(cluster: &Cluster, n: usize, approach: Approach) -> Result {
         })
     };
     let mut children: Vec<Child> = Vec::new();
+    // Each replica's stderr in a file, shown if it fails.
+    let log = |i: usize| dir.join(format!("replica-{i}.log"));
     let mut first = command(true);
     children.push(
         first
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(log(0)).unwrap())
             .spawn()
             .unwrap(),
     );
@@ -317,10 +319,10 @@ fn hand_off(cluster: &Cluster, n: usize, approach: Approach) -> Result {
         },
     );
     let mut spawned_at = HashMap::new();
-    for _ in 0..n {
+    for i in 1..=n {
         let child = command(false)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(log(i)).unwrap())
             .spawn()
             .unwrap();
         spawned_at.insert(child.id(), now_ns());
@@ -334,9 +336,13 @@ fn hand_off(cluster: &Cluster, n: usize, approach: Approach) -> Result {
         .max()
         .unwrap_or(0);
     std::fs::write(&go, "").unwrap();
-    for mut c in children {
+    for (i, mut c) in children.into_iter().enumerate() {
         let st = c.wait().unwrap();
-        assert!(st.success(), "a replica failed");
+        assert!(
+            st.success(),
+            "replica {i} failed ({st}):\n{}",
+            std::fs::read_to_string(log(i)).unwrap_or_default()
+        );
     }
     stop.store(true, Ordering::SeqCst);
     sampler.join().unwrap();
