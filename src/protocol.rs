@@ -33,7 +33,7 @@ use crate::application::Compared;
 use crate::db::{Conn, Failure};
 use crate::error::{Error, Result};
 use crate::holding::{self, HolderPlan, Holding, Takeover};
-use crate::ledger::{AttemptRow, Begun, CONTRACT_STEP, HeldAttempt, Outcome, ReadKey, Seen, Stale};
+use crate::ledger::{AttemptRow, Begun, HeldAttempt, Outcome, ReadKey, Seen, Stale};
 use crate::lock::{self, Proof, Scope, WaitSlots};
 use crate::replica::Replica;
 use crate::sessions::{self, Terminated, Which};
@@ -155,7 +155,6 @@ async fn round(
     match read_release(waiter, &mut conn).await? {
         Some(seen) if seen.done == Some(true) => {
             same_application(replica, &seen)?;
-            not_contracted_since(replica, &seen)?;
             return Ok(follower(seen, conn));
         }
         Some(seen) if seen.standby => return Ok(Round::Standby),
@@ -236,30 +235,6 @@ fn same_application(replica: &Replica, seen: &Seen) -> Result<(), Failure> {
     ))))
 }
 
-/// A done release whose schema a newer release's contract step has since contracted
-/// ([`crate::contract`]) is not followed: its code may need what the contract removed. Also with
-/// `--allow-older-release`: a rollback past a contract needs the schema from before it (restored
-/// with the database, which takes the contract's ledger row back too). A contract step's own
-/// runners are exempt: their step is done, whatever came after.
-fn not_contracted_since(replica: &Replica, seen: &Seen) -> Result<(), Failure> {
-    let (Some(contracted), Some(release)) = (&seen.contracted, replica.release()) else {
-        return Ok(());
-    };
-    if release.starts_with(CONTRACT_STEP) {
-        return Ok(());
-    }
-    Err(Failure::Fatal(Error::Config(format!(
-        "release {release:?} is older than release {:?}, whose contract step ran on this database at {} (by {}): \
-         the schema was contracted for {:?}, and {release:?}'s code may need what it removed; \
-         roll forward to {:?} or later, or restore the database from before that contract step",
-        contracted.release,
-        contracted.finished_at,
-        contracted.holder,
-        contracted.release,
-        contracted.release,
-    ))))
-}
-
 fn follower(seen: Seen, conn: Conn) -> Round {
     Round::Decided(Decision::Follow {
         seen: Box::new(seen),
@@ -279,7 +254,6 @@ async fn take_over(
         configure_lock_session(replica, &mut conn, takeover.scope).await?;
     if let Some(seen) = done_under_lock(replica, &mut conn, takeover.scope).await? {
         same_application(replica, &seen)?;
-        not_contracted_since(replica, &seen)?;
         return Ok(Decision::Follow {
             seen: Box::new(seen),
             conn: Some(conn),

@@ -1868,7 +1868,6 @@ const STEPS: &[(&str, &str, Calls)] = &[
         &[
             ("read_release", "Action::Read"),
             ("same_application", "left out: one application"),
-            ("not_contracted_since", "left out: one release"),
             ("follower", "Step::Followed"),
             ("keep_or_drop", "left out: waiting slots, LISTEN"),
             ("ensure_ledger", "left out: DDL, before any lock"),
@@ -1888,7 +1887,6 @@ const STEPS: &[(&str, &str, Calls)] = &[
             ),
             ("done_under_lock", "Action::Reread"),
             ("same_application", "left out: one application"),
-            ("not_contracted_since", "left out: one release"),
             ("refuse_failing_release", "left out: --max-failures"),
             ("open_witness", "Action::Reread (Replica::witness)"),
             (

@@ -17,15 +17,31 @@ use crate::schema::Tables;
 use crate::sql::{is_missing_relation, is_read_only};
 
 impl Preflight {
-    /// A follower (or `wait`) whose release is done: the older-release check on what the
-    /// ledger read saw, then the variables. With no `--same-env` and no preset this costs
-    /// nothing: no connection, no round trip.
+    /// A follower (or `wait`) whose release is done: the contract check and the older-release
+    /// check on what the ledger read saw, then the variables. With no `--same-env` and no
+    /// preset this costs nothing: no connection, no round trip.
     pub(crate) async fn follower(
         &self,
         replica: &Replica,
         seen: Seen,
         conn: Option<Conn>,
     ) -> Result<()> {
+        // A newer release's contract step ([`crate::contract`]) removed what this release's code
+        // may need: refused also with `--allow-older-release`; a rollback past a contract needs
+        // the schema from before it (restored with the database, which takes the step's ledger
+        // row back too).
+        if let (Some(contracted), Some(release)) = (&seen.contracted, replica.release()) {
+            return Err(Error::Config(format!(
+                "release {release:?} is older than release {:?}, whose contract step ran on this database at {} (by {}): \
+                 the schema was contracted for {:?}, and {release:?}'s code may need what it removed; \
+                 roll forward to {:?} or later, or restore the database from before that contract step",
+                contracted.release,
+                contracted.finished_at,
+                contracted.holder,
+                contracted.release,
+                contracted.release,
+            )));
+        }
         if let (Some(newer), Some(release)) = (&seen.newer, replica.release()) {
             let line = format!(
                 "release {release:?} is older than release {:?}, which was migrated after it on this database \

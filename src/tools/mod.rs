@@ -15,9 +15,11 @@ use crate::sql::{Cols, lit, query};
 
 mod dirty;
 mod locks;
+mod recorded;
 
 pub(crate) use dirty::report_dirty;
-pub(crate) use locks::{ToolLock, clear_stale_locks, found_tool_locks};
+pub(crate) use locks::clear_stale_locks;
+pub(crate) use recorded::{ToolLock, found_tool_locks};
 
 /// A table of a known tool, found in the gated database.
 #[derive(Debug, Clone)]
