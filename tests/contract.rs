@@ -24,10 +24,6 @@ const WAIT_TIMEOUT: &str = "60s";
 const V1_EXPAND: &str = "CREATE TABLE items (id int, old_name text)";
 const V2_EXPAND: &str = "ALTER TABLE items ADD COLUMN name text";
 
-fn psql() -> String {
-    pg_bindir().join("psql").to_string_lossy().into_owned()
-}
-
 /// A fresh database with `contract_runs`, where the contract command writes.
 fn new_db(name: &str) -> TestDb {
     let db = cluster().new_db(name);
@@ -43,17 +39,8 @@ fn expand(db: &TestDb, release: &str, flags: &[&str], sql: &str) -> Output {
     let mut c = db.gate();
     c.args(["migrate", "--release", release, "--app", APP])
         .args(flags)
-        .args([
-            "--",
-            &psql(),
-            &db.url,
-            "-X",
-            "-q",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-c",
-            sql,
-        ]);
+        .arg("--")
+        .args(psql_command(&db.url, sql));
     wait_output(spawn(&mut c), HANG_GUARD)
 }
 

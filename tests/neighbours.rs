@@ -12,10 +12,6 @@ use std::time::Duration;
 
 use support::*;
 
-fn psql() -> String {
-    pg_bindir().join("psql").to_string_lossy().into_owned()
-}
-
 /// `migrate --release RELEASE LOCK... -- psql -c SQL` on `db`, started in the background.
 fn migrating(db: &TestDb, lock: &[&str], release: &str, extra: &[&str], sql: &str) -> Child {
     spawn(
@@ -24,17 +20,8 @@ fn migrating(db: &TestDb, lock: &[&str], release: &str, extra: &[&str], sql: &st
             .args(lock)
             .args(["--release", release])
             .args(extra)
-            .args([
-                "--",
-                &psql(),
-                &db.url,
-                "-X",
-                "-q",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-c",
-                sql,
-            ]),
+            .arg("--")
+            .args(psql_command(&db.url, sql)),
     )
 }
 

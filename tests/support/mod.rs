@@ -565,6 +565,18 @@ fn sibling(name: &str) -> String {
     path.to_string_lossy().into_owned()
 }
 
+/// The server's own `psql`.
+pub fn psql() -> String {
+    pg_bindir().join("psql").to_string_lossy().into_owned()
+}
+
+/// `psql URL -X -q -v ON_ERROR_STOP=1 -c SQL`: a migration command that fails on the first error.
+pub fn psql_command(url: &str, sql: &str) -> Vec<String> {
+    let mut argv = vec![psql(), url.to_string()];
+    argv.extend(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-c", sql].map(String::from));
+    argv
+}
+
 /// Waits for a child with a hang guard; kills it and panics if it does not finish.
 pub fn wait_output(mut child: Child, limit: Duration) -> Output {
     let start = Instant::now();
